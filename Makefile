@@ -1,0 +1,34 @@
+# One entry point for users and CI: `make demo` and `make test` set everything up themselves.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test lint format bench clean
+
+setup: $(STAMP)
+
+# constraints.txt pins every package, torch 2.14.1 + torchvision 0.29.1 included, so a fresh machine
+# installs the same set and never pulls an unpinned multi-GB torch build.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: lint
+	$(BIN)/python -m pytest
+
+demo: setup
+	$(BIN)/hgrn2 fit --config configs/lm/demo.yaml
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

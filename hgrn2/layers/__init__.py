@@ -1,0 +1,23 @@
+"""HGRN2 building blocks: token mixers, the GLU channel mixer, norms, the lower-bound schedule, blocks."""
+
+from hgrn2.layers.block import Block
+from hgrn2.layers.directional import BidirectionalHGRU2, HGRU2d
+from hgrn2.layers.glu import GLU
+from hgrn2.layers.hgru1 import HGRU1
+from hgrn2.layers.hgru2 import HGRU2
+from hgrn2.layers.lower_bound import LayerLowerBounds, lower_bound_schedule
+from hgrn2.layers.norm import NORMS, RMSNorm, make_norm
+
+__all__ = [
+    "GLU",
+    "HGRU1",
+    "HGRU2",
+    "NORMS",
+    "BidirectionalHGRU2",
+    "Block",
+    "HGRU2d",
+    "LayerLowerBounds",
+    "RMSNorm",
+    "lower_bound_schedule",
+    "make_norm",
+]

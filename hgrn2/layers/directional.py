@@ -1,0 +1,84 @@
+"""Non-causal HGRU2 mixers for classification: bidirectional (1-D) and four-direction (2-D).
+
+Both compute the projections once and run the causal recurrence over reordered views of the sequence
+(reversed, or the columns of a grid), summing the outputs before the shared norm and output projection.
+Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from hgrn2.layers.hgru2 import HGRU2
+from hgrn2.ops import hgrn2_gated_recurrence
+
+
+class _MultiScanHGRU2(HGRU2):
+    def _scan(self, q_proj, value, forget_proj, lower_bound):
+        o, _ = hgrn2_gated_recurrence(
+            q_proj,
+            value,
+            forget_proj,
+            lower_bound,
+            output_gate=self.output_gate,
+            scale=self.scale,
+            backend=self.backend,
+        )
+        return o
+
+    def step(self, *args, **kwargs):
+        raise NotImplementedError(f"{type(self).__name__} is not causal: it has no recurrent decoding step")
+
+
+class BidirectionalHGRU2(_MultiScanHGRU2):
+    """HGRU2 over the sequence left-to-right plus right-to-left, summed (the LRA text tasks)."""
+
+    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
+        """x ``[B, T, D]`` -> ``(y [B, T, D], None)``."""
+        self._check_input(x, 3)
+        gates = self.project(x)
+        beta = self._head_lower_bound(lower_bound)
+        forward = self._scan(*gates, beta)
+        backward = self._scan(*(g.flip(1) for g in gates), beta).flip(1)
+        return self.finish(forward + backward), None
+
+
+class HGRU2d(_MultiScanHGRU2):
+    """HGRU2 over a grid: rows forward and backward, columns forward and backward, summed.
+
+    Input ``[B, T, D]`` is a row-major ``height × width`` grid (``T = height · width``), or ``[B, h, w, D]``.
+    """
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lower_bound: torch.Tensor | None = None,
+        grid_size: tuple[int, int] | None = None,
+    ) -> tuple[torch.Tensor, None]:
+        """x ``[B, h·w, D]`` with ``grid_size=(h, w)`` (square by default), or ``[B, h, w, D]``."""
+        if x.dim() == 4:
+            batch, height, width, dim = x.shape
+            x = x.reshape(batch, height * width, dim)
+            unflatten = True
+        else:
+            self._check_input(x, 3)
+            batch, length, _ = x.shape
+            height, width = grid_size or (int(round(length**0.5)),) * 2
+            if height * width != length:
+                raise ValueError(f"sequence length {length} is not a {height}×{width} grid; pass grid_size=(h, w)")
+            unflatten = False
+        self._check_input(x, 3)
+        beta = self._head_lower_bound(lower_bound)
+        # [B, h·w, H, K] -> rows [B·h, w, H, K] and columns [B·w, h, H, K]
+        rows = [g.reshape(batch * height, width, *g.shape[2:]) for g in self.project(x)]
+        cols = [
+            g.reshape(batch, height, width, *g.shape[2:]).transpose(1, 2).reshape(batch * width, height, *g.shape[2:])
+            for g in self.project(x)
+        ]
+        out_rows = self._scan(*rows, beta) + self._scan(*(g.flip(1) for g in rows), beta).flip(1)
+        out_cols = self._scan(*cols, beta) + self._scan(*(g.flip(1) for g in cols), beta).flip(1)
+        value_shape = out_rows.shape[1:]
+        out_rows = out_rows.reshape(batch, height, width, *value_shape[1:])
+        out_cols = out_cols.reshape(batch, width, height, *value_shape[1:]).transpose(1, 2)
+        y = self.finish((out_rows + out_cols).reshape(batch, height * width, *value_shape[1:]))
+        return (y.reshape(batch, height, width, -1) if unflatten else y), None

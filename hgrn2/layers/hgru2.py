@@ -1,0 +1,132 @@
+"""HGRU2: the HGRN2 token mixer (causal, 1-D), with a recurrent step for decoding."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hgrn2.layers.norm import make_norm
+from hgrn2.ops import hgrn2_gated_recurrence, hgrn2_step, lower_bounded_log_forget
+from hgrn2.ops.gates import activation
+from hgrn2.ops.reference import accumulation_dtype
+
+
+class HGRU2(nn.Module):
+    """The HGRN2 token mixer.
+
+    For input x ``[B, T, D]`` with ``H = D / expand_ratio`` heads of ``K = V = expand_ratio``:
+    o = output_gate(W_q x) (the query), log λ = logaddexp(log β, log1p(-β) + logsigmoid(W_f x)),
+    i = input_activation(W_i x) (the value); per head S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ i_t and
+    y_t = scale · o_t^T S_t; then norm and W_o. β (the layer's lower bound, ``[D]``) is passed in.
+
+    Defaults are the paper's LM: SiLU output gate, identity input, SimpleRMSNorm, no biases, scale 1.
+    ``scale=None`` means ``K ** -0.5`` (fla's choice).
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expand_ratio: int = 128,
+        output_gate: str = "silu",
+        input_activation: str = "identity",
+        norm: str = "simple_rmsnorm",
+        norm_per_head: bool = False,
+        bias: bool = False,
+        scale: float | None = 1.0,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if expand_ratio < 1 or hidden_size % expand_ratio:
+            raise ValueError(
+                f"hidden_size ({hidden_size}) must be a multiple of expand_ratio ({expand_ratio}): "
+                "the heads are hidden_size / expand_ratio"
+            )
+        self.hidden_size = hidden_size
+        self.expand_ratio = expand_ratio
+        self.num_heads = hidden_size // expand_ratio
+        self.output_gate = output_gate
+        self.input_activation = input_activation
+        self.scale = expand_ratio**-0.5 if scale is None else float(scale)
+        self.backend = backend
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # output gate o
+        self.f_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # forget gate f
+        self.i_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # input i
+        self.norm = make_norm(norm, hidden_size, groups=self.num_heads if norm_per_head else 1)
+        self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        """Per-sample recurrent state: ``(H, K, V)``."""
+        return (self.num_heads, self.expand_ratio, self.expand_ratio)
+
+    def _check_input(self, x: torch.Tensor, rank: int) -> None:
+        if x.dim() != rank or x.shape[-1] != self.hidden_size:
+            layout = "[B, T, D]" if rank == 3 else "[B, D]"
+            raise ValueError(
+                f"x must have shape {layout} with D = hidden_size = {self.hidden_size} "
+                f"(H·K = {self.num_heads}·{self.expand_ratio}), got {list(x.shape)}"
+            )
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, self.expand_ratio))  # [..., H, K]
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw output-gate and forget projections and the activated input, each split into heads."""
+        q_proj = self._heads(self.q_proj(x))
+        forget_proj = self._heads(self.f_proj(x))
+        value = self._heads(activation(self.i_proj(x), self.input_activation))
+        return q_proj, value, forget_proj
+
+    def finish(self, o: torch.Tensor) -> torch.Tensor:
+        """Merge heads, normalise and project out."""
+        return self.o_proj(self.norm(o.flatten(-2)))
+
+    def _head_lower_bound(self, lower_bound: torch.Tensor | None) -> torch.Tensor | None:
+        if lower_bound is None:
+            return None
+        if lower_bound.shape != (self.hidden_size,):
+            raise ValueError(f"lower_bound must have shape [D] = [{self.hidden_size}], got {list(lower_bound.shape)}")
+        return self._heads(lower_bound)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        lower_bound: torch.Tensor | None = None,
+        initial_state: torch.Tensor | None = None,
+        output_final_state: bool = False,
+        cu_seqlens: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x ``[B, T, D]`` -> ``(y [B, T, D], final state [B, H, K, V] or None)``."""
+        self._check_input(x, 3)
+        q_proj, value, forget_proj = self.project(x)
+        o, state = hgrn2_gated_recurrence(
+            q_proj,
+            value,
+            forget_proj,
+            self._head_lower_bound(lower_bound),
+            output_gate=self.output_gate,
+            scale=self.scale,
+            initial_state=initial_state,
+            output_final_state=output_final_state,
+            cu_seqlens=cu_seqlens,
+            backend=self.backend,
+        )
+        return self.finish(o), state
+
+    def step(
+        self, x: torch.Tensor, state: torch.Tensor | None = None, lower_bound: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One decoding step: x ``[B, D]``, state ``[B, H, K, V]`` or None -> ``(y [B, D], new state)``."""
+        self._check_input(x, 2)
+        q_proj, value, forget_proj = self.project(x)
+        if state is None:
+            state = x.new_zeros(x.shape[0], *self.state_shape, dtype=accumulation_dtype(x.dtype))
+        o, state = hgrn2_step(
+            activation(q_proj, self.output_gate),
+            value,
+            lower_bounded_log_forget(forget_proj, self._head_lower_bound(lower_bound)),
+            state,
+            scale=self.scale,
+            backend=self.backend,
+        )
+        return self.finish(o), state

@@ -1,0 +1,61 @@
+"""Normalisations used inside HGRN2 layers and blocks, built by name from a config string."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+NORMS = ("simple_rmsnorm", "rmsnorm", "layernorm", "batchnorm", "identity")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x), optionally times a learned weight; ``groups > 1`` normalises each group (head) alone.
+
+    With ``affine=False`` this is the paper's SimpleRMSNorm. Statistics are computed in float32.
+    """
+
+    def __init__(self, dim: int, groups: int = 1, affine: bool = True, eps: float = 1e-6):
+        super().__init__()
+        if dim % groups:
+            raise ValueError(f"dim {dim} is not divisible into {groups} groups")
+        self.dim, self.groups, self.eps = dim, groups, eps
+        self.weight = nn.Parameter(torch.ones(dim)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x32 = x.float().reshape(*shape[:-1], self.groups, self.dim // self.groups)
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        out = x32.reshape(shape)
+        if self.weight is not None:
+            out = out * self.weight.float()
+        return out.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.dim}, groups={self.groups}, affine={self.weight is not None}, eps={self.eps}"
+
+
+class SequenceBatchNorm(nn.BatchNorm1d):
+    """BatchNorm over the feature dim of ``[B, T, D]`` (statistics over batch and time)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+def make_norm(name: str, dim: int, groups: int = 1) -> nn.Module:
+    """Build the norm called ``name`` (one of ``NORMS``) over the last dim ``dim``.
+
+    ``groups`` (heads) applies to the RMS norms only: each group is normalised on its own.
+    """
+    if name == "simple_rmsnorm":
+        return RMSNorm(dim, groups=groups, affine=False)
+    if name == "rmsnorm":
+        return RMSNorm(dim, groups=groups, affine=True)
+    if groups != 1:
+        raise ValueError(f"per-head (grouped) normalisation is available for the RMS norms only, not {name!r}")
+    if name == "layernorm":
+        return nn.LayerNorm(dim)
+    if name == "batchnorm":
+        return SequenceBatchNorm(dim)
+    if name == "identity":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {name!r}; expected one of {NORMS}")

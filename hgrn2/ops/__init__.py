@@ -1,0 +1,214 @@
+"""The HGRN2 and HGRN1 recurrences, one public function per op, with backend dispatch.
+
+``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch chunked form elsewhere;
+``"torch"`` forces the chunked PyTorch form, ``"naive"`` the step-by-step loop, ``"triton"`` the
+kernels (on the CPU only under ``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import os
+
+import torch
+
+from hgrn2.ops import reference
+from hgrn2.ops.gates import activation, lower_bounded_log_forget
+from hgrn2.ops.validation import check_hgrn1_inputs, check_hgrn2_inputs
+
+BACKENDS = ("auto", "torch", "naive", "triton")
+
+__all__ = [
+    "BACKENDS",
+    "hgrn1_recurrence",
+    "hgrn2_gated_recurrence",
+    "hgrn2_recurrence",
+    "hgrn2_step",
+    "lower_bounded_log_forget",
+    "triton_available",
+]
+
+
+@functools.cache
+def _kernel_module(name: str):
+    """Import ``hgrn2.ops.<name>`` (a Triton kernel module), or return None when Triton is unusable."""
+    try:
+        return importlib.import_module(f"hgrn2.ops.{name}")
+    except ImportError:
+        return None
+
+
+def triton_available(device: torch.device | str) -> bool:
+    """Whether the Triton kernels can run on ``device``: a CUDA device, or the CPU under TRITON_INTERPRET=1."""
+    device = torch.device(device)
+    if _kernel_module("chunk") is None:
+        return False
+    if device.type == "cuda":
+        return True
+    return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        return "triton" if tensor.is_cuda and triton_available(tensor.device) else "torch"
+    if backend == "triton" and not triton_available(tensor.device):
+        if _kernel_module("chunk") is None:
+            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+        raise ValueError(
+            f"backend='triton' needs a CUDA tensor (got one on {tensor.device}); to run the kernels on the CPU "
+            "set TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'"
+        )
+    return backend
+
+
+def hgrn2_recurrence(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    log_forget: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The HGRN2 recurrence with outer-product state, per head::
+
+        S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t,   o_t = scale · q_t^T S_t,   λ_t = exp(log_forget_t)
+
+    Args:
+        q: output gate (the query), ``[B, T, H, K]``, float16/bfloat16/float32/float64.
+        v: input (the value), ``[B, T, H, V]``, same dtype.
+        log_forget: log λ, ``[B, T, H, K]``, all ``<= 0``. The key ``1 - λ`` is derived from it.
+        scale: output scale (1 in the paper; fla uses ``K ** -0.5``).
+        initial_state: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``), or None for zeros.
+        output_final_state: also return the state after the last step (float32, float64 for float64 input).
+        cu_seqlens: int64 ``[N + 1]`` offsets of N sequences packed along T (then B must be 1); each
+            starts from its own initial state and ends in its own final state.
+        backend: ``"auto"``, ``"torch"``, ``"naive"`` or ``"triton"``.
+        chunk_size: chunk length of the ``"torch"`` chunked form (default 16).
+
+    Returns:
+        ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype; final_state or None.
+
+    Example::
+
+        >>> B, T, H, K, V = 2, 10, 4, 8, 8
+        >>> q, v = torch.randn(B, T, H, K), torch.randn(B, T, H, V)
+        >>> log_forget = torch.nn.functional.logsigmoid(torch.randn(B, T, H, K))
+        >>> o, state = hgrn2_recurrence(q, v, log_forget, output_final_state=True)
+        >>> o.shape, state.shape
+        (torch.Size([2, 10, 4, 8]), torch.Size([2, 4, 8, 8]))
+    """
+    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens)
+    kwargs = dict(
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
+    resolved = _resolve_backend(backend, q)
+    if resolved == "triton":
+        return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
+    if resolved == "naive":
+        return reference.hgrn2_recurrence_naive(q, v, log_forget, **kwargs)
+    return reference.hgrn2_recurrence_chunked(q, v, log_forget, chunk_size=chunk_size or 16, **kwargs)
+
+
+def hgrn2_gated_recurrence(
+    q_proj: torch.Tensor,
+    v: torch.Tensor,
+    forget_proj: torch.Tensor,
+    lower_bound: torch.Tensor | None = None,
+    *,
+    output_gate: str = "silu",
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """HGRN2 from the raw projections: ``q = output_gate(q_proj)`` and
+    ``log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj))`` with β = ``lower_bound``.
+
+    Shapes as in :func:`hgrn2_recurrence`; ``lower_bound`` broadcasts to ``[H, K]`` (or is None for β = 0).
+    The Triton backend computes both gates inside the kernel, so neither q nor log λ is written to memory.
+    """
+    check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, check_values=False)
+    kwargs = dict(
+        scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
+    )
+    resolved = _resolve_backend(backend, q_proj)
+    chunk = _kernel_module("chunk")
+    if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated"):
+        return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, lower_bound, output_gate=output_gate, **kwargs)
+    q = activation(q_proj, output_gate)
+    log_forget = lower_bounded_log_forget(forget_proj, lower_bound)
+    if resolved == "triton":
+        return chunk.chunk_hgrn2(q, v, log_forget, **kwargs)
+    if resolved == "naive":
+        return reference.hgrn2_recurrence_naive(q, v, log_forget, **kwargs)
+    return reference.hgrn2_recurrence_chunked(q, v, log_forget, **kwargs)
+
+
+def hgrn2_step(
+    q: torch.Tensor,
+    v: torch.Tensor,
+    log_forget: torch.Tensor,
+    state: torch.Tensor,
+    *,
+    scale: float = 1.0,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decoding step of HGRN2: q and log_forget ``[B, H, K]``, v ``[B, H, V]``, state ``[B, H, K, V]``.
+
+    Returns ``(o [B, H, V], new_state)``. The Triton backend updates ``state`` in place and returns it.
+    """
+    check_hgrn2_inputs(q[:, None], v[:, None], log_forget[:, None], state, None, check_values=False)
+    resolved = _resolve_backend(backend, q)
+    recurrent = _kernel_module("recurrent")
+    if resolved == "triton" and recurrent is not None:
+        return recurrent.fused_recurrent_hgrn2_step(q, v, log_forget, state, scale=scale)
+    o, new_state = reference.hgrn2_recurrence_naive(
+        q[:, None], v[:, None], log_forget[:, None], scale=scale, initial_state=state, output_final_state=True
+    )
+    return o[:, 0], new_state
+
+
+def hgrn1_recurrence(
+    x: torch.Tensor,
+    log_forget: torch.Tensor,
+    *,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    backend: str = "auto",
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The HGRN1 element-wise gated recurrence ``h_t = λ_t ⊙ h_{t-1} + (1 - λ_t) ⊙ x_t``.
+
+    Args:
+        x: input ``[B, T, D]``; log_forget: log λ ``[B, T, D]``, all ``<= 0``, same dtype.
+        initial_state: ``[B, D]`` (``[N, D]`` with ``cu_seqlens``) or None for zeros.
+        output_final_state, cu_seqlens, backend, chunk_size: as in :func:`hgrn2_recurrence`.
+
+    Returns:
+        ``(h, final_state)``: h ``[B, T, D]`` in the input dtype; final_state ``[B, D]`` or None.
+
+    Example::
+
+        >>> x = torch.randn(2, 16, 32)
+        >>> h, _ = hgrn1_recurrence(x, torch.nn.functional.logsigmoid(torch.randn(2, 16, 32)))
+        >>> h.shape
+        torch.Size([2, 16, 32])
+    """
+    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens)
+    kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
+    resolved = _resolve_backend(backend, x)
+    scan = _kernel_module("scan")
+    if resolved == "triton" and scan is not None:
+        return scan.scan_hgrn1(x, log_forget, **kwargs)
+    if resolved == "naive":
+        return reference.hgrn1_recurrence_naive(x, log_forget, **kwargs)
+    return reference.hgrn1_recurrence_chunked(x, log_forget, chunk_size=chunk_size or 16, **kwargs)

@@ -1,0 +1,1 @@
+"""LightningModules: losses, metrics, optimisers and logging around an hgrn2 backbone."""
