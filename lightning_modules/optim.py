@@ -1,0 +1,96 @@
+"""Optimiser and learning-rate schedule shared by every LightningModule.
+
+AdamW with weight decay on matrices only (no decay on norms, biases, embeddings or the lower-bound
+parameters), and a per-step schedule: linear warm-up, then cosine, inverse square root, linear or constant.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+SCHEDULES = ("cosine", "inverse_sqrt", "linear", "constant")
+
+
+@dataclass
+class OptimizerConfig:
+    """AdamW and schedule settings; ``total_steps=None`` takes the Trainer's estimate."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+    total_steps: int | None = None
+    fused: bool | None = None
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: matrices of Linear/Conv layers decay; everything else (norms, biases,
+    embeddings, lower bounds, positional tables) does not."""
+    decay, no_decay, seen = [], [], set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if not param.requires_grad or id(param) in seen:
+                continue
+            seen.add(id(param))  # tied weights appear twice
+            is_matrix = isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)) and name == "weight"
+            (decay if is_matrix else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def lr_multiplier(step: int, config: OptimizerConfig, total_steps: int) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based)."""
+    warmup = config.warmup_steps
+    if warmup and step < warmup:
+        return (step + 1) / warmup
+    if config.schedule == "constant":
+        return 1.0
+    if config.schedule == "inverse_sqrt":
+        return math.sqrt(max(warmup, 1) / (step + 1))
+    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    floor = config.min_lr_ratio
+    if config.schedule == "linear":
+        return floor + (1.0 - floor) * (1.0 - progress)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model: nn.Module, config: OptimizerConfig, total_steps: int) -> dict:
+    """What ``configure_optimizers`` returns: AdamW plus a LambdaLR stepped every optimizer step."""
+    fused = config.fused
+    if fused is None:
+        fused = all(p.is_cuda for p in model.parameters())
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, config.weight_decay),
+        lr=config.lr,
+        betas=tuple(config.betas),
+        eps=config.eps,
+        fused=fused or None,
+    )
+    total = config.total_steps or total_steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, total))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+
+def estimated_total_steps(trainer) -> int:
+    """The Trainer's estimate of optimizer steps for the whole fit (at least 1)."""
+    try:
+        return max(1, int(trainer.estimated_stepping_batches))
+    except (RuntimeError, ValueError, TypeError, AttributeError, OverflowError):
+        return 1
