@@ -5,13 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hgrn2.ops.reference import accumulation_dtype
+
 NORMS = ("simple_rmsnorm", "rmsnorm", "layernorm", "batchnorm", "identity")
 
 
 class RMSNorm(nn.Module):
     """x / rms(x), optionally times a learned weight; ``groups > 1`` normalises each group (head) alone.
 
-    With ``affine=False`` this is the paper's SimpleRMSNorm. Statistics are computed in float32.
+    With ``affine=False`` this is the paper's SimpleRMSNorm. Statistics are in float32 (float64 for float64 input).
     """
 
     def __init__(self, dim: int, groups: int = 1, affine: bool = True, eps: float = 1e-6):
@@ -23,11 +25,11 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x32 = x.float().reshape(*shape[:-1], self.groups, self.dim // self.groups)
+        x32 = x.to(accumulation_dtype(x.dtype)).reshape(*shape[:-1], self.groups, self.dim // self.groups)
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         out = x32.reshape(shape)
         if self.weight is not None:
-            out = out * self.weight.float()
+            out = out * self.weight.to(out.dtype)
         return out.to(x.dtype)
 
     def extra_repr(self) -> str:
