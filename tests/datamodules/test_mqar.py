@@ -1,0 +1,166 @@
+"""MQAR: every query is answerable from the context, the loss sees only answers, the data follow the seed."""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules.mqar import (
+    IGNORE_INDEX,
+    MQARDataModule,
+    MQARSpec,
+    generate_mqar,
+    power_law_gaps,
+    sample_distinct,
+)
+
+
+def _check_example(input_ids: list[int], labels: list[int], spec: MQARSpec) -> None:
+    """Check one example against the task definition with plain Python loops."""
+    n, context = spec.num_pairs, 2 * spec.num_pairs
+    keys, values = input_ids[0:context:2], input_ids[1:context:2]
+    assert len(set(keys)) == n and len(set(values)) == n, "keys and values are distinct within an example"
+    assert all(1 <= k < spec.vocab_size // 2 for k in keys), f"keys outside the key vocabulary: {keys}"
+    assert all(spec.vocab_size // 2 <= v < spec.vocab_size for v in values), f"values outside: {values}"
+    pair_of = dict(zip(keys, values))
+    answers = [t for t, label in enumerate(labels) if label != IGNORE_INDEX]
+    assert len(answers) == n, f"expected one query per pair ({n}), found {len(answers)}"
+    queried = []
+    for t in answers:
+        assert t >= context and (t - context) % 2 == 0, f"query at {t} is not on a query slot"
+        key = input_ids[t]
+        # the key was stated earlier, followed by the value that the label asks for
+        stated = [s for s in range(0, t - 1) if input_ids[s] == key and s < context and s % 2 == 0]
+        assert stated, f"query key {key} at {t} never appears in the context"
+        assert input_ids[stated[0] + 1] == labels[t] == pair_of[key]
+        queried.append(key)
+    assert sorted(queried) == sorted(keys), "every key is queried exactly once"
+
+
+@pytest.mark.parametrize(
+    "seq_len, num_pairs, vocab_size, random_fill",
+    [(64, 4, 64, True), (64, 16, 34, False), (256, 16, 8192, True), (51, 12, 1000, True)],
+)
+def test_every_query_asks_for_the_value_stated_earlier_and_only_answers_carry_labels(
+    seq_len, num_pairs, vocab_size, random_fill
+):
+    spec = MQARSpec(seq_len, num_pairs, vocab_size, random_fill=random_fill)
+    input_ids, labels = generate_mqar(spec, 64, seed=3)
+    assert input_ids.shape == labels.shape == (64, seq_len)
+    assert input_ids.dtype == labels.dtype == torch.int64
+    assert 0 <= input_ids.min() and input_ids.max() < vocab_size
+    for row_inputs, row_labels in zip(input_ids.tolist(), labels.tolist()):
+        _check_example(row_inputs, row_labels, spec)
+    # without random fill, everything that is neither context nor query is the filler token 0
+    if not random_fill:
+        is_query = labels != IGNORE_INDEX
+        filler = input_ids[:, 2 * num_pairs :][~is_query[:, 2 * num_pairs :]]
+        assert (filler == 0).all()
+    else:
+        assert (input_ids[:, 2 * num_pairs :] != 0).float().mean() > 0.9
+
+
+def test_hand_built_example_layout():
+    """Two pairs, no fill, queries at slots 0 and 1: the layout is fixed by the definition."""
+    spec = MQARSpec(seq_len=8, num_pairs=2, vocab_size=6, random_fill=False)
+    # with 2 slots and 2 queries, both slots are taken; keys are {1, 2}, values {3, 4, 5}
+    input_ids, labels = generate_mqar(spec, 200, seed=0)
+    for row_inputs, row_labels in zip(input_ids.tolist(), labels.tolist()):
+        k1, v1, k2, v2 = row_inputs[:4]
+        assert {k1, k2} == {1, 2}
+        assert row_inputs[5] == row_inputs[7] == 0
+        assert row_labels[:4] == [IGNORE_INDEX] * 4 and row_labels[5] == row_labels[7] == IGNORE_INDEX
+        answer = {k1: v1, k2: v2}
+        assert row_labels[4] == answer[row_inputs[4]] and row_labels[6] == answer[row_inputs[6]]
+        assert row_inputs[4] != row_inputs[6]
+
+
+def test_same_seed_gives_identical_data_and_other_seeds_differ():
+    spec = MQARSpec(128, 8, 512)
+    a_inputs, a_labels = generate_mqar(spec, 32, seed=7)
+    b_inputs, b_labels = generate_mqar(spec, 32, seed=7)
+    c_inputs, c_labels = generate_mqar(spec, 32, seed=8)
+    assert torch.equal(a_inputs, b_inputs) and torch.equal(a_labels, b_labels)
+    assert not torch.equal(a_inputs, c_inputs)
+    assert not torch.equal(a_labels != IGNORE_INDEX, c_labels != IGNORE_INDEX)
+
+
+def test_datamodule_batches_follow_the_contract_and_the_seed():
+    def build(seed):
+        dm = MQARDataModule(seq_len=64, num_pairs=8, vocab_size=256, num_train=40, num_val=24, batch_size=16, seed=seed)
+        dm.setup("fit")
+        return dm
+
+    dm, again, other = build(1), build(1), build(2)
+    batch = next(iter(dm.train_dataloader()))
+    assert set(batch) == {"input_ids", "labels"}
+    assert batch["input_ids"].shape == batch["labels"].shape == (16, 64)
+    assert (batch["labels"] != IGNORE_INDEX).sum(dim=1).tolist() == [8] * 16
+    for row_inputs, row_labels in zip(batch["input_ids"].tolist(), batch["labels"].tolist()):
+        _check_example(row_inputs, row_labels, dm.train_spec)
+    assert len(dm.train_dataloader()) == 2  # 40 // 16, the last partial batch dropped
+    val_batches = list(dm.val_dataloader())
+    assert [b["input_ids"].shape[0] for b in val_batches] == [16, 8]  # validation keeps every example
+    assert torch.equal(torch.cat([b["input_ids"] for b in val_batches]), dm.val_set.input_ids)
+    # same seed: same splits and the same shuffled order; another seed: other data
+    assert torch.equal(batch["input_ids"], next(iter(again.train_dataloader()))["input_ids"])
+    assert not torch.equal(dm.train_set.input_ids, other.train_set.input_ids)
+    # the two splits are independent streams of one seed
+    assert not torch.equal(dm.train_set.input_ids[:24], dm.val_set.input_ids)
+
+
+def test_sample_distinct_is_uniform_over_ordered_samples():
+    draws = sample_distinct(np.random.default_rng(0), 60_000, population=5, size=3)
+    assert ((draws >= 0) & (draws < 5)).all()
+    assert all(len(set(row)) == 3 for row in draws[:1000].tolist())
+    counts = collections.Counter(map(tuple, draws.tolist()))
+    assert set(counts) == set(itertools.permutations(range(5), 3))  # all 60 ordered triples
+    expected = 60_000 / 60
+    chi2 = sum((c - expected) ** 2 / expected for c in counts.values())
+    assert chi2 < 110, f"chi² = {chi2:.1f} with 59 degrees of freedom"  # p ≈ 5e-5
+    full = sample_distinct(np.random.default_rng(1), 100, population=9, size=9)
+    assert (np.sort(full, axis=1) == np.arange(9)).all()
+
+
+def test_query_gaps_follow_the_power_law_of_zoology():
+    """A single draw per row follows p(slot) ∝ (slot + 1) ** (a - 1); the draws are distinct per row."""
+    slots, power_a, rows = 6, 0.3, 60_000
+    single = power_law_gaps(np.random.default_rng(0), rows, slots, 1, power_a)[:, 0]
+    weight = np.arange(1, slots + 1, dtype=float) ** (power_a - 1)
+    expected = weight / weight.sum() * rows
+    observed = np.bincount(single, minlength=slots)
+    chi2 = float(((observed - expected) ** 2 / expected).sum())
+    assert chi2 < 30, f"chi² = {chi2:.1f} with 5 degrees of freedom; observed {observed}, expected {expected}"
+    several = power_law_gaps(np.random.default_rng(1), 500, slots, 4, power_a)
+    assert all(len(set(row)) == 4 for row in several.tolist())
+    # a = 0.01 (Zoology's default) puts most queries right after the context
+    _, labels = generate_mqar(MQARSpec(512, 16, 8192), 100, seed=0)
+    positions = (labels != IGNORE_INDEX).nonzero()[:, 1].float()
+    assert positions.median() < 32 + 2 * 40, f"median query position {positions.median()}"
+    assert math.isclose((labels != IGNORE_INDEX).sum().item(), 100 * 16)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(seq_len=60, num_pairs=16), "seq_len must be >= 4·num_pairs"),
+        (dict(seq_len=64, num_pairs=16, vocab_size=33), "vocab_size must be >= 2·num_pairs"),
+        (dict(num_pairs=0), "num_pairs must be >= 1"),
+        (dict(train_power_a=0.0), "power_a must be in"),
+        (dict(num_train=0), "num_train must be >= 1"),
+        (dict(batch_size=0), "batch_size must be >= 1"),
+    ],
+)
+def test_impossible_parameters_raise_a_value_error_naming_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        MQARDataModule(**kwargs)
+
+
+def test_dataloader_before_setup_raises():
+    with pytest.raises(ValueError, match="setup"):
+        MQARDataModule(seq_len=64, num_pairs=4).train_dataloader()
