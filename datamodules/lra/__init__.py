@@ -1,0 +1,1 @@
+"""Long Range Arena: one LightningDataModule per task, and the ListOps and Pathfinder generators."""
