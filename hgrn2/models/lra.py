@@ -1,0 +1,244 @@
+"""Long Range Arena classifiers: an embedding, HGRN2 blocks, mean pooling and a head.
+
+* 1-D tasks (ListOps, Text, Retrieval) mix with :class:`~hgrn2.layers.BidirectionalHGRU2` (left-to-right plus
+  right-to-left); 2-D tasks (Image, Pathfinder, Path-X) with :class:`~hgrn2.layers.HGRU2d` over the pixel grid
+  (rows and columns, both ways). Both are non-causal.
+* each layer is a :class:`~hgrn2.layers.Block` (mixer + GLU) whose forget gates are lower-bounded by a
+  :class:`~hgrn2.layers.LayerLowerBounds` schedule; pre-norm or post-norm, with dropout on both branches.
+* tokens are embedded (``embedding="token"``) or pixel levels are mapped linearly from [-1, 1]
+  (``embedding="pixel"``); sinusoidal position encodings are optional.
+* Retrieval is a two-tower model: one shared encoder turns the two documents into u and v, and an MLP
+  classifies ``[u, v, u·v, u − v]``.
+
+:data:`PRESETS` holds the authors' LRA settings (``run_lra.py`` of OpenNLPLab/HGRN2: width, depth,
+``expand_ratio``, GLU ratio, norm, dropout and the ``position``/``id`` input encoder of each task) and the LRA
+defaults of the authors' HGRU2 modules: input SiLU, sigmoid output gate, LayerNorm inside the mixer, biases.
+Their "synbatch" norm is BatchNorm here (the same on one device).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hgrn2.layers import BidirectionalHGRU2, Block, HGRU2d, LayerLowerBounds, make_norm
+
+__all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "block_forward", "lra_config", "sinusoidal_positions"]
+
+EMBEDDINGS = ("token", "pixel")
+
+
+@dataclass
+class LRAConfig:
+    """Everything that shapes an LRA classifier; :func:`lra_config` starts from a task preset."""
+
+    num_classes: int = 10
+    vocab_size: int = 16  # token embedding rows (token ids < vocab_size; id 0 pads)
+    embedding: str = "token"  # "token" (nn.Embedding) or "pixel" (linear map of levels scaled to [-1, 1])
+    in_channels: int = 1  # pixel features per position (3 for colour)
+    hidden_size: int = 64
+    num_layers: int = 5
+    expand_ratio: int = 4  # per-head state is expand_ratio × expand_ratio; heads = hidden_size / expand_ratio
+    glu_expand_ratio: float = 1.0  # GLU width / hidden_size; 0 drops the GLU
+    glu_activation: str = "silu"
+    norm: str = "batchnorm"  # block norms and the final norm
+    mixer_norm: str = "layernorm"  # the HGRU2 output norm
+    prenorm: bool = True
+    output_gate: str = "sigmoid"
+    input_activation: str = "silu"
+    bias: bool = True
+    scale: float = 1.0
+    use_lower_bound: bool = True
+    positional_encoding: bool = False
+    dropout: float = 0.0
+    two_d: bool = False  # HGRU2d over a grid_size grid instead of the bidirectional 1-D mixer
+    grid_size: tuple[int, int] | None = None  # (height, width); None = square
+    dual: bool = False  # two-tower retrieval head over [u, v, u·v, u − v]
+    backend: str = "auto"
+
+    def __post_init__(self):
+        if self.embedding not in EMBEDDINGS:
+            raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
+        for name in ("num_classes", "vocab_size", "in_channels", "hidden_size", "num_layers", "expand_ratio"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.expand_ratio:
+            raise ValueError(
+                f"hidden_size ({self.hidden_size}) must be a multiple of expand_ratio ({self.expand_ratio})"
+            )
+        if self.glu_expand_ratio < 0 or not 0.0 <= self.dropout < 1.0:
+            raise ValueError(
+                f"need glu_expand_ratio >= 0 and 0 <= dropout < 1, got {self.glu_expand_ratio}, {self.dropout}"
+            )
+        if self.dual and self.two_d:
+            raise ValueError("the two-tower (dual) head is for 1-D sequences; set two_d=False")
+        if self.grid_size is not None:
+            self.grid_size = tuple(int(v) for v in self.grid_size)
+            if len(self.grid_size) != 2 or min(self.grid_size) < 1:
+                raise ValueError(f"grid_size must be (height, width), got {self.grid_size}")
+
+    @property
+    def glu_hidden_size(self) -> int:
+        return int(round(self.glu_expand_ratio * self.hidden_size))
+
+
+_ONE_D = dict(embedding="token", two_d=False, vocab_size=257, num_classes=2)
+_TWO_D = dict(embedding="pixel", two_d=True, glu_expand_ratio=1.0, norm="batchnorm")
+PRESETS: dict[str, dict] = {
+    "listops": dict(_ONE_D, vocab_size=16, num_classes=10, hidden_size=64, num_layers=5, expand_ratio=4,
+                    glu_expand_ratio=1.0, norm="batchnorm", positional_encoding=True),
+    "text": dict(_ONE_D, hidden_size=128, num_layers=4, expand_ratio=8, glu_expand_ratio=1.0, norm="layernorm",
+                 dropout=0.1),
+    "retrieval": dict(_ONE_D, hidden_size=256, num_layers=2, expand_ratio=2, glu_expand_ratio=2.0, norm="batchnorm",
+                      positional_encoding=True, dual=True),
+    "image": dict(_TWO_D, num_classes=10, hidden_size=512, num_layers=6, expand_ratio=2, positional_encoding=True,
+                  grid_size=(32, 32)),
+    "pathfinder": dict(_TWO_D, num_classes=2, hidden_size=128, num_layers=6, expand_ratio=2, grid_size=(32, 32)),
+    "pathx": dict(_TWO_D, num_classes=2, hidden_size=32, num_layers=6, expand_ratio=1, positional_encoding=True,
+                  grid_size=(128, 128)),
+}  # fmt: skip
+
+
+def lra_config(preset: str, **overrides) -> LRAConfig:
+    """The preset's config with ``overrides`` applied, e.g. ``lra_config("listops", num_layers=2)``."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown LRA preset {preset!r}; expected one of {sorted(PRESETS)}")
+    known = {f.name for f in fields(LRAConfig)}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise ValueError(f"unknown LRAConfig field(s) {unknown}; the fields are {sorted(known)}")
+    return LRAConfig(**{**PRESETS[preset], **overrides})
+
+
+def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
+    """``[length, dim]``: sin on even and cos on odd features, wavelengths 2π .. 10000·2π."""
+    position = torch.arange(length, device=device, dtype=torch.float32)[:, None]
+    frequency = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    table = torch.zeros(length, dim, device=device)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
+    return table.to(dtype)
+
+
+def block_forward(
+    block: Block,
+    x: torch.Tensor,
+    lower_bound: torch.Tensor | None,
+    prenorm: bool = True,
+    dropout: nn.Module | None = None,
+    **mixer_kwargs,
+) -> torch.Tensor:
+    """One block with dropout on both residual branches, pre-norm (``x + f(norm(x))``, what ``Block.forward``
+    computes when dropout is off) or post-norm (``norm(x + f(x))``). x ``[B, T, D]``."""
+    drop = dropout if dropout is not None else nn.Identity()
+    if prenorm:
+        y, _ = block.mixer(block.mixer_norm(x), lower_bound=lower_bound, **mixer_kwargs)
+        x = x + drop(y)
+        return x if block.glu is None else x + drop(block.glu(block.glu_norm(x)))
+    y, _ = block.mixer(x, lower_bound=lower_bound, **mixer_kwargs)
+    x = block.mixer_norm(x + drop(y))
+    return x if block.glu is None else block.glu_norm(x + drop(block.glu(x)))
+
+
+class LRAClassifier(nn.Module):
+    """Embedding -> ``num_layers`` blocks -> (final norm) -> masked mean pool -> head. Returns logits."""
+
+    def __init__(self, config: LRAConfig):
+        super().__init__()
+        self.config = c = config
+        if c.embedding == "token":
+            self.embed = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
+        else:
+            self.embed = nn.Linear(c.in_channels, c.hidden_size)
+        mixer = HGRU2d if c.two_d else BidirectionalHGRU2
+        mixer_kwargs = dict(
+            expand_ratio=c.expand_ratio,
+            output_gate=c.output_gate,
+            input_activation=c.input_activation,
+            norm=c.mixer_norm,
+            bias=c.bias,
+            scale=c.scale,
+            backend=c.backend,
+        )
+        self.blocks = nn.ModuleList(
+            Block(mixer(c.hidden_size, **mixer_kwargs), c.glu_hidden_size, c.norm, c.glu_activation, bias=c.bias)
+            for _ in range(c.num_layers)
+        )
+        self.lower_bounds = LayerLowerBounds(c.num_layers, c.hidden_size) if c.use_lower_bound else None
+        self.dropout = nn.Dropout(c.dropout)
+        self.final_norm = make_norm(c.norm, c.hidden_size) if c.prenorm else nn.Identity()
+        if c.dual:
+            self.head = nn.Sequential(
+                nn.Linear(4 * c.hidden_size, c.hidden_size), nn.ReLU(), nn.Linear(c.hidden_size, c.num_classes)
+            )
+        else:
+            self.head = nn.Linear(c.hidden_size, c.num_classes)
+
+    def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Token ids ``[B, T]``, or pixel levels ``[B, T]`` / ``[B, T, C]`` (0-255) -> ``[B, T, D]``."""
+        c = self.config
+        if c.embedding == "token":
+            if input_ids.dim() != 2:
+                raise ValueError(f"token inputs must be [B, T] ids, got shape {list(input_ids.shape)}")
+            x = self.embed(input_ids.long())
+        else:
+            pixels = input_ids if input_ids.dim() == 3 else input_ids.unsqueeze(-1)
+            if pixels.dim() != 3 or pixels.shape[-1] != c.in_channels:
+                raise ValueError(f"pixel inputs must be [B, T] or [B, T, {c.in_channels}], got {list(input_ids.shape)}")
+            if not pixels.is_floating_point():
+                pixels = pixels.float() / 127.5 - 1.0  # levels 0..255 -> [-1, 1]
+            x = self.embed(pixels.to(self.embed.weight.dtype))
+        if c.positional_encoding:
+            x = x + sinusoidal_positions(x.shape[1], x.shape[2], x.device, x.dtype)
+        return self.dropout(x)
+
+    def _mixer_kwargs(self, length: int) -> dict:
+        if not self.config.two_d:
+            return {}
+        grid = self.config.grid_size or (math.isqrt(length),) * 2
+        if grid[0] * grid[1] != length:
+            raise ValueError(f"a 2-D model needs height·width = sequence length; grid {grid} vs length {length}")
+        return {"grid_size": grid}
+
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooled features ``[B, D]``: the mean over the positions where ``attention_mask`` is True (all when None)."""
+        x = self.embed_inputs(input_ids)  # [B, T, D]
+        bounds = self.lower_bounds().unbind(0) if self.lower_bounds is not None else [None] * len(self.blocks)
+        kwargs = self._mixer_kwargs(x.shape[1])
+        for block, bound in zip(self.blocks, bounds):
+            x = block_forward(block, x, bound, self.config.prenorm, self.dropout, **kwargs)
+        x = self.final_norm(x)
+        if attention_mask is None:
+            return x.mean(dim=1)
+        mask = attention_mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
+        return (x * mask).sum(dim=1) / mask.sum(dim=1).clamp_min(1.0)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        input_ids_2: torch.Tensor | None = None,
+        attention_mask_2: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits ``[B, num_classes]``; the two-tower model also needs ``input_ids_2`` (and its mask)."""
+        if not self.config.dual:
+            if input_ids_2 is not None:
+                raise ValueError("input_ids_2 was given to a single-tower model; set dual=True for retrieval")
+            return self.head(self.encode(input_ids, attention_mask))
+        if input_ids_2 is None:
+            raise ValueError("the two-tower (dual) model needs input_ids_2, the second document")
+        batch = input_ids.shape[0]
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
+        if attention_mask_2 is None:
+            attention_mask_2 = torch.ones_like(input_ids_2, dtype=torch.bool)
+        # both documents go through the encoder as one batch [2B, T]
+        length = max(input_ids.shape[1], input_ids_2.shape[1])
+        ids = torch.cat([F.pad(t, (0, length - t.shape[1])) for t in (input_ids, input_ids_2)])
+        mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in (attention_mask, attention_mask_2)])
+        u, v = self.encode(ids, mask).split(batch)  # [B, D] each
+        return self.head(torch.cat([u, v, u * v, u - v], dim=-1))
