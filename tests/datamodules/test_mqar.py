@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import collections
+import importlib.util
 import itertools
+import json
 import math
+import sys
+from pathlib import Path
 
+import lightning.pytorch as pl
 import numpy as np
 import pytest
 import torch
@@ -18,6 +23,7 @@ from datamodules.mqar import (
     power_law_gaps,
     sample_distinct,
 )
+from lightning_modules.cli import main as cli_main
 
 
 def _check_example(input_ids: list[int], labels: list[int], spec: MQARSpec) -> None:
@@ -164,3 +170,123 @@ def test_impossible_parameters_raise_a_value_error_naming_the_fix(kwargs, messag
 def test_dataloader_before_setup_raises():
     with pytest.raises(ValueError, match="setup"):
         MQARDataModule(seq_len=64, num_pairs=4).train_dataloader()
+
+
+# ---------------------------------------------------------------------------------------- the sweep and configs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _load_sweep():
+    """benchmarks/ is a folder of scripts, not a package: load the sweep from its path."""
+    if "mqar_sweep" not in sys.modules:
+        spec = importlib.util.spec_from_file_location("mqar_sweep", ROOT / "benchmarks" / "mqar_sweep.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["mqar_sweep"] = module  # dataclasses look their module up there
+        spec.loader.exec_module(module)
+    return sys.modules["mqar_sweep"]
+
+
+def test_sweep_grid_skips_ratios_that_do_not_divide_the_width_and_lengths_too_short():
+    sweep = _load_sweep()
+    args = sweep.parse_args(
+        "--d-models 48 --expand-ratios 1 16 32 --seq-lens 32 64 --num-pairs 4 16 --lrs 1e-3 3e-3".split()
+    )
+    points, skipped = sweep.build_grid(args)
+    # T=32 fits 4 pairs only; 32 does not divide 48; HGRN1 once per width; two learning rates
+    shapes = sorted({(p.model, p.expand_ratio, p.seq_len, p.num_pairs) for p in points})
+    assert shapes == [
+        (model, e, seq_len, pairs)
+        for model, e in [("hgrn1", 1), ("hgrn2", 1), ("hgrn2", 16)]
+        for seq_len, pairs in [(32, 4), (64, 4), (64, 16)]
+    ]
+    assert len(points) == 2 * len(shapes)
+    assert {p.state_size for p in points if p.expand_ratio == 16} == {48 * 16}
+    reasons = [s["reason"] for s in skipped]
+    assert any("not a multiple of expand_ratio 32" in r for r in reasons)
+    assert any("seq_len < 4·num_pairs" in r for r in reasons)
+
+
+def test_hgrn1_and_hgrn2_have_equal_parameters_at_every_expand_ratio():
+    sweep = _load_sweep()
+    args = sweep.parse_args("--vocab-size 64 --glu-ratio 2".split())
+    d, layers = 32, 2
+    counts = {}
+    for model, e in [("hgrn1", 1)] + [("hgrn2", e) for e in (1, 2, 4, 8, 16, 32)]:
+        module = sweep.build_module(sweep.GridPoint(model, d, e, 64, 4, 1e-3, 0), args)
+        counts[(model, e)] = module.model.num_parameters()
+        assert module.config.state_size == d * e
+    # embedding (tied) + per layer: block norms (none), 4 D×D mixer projections, GLU 3·D·2D; lower bounds L·D
+    expected = 64 * d + layers * (4 * d * d + 3 * d * 2 * d) + layers * d
+    assert set(counts.values()) == {expected}, counts
+
+
+def test_sweep_summary_takes_the_seed_mean_then_the_best_learning_rate():
+    sweep = _load_sweep()
+
+    def run(model, e, lr, seed, accuracy):
+        return dict(
+            model=model, d_model=8, expand_ratio=e, seq_len=64, num_pairs=4, lr=lr, seed=seed,
+            val_accuracy=accuracy, state_size=8 * e, params=100,
+        )  # fmt: skip
+
+    runs = [
+        run("hgrn1", 1, 1e-3, 0, 0.2), run("hgrn1", 1, 1e-3, 1, 0.4), run("hgrn1", 1, 3e-3, 0, 0.1),
+        run("hgrn2", 2, 1e-3, 0, 0.5), run("hgrn2", 2, 3e-3, 0, 0.7), run("hgrn2", 2, 3e-3, 1, 0.9),
+        run("hgrn2", 4, 1e-3, 0, 0.6), run("hgrn2", 4, 3e-3, 0, 0.65),
+    ]  # fmt: skip
+    best = {(r["model"], r["expand_ratio"]): r for r in sweep.best_per_point(runs)}
+    assert best["hgrn1", 1]["val_accuracy"] == pytest.approx(0.3) and best["hgrn1", 1]["best_lr"] == 1e-3
+    assert best["hgrn2", 2]["val_accuracy"] == pytest.approx(0.8) and best["hgrn2", 2]["seeds"] == 2
+    assert best["hgrn2", 4]["val_accuracy"] == pytest.approx(0.65)
+    (summary,) = sweep.summarize(sweep.best_per_point(runs))
+    assert summary["hgrn2_never_drops_as_expand_ratio_grows"] is False  # 0.8 then 0.65
+    assert summary["hgrn2_minus_hgrn1_by_expand_ratio"] == {"2": pytest.approx(0.5), "4": pytest.approx(0.35)}
+    assert summary["equal_parameters"] is True
+
+
+def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
+    sweep = _load_sweep()
+    argv = (
+        f"--out {tmp_path} --models hgrn2 --d-models 16 --expand-ratios 4 --seq-lens 32 --num-pairs 4 "
+        "--steps 4 --warmup-steps 1 --vocab-size 64 --num-train 64 --num-val 32 --batch-size 16 "
+        "--accelerator cpu --precision 32-true"
+    ).split()
+    sweep.main(argv)
+    document = json.loads((tmp_path / "mqar_sweep.json").read_text())
+    (record,) = document["runs"]
+    assert record["key"] == "hgrn2-d16-e4-T32-N4-lr0.003-s0" and record["steps"] == 4
+    assert 0.0 <= record["val_accuracy"] <= 1.0 and math.isfinite(record["val_loss"])
+    assert record["num_heads"] == 4 and record["state_size"] == 16 * 4
+    assert record["params"] == record["params_closed_form"]
+    assert record["mixer_params"] == 2 * 4 * 16 * 16  # two layers of W_q, W_f, W_i, W_o
+    assert document["summary"][0]["hgrn2_accuracy_by_expand_ratio"] == {"4": record["val_accuracy"]}
+    assert (tmp_path / "mqar_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # resuming a finished sweep trains nothing and keeps the record
+    (best,) = sweep.main(argv + ["--resume"])
+    assert best["val_accuracy"] == record["val_accuracy"]
+
+
+@pytest.mark.parametrize("extra", [[], ["configs/mqar/hgrn1.yaml"]])
+def test_mqar_configs_train_and_validate_through_the_cli(tmp_path, extra):
+    configs = [arg for path in ["configs/mqar/base.yaml", *extra] for arg in ("--config", str(ROOT / path))]
+    overrides = [
+        "--trainer.accelerator=cpu", "--trainer.precision=32-true", "--trainer.max_steps=2",
+        "--trainer.val_check_interval=2", "--trainer.logger=false", "--trainer.enable_checkpointing=false",
+        "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={tmp_path}",
+        "--data.init_args.seq_len=64", "--data.init_args.num_train=16", "--data.init_args.num_val=8",
+        "--data.init_args.batch_size=8",
+    ]  # fmt: skip
+    cli_metrics = {}
+    original = pl.Trainer.fit
+
+    def fit_and_capture(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        cli_metrics.update({k: float(v) for k, v in self.callback_metrics.items()})
+        cli_metrics["mixer"] = type(self.lightning_module.model.blocks[0].mixer).__name__
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pl.Trainer, "fit", fit_and_capture)
+        cli_main(["fit", *configs, *overrides])
+    assert 0.0 <= cli_metrics["val/accuracy"] <= 1.0
+    assert cli_metrics["mixer"] == ("HGRU1" if extra else "HGRU2")
