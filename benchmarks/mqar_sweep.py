@@ -153,7 +153,13 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
 
 
 def _run_point_star(job: tuple[GridPoint, argparse.Namespace]) -> dict:
-    return run_point(*job)
+    """``run_point`` that reports a failure (out of memory, a kernel error) as a record instead of raising,
+    so that one bad point does not cost the rest of a time-boxed sweep."""
+    point, args = job
+    try:
+        return run_point(point, args)
+    except Exception as error:  # reported in the JSON and on stdout
+        return dict(**dataclasses.asdict(point), key=point.key, error=f"{type(error).__name__}: {error}"[:2000])
 
 
 def best_per_point(runs: list[dict]) -> list[dict]:
@@ -266,6 +272,8 @@ def _environment(args: argparse.Namespace) -> dict:
 
 
 def write_results(args, runs, skipped, path: Path, elapsed_s: float) -> list[dict]:
+    failed = [r for r in runs if "error" in r]
+    runs = [r for r in runs if "error" not in r]
     best = best_per_point(runs)
     settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
     document = dict(
@@ -276,6 +284,7 @@ def write_results(args, runs, skipped, path: Path, elapsed_s: float) -> list[dic
         best=best,
         summary=summarize(best),
         skipped=skipped,
+        failed=sorted(failed, key=lambda r: r["key"]),
     )
     _atomic_write(path, lambda handle: json.dump(document, handle, indent=1))
     return best
@@ -318,7 +327,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     runs: list[dict] = []
     if args.resume and path.exists():
         wanted = {p.key for p in points}
-        runs = [r for r in json.loads(path.read_text())["runs"] if r["key"] in wanted]
+        runs = [r for r in json.loads(path.read_text())["runs"] if r["key"] in wanted]  # failed runs are redone
     done = {r["key"] for r in runs}
     todo = [p for p in points if p.key not in done]
     print(f"MQAR sweep: {len(points)} runs ({len(done)} already done), {len(skipped)} skipped", flush=True)
@@ -333,9 +342,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
         for i, record in enumerate(results, 1):
             runs.append(record)
             write_results(args, runs, skipped, path, time.perf_counter() - start)
+            if "error" in record:
+                print(f"[{i}/{len(todo)}] {record['key']} FAILED: {record['error']}", flush=True)
+                continue
             print(
                 f"[{i}/{len(todo)}] {record['key']}: accuracy {record['val_accuracy']:.3f}, "
-                f"{record['train_s']:.1f} s, params {record['params']:,}",
+                f"{record['steps_per_s']:.1f} steps/s, {record['wall_s']:.1f} s, params {record['params']:,}",
                 flush=True,
             )
     finally:

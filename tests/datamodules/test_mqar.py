@@ -290,3 +290,14 @@ def test_mqar_configs_train_and_validate_through_the_cli(tmp_path, extra):
         cli_main(["fit", *configs, *overrides])
     assert 0.0 <= cli_metrics["val/accuracy"] <= 1.0
     assert cli_metrics["mixer"] == ("HGRU1" if extra else "HGRU2")
+
+
+def test_a_failing_sweep_run_is_recorded_and_left_out_of_the_table(tmp_path):
+    sweep = _load_sweep()
+    args = sweep.parse_args(f"--out {tmp_path} --accelerator cpu --precision 32-true".split())
+    bad = sweep.GridPoint("hgrn2", 16, 4, seq_len=8, num_pairs=4, lr=1e-3, seed=0)  # 4 pairs need T >= 16
+    record = sweep._run_point_star((bad, args))
+    assert record["key"] == bad.key and "seq_len (8) is too short" in record["error"]
+    best = sweep.write_results(args, [record], [], tmp_path / "sweep.json", elapsed_s=1.0)
+    document = json.loads((tmp_path / "sweep.json").read_text())
+    assert best == [] and document["runs"] == [] and document["failed"][0]["key"] == bad.key
