@@ -1,0 +1,219 @@
+"""Triton building blocks shared by the HGRN2 and HGRN1 kernels: accurate gate math and launch helpers.
+
+The device functions keep every quantity in float32. Two of them exist for accuracy where the obvious
+formula cancels: ``one_minus_exp`` (the key ``1 - λ`` when λ is within 1e-6 of 1) and ``log1p``.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+# Output-gate activations the kernels fuse; any other name falls back to the unfused path.
+FUSED_ACTIVATIONS = {"identity": 0, "silu": 1, "swish": 1, "sigmoid": 2}
+
+
+@triton.jit
+def one_minus_exp(g):
+    """1 - exp(g) for g <= 0; a fifth-order series near 0, where 1 - exp(g) would lose every digit."""
+    series = -g * (1.0 + g * (0.5 + g * (1.0 / 6.0 + g * (1.0 / 24.0 + g * (1.0 / 120.0)))))
+    return tl.where(g > -0.125, series, 1.0 - tl.exp(g))
+
+
+@triton.jit
+def log1p(x):
+    """log(1 + x) for x >= 0; a sixth-order series below 1/16, where log(1 + x) would cancel."""
+    series = x * (1.0 - x * (0.5 - x * (1.0 / 3.0 - x * (0.25 - x * (0.2 - x * (1.0 / 6.0))))))
+    return tl.where(x < 0.0625, series, tl.log(1.0 + x))
+
+
+@triton.jit
+def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
+    """log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) clamped at 0; also returns logsigmoid(f) and the
+    unclamped value, which the backward needs. ``log_beta``/``log1m_beta`` broadcast against f."""
+    log_sig = tl.minimum(f, 0.0) - log1p(tl.exp(-tl.abs(f)))
+    if HAS_BOUND:
+        a = log_beta + 0.0 * f
+        b = log1m_beta + log_sig
+        hi = tl.maximum(a, b)
+        pre = hi + log1p(tl.exp(tl.minimum(a, b) - hi))
+        return tl.minimum(pre, 0.0), log_sig, pre
+    return log_sig, log_sig, log_sig
+
+
+@triton.jit
+def gate_log_forget_grads(f, log_sig, pre, log_beta, log1m_beta, inv_beta, inv_1m_beta, HAS_BOUND: tl.constexpr):
+    """d log λ / d f and d log λ / d β, with torch's conventions: no gradient through the clamp at 0 nor
+    through log β where β was clamped to the smallest normal float (``inv_beta`` is 0 there)."""
+    sig_neg = tl.exp(log_sig - f)  # σ(-f) = d logsigmoid(f) / d f
+    if HAS_BOUND:
+        keep = pre <= 0.0
+        w_beta = tl.exp(log_beta - pre)
+        w_gate = tl.exp(log1m_beta + log_sig - pre)
+        d_f = tl.where(keep, w_gate * sig_neg, 0.0)
+        d_beta = tl.where(keep, w_beta * inv_beta - w_gate * inv_1m_beta, 0.0)
+        return d_f, d_beta
+    return sig_neg, 0.0 * f
+
+
+@triton.jit
+def output_gate(p, ACT: tl.constexpr):
+    """q = act(p): 0 identity, 1 SiLU, 2 sigmoid."""
+    if ACT == 1:
+        return p * tl.sigmoid(p)
+    elif ACT == 2:
+        return tl.sigmoid(p)
+    else:
+        return p
+
+
+@triton.jit
+def output_gate_grad(p, ACT: tl.constexpr):
+    """d act(p) / d p for the activations of ``output_gate``."""
+    if ACT == 1:
+        s = tl.sigmoid(p)
+        return s * (1.0 + p * (1.0 - s))
+    elif ACT == 2:
+        s = tl.sigmoid(p)
+        return s * (1.0 - s)
+    else:
+        return 1.0 + 0.0 * p
+
+
+@triton.jit
+def matmul(a, b, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """a @ b with both operands rounded to DT and a float32 result. The interpreter has no bfloat16
+    arithmetic, so there the rounded operands are multiplied in float32 (the same products)."""
+    if INTERPRET:
+        return tl.dot(a.to(DT).to(tl.float32), b.to(DT).to(tl.float32))
+    else:
+        return tl.dot(a.to(DT), b.to(DT), input_precision=PRECISION)
+
+
+def interpreting() -> bool:
+    """Whether Triton runs through its CPU interpreter in this process."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
+    """Matmul operand dtype and precision for an input dtype: float32 stays exact (no TF32); float16 operands
+    become bfloat16, whose range holds keys near 1e-6 that float16 would flush to subnormals."""
+    if dtype == torch.float32:
+        return tl.float32, "ieee"
+    return tl.bfloat16, "tf32"
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Storage dtype of the per-chunk states the backward reads: bfloat16 for half inputs, else float32."""
+    return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32
+
+
+def check_kernel_dtype(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(
+                f"the Triton kernels take float16, bfloat16 or float32 inputs, got {t.dtype}; "
+                "use backend='torch' (or 'naive') for float64"
+            )
+
+
+def sequence_layout(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, chunk: int):
+    """Chunk bookkeeping for dense or packed sequences.
+
+    Returns ``(n_seqs, n_chunks_total, chunk_offsets, chunk_indices)``: per sequence the index of its first
+    chunk (int32 ``[N + 1]``) and per chunk ``(sequence, chunk within sequence)`` (int32 ``[NT, 2]``), both
+    None for dense inputs, whose chunks the kernels index arithmetically.
+    """
+    if cu_seqlens is None:
+        return batch, batch * triton.cdiv(seq_len, chunk), None, None
+    bounds = cu_seqlens.tolist()
+    counts = [triton.cdiv(b - a, chunk) for a, b in zip(bounds, bounds[1:])]
+    offsets = [0]
+    for c in counts:
+        offsets.append(offsets[-1] + c)
+    indices = [(n, c) for n, count in enumerate(counts) for c in range(count)]
+    device = cu_seqlens.device
+    chunk_offsets = torch.tensor(offsets, dtype=torch.int32, device=device)
+    chunk_indices = torch.tensor(indices, dtype=torch.int32, device=device).reshape(-1, 2)
+    return len(counts), offsets[-1], chunk_offsets, chunk_indices
+
+
+def bound_constants(lower_bound: torch.Tensor | None, heads: int, key_dim: int, device: torch.device):
+    """Per-(head, channel) constants of the lower-bounded gate: log β (β clamped to the smallest normal
+    float, as the torch gate does), log(1 - β), 1/β (0 where β was clamped) and 1/(1 - β); float32 [H, K]."""
+    if lower_bound is None:
+        empty = torch.empty(0, dtype=torch.float32, device=device)
+        return empty, empty, empty, empty
+    beta = lower_bound.detach().to(torch.float32).expand(heads, key_dim).contiguous()
+    tiny = torch.finfo(torch.float32).tiny
+    log_beta = torch.log(beta.clamp_min(tiny))
+    log1m_beta = torch.log1p(-beta)
+    inv_beta = torch.where(beta >= tiny, 1.0 / beta.clamp_min(tiny), torch.zeros_like(beta))
+    inv_1m_beta = 1.0 / (1.0 - beta)
+    return log_beta, log1m_beta, inv_beta, inv_1m_beta
+
+
+# ------------------------------------------------------------------------------------ device-side addressing
+
+
+@triton.jit
+def sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """First token (int64), length and first global chunk index (int64) of sequence i_n."""
+    if IS_VARLEN:
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        length = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+        first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    else:
+        bos = i_n.to(tl.int64) * T
+        length = T
+        first_chunk = i_n.to(tl.int64) * tl.cdiv(T, C)
+    return bos, length, first_chunk
+
+
+@triton.jit
+def chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """Sequence index, chunk index within it, first token (int64) and length of the sequence of chunk i_c."""
+    if IS_VARLEN:
+        i_n = tl.load(chunk_indices + 2 * i_c)
+        c = tl.load(chunk_indices + 2 * i_c + 1)
+        bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+        length = (tl.load(cu_seqlens + i_n + 1).to(tl.int64) - bos).to(tl.int32)
+    else:
+        n_chunks = tl.cdiv(T, C)
+        i_n = i_c // n_chunks
+        c = i_c % n_chunks
+        bos = i_n.to(tl.int64) * T
+        length = T
+    return i_n, c, bos, length
+
+
+@triton.jit
+def load_bound(log_beta_ptr, log1m_beta_ptr, offs, mask, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """Two per-channel constants of one head's lower bound (zeros without a lower bound)."""
+    if HAS_BOUND:
+        log_beta = tl.load(log_beta_ptr + offs, mask=mask, other=0.0)
+        log1m_beta = tl.load(log1m_beta_ptr + offs, mask=mask, other=0.0)
+    else:
+        log_beta = tl.zeros([BK], dtype=tl.float32)
+        log1m_beta = tl.zeros([BK], dtype=tl.float32)
+    return log_beta, log1m_beta
+
+
+@triton.jit
+def load_log_forget(ptrs, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log λ (float32, 0 where masked) from log_forget, or from the raw forget projection when GATED."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    if GATED:
+        g, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
+        x = tl.where(mask, g, 0.0)
+    return x
+
+
+@triton.jit
+def load_query(ptrs, mask, ACT: tl.constexpr):
+    """q (float32, 0 where masked), through the output gate."""
+    p = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, output_gate(p, ACT), 0.0)
