@@ -3,11 +3,18 @@
 A YAML config (``--config configs/...``) or ``--model`` / ``--data`` flags pick the LightningModule and
 LightningDataModule classes by name, e.g. ``model: CausalLM``; ``fit``, ``validate``, ``test`` and
 ``predict`` come from Lightning, and multi-GPU from ``--trainer.strategy`` / ``--trainer.devices``.
+
+``hgrn2 generate --ckpt_path runs/.../last.ckpt --prompt "def "`` continues a prompt with a trained
+``CausalLM`` (see :func:`generate`).
 """
 
 from __future__ import annotations
 
+import sys
+
 import lightning.pytorch as pl
+import torch
+from jsonargparse import auto_cli
 from lightning.pytorch.cli import LightningCLI
 
 import datamodules  # noqa: F401  (imported so that config files can name its classes)
@@ -18,7 +25,65 @@ class HGRN2CLI(LightningCLI):
     """LightningCLI with the project's defaults; see ``hgrn2 --help``."""
 
 
+def generate(
+    ckpt_path: str,
+    prompt: str = "",
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 40,
+    top_p: float | None = None,
+    seed: int = 0,
+    num_samples: int = 1,
+    stop_at_eos: bool = True,
+    tokenizer: str | None = None,
+    device: str = "cpu",
+) -> list[str]:
+    """Load a ``CausalLM`` checkpoint and print continuations of ``prompt``.
+
+    Args:
+        ckpt_path: a checkpoint saved by ``hgrn2 fit`` with ``CausalLM``.
+        prompt: the text to continue (empty: start after an end-of-document token).
+        max_new_tokens: tokens to generate per sample.
+        temperature: 0 is greedy decoding; otherwise sampling at this temperature.
+        top_k: sample among the k most likely tokens (None: all).
+        top_p: sample from the smallest set of tokens whose probability reaches p (None: all).
+        seed: seed of the sampler.
+        num_samples: continuations to generate (in one batch).
+        stop_at_eos: end a sample at the end-of-document token.
+        tokenizer: the tokenizer (``byte`` or a Hugging Face path); default: the one the checkpoint trained with.
+        device: where to run (``cpu``, ``cuda``).
+    """
+    from datamodules.tokenizer import build_tokenizer
+    from lightning_modules.causal_lm import CausalLM
+
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+    spec = tokenizer or checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer")
+    if spec is None:
+        raise ValueError(f"{ckpt_path} does not record its tokenizer; pass --tokenizer byte or a tokenizer path")
+    tok = build_tokenizer(spec)
+    module = CausalLM.load_from_checkpoint(ckpt_path, map_location=device).eval()
+    ids = tok.encode(prompt) or [tok.eos_id]
+    input_ids = torch.tensor([ids] * num_samples, device=device)  # [N, T]
+    stops = [tok.eos_id] if stop_at_eos else []
+    out = module.model.generate(
+        input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops, seed=seed
+    )
+    texts = []
+    for row in out:
+        new = row[len(ids) :].tolist()
+        if stops and tok.eos_id in new:
+            new = new[: new.index(tok.eos_id)]
+        texts.append(prompt + tok.decode(new))
+    for i, text in enumerate(texts):
+        print(f"--- sample {i} ---\n{text}" if num_samples > 1 else text, flush=True)
+    return texts
+
+
 def main(args: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["generate"]:
+        auto_cli(generate, args=argv[1:], as_positional=False, prog="hgrn2 generate")
+        return
     HGRN2CLI(
         pl.LightningModule,
         pl.LightningDataModule,

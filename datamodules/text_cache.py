@@ -1,0 +1,138 @@
+"""The on-disk token cache: one flat, memory-mapped array of token ids per (dataset, tokenizer, split).
+
+A cache is two files, ``<name>.bin`` (the ids, documents separated by EOS) and ``<name>.json`` (dtype,
+length and what was tokenized). Both are written under a temporary name and renamed into place, the
+``.json`` last, so a reader sees either a complete cache or none: an interrupted build leaves at most a
+stray temporary file, never a truncated cache.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import uuid
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from datamodules.tokenizer import Tokenizer
+
+FORMAT_VERSION = 1
+DEFAULT_CACHE_DIR = "~/.cache/hgrn2/text"
+
+
+def default_cache_dir() -> Path:
+    """``$HGRN2_DATA_CACHE`` or ``~/.cache/hgrn2/text``."""
+    return Path(os.environ.get("HGRN2_DATA_CACHE", DEFAULT_CACHE_DIR)).expanduser()
+
+
+def cache_key(description: dict, tokenizer_key: str) -> str:
+    """A digest of everything that decides the token ids: the source, the split and the tokenizer."""
+    payload = json.dumps({"v": FORMAT_VERSION, "data": description, "tokenizer": tokenizer_key}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:20]
+
+
+def cache_stem(cache_dir: Path, label: str, split: str, key: str) -> Path:
+    """``<cache_dir>/<label>-<split>-<key>`` with the label reduced to file-name-safe characters."""
+    safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", label).strip("_") or "text"
+    return cache_dir / f"{safe}-{split}-{key}"
+
+
+def bin_path(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".bin")
+
+
+def meta_path(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".json")
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+
+
+def build_token_cache(
+    stem: Path,
+    documents: Iterable[str],
+    tokenizer: Tokenizer,
+    description: dict,
+    key: str,
+    batch_documents: int = 512,
+) -> dict:
+    """Tokenize ``documents`` (EOS after each) into ``stem.bin`` + ``stem.json``; returns the metadata."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = np.array([tokenizer.eos_id], dtype=dtype).tobytes()
+    suffix = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    tmp_bin = stem.with_name(stem.name + ".bin" + suffix)
+    tmp_meta = stem.with_name(stem.name + ".json" + suffix)
+    num_tokens = num_documents = num_bytes = 0
+    try:
+        with open(tmp_bin, "wb") as out:
+            batch: list[str] = []
+
+            def flush() -> None:
+                nonlocal num_tokens, num_documents, num_bytes
+                for text, ids in zip(batch, tokenizer.encode_batch(batch)):
+                    out.write(np.asarray(ids).astype(dtype, copy=False).tobytes())
+                    out.write(eos)
+                    num_tokens += len(ids) + 1
+                    num_bytes += len(text.encode("utf-8"))
+                num_documents += len(batch)
+                batch.clear()
+
+            for text in documents:
+                batch.append(text)
+                if len(batch) == batch_documents:
+                    flush()
+            flush()
+        meta = {
+            "format": FORMAT_VERSION,
+            "key": key,
+            "dtype": dtype.name,
+            "num_tokens": num_tokens,
+            "num_documents": num_documents,
+            "num_text_bytes": num_bytes,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_id": tokenizer.eos_id,
+            "tokenizer": tokenizer.name,
+            "description": description,
+        }
+        tmp_meta.write_text(json.dumps(meta, indent=1))
+        _replace_atomically(tmp_bin, bin_path(stem))
+        _replace_atomically(tmp_meta, meta_path(stem))
+    finally:
+        for tmp in (tmp_bin, tmp_meta):
+            tmp.unlink(missing_ok=True)
+    return meta
+
+
+def read_cache_meta(stem: Path, key: str) -> dict | None:
+    """The metadata of a complete cache at ``stem`` for ``key``, or None when there is none."""
+    ids, info = bin_path(stem), meta_path(stem)
+    if not info.is_file() or not ids.is_file():
+        return None
+    meta = json.loads(info.read_text())
+    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+        return None
+    if ids.stat().st_size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
+        raise ValueError(
+            f"token cache {ids} has {ids.stat().st_size} bytes but its metadata says "
+            f"{meta['num_tokens']} {meta['dtype']} tokens; delete {ids} and {info} to rebuild it"
+        )
+    return meta
+
+
+def open_tokens(stem: Path, meta: dict) -> np.ndarray:
+    """The cached ids as a read-only memory map ``[num_tokens]``."""
+    if meta["num_tokens"] == 0:
+        return np.zeros(0, dtype=meta["dtype"])
+    return np.memmap(bin_path(stem), dtype=meta["dtype"], mode="r", shape=(meta["num_tokens"],))
