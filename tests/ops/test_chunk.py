@@ -1,0 +1,246 @@
+"""The chunked Triton kernels against the float64 step-by-step reference, forward and every gradient.
+
+On the CPU the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hgrn2.ops.gates import activation, lower_bounded_log_forget
+from hgrn2.ops.reference import hgrn2_recurrence_naive
+from tests.helpers import assert_rel_close
+
+chunk = pytest.importorskip("hgrn2.ops.chunk")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+@pytest.fixture(autouse=True)
+def _no_tf32():
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def _reference_grads(fn, inputs, grads_out):
+    """Run fn on float64 copies of inputs and return (outputs, input gradients) for the given output cotangents."""
+    leaves = [None if x is None else x.detach().double().cpu().requires_grad_() for x in inputs]
+    outputs = fn(*leaves)
+    loss = sum((out * g.double().cpu()).sum() for out, g in zip(outputs, grads_out))
+    loss.backward()
+    return outputs, [None if x is None else x.grad for x in leaves]
+
+
+def _check_hgrn2(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol):
+    o, final = chunk.chunk_hgrn2(
+        q, v, log_forget, scale=scale, initial_state=initial_state, output_final_state=True, cu_seqlens=cu_seqlens
+    )
+    assert o.dtype == q.dtype and final.dtype == torch.float32
+    do, d_final = torch.randn_like(o), torch.randn_like(final)
+    ((o.float() * do.float()).sum() + (final * d_final).sum()).backward()
+    cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
+
+    def reference(q, v, g, h0):
+        return hgrn2_recurrence_naive(
+            q, v, g, scale=scale, initial_state=h0, output_final_state=True, cu_seqlens=cu_cpu
+        )
+
+    (o_ref, final_ref), grads_ref = _reference_grads(reference, [q, v, log_forget, initial_state], [do, d_final])
+    assert_rel_close(o.float(), o_ref, tol, "o")
+    assert_rel_close(final, final_ref, tol, "final_state")
+    for name, x, g_ref in zip(
+        ("dq", "dv", "dlog_forget", "dinitial_state"), (q, v, log_forget, initial_state), grads_ref
+    ):
+        if x is not None:
+            assert_rel_close(x.grad.float(), g_ref, tol, name)
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, key_dim, value_dim, with_state",
+    [
+        (2, 1, 1, 16, 16, True),  # a single step
+        (1, 70, 2, 20, 36, True),  # ragged: one full chunk and 6 steps; K != V, neither a power of two
+        (1, 130, 1, 32, 16, False),  # three chunks
+    ],
+)
+def test_chunk_matches_naive_in_float32(batch, seq_len, heads, key_dim, value_dim, with_state):
+    q = _leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
+    log_forget = _leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, key_dim)), torch.float32)
+    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32) if with_state else None
+    _check_hgrn2(q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
+
+
+def test_chunk_matches_naive_with_packed_sequences():
+    bounds = [0, 1, 17, 90, 100]  # lengths 1, 16, 73 (two chunks), 10
+    seq_len, heads, key_dim, value_dim = bounds[-1], 1, 16, 24
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
+    q = _leaf(torch.randn(1, seq_len, heads, key_dim), torch.float32)
+    v = _leaf(torch.randn(1, seq_len, heads, value_dim), torch.float32)
+    log_forget = _leaf(F.logsigmoid(torch.randn(1, seq_len, heads, key_dim)), torch.float32)
+    h0 = _leaf(torch.randn(len(bounds) - 1, heads, key_dim, value_dim), torch.float32)
+    _check_hgrn2(q, v, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_chunk_matches_naive_in_half_precision(dtype):
+    q = _leaf(torch.randn(1, 100, 2, 32), dtype)
+    v = _leaf(torch.randn(1, 100, 2, 32), dtype)
+    log_forget = _leaf(F.logsigmoid(2 * torch.randn(1, 100, 2, 32)), dtype)
+    h0 = _leaf(torch.randn(1, 2, 32, 32), torch.float32)
+    _check_hgrn2(q, v, log_forget, initial_state=h0, tol=TOL[dtype])
+
+
+def _extreme_gates(kind: str, shape) -> torch.Tensor:
+    if kind == "uniform_log":  # log λ anywhere in [-30, 0]: forget gates from e^-30 to 1
+        return -30 * torch.rand(shape)
+    if kind == "near_one":  # λ = 1 - 1e-6: the key 1 - λ must not cancel to 0
+        return torch.full(shape, math.log1p(-1e-6))
+    # per channel: half the channels forget almost everything, half almost nothing
+    mixed = torch.where(torch.arange(shape[-1]) % 2 == 0, -30.0, math.log1p(-1e-6))
+    return mixed.expand(shape).clone()
+
+
+@pytest.mark.parametrize("kind", ["uniform_log", "near_one", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunk_stays_finite_and_exact_with_extreme_gates(kind, dtype):
+    shape = (1, 80, 1, 16)
+    q = _leaf(torch.randn(shape), dtype)
+    v = _leaf(torch.randn(1, 80, 1, 16), dtype)
+    log_forget = _leaf(_extreme_gates(kind, shape), dtype)
+    h0 = _leaf(torch.randn(1, 1, 16, 16), torch.float32)
+    _check_hgrn2(q, v, log_forget, initial_state=h0, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize(
+    "output_gate, bound, dtype",
+    [
+        ("silu", "mixed", torch.float32),  # β = 0 exactly, β in (0, 1) and β = 0.999 in one head set
+        ("sigmoid", None, torch.float32),
+        ("identity", "zeros", torch.float32),  # the first layer: β = 0 everywhere
+        ("silu", "mixed", torch.bfloat16),
+        ("gelu", "mixed", torch.float32),  # not fused: the activation runs in torch first
+    ],
+)
+def test_gated_chunk_matches_torch_gates_and_naive(output_gate, bound, dtype):
+    batch, seq_len, heads, key_dim, value_dim = 1, 40, 2, 16, 24
+    q_proj = _leaf(torch.randn(batch, seq_len, heads, key_dim), dtype)
+    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), dtype)
+    forget_proj = _leaf(3 * torch.randn(batch, seq_len, heads, key_dim), dtype)
+    lower_bound = None
+    if bound == "mixed":
+        beta = torch.rand(heads, key_dim)
+        beta[0, :4], beta[1, :3] = 0.0, 0.999
+        lower_bound = _leaf(beta, torch.float32)
+    elif bound == "zeros":
+        lower_bound = _leaf(torch.zeros(heads, key_dim), torch.float32)
+    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
+    o, final = chunk.chunk_hgrn2_gated(
+        q_proj, v, forget_proj, lower_bound, output_gate=output_gate, scale=0.5, initial_state=h0,
+        output_final_state=True,
+    )  # fmt: skip
+    do, d_final = torch.randn_like(o), torch.randn_like(final)
+    ((o.float() * do.float()).sum() + (final * d_final).sum()).backward()
+
+    def reference(q_proj, v, forget_proj, lower_bound, h0):
+        q, log_forget = activation(q_proj, output_gate), lower_bounded_log_forget(forget_proj, lower_bound)
+        return hgrn2_recurrence_naive(q, v, log_forget, scale=0.5, initial_state=h0, output_final_state=True)
+
+    inputs = [q_proj, v, forget_proj, lower_bound, h0]
+    (o_ref, final_ref), grads_ref = _reference_grads(reference, inputs, [do, d_final])
+    tol = TOL[dtype]
+    assert_rel_close(o.float(), o_ref, tol, "o")
+    assert_rel_close(final, final_ref, tol, "final_state")
+    names = ("dq_proj", "dv", "dforget_proj", "dlower_bound", "dinitial_state")
+    for name, x, g_ref in zip(names, inputs, grads_ref):
+        if x is not None:
+            assert_rel_close(x.grad.float(), g_ref, tol, name)
+
+
+def test_gated_chunk_broadcasts_a_per_channel_lower_bound():
+    q_proj, v, forget_proj = (torch.randn(1, 20, 2, 16, device=DEVICE) for _ in range(3))
+    beta = torch.rand(16, device=DEVICE, requires_grad=True)  # [K], shared by both heads
+    o, _ = chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, beta, output_gate="silu")
+    o.sum().backward()
+    o_ref, _ = hgrn2_recurrence_naive(
+        F.silu(q_proj).double().cpu(), v.double().cpu(), lower_bounded_log_forget(forget_proj, beta).double().cpu()
+    )
+    assert_rel_close(o, o_ref, 1e-4, "o")
+    assert beta.grad.shape == beta.shape and torch.isfinite(beta.grad).all()
+
+
+def test_chunk_rejects_float64_and_a_misshapen_lower_bound():
+    x = torch.randn(1, 4, 1, 16, dtype=torch.float64)
+    with pytest.raises(ValueError, match="float64"):
+        chunk.chunk_hgrn2(x, x, -x.abs())
+    y = x.float()
+    with pytest.raises(ValueError, match="lower_bound must broadcast"):
+        chunk.chunk_hgrn2_gated(y, y, y, torch.rand(3, 16))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_chunk_matches_chunked_torch_reference_at_full_size_on_gpu(dtype):
+    from hgrn2.ops.reference import hgrn2_recurrence_chunked
+
+    q = _leaf(torch.randn(2, 2048, 4, 128), dtype)
+    v = _leaf(torch.randn(2, 2048, 4, 128), dtype)
+    log_forget = _leaf(F.logsigmoid(torch.randn(2, 2048, 4, 128) + 2), dtype)
+    o, final = chunk.chunk_hgrn2(q, v, log_forget, output_final_state=True)
+    ref, ref_final = hgrn2_recurrence_chunked(
+        q.detach().double(), v.detach().double(), log_forget.detach().double(), output_final_state=True
+    )
+    assert_rel_close(o.float(), ref, TOL[dtype], "o")
+    assert_rel_close(final, ref_final, TOL[dtype], "final_state")
+
+
+def _spy(monkeypatch, module, name):
+    calls = []
+    original = getattr(module, name)
+
+    def spy(*args, **kwargs):
+        calls.append(name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, spy)
+    return calls
+
+
+def test_triton_backend_runs_the_chunk_kernels_and_auto_keeps_cpu_tensors_on_torch(monkeypatch):
+    from hgrn2.ops import hgrn2_recurrence
+
+    calls = _spy(monkeypatch, chunk, "chunk_hgrn2")
+    q, v = torch.randn(1, 30, 2, 16), torch.randn(1, 30, 2, 16)
+    log_forget = F.logsigmoid(torch.randn(1, 30, 2, 16))
+    expected, _ = hgrn2_recurrence_naive(q.double(), v.double(), log_forget.double())
+    o_triton, _ = hgrn2_recurrence(q, v, log_forget, backend="triton")
+    assert calls == ["chunk_hgrn2"]
+    assert_rel_close(o_triton, expected, 1e-4, "o (triton)")
+    o_auto, _ = hgrn2_recurrence(q, v, log_forget, backend="auto")
+    assert calls == ["chunk_hgrn2"], "auto must not pick the kernels for CPU tensors"
+    assert_rel_close(o_auto, expected, 1e-4, "o (auto)")
+
+
+def test_gated_recurrence_uses_the_fused_gated_kernel_under_the_triton_backend(monkeypatch):
+    from hgrn2.ops import hgrn2_gated_recurrence
+
+    calls = _spy(monkeypatch, chunk, "chunk_hgrn2_gated")
+    q_proj, v, forget_proj = (torch.randn(1, 24, 2, 16) for _ in range(3))
+    beta = torch.rand(2, 16)
+    o, _ = hgrn2_gated_recurrence(q_proj, v, forget_proj, beta, output_gate="silu", backend="triton")
+    assert calls == ["chunk_hgrn2_gated"]
+    expected, _ = hgrn2_recurrence_naive(
+        F.silu(q_proj).double(), v.double(), lower_bounded_log_forget(forget_proj, beta).double()
+    )
+    assert_rel_close(o, expected, 1e-4, "o")
