@@ -1,0 +1,84 @@
+"""SequenceClassifier: an LRA classifier trained with cross-entropy, scored by accuracy.
+
+The backbone is :class:`hgrn2.models.lra.LRAClassifier`, built from a task preset plus overrides (see
+:data:`hgrn2.models.lra.PRESETS`). The optimiser is AdamW with linear warm-up and a cosine schedule, the
+schedule of the authors' LRA runs (``cosine_warmup``: warm-up, then cosine to 0 at ``total_steps``); configs
+set ``betas: [0.9, 0.999]``, ``min_lr_ratio: 0`` and the per-task warm-up and step counts.
+
+Batches are the LRA datamodules' dicts: ``labels`` plus the model inputs (``input_ids``, ``attention_mask``
+and, for retrieval, ``input_ids_2``/``attention_mask_2``). Logged: ``{train,val,test}/loss`` and ``/acc``.
+"""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from hgrn2.models.lra import LRAClassifier, lra_config
+from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+
+STAGES = ("train", "val", "test")
+
+
+class SequenceClassifier(pl.LightningModule):
+    """Classify whole sequences (or pairs of sequences) with an HGRN2 LRA encoder.
+
+    Args:
+        preset: task preset of the encoder: listops, text, retrieval, image, pathfinder or pathx.
+        overrides: :class:`~hgrn2.models.lra.LRAConfig` fields to change, e.g. ``{"num_layers": 2}``.
+        optim: AdamW and schedule settings (defaults of :class:`OptimizerConfig` when None).
+        label_smoothing: of the cross-entropy.
+    """
+
+    def __init__(
+        self,
+        preset: str = "listops",
+        overrides: dict | None = None,
+        optim: OptimizerConfig | None = None,
+        label_smoothing: float = 0.0,
+    ):
+        super().__init__()
+        if not 0.0 <= label_smoothing < 1.0:
+            raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
+        self.save_hyperparameters()
+        self.config = lra_config(preset, **(overrides or {}))
+        self.model = LRAClassifier(self.config)
+        self.optim = optim if optim is not None else OptimizerConfig()
+        self.label_smoothing = label_smoothing
+        # keyed "<stage>_acc": a ModuleDict key may not shadow an nn.Module attribute such as `train`
+        self.accuracy = nn.ModuleDict(
+            {
+                f"{stage}_acc": MulticlassAccuracy(num_classes=self.config.num_classes, average="micro")
+                for stage in STAGES
+            }
+        )
+
+    def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Logits ``[B, num_classes]`` for a batch dict (``labels``, if present, is ignored)."""
+        return self.model(**{name: value for name, value in batch.items() if name != "labels"})
+
+    def _shared_step(self, batch: dict[str, torch.Tensor], stage: str) -> torch.Tensor:
+        labels = batch["labels"]
+        logits = self(batch)
+        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        accuracy = self.accuracy[f"{stage}_acc"]
+        accuracy(logits.detach(), labels)
+        on_step = stage == "train"
+        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        return loss
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        self._shared_step(batch, "test")
+
+    def configure_optimizers(self) -> dict:
+        return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))
