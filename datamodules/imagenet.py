@@ -105,8 +105,8 @@ class ImageNetDataModule(pl.LightningDataModule):
     """ImageNet-1k (or any ImageFolder / HF image dataset) with timm's DeiT augmentation and batch Mixup.
 
     Give ``root`` (a folder in the layout above) or ``hf_name`` (a hub name, or a ``save_to_disk`` directory).
-    ``batch_size`` is per device. Mixup/CutMix is off when both alphas are 0; label smoothing then falls to
-    the LightningModule.
+    ``batch_size`` is per device. ``mixup_label_smoothing`` smooths the mixed targets; Mixup/CutMix is off
+    when both alphas are 0, and label smoothing is then the LightningModule's ``label_smoothing``.
     """
 
     def __init__(
@@ -134,7 +134,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         mixup_prob: float = 1.0,
         mixup_switch_prob: float = 0.5,
         mixup_mode: str = "batch",
-        label_smoothing: float = 0.1,
+        mixup_label_smoothing: float = 0.1,
     ):
         super().__init__()
         if (root is None) == (hf_name is None):
@@ -191,7 +191,7 @@ class ImageNetDataModule(pl.LightningDataModule):
                 prob=h.mixup_prob,
                 switch_prob=h.mixup_switch_prob,
                 mode=h.mixup_mode,
-                label_smoothing=h.label_smoothing,
+                label_smoothing=h.mixup_label_smoothing,
                 num_classes=self.num_classes,
             )
 

@@ -124,7 +124,7 @@ def _mix(dm, images, labels, training=True):
 
 
 def test_mixup_blends_each_image_with_the_reversed_batch_and_its_smoothed_labels(folder):
-    dm = _datamodule(folder, cutmix_alpha=0.0, mixup_alpha=0.8, label_smoothing=0.1)
+    dm = _datamodule(folder, cutmix_alpha=0.0, mixup_alpha=0.8, mixup_label_smoothing=0.1)
     images, labels = next(iter(dm.train_dataloader()))
     mixed, targets = _mix(dm, images, labels)
     flipped = images.flip(0)
@@ -138,7 +138,7 @@ def test_mixup_blends_each_image_with_the_reversed_batch_and_its_smoothed_labels
 
 
 def test_cutmix_pastes_one_box_and_weights_labels_by_its_area(folder):
-    dm = _datamodule(folder, cutmix_alpha=1.0, mixup_alpha=0.0, label_smoothing=0.0)
+    dm = _datamodule(folder, cutmix_alpha=1.0, mixup_alpha=0.0, mixup_label_smoothing=0.0)
     images, labels = next(iter(dm.train_dataloader()))
     mixed, targets = _mix(dm, images, labels)
     from_self = (mixed == images).all(dim=1)  # [B, H, W]: pixel kept from the image itself

@@ -1,0 +1,156 @@
+"""Image classification around any timm model (the HGRN2 vision models are registered with timm on import).
+
+Loss: soft-target cross-entropy when the datamodule mixed the batch (targets ``[B, classes]``), otherwise
+cross-entropy with optional label smoothing. Metrics: top-1 and top-5 accuracy. AdamW with per-step warm-up
+and cosine decay from :mod:`lightning_modules.optim`; gradient clipping is the Trainer's
+(``gradient_clip_val``). Optional exponential moving average of the weights (timm ``ModelEmaV3``), evaluated
+next to the raw model.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import lightning.pytorch as pl
+import timm
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
+from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+
+
+def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """mean over the batch of −Σ_c t_c log softmax(logits)_c, for targets ``[B, C]`` that sum to 1 per row."""
+    return -(targets * F.log_softmax(logits.float(), dim=-1)).sum(dim=-1).mean()
+
+
+def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoothing: float = 0.0) -> torch.Tensor:
+    """Soft-target cross-entropy for ``[B, C]`` float targets; cross-entropy for ``[B]`` class indices."""
+    if targets.dim() == 2:
+        if targets.shape != logits.shape:
+            raise ValueError(f"soft targets {list(targets.shape)} must match logits {list(logits.shape)}")
+        return soft_target_cross_entropy(logits, targets)
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def move_to_no_decay(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
+    """Move ``params`` into the optimizer's group with weight decay 0 (a model's ``no_weight_decay`` list)."""
+    ids = {id(p) for p in params}
+    groups = optimizer.param_groups
+    no_decay = next((g for g in groups if g["weight_decay"] == 0.0), None)
+    if no_decay is None or not ids:
+        return
+    for group in groups:
+        if group is not no_decay and group["weight_decay"] != 0.0:
+            moved = [p for p in group["params"] if id(p) in ids]
+            group["params"] = [p for p in group["params"] if id(p) not in ids]
+            no_decay["params"].extend(moved)
+
+
+class ImageClassifier(pl.LightningModule):
+    """A timm classifier trained with AdamW, warm-up + cosine per step, and optional EMA.
+
+    Args:
+        model_name: any ``timm.create_model`` name, e.g. ``hgrn2_vit_tiny_patch16_224`` or ``deit_tiny_patch16_224``.
+        num_classes: classifier width (must match the datamodule).
+        model_kwargs: extra keywords for ``timm.create_model`` (``drop_path_rate``, ``img_size``, ``in_chans``, ...).
+        optim: AdamW and schedule settings; ``None`` uses :class:`OptimizerConfig` defaults.
+        warmup_epochs: if set, overrides ``optim.warmup_steps`` with this many epochs of optimizer steps.
+        label_smoothing: for batches with hard labels (mixed batches carry their own smoothing).
+        ema_decay: keep an EMA of the weights with this decay (e.g. 0.99996) and validate it too; None: off.
+    """
+
+    def __init__(
+        self,
+        model_name: str = "hgrn2_vit_tiny_patch16_224",
+        num_classes: int = 1000,
+        model_kwargs: dict | None = None,
+        optim: OptimizerConfig | None = None,
+        warmup_epochs: float | None = None,
+        label_smoothing: float = 0.0,
+        ema_decay: float | None = None,
+    ):
+        super().__init__()
+        if num_classes < 2:
+            raise ValueError(f"num_classes must be >= 2, got {num_classes}")
+        if ema_decay is not None and not 0.0 < ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
+        self.save_hyperparameters()
+        self.model = timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+        self.optim = optim or OptimizerConfig()
+        self.ema = None
+        if ema_decay is not None:
+            self.ema = timm.utils.ModelEmaV3(self.model, decay=ema_decay)
+            self.ema.requires_grad_(False)  # never trained directly; keeps DDP from waiting for its gradients
+        top5 = min(5, num_classes)
+        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5)
+        if self.ema is not None:
+            self.ema_acc1 = MulticlassAccuracy(num_classes, top_k=1)
+            self.ema_acc5 = MulticlassAccuracy(num_classes, top_k=top5)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+    def training_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images, targets = batch
+        logits = self.model(images)
+        loss = classification_loss(logits, targets, self.hparams.label_smoothing)
+        self.log("train/loss", loss, prog_bar=True)
+        if targets.dim() == 1:  # accuracy is only meaningful against unmixed labels
+            self.train_acc1(logits, targets)
+            self.log("train/acc1", self.train_acc1, on_step=False, on_epoch=True)
+        self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.ema is not None:
+            self.ema.update(self.model, step=self.global_step)
+
+    def validation_step(self, batch, batch_idx: int) -> None:
+        images, targets = batch
+        logits = self.model(images)
+        self.log("val/loss", F.cross_entropy(logits.float(), targets), prog_bar=True, sync_dist=True)
+        self.val_acc1(logits, targets)
+        self.val_acc5(logits, targets)
+        self.log("val/acc1", self.val_acc1, prog_bar=True)
+        self.log("val/acc5", self.val_acc5)
+        if self.ema is not None:
+            ema_logits = self.ema.module(images)
+            self.ema_acc1(ema_logits, targets)
+            self.ema_acc5(ema_logits, targets)
+            self.log("val/ema_acc1", self.ema_acc1)
+            self.log("val/ema_acc5", self.ema_acc5)
+
+    def test_step(self, batch, batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def predict_step(self, batch, batch_idx: int) -> torch.Tensor:
+        images = batch[0] if isinstance(batch, (tuple, list)) else batch
+        return self.model(images).softmax(dim=-1)
+
+    def _optimizer_config(self, total_steps: int) -> OptimizerConfig:
+        if self.hparams.warmup_epochs is None:
+            return self.optim
+        trainer = self.trainer
+        batches = getattr(trainer, "num_training_batches", math.inf)
+        if math.isfinite(batches) and batches > 0:
+            per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+        elif trainer.max_epochs and trainer.max_epochs > 0:
+            per_epoch = max(1, total_steps // trainer.max_epochs)
+        else:
+            raise ValueError("warmup_epochs needs a known epoch length: set optim.warmup_steps instead")
+        return dataclasses.replace(self.optim, warmup_steps=round(self.hparams.warmup_epochs * per_epoch))
+
+    def configure_optimizers(self):
+        total_steps = estimated_total_steps(self.trainer)
+        config = self._optimizer_config(total_steps)
+        schedule = build_optimizer(self.model, config, total_steps)
+        named = dict(self.model.named_parameters())
+        skip = getattr(self.model, "no_weight_decay", lambda: set())()
+        move_to_no_decay(schedule["optimizer"], [named[n] for n in skip if n in named])
+        return schedule
