@@ -17,7 +17,8 @@ Both mixers project with four D×D matrices, so at one width every model has the
 Example (a CPU smoke run)::
 
     PYTHONPATH=. python benchmarks/mqar_sweep.py --d-models 32 --expand-ratios 1 4 --seq-lens 64 \\
-        --num-pairs 4 --steps 20 --vocab-size 128 --num-train 256 --num-val 64 --accelerator cpu --precision 32-true
+        --num-pairs 4 --steps 20 --vocab-size 128 --num-train 256 --num-val 64 --batch-tokens 2048 \\
+        --accelerator cpu --precision 32-true --out /tmp/mqar_smoke
 """
 
 from __future__ import annotations
@@ -103,6 +104,15 @@ def build_module(point: GridPoint, args: argparse.Namespace):
     return CausalLM(preset="tiny", vocab_size=args.vocab_size, overrides=overrides, optim=optim)
 
 
+# The splits of the last data setting this process generated: grid points of one setting run one after another.
+_DATA_CACHE: dict[tuple, tuple] = {}
+
+
+def batch_size(point: GridPoint, args: argparse.Namespace) -> int:
+    """Examples per batch: ``--batch-tokens`` tokens (Zoology: 256 × 256 and 128 × 512), at least one."""
+    return max(1, args.batch_tokens // point.seq_len)
+
+
 def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
     """Train one grid point and validate it; returns its record."""
     import lightning.pytorch as pl
@@ -120,9 +130,17 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
         vocab_size=args.vocab_size,
         num_train=args.num_train,
         num_val=args.num_val,
-        batch_size=args.batch_size,
+        batch_size=batch_size(point, args),
+        random_fill=args.random_fill,
         seed=point.seed,
     )
+    data_key = (point.seq_len, point.num_pairs, point.seed)
+    if data_key in _DATA_CACHE:
+        data.train_set, data.val_set = _DATA_CACHE[data_key]
+    else:
+        data.setup("fit")
+        _DATA_CACHE.clear()  # one split pair per process: at T=512, 100k examples take 0.8 GB
+        _DATA_CACHE[data_key] = (data.train_set, data.val_set)
     module = build_module(point, args)
     config = module.config
     quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
@@ -146,6 +164,7 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
         val_accuracy=float(metrics["val/accuracy"]),
         val_loss=float(metrics["val/loss"]),
         steps=int(trainer.global_step),
+        batch_size=batch_size(point, args),
         train_s=round(train_s, 2),
         steps_per_s=round(trainer.global_step / train_s, 2),
         wall_s=round(wall_s, 2),
@@ -301,10 +320,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-3], help="best per point is reported")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=800, help="optimizer steps per run")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--num-train", type=int, default=20_000)
+    p.add_argument("--batch-tokens", type=int, default=65_536, help="batch size = batch_tokens // seq_len")
+    p.add_argument("--num-train", type=int, default=100_000)
     p.add_argument("--num-val", type=int, default=1_000)
     p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--random-fill", action="store_true", help="random filler tokens instead of 0")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--glu-ratio", type=int, default=2, help="GLU hidden size = glu_ratio · d_model (0: no GLU)")
     p.add_argument("--weight-decay", type=float, default=0.1)
@@ -314,7 +334,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workers", type=int, default=1, help="runs trained at once (processes sharing the device)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and do the rest")
     args = p.parse_args(argv)
-    for name in ("steps", "batch_size", "workers", "num_layers"):
+    for name in ("steps", "batch_tokens", "workers", "num_layers"):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     return args

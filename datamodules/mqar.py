@@ -9,8 +9,8 @@ models", 2023) is a sequence of ``seq_len`` tokens:
 * every key is queried once later on, at position ``2N + 2·gap``; the N gaps are distinct slots of
   ``0 .. (seq_len - 2N) // 2 - 1`` drawn without replacement with probability ∝ ``(gap + 1) ** (power_a - 1)``,
   a power law that puts most queries close to the context, as in natural text;
-* the remaining positions are filler: token 0, or uniform random tokens of the whole vocabulary when
-  ``random_fill`` (Zoology's ``random_non_queries``).
+* the remaining positions are filler: token 0 (as in the configs of Zoology's Figure 2, the default here), or
+  uniform random tokens of the whole vocabulary with ``random_fill`` (``random_non_queries`` there).
 
 ``labels[:, t]`` is the target for the prediction made at position t (already shifted): the value of the
 queried key at each query position, ``-100`` (ignored by the loss and the accuracy) everywhere else.
@@ -36,7 +36,7 @@ class MQARSpec:
     num_pairs: int = 16
     vocab_size: int = 8192
     power_a: float = 0.01
-    random_fill: bool = True
+    random_fill: bool = False
 
     @property
     def key_range(self) -> tuple[int, int]:
@@ -181,7 +181,7 @@ class MQARDataModule(pl.LightningDataModule):
         batch_size: int = 64,
         train_power_a: float = 0.01,
         val_power_a: float = 0.01,
-        random_fill: bool = True,
+        random_fill: bool = False,
         seed: int = 0,
         num_workers: int = 0,
     ):

@@ -249,7 +249,7 @@ def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
     sweep = _load_sweep()
     argv = (
         f"--out {tmp_path} --models hgrn2 --d-models 16 --expand-ratios 4 --seq-lens 32 --num-pairs 4 "
-        "--steps 4 --warmup-steps 1 --vocab-size 64 --num-train 64 --num-val 32 --batch-size 16 "
+        "--steps 4 --warmup-steps 1 --vocab-size 64 --num-train 64 --num-val 32 --batch-tokens 512 "
         "--accelerator cpu --precision 32-true"
     ).split()
     sweep.main(argv)
