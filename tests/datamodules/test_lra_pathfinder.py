@@ -1,0 +1,127 @@
+"""Pathfinder and Path-X: generated images, their labels, the release layout and the loaders."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from datamodules.lra.generate_pathfinder import DIFFICULTY, write_pathfinder
+from datamodules.lra.pathfinder import PathfinderDataModule, PathXDataModule
+from datamodules.lra.pathfinder_snakes import PRESETS, make_sample
+
+
+@pytest.fixture(scope="module")
+def samples_32():
+    rng = np.random.default_rng(7)
+    return [make_sample(PRESETS[32], rng) for _ in range(24)]
+
+
+@pytest.fixture(scope="module")
+def pathfinder32(tmp_path_factory):
+    root = tmp_path_factory.mktemp("lra")
+    return write_pathfinder(root, resolution=32, images=30, images_per_batch=12, seed=3)
+
+
+def contour_ends(sample, point) -> set[int]:
+    """Indices of the two target contours that start or end at ``point``."""
+    return {i for i in (0, 1) for end in (sample.paths[i][0], sample.paths[i][-1]) if math.dist(end, point) < 0.5}
+
+
+def test_label_one_means_the_markers_sit_on_both_ends_of_one_contour(samples_32):
+    labels = []
+    for sample in samples_32:
+        first, second = (contour_ends(sample, marker) for marker in sample.markers)
+        assert len(first) == 1 and len(second) == 1, "each marker must sit on the end of exactly one target"
+        assert sample.markers[0] != sample.markers[1]
+        assert (first == second) == (sample.label == 1)
+        labels.append(sample.label)
+    assert set(labels) == {0, 1}
+
+
+def test_images_show_the_markers_and_every_dash_of_every_contour(samples_32):
+    params = PRESETS[32]
+    for sample in samples_32:
+        image = sample.image
+        assert image.shape == (32, 32) and image.dtype == np.uint8 and image.max() == 255
+        for y, x in sample.markers:
+            assert image[y, x] >= 128, "marker centre is not bright"
+        assert len(sample.paths) >= 2 + 1, "no distractor was placed"
+        assert len(sample.paths[0]) == len(sample.paths[1]) == 2 * params.contour_length
+        for path in sample.paths:
+            for start, end in zip(path[0::2], path[1::2]):
+                assert math.dist(start, end) == pytest.approx(params.paddle_length, abs=1.5)
+                y, x = (round((start[i] + end[i]) / 2) for i in (0, 1))
+                assert image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].max() >= 64, "a dash is missing"
+
+
+def test_the_same_seed_draws_the_same_image():
+    first = make_sample(PRESETS[32], np.random.default_rng(11))
+    second = make_sample(PRESETS[32], np.random.default_rng(11))
+    np.testing.assert_array_equal(first.image, second.image)
+    assert first.label == second.label
+
+
+def test_generator_writes_the_release_layout(pathfinder32):
+    root = pathfinder32 / DIFFICULTY
+    metadata = sorted((root / "metadata").glob("*.npy"))
+    assert [p.name for p in metadata] == ["0.npy", "1.npy", "2.npy"]
+    lines = [line.split() for p in metadata for line in p.read_text().splitlines()]
+    assert len(lines) == 30 and all(len(fields) == 11 for fields in lines)
+    assert lines[0][:4] == ["imgs/0", "sample_0.png", "0", lines[0][3]] and lines[0][3] in ("0", "1")
+    assert lines[12][:3] == ["imgs/1", "sample_0.png", "0"]
+    with Image.open(root / "imgs" / "2" / "sample_5.png") as image:
+        assert image.mode == "L" and image.size == (32, 32)
+
+
+def test_datamodule_reads_every_image_with_its_label_into_disjoint_splits(pathfinder32):
+    data = PathfinderDataModule(str(pathfinder32), batch_size=4, seed=0)
+    data.setup()
+    sizes = {split: len(dataset) for split, dataset in data.splits.items()}
+    assert sizes == {"train": 24, "val": 3, "test": 3}
+    seen = [path for dataset in data.splits.values() for path in dataset.paths]
+    assert len(set(seen)) == 30
+    root = pathfinder32 / DIFFICULTY
+    records = [line.split() for meta in (root / "metadata").glob("*.npy") for line in meta.read_text().splitlines()]
+    labels = {f"{fields[0]}/{fields[1]}": int(fields[3]) for fields in records}
+    dataset = data.splits["val"]
+    for index in range(len(dataset)):
+        pixels, label = dataset[index]
+        assert label == labels[dataset.paths[index]]
+        with Image.open(root / dataset.paths[index]) as image:
+            np.testing.assert_array_equal(pixels, np.asarray(image).reshape(-1))
+    batch = next(iter(data.train_dataloader()))
+    assert batch["input_ids"].shape == (4, 1024) and batch["labels"].shape == (4,)
+
+
+def test_numpy_metadata_files_are_read_and_empty_images_skipped(pathfinder32, tmp_path):
+    root = tmp_path / "pathfinder32" / DIFFICULTY
+    (root / "metadata").mkdir(parents=True)
+    (root / "imgs" / "0").mkdir(parents=True)
+    records = []
+    for i in range(4):
+        source = pathfinder32 / DIFFICULTY / "imgs" / "0" / f"sample_{i}.png"
+        (root / "imgs" / "0" / f"sample_{i}.png").write_bytes(source.read_bytes() if i != 2 else b"")
+        records.append(["imgs/0", f"sample_{i}.png", str(i), str(i % 2), "1.0", "14"])
+    np.save(root / "metadata" / "0.npy", np.array(records))
+    data = PathfinderDataModule(str(tmp_path / "pathfinder32"), split_fractions=(0.34, 0.33, 0.33))
+    data.setup()
+    listed = sorted(path for dataset in data.splits.values() for path in dataset.paths)
+    assert listed == ["imgs/0/sample_0.png", "imgs/0/sample_1.png", "imgs/0/sample_3.png"]
+
+
+def test_path_x_images_are_128_pixels_wide(tmp_path):
+    data_dir = write_pathfinder(tmp_path, resolution=128, images=3, images_per_batch=3, seed=0)
+    assert data_dir.name == "pathfinder128"
+    data = PathXDataModule(str(data_dir), batch_size=1, split_fractions=(0.34, 0.33, 0.33))
+    data.setup()
+    pixels, label = data.splits["train"][0]
+    assert pixels.shape == (128 * 128,) and label in (0, 1)
+
+
+def test_missing_data_raises_file_not_found_naming_the_layout(tmp_path):
+    with pytest.raises(FileNotFoundError, match="curv_contour_length_14/metadata") as error:
+        PathfinderDataModule(str(tmp_path / "pathfinder32")).setup()
+    assert "generate_pathfinder" in str(error.value) and "lra_release/pathfinder32" in str(error.value)
