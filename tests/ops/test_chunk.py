@@ -224,7 +224,7 @@ def test_triton_backend_runs_the_chunk_kernels_and_auto_keeps_cpu_tensors_on_tor
     q, v = torch.randn(1, 30, 2, 16), torch.randn(1, 30, 2, 16)
     log_forget = F.logsigmoid(torch.randn(1, 30, 2, 16))
     expected, _ = hgrn2_recurrence_naive(q.double(), v.double(), log_forget.double())
-    o_triton, _ = hgrn2_recurrence(q, v, log_forget, backend="triton")
+    o_triton, _ = hgrn2_recurrence(q.to(DEVICE), v.to(DEVICE), log_forget.to(DEVICE), backend="triton")
     assert calls == ["chunk_hgrn2"]
     assert_rel_close(o_triton, expected, 1e-4, "o (triton)")
     o_auto, _ = hgrn2_recurrence(q, v, log_forget, backend="auto")
@@ -236,11 +236,11 @@ def test_gated_recurrence_uses_the_fused_gated_kernel_under_the_triton_backend(m
     from hgrn2.ops import hgrn2_gated_recurrence
 
     calls = _spy(monkeypatch, chunk, "chunk_hgrn2_gated")
-    q_proj, v, forget_proj = (torch.randn(1, 24, 2, 16) for _ in range(3))
-    beta = torch.rand(2, 16)
+    q_proj, v, forget_proj = (torch.randn(1, 24, 2, 16, device=DEVICE) for _ in range(3))
+    beta = torch.rand(2, 16, device=DEVICE)
     o, _ = hgrn2_gated_recurrence(q_proj, v, forget_proj, beta, output_gate="silu", backend="triton")
     assert calls == ["chunk_hgrn2_gated"]
     expected, _ = hgrn2_recurrence_naive(
-        F.silu(q_proj).double(), v.double(), lower_bounded_log_forget(forget_proj, beta).double()
+        F.silu(q_proj).double().cpu(), v.double().cpu(), lower_bounded_log_forget(forget_proj, beta).double().cpu()
     )
     assert_rel_close(o, expected, 1e-4, "o")

@@ -89,7 +89,7 @@ def test_hgrn1_recurrence_dispatches_to_the_scan_under_the_triton_backend(monkey
     x = torch.randn(2, 40, 16)
     log_forget = F.logsigmoid(torch.randn(2, 40, 16))
     expected, _ = hgrn1_recurrence_naive(x.double(), log_forget.double())
-    h, _ = hgrn1_recurrence(x, log_forget, backend="triton")
+    h, _ = hgrn1_recurrence(x.to(DEVICE), log_forget.to(DEVICE), backend="triton")
     assert calls == [1]
     assert_rel_close(h, expected, 1e-4, "h (triton)")
     h_auto, _ = hgrn1_recurrence(x, log_forget, backend="auto")
