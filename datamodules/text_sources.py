@@ -245,9 +245,12 @@ class HubSource(_Source):
             ) from None
         if self.text_field not in rows.column_names:
             raise ValueError(f"dataset {self.name!r} has no column {self.text_field!r}; columns: {rows.column_names}")
-        for i, text in enumerate(rows[self.text_field]):
-            if keep is None or keep(f"{source_split}:{i}"):
-                yield f"{source_split}:{i}", text or ""
+        i = 0
+        for batch in rows.select_columns([self.text_field]).iter(batch_size=4096):  # never the whole column at once
+            for text in batch[self.text_field]:
+                if keep is None or keep(f"{source_split}:{i}"):
+                    yield f"{source_split}:{i}", text or ""
+                i += 1
 
     def describe(self, split: str) -> dict:
         return {

@@ -110,6 +110,8 @@ class CausalLM(pl.LightningModule):
         self.log("train/loss", out.loss, prog_bar=True)
         self.log("train/ppl", torch.exp(out.loss.detach().clamp_max(30.0)))
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True)
+        if input_ids.is_cuda:
+            self.log("train/peak_memory_gib", torch.cuda.max_memory_allocated(input_ids.device) / 2**30)
         return out.loss
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:

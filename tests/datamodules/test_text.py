@@ -160,6 +160,28 @@ def test_offline_hub_dataset_without_cache_raises_one_clear_error(tmp_path, monk
     assert err.value.__cause__ is None and err.value.__suppress_context__
 
 
+def test_hub_dataset_rows_are_documents_of_the_named_splits(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    for split, rows in (("train", ["t0", "t1", "t2"]), ("validation", ["v0"])):
+        (tmp_path / f"{split}.txt").write_text("\n".join(rows) + "\n")
+    files = {s: str(tmp_path / f"{s}.txt") for s in ("train", "validation")}
+    real = datasets.load_dataset
+    asked = []
+
+    def local_load(name, config, split):
+        asked.append((name, config, split))
+        return real("text", data_files=files, split=split, cache_dir=str(tmp_path / "hf"))
+
+    monkeypatch.setattr(datasets, "load_dataset", local_load)
+    dm = TextDataModule(dataset="corpus", dataset_config="v1", split_names={"test": "validation"}, seq_len=2)
+    dm.cache_dir = tmp_path / "c"
+    dm.prepare_data()
+    dm.setup()
+    assert asked == [("corpus", "v1", "train"), ("corpus", "v1", "validation"), ("corpus", "v1", "validation")]
+    assert dm.tokens["train"].tolist() == expected_bytes(["t0", "t1", "t2"])
+    assert dm.tokens["val"].tolist() == dm.tokens["test"].tolist() == expected_bytes(["v0"])
+
+
 def test_hugging_face_tokenizer_loads_from_a_local_folder(tmp_path):
     tokenizers = pytest.importorskip("tokenizers")
     transformers = pytest.importorskip("transformers")
