@@ -1,0 +1,160 @@
+"""LRA classifiers: shapes, gradients, block wiring, the two-tower head, inputs, and learning a batch."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from hgrn2.layers import Block
+from hgrn2.models.lra import PRESETS, LRAClassifier, block_forward, lra_config, sinusoidal_positions
+from lightning_modules.optim import OptimizerConfig, build_optimizer
+from lightning_modules.sequence_classifier import SequenceClassifier
+from tests.helpers import assert_rel_close
+
+SMALL = {
+    "listops": dict(hidden_size=16, num_layers=2),
+    "text": dict(hidden_size=16, num_layers=2, expand_ratio=8),
+    "retrieval": dict(hidden_size=16, num_layers=2),
+    "image": dict(hidden_size=16, num_layers=2, grid_size=(6, 5)),
+    "pathfinder": dict(hidden_size=16, num_layers=2, grid_size=(4, 4)),
+    "pathx": dict(hidden_size=8, num_layers=2, grid_size=(8, 8)),
+}
+
+
+def small_model(preset: str, **overrides) -> LRAClassifier:
+    return LRAClassifier(lra_config(preset, **{**SMALL[preset], **overrides}))
+
+
+def inputs_for(model: LRAClassifier, batch: int = 3, length: int = 12) -> dict[str, torch.Tensor]:
+    c = model.config
+    if c.two_d:
+        length = c.grid_size[0] * c.grid_size[1]
+        return {"input_ids": torch.randint(0, 256, (batch, length), dtype=torch.uint8)}
+    ids = torch.randint(1, c.vocab_size, (batch, length))
+    mask = torch.arange(length) < torch.tensor([length, length - 3, 5])[:batch, None]
+    out = {"input_ids": ids * mask, "attention_mask": mask}
+    if c.dual:
+        out.update(input_ids_2=torch.randint(1, c.vocab_size, (batch, length + 4)))
+        out["attention_mask_2"] = torch.ones_like(out["input_ids_2"], dtype=torch.bool)
+    return out
+
+
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_every_preset_gives_logits_and_gradients_for_all_parameters(preset):
+    model = small_model(preset)
+    logits = model(**inputs_for(model))
+    assert logits.shape == (3, model.config.num_classes) and torch.isfinite(logits).all()
+    logits.logsumexp(-1).sum().backward()
+    for name, param in model.named_parameters():
+        assert param.grad is not None and torch.isfinite(param.grad).all(), name
+        assert param.grad.abs().sum() > 0, f"no gradient reaches {name}"
+
+
+def test_presets_carry_the_authors_lra_settings():
+    table = {name: (c["hidden_size"], c["num_layers"], c["expand_ratio"], c["glu_expand_ratio"], c["norm"])
+             for name, c in PRESETS.items()}  # fmt: skip
+    assert table == {
+        "listops": (64, 5, 4, 1.0, "batchnorm"),
+        "text": (128, 4, 8, 1.0, "layernorm"),
+        "retrieval": (256, 2, 2, 2.0, "batchnorm"),
+        "image": (512, 6, 2, 1.0, "batchnorm"),
+        "pathfinder": (128, 6, 2, 1.0, "batchnorm"),
+        "pathx": (32, 6, 1, 1.0, "batchnorm"),
+    }
+    config = lra_config("pathfinder")
+    assert (config.input_activation, config.output_gate, config.bias, config.prenorm) == ("silu", "sigmoid", True, True)
+    assert config.two_d and not lra_config("text").two_d and lra_config("retrieval").dual
+
+
+def test_prenorm_wiring_without_dropout_is_exactly_the_block_module():
+    model = small_model("text", norm="layernorm").eval()
+    block, bound = model.blocks[1], model.lower_bounds()[1]
+    x = torch.randn(2, 9, 16)
+    torch.testing.assert_close(block_forward(block, x, bound, prenorm=True), block(x, lower_bound=bound)[0])
+
+
+def test_postnorm_wiring_normalises_after_each_residual_sum():
+    model = small_model("listops", prenorm=False).eval()
+    block, bound = model.blocks[0], model.lower_bounds()[0]
+    x = torch.randn(2, 7, 16)
+    mixed = block.mixer_norm(x + block.mixer(x, lower_bound=bound)[0])
+    expected = block.glu_norm(mixed + block.glu(mixed))
+    torch.testing.assert_close(block_forward(block, x, bound, prenorm=False), expected)
+    assert isinstance(model.final_norm, torch.nn.Identity)
+
+
+def test_two_tower_head_classifies_u_v_their_product_and_difference():
+    model = small_model("retrieval").eval()
+    first, second = torch.randint(1, 257, (2, 10)), torch.randint(1, 257, (2, 10))
+    u, v = model.encode(first), model.encode(second)
+    captured = {}
+    model.head.register_forward_hook(lambda module, args, output: captured.update(features=args[0]))
+    logits = model(first, input_ids_2=second)
+    assert_rel_close(captured["features"], torch.cat([u, v, u * v, u - v], dim=-1), 1e-5, "head input")
+    assert logits.shape == (2, 2)
+
+
+def test_mean_pool_ignores_masked_positions():
+    model = small_model("listops").eval()
+    ids = torch.randint(1, 16, (1, 8))
+    mask = torch.tensor([[True] * 5 + [False] * 3])
+    features = {}
+    model.final_norm.register_forward_hook(lambda module, args, output: features.update(x=output))
+    pooled = model.encode(ids, mask)
+    assert_rel_close(pooled, features["x"][:, :5].mean(dim=1), 1e-6, "masked mean")
+
+
+def test_pixel_levels_map_linearly_onto_minus_one_to_one():
+    model = small_model("pathfinder", positional_encoding=False, dropout=0.0)
+    with torch.no_grad():
+        model.embed.weight.fill_(1.0)
+        model.embed.bias.zero_()
+    embedded = model.embed_inputs(torch.tensor([[0, 255, 51]], dtype=torch.uint8))
+    torch.testing.assert_close(embedded[0, :, 0], torch.tensor([-1.0, 1.0, 51 / 127.5 - 1]))
+
+
+def test_sinusoidal_positions_match_hand_values():
+    table = sinusoidal_positions(3, 4)
+    expected = [[0, 1, 0, 1], [math.sin(1), math.cos(1), math.sin(0.01), math.cos(0.01)],
+                [math.sin(2), math.cos(2), math.sin(0.02), math.cos(0.02)]]  # fmt: skip
+    torch.testing.assert_close(table, torch.tensor(expected, dtype=torch.float32))
+
+
+def test_bad_configs_and_inputs_raise_value_errors():
+    with pytest.raises(ValueError, match="unknown LRA preset"):
+        lra_config("listopz")
+    with pytest.raises(ValueError, match=r"unknown LRAConfig field\(s\) \['hidden'\]"):
+        lra_config("listops", hidden=3)
+    with pytest.raises(ValueError, match="multiple of expand_ratio"):
+        lra_config("listops", hidden_size=18)
+    with pytest.raises(ValueError, match="height·width = sequence length"):
+        small_model("pathfinder")(torch.zeros(1, 15, dtype=torch.uint8))
+    with pytest.raises(ValueError, match="needs input_ids_2"):
+        small_model("retrieval")(torch.ones(1, 4, dtype=torch.long))
+
+
+@pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+def test_a_few_training_steps_lower_the_loss_on_a_fixed_batch():
+    torch.manual_seed(0)
+    module = SequenceClassifier("listops", overrides=SMALL["listops"], optim=OptimizerConfig(lr=1e-2, weight_decay=0.0))
+    batch = {**inputs_for(module.model, batch=3, length=12), "labels": torch.tensor([3, 7, 1])}
+    optimizer = build_optimizer(module.model, OptimizerConfig(lr=1e-2, weight_decay=0.0, schedule="constant"), 20)
+    losses = []
+    for step in range(12):
+        loss = module.training_step(batch, step)
+        optimizer["optimizer"].zero_grad()
+        loss.backward()
+        optimizer["optimizer"].step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], losses
+    module.eval()
+    assert module(batch).argmax(-1).tolist() == [3, 7, 1]
+
+
+def test_block_modules_are_the_layers_blocks():
+    model = small_model("image")
+    assert all(isinstance(block, Block) for block in model.blocks)
+    assert type(model.blocks[0].mixer).__name__ == "HGRU2d"
+    assert type(small_model("text").blocks[0].mixer).__name__ == "BidirectionalHGRU2"
