@@ -229,13 +229,19 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> HGRN2Vision:
     )
 
 
-@register_model
+def _register(fn):
+    # `python -m hgrn2.models.vision` runs this file again as __main__ after `import hgrn2` registered it;
+    # registering that second copy would only overwrite the same names.
+    return fn if __name__ == "__main__" else register_model(fn)
+
+
+@_register
 def hgrn2_vit_tiny_patch16_224(pretrained: bool = False, **kwargs) -> HGRN2Vision:
     """HGRN2-Tiny: width 192, depth 12, patch 16, expand ratio 2 (DeiT-Tiny sizes)."""
     return _create("hgrn2_vit_tiny_patch16_224", pretrained=pretrained, **kwargs)
 
 
-@register_model
+@_register
 def hgrn2_vit_small_patch16_224(pretrained: bool = False, **kwargs) -> HGRN2Vision:
     """HGRN2-Small: width 384, depth 12, patch 16, expand ratio 2 (DeiT-Small sizes)."""
     return _create("hgrn2_vit_small_patch16_224", pretrained=pretrained, **kwargs)
@@ -305,17 +311,20 @@ def count_flops(model: nn.Module, input_size: tuple[int, int, int] = (3, 224, 22
 
 def _report() -> None:
     import timm
+    from timm.layers import set_fused_attn
+    from torch.utils.flop_counter import FlopCounterMode
 
+    # Explicit attention matmuls in the DeiT references, so that FlopCounterMode sees them (it may not count
+    # the CPU's fused scaled-dot-product kernel).
+    set_fused_attn(False)
     reference = "deit_tiny_patch16_224", "deit_small_patch16_224"
     print(f"{'model':32s} {'params':>10s} {'GFLOPs':>8s} {'dense':>8s} {'recur.':>8s}")
     for name in (*VARIANTS, *reference):
         model = timm.create_model(name, num_classes=1000)
         params = count_parameters(model)
-        if isinstance(model, HGRN2Vision):
+        if name in VARIANTS:
             flops = count_flops(model)
         else:
-            from torch.utils.flop_counter import FlopCounterMode
-
             counter = FlopCounterMode(display=False)
             with torch.no_grad(), counter:
                 model.eval()(torch.zeros(1, 3, 224, 224))

@@ -1,0 +1,146 @@
+"""Training throughput (images/s) of HGRN2-Tiny next to timm's DeiT-Tiny, measured in one run.
+
+Each model trains on random 224-pixel images with bf16 autocast, AdamW and cross-entropy: a few warm-up steps
+(the first is timed apart: it includes any kernel compilation), then ``--steps`` timed steps between CUDA
+synchronisations. Results go to ``benchmarks/results/<gpu>-vision.json``.
+
+    PYTHONPATH=$PWD python benchmarks/vision_throughput.py                       # on a GPU
+    PYTHONPATH=$PWD python benchmarks/vision_throughput.py --device cpu --image-size 32 --batch-size 2 --steps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import timm
+import torch
+import torch.nn.functional as F
+
+import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
+from hgrn2.ops import triton_available
+
+HGRN2 = "hgrn2_vit_tiny_patch16_224"
+BASELINE = "deit_tiny_patch16_224"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(
+    name: str,
+    device: torch.device,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    warmup: int,
+    dtype: torch.dtype | None,
+    **model_kwargs,
+) -> dict:
+    """Train ``name`` for ``warmup + steps`` steps on random data and return its throughput and memory."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=1000, img_size=image_size, **model_kwargs).to(device).train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
+    images = torch.randn(batch_size, 3, image_size, image_size, device=device)
+    labels = torch.randint(0, 1000, (batch_size,), device=device)
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+
+    def step() -> float:
+        with autocast:
+            loss = F.cross_entropy(model(images).float(), labels)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    first_step_s = time.perf_counter() - start
+    for _ in range(max(0, warmup - 1)):
+        step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = step()
+    _sync(device)
+    elapsed = time.perf_counter() - start
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"{name}: non-finite loss {loss.item()} during the benchmark")
+    return {
+        "model": name,
+        "model_kwargs": model_kwargs,
+        "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
+        "images_per_s": round(batch_size * steps / elapsed, 1),
+        "step_ms": round(1e3 * elapsed / steps, 2),
+        "first_step_s": round(first_step_s, 2),
+        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+    }
+
+
+def device_slug(device: torch.device) -> str:
+    """``nvidia-h100-80gb-hbm3`` style name for the result file (``cpu`` on the CPU)."""
+    if device.type != "cuda":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", torch.cuda.get_device_name(device).lower()).strip("-")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--image-size", type=int, default=224)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
+    parser.add_argument(
+        "--expand-ratios", type=int, nargs="+", default=[2], help="HGRN2 expand ratios to time (2: the paper's)"
+    )
+    parser.add_argument("--backend", default="auto", help="HGRN2 recurrence backend: auto, triton, torch or naive")
+    parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<gpu>-vision.json")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else None
+    common = dict(device=device, batch_size=args.batch_size, image_size=args.image_size, steps=args.steps)
+    common.update(warmup=args.warmup, dtype=dtype)
+    runs = [measure(HGRN2, expand_ratio=e, backend=args.backend, **common) for e in args.expand_ratios]
+    runs.append(measure(BASELINE, **common))
+    result = {
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "recurrence_backend": args.backend
+        if args.backend != "auto"
+        else ("triton" if triton_available(device) else "torch"),
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "batch_size": args.batch_size,
+        "image_size": args.image_size,
+        "dtype": args.dtype,
+        "timed_steps": args.steps,
+        "runs": runs,
+    }
+    for run in runs:
+        kwargs = ",".join(f"{k}={v}" for k, v in run["model_kwargs"].items())
+        print(f"{run['model']:28s} {kwargs:16s} {run['images_per_s']:10.1f} img/s  {run['step_ms']:8.2f} ms/step")
+    out = args.out or Path(__file__).parent / "results" / f"{device_slug(device)}-vision.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:
+        json.dump(result, tmp, indent=2)
+    os.replace(tmp.name, out)
+    print(f"wrote {out}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
