@@ -2,7 +2,7 @@
 
 Trains 2-layer HGRN1 and HGRN2 language models on multi-query associative recall (``datamodules.mqar``) over
 a grid of model width (``--d-models``), HGRN2 expand ratio (``--expand-ratios``), sequence length
-(``--seq-lens``), number of key–value pairs (``--num-pairs``), learning rate (``--lrs``) and seed
+and number of key–value pairs (``--settings T:N ...``), learning rate (``--lrs``) and seed
 (``--seeds``), and writes to ``--out``:
 
 * ``mqar_sweep.json``: the settings, one record per run (validation accuracy on the answer tokens, loss,
@@ -16,8 +16,8 @@ Both mixers project with four D×D matrices, so at one width every model has the
 
 Example (a CPU smoke run)::
 
-    PYTHONPATH=. python benchmarks/mqar_sweep.py --d-models 32 --expand-ratios 1 4 --seq-lens 64 \\
-        --num-pairs 4 --steps 20 --vocab-size 128 --num-train 256 --num-val 64 --batch-tokens 2048 \\
+    PYTHONPATH=. python benchmarks/mqar_sweep.py --d-models 32 --expand-ratios 1 4 --settings 64:4 \\
+        --workers 1 --steps 20 --vocab-size 128 --num-train 256 --num-val 64 --batch-tokens 2048 \\
         --accelerator cpu --precision 32-true --out /tmp/mqar_smoke
 """
 
@@ -69,7 +69,7 @@ class GridPoint:
 def build_grid(args: argparse.Namespace) -> tuple[list[GridPoint], list[dict]]:
     """The runs to do, ordered so that runs on the same data follow each other, and the skipped points."""
     points, skipped = [], []
-    for seq_len, num_pairs, d_model in itertools.product(args.seq_lens, args.num_pairs, args.d_models):
+    for (seq_len, num_pairs), d_model in itertools.product(args.settings, args.d_models):
         if seq_len < 4 * num_pairs:
             skipped.append(dict(seq_len=seq_len, num_pairs=num_pairs, reason="seq_len < 4·num_pairs"))
             continue
@@ -309,17 +309,26 @@ def write_results(args, runs, skipped, path: Path, elapsed_s: float) -> list[dic
     return best
 
 
+def _setting(text: str) -> tuple[int, int]:
+    try:
+        seq_len, num_pairs = (int(part) for part in text.split(":"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected SEQ_LEN:NUM_PAIRS such as 256:16, got {text!r}") from None
+    return seq_len, num_pairs
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
     p.add_argument("--models", nargs="+", choices=sorted(MIXERS), default=["hgrn1", "hgrn2"])
     p.add_argument("--d-models", nargs="+", type=int, default=[64, 128])
     p.add_argument("--expand-ratios", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])
-    p.add_argument("--seq-lens", nargs="+", type=int, default=[256, 512])
-    p.add_argument("--num-pairs", nargs="+", type=int, default=[16, 64])
+    p.add_argument(
+        "--settings", nargs="+", type=_setting, default=[(256, 16), (512, 64)], help="T:N, sequence length:pairs"
+    )
     p.add_argument("--lrs", nargs="+", type=float, default=[3e-3], help="best per point is reported")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--steps", type=int, default=800, help="optimizer steps per run")
+    p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="batch size = batch_tokens // seq_len")
     p.add_argument("--num-train", type=int, default=100_000)
     p.add_argument("--num-val", type=int, default=1_000)
@@ -328,10 +337,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--glu-ratio", type=int, default=2, help="GLU hidden size = glu_ratio · d_model (0: no GLU)")
     p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--warmup-steps", type=int, default=50)
+    p.add_argument("--warmup-steps", type=int, default=100)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--precision", default="bf16-mixed")
-    p.add_argument("--workers", type=int, default=1, help="runs trained at once (processes sharing the device)")
+    p.add_argument("--workers", type=int, default=4, help="runs trained at once (processes sharing the device)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and do the rest")
     args = p.parse_args(argv)
     for name in ("steps", "batch_tokens", "workers", "num_layers"):
@@ -365,9 +374,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if "error" in record:
                 print(f"[{i}/{len(todo)}] {record['key']} FAILED: {record['error']}", flush=True)
                 continue
+            elapsed = time.perf_counter() - start
             print(
                 f"[{i}/{len(todo)}] {record['key']}: accuracy {record['val_accuracy']:.3f}, "
-                f"{record['steps_per_s']:.1f} steps/s, {record['wall_s']:.1f} s, params {record['params']:,}",
+                f"{record['steps_per_s']:.1f} steps/s, {record['wall_s']:.1f} s, params {record['params']:,}; "
+                f"elapsed {elapsed:.0f} s, about {elapsed / i * (len(todo) - i):.0f} s to go",
                 flush=True,
             )
     finally:

@@ -190,7 +190,7 @@ def _load_sweep():
 def test_sweep_grid_skips_ratios_that_do_not_divide_the_width_and_lengths_too_short():
     sweep = _load_sweep()
     args = sweep.parse_args(
-        "--d-models 48 --expand-ratios 1 16 32 --seq-lens 32 64 --num-pairs 4 16 --lrs 1e-3 3e-3".split()
+        "--d-models 48 --expand-ratios 1 16 32 --settings 32:4 32:16 64:4 64:16 --lrs 1e-3 3e-3".split()
     )
     points, skipped = sweep.build_grid(args)
     # T=32 fits 4 pairs only; 32 does not divide 48; HGRN1 once per width; two learning rates
@@ -205,6 +205,8 @@ def test_sweep_grid_skips_ratios_that_do_not_divide_the_width_and_lengths_too_sh
     reasons = [s["reason"] for s in skipped]
     assert any("not a multiple of expand_ratio 32" in r for r in reasons)
     assert any("seq_len < 4·num_pairs" in r for r in reasons)
+    with pytest.raises(SystemExit):  # argparse names the expected SEQ_LEN:NUM_PAIRS form
+        sweep.parse_args(["--settings", "256x16"])
 
 
 def test_hgrn1_and_hgrn2_have_equal_parameters_at_every_expand_ratio():
@@ -248,7 +250,7 @@ def test_sweep_summary_takes_the_seed_mean_then_the_best_learning_rate():
 def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
     sweep = _load_sweep()
     argv = (
-        f"--out {tmp_path} --models hgrn2 --d-models 16 --expand-ratios 4 --seq-lens 32 --num-pairs 4 "
+        f"--out {tmp_path} --models hgrn2 --d-models 16 --expand-ratios 4 --settings 32:4 --workers 1 "
         "--steps 4 --warmup-steps 1 --vocab-size 64 --num-train 64 --num-val 32 --batch-tokens 512 "
         "--accelerator cpu --precision 32-true"
     ).split()
