@@ -5,7 +5,8 @@ Each model trains on random 224-pixel images with bf16 autocast, AdamW and cross
 synchronisations. Results go to ``benchmarks/results/<gpu>-vision.json``.
 
     PYTHONPATH=$PWD python benchmarks/vision_throughput.py                       # on a GPU
-    PYTHONPATH=$PWD python benchmarks/vision_throughput.py --device cpu --image-size 32 --batch-size 2 --steps 2
+    PYTHONPATH=$PWD python benchmarks/vision_throughput.py --device cpu --image-size 32 --batch-size 2 --steps 2 \
+        --backend naive --out /tmp/vision.json                                  # a CPU smoke run
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from hgrn2.ops import triton_available
 
 HGRN2 = "hgrn2_vit_tiny_patch16_224"
 BASELINE = "deit_tiny_patch16_224"
+MEASURE_ARGS = ("device", "batch_size", "image_size", "steps", "warmup", "dtype")
 
 
 def _sync(device: torch.device) -> None:
@@ -89,6 +91,16 @@ def measure(
     }
 
 
+def measure_or_record(name: str, **kwargs) -> dict:
+    """:func:`measure`, but an out-of-memory error is recorded in the result instead of ending the run."""
+    try:
+        return measure(name, **kwargs)
+    except torch.cuda.OutOfMemoryError as error:
+        torch.cuda.empty_cache()
+        model_kwargs = {k: v for k, v in kwargs.items() if k not in MEASURE_ARGS}
+        return {"model": name, "model_kwargs": model_kwargs, "error": f"out of memory: {str(error).splitlines()[0]}"}
+
+
 def device_slug(device: torch.device) -> str:
     """``nvidia-h100-80gb-hbm3`` style name for the result file (``cpu`` on the CPU)."""
     if device.type != "cuda":
@@ -99,7 +111,7 @@ def device_slug(device: torch.device) -> str:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--image-size", type=int, default=224)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--warmup", type=int, default=5)
@@ -115,8 +127,8 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = torch.bfloat16 if args.dtype == "bf16" else None
     common = dict(device=device, batch_size=args.batch_size, image_size=args.image_size, steps=args.steps)
     common.update(warmup=args.warmup, dtype=dtype)
-    runs = [measure(HGRN2, expand_ratio=e, backend=args.backend, **common) for e in args.expand_ratios]
-    runs.append(measure(BASELINE, **common))
+    runs = [measure_or_record(HGRN2, expand_ratio=e, backend=args.backend, **common) for e in args.expand_ratios]
+    runs.append(measure_or_record(BASELINE, **common))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "recurrence_backend": args.backend
@@ -132,7 +144,10 @@ def main(argv: list[str] | None = None) -> dict:
     }
     for run in runs:
         kwargs = ",".join(f"{k}={v}" for k, v in run["model_kwargs"].items())
-        print(f"{run['model']:28s} {kwargs:16s} {run['images_per_s']:10.1f} img/s  {run['step_ms']:8.2f} ms/step")
+        if "error" in run:
+            print(f"{run['model']:28s} {kwargs:16s} {run['error']}")
+        else:
+            print(f"{run['model']:28s} {kwargs:16s} {run['images_per_s']:10.1f} img/s  {run['step_ms']:8.2f} ms/step")
     out = args.out or Path(__file__).parent / "results" / f"{device_slug(device)}-vision.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:

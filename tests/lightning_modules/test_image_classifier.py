@@ -180,6 +180,7 @@ def test_generated_folder_config_trains_end_to_end_with_mixup_and_ema(tmp_path):
     train_losses = [float(r["train/loss"]) for r in rows if r.get("train/loss")]
     val = [r for r in rows if r.get("val/acc1")][-1]
     assert len(train_losses) == 4 and all(math.isfinite(v) for v in train_losses)  # 32 images / batch 8
+    assert not any(r.get("train/acc1") for r in rows)  # logged for unmixed labels only: every batch was mixed
     for key in ("val/acc1", "val/acc5", "val/ema_acc1"):
         assert 0.0 <= float(val[key]) <= 1.0
     assert float(val["val/acc5"]) == 1.0  # 4 classes: the top 5 always hold the label
