@@ -30,8 +30,8 @@ import json
 import multiprocessing
 import os
 import platform
+import signal
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -362,18 +362,19 @@ def main(argv: list[str] | None = None) -> list[dict]:
     print(f"MQAR sweep: {len(points)} runs ({len(done)} already done), {len(skipped)} skipped", flush=True)
     start = time.perf_counter()
     jobs = [(point, args) for point in todo]
-    if args.workers == 1:
-        results = map(_run_point_star, jobs)
-    else:
-        pool = multiprocessing.get_context("spawn").Pool(args.workers)
-        results = pool.imap_unordered(_run_point_star, jobs)
+    pool = multiprocessing.get_context("spawn").Pool(args.workers) if args.workers > 1 else None
+    results = map(_run_point_star, jobs) if pool is None else pool.imap_unordered(_run_point_star, jobs)
+    # `timeout` and schedulers stop with SIGTERM: turn it into an exception so the workers are stopped too
+    previous_handler = signal.signal(signal.SIGTERM, _raise_system_exit)
+    completed = False
     try:
         for i, record in enumerate(results, 1):
             runs.append(record)
-            write_results(args, runs, skipped, path, time.perf_counter() - start)
+            best = write_results(args, runs, skipped, path, time.perf_counter() - start)
             if "error" in record:
                 print(f"[{i}/{len(todo)}] {record['key']} FAILED: {record['error']}", flush=True)
                 continue
+            plot(best, args.out / PLOT_NAME)  # after every run, so a stopped sweep leaves a matching plot
             elapsed = time.perf_counter() - start
             print(
                 f"[{i}/{len(todo)}] {record['key']}: accuracy {record['val_accuracy']:.3f}, "
@@ -381,9 +382,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 f"elapsed {elapsed:.0f} s, about {elapsed / i * (len(todo) - i):.0f} s to go",
                 flush=True,
             )
+        completed = True
     finally:
-        if args.workers > 1:
+        signal.signal(signal.SIGTERM, previous_handler)
+        if pool is not None and completed:
             pool.close()
+        elif pool is not None:
+            pool.terminate()
+        if pool is not None:
             pool.join()
     best = write_results(args, runs, skipped, path, time.perf_counter() - start)
     if best:
@@ -392,5 +398,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     return best
 
 
+def _raise_system_exit(signum, frame) -> None:
+    raise SystemExit(128 + signum)
+
+
 if __name__ == "__main__":
-    sys.exit(0 if main() is not None else 1)
+    main()
