@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -133,7 +134,8 @@ def test_resumed_run_continues_the_loss_curve_of_an_uninterrupted_run(tmp_path, 
         tiny_lm(carry_state=carry), make_data(tmp_path, **data_options)
     )
     resumed = LossRecorder()
-    make_trainer(10, [resumed]).fit(
+    again = ModelCheckpoint(dirpath=tmp_path / "ckpt2", save_last=True, every_n_train_steps=4, save_top_k=0)
+    make_trainer(10, [resumed, again], enable_checkpointing=True).fit(
         tiny_lm(seed=1, carry_state=carry), make_data(tmp_path, **data_options), ckpt_path=tmp_path / "ckpt/last.ckpt"
     )
     assert len(straight.losses) == 10 and len(first.losses) == 4 and len(resumed.losses) == 6
@@ -185,7 +187,8 @@ def test_generate_command_prints_the_greedy_continuation_from_a_checkpoint(train
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
-def test_every_lm_config_parses_and_names_a_valid_model(config, capsys):
+def test_every_lm_config_parses_and_names_a_valid_model(config, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["hgrn2"])  # the command line is the args below, not pytest's
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
