@@ -306,10 +306,16 @@ class HGRN2ForCausalLM(nn.Module):
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         was_training = self.training
         self.eval()
+        try:
+            return self._decode(input_ids, max_new_tokens, temperature, top_k, top_p, list(stop_tokens), generator)
+        finally:
+            self.train(was_training)
+
+    def _decode(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator) -> torch.Tensor:
         batch, prompt_len = input_ids.shape
         tokens = input_ids.new_empty(batch, prompt_len + max_new_tokens)  # [B, T + N]
         tokens[:, :prompt_len] = input_ids
-        stops = torch.as_tensor(list(stop_tokens), dtype=input_ids.dtype, device=input_ids.device)
+        stops = torch.as_tensor(stop_tokens, dtype=input_ids.dtype, device=input_ids.device)
         finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
         # prefill: the chunked op over the whole prompt; only the last position needs logits
         hidden, state = self.hidden_states(input_ids, output_state=True)
@@ -325,5 +331,4 @@ class HGRN2ForCausalLM(nn.Module):
             if n + 1 == max_new_tokens or (stops.numel() and bool(finished.all())):
                 break
             logits, state = self.step(next_token, state)
-        self.train(was_training)
         return tokens[:, :length]
