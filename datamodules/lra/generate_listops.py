@@ -131,7 +131,7 @@ def generate(
     round_index = 0
     while len(examples) < total:
         missing = total - len(examples)
-        chunks = max(1, min(workers, missing // 64 or 1))
+        chunks = max(1, min(workers, missing // 1000))  # a process per >= 1,000 examples pays for its start-up
         jobs = [(spec, -(-missing // chunks), seed * 1_000_003 + round_index * 1009 + i) for i in range(chunks)]
         if chunks > 1:
             with multiprocessing.get_context("spawn").Pool(chunks) as pool:

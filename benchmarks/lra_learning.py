@@ -1,0 +1,228 @@
+"""Does the LRA model learn? ListOps and Pathfinder-32 drawn by the real generators, a few minutes of training each.
+
+    PYTHONPATH=$PWD python benchmarks/lra_learning.py --out benchmarks/results      # one GPU, ~12 minutes
+
+1. generates ListOps with the LRA algorithm (20,000 train, 2,000 validation, 2,000 held-out test expressions of
+   500-2,000 tokens) and Pathfinder-32 with the Linsley et al. algorithm (40,000 images, split 80/10/10);
+2. trains the paper's model for each (the ``listops`` and ``pathfinder`` presets, paper batch sizes and peak learning
+   rates, bf16) for ``--minutes`` of wall-clock time each: the step count of a time-boxed run is unknown in
+   advance, so the learning rate warms up over the first 10 % of the time and then follows a cosine to 0 at the
+   end of the budget (the paper: 5,000 / 50,000 warm-up steps out of 50,000 / 500,000);
+3. scores the last model on the held-out test split and writes ``<out>/<gpu>-lra.json`` with the accuracies, the
+   chance and majority-class baselines, the data sizes and the settings.
+
+Needs only torch, lightning, torchmetrics, numpy and PIL (no jsonargparse). ``--tiny`` checks the whole path on
+the CPU in about a minute with small data and a small model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+
+from datamodules.lra import ListOpsDataModule, PathfinderDataModule
+from datamodules.lra.generate_listops import ListOpsSpec, write_listops
+from datamodules.lra.generate_pathfinder import DIFFICULTY, write_pathfinder
+from lightning_modules.optim import OptimizerConfig
+from lightning_modules.sequence_classifier import SequenceClassifier
+
+PAPER_REFERENCE = {"listops": 60.52}  # HGRN2 paper, LRA ListOps test accuracy (%), official data, 50 epochs
+PEAK_LR = {"listops": 5e-4, "pathfinder": 2e-3}  # run_lra.py
+BATCH_SIZE = {"listops": 128, "pathfinder": 128}  # run_lra.py total batch
+
+
+class WallClockCosine(pl.Callback):
+    """Sets the learning rate before every step: linear warm-up over ``warmup_fraction`` of ``budget_s`` seconds
+    of training, then a cosine to 0 at the end of the budget."""
+
+    def __init__(self, peak_lr: float, budget_s: float, warmup_fraction: float = 0.1):
+        self.peak_lr, self.budget_s, self.warmup_fraction = peak_lr, budget_s, warmup_fraction
+        self.start: float | None = None
+
+    def factor(self, elapsed_s: float) -> float:
+        progress = min(1.0, elapsed_s / self.budget_s)
+        if progress < self.warmup_fraction:
+            return progress / self.warmup_fraction
+        return 0.5 * (1.0 + math.cos(math.pi * (progress - self.warmup_fraction) / (1.0 - self.warmup_fraction)))
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.start = time.monotonic()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        lr = self.peak_lr * self.factor(time.monotonic() - self.start)
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+
+
+def gpu_name() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
+    name = torch.cuda.get_device_name()
+    return "H200" if "H200" in name else "H100" if "H100" in name else name.replace(" ", "_")
+
+
+def prepare_listops(root: Path, sizes: dict[str, int], spec: ListOpsSpec, workers: int, seed: int) -> dict:
+    """Generate (or reuse) the ListOps splits; returns what was done."""
+    data_dir = root / f"listops-{sizes['train']}-{spec.min_length}-{spec.max_length}-s{seed}"
+    start = time.perf_counter()
+    reused = all((data_dir / f"basic_{split}.tsv").exists() for split in ("train", "val", "test"))
+    if not reused:
+        write_listops(data_dir, sizes["train"], sizes["val"], sizes["test"], spec, seed=seed, workers=workers)
+    return {
+        "data_dir": str(data_dir),
+        "sizes": sizes,
+        "spec": dataclasses.asdict(spec),
+        "reused": reused,
+        "generation_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def prepare_pathfinder(root: Path, images: int, workers: int, seed: int) -> dict:
+    """Generate (or reuse) Pathfinder-32 images; returns what was done."""
+    out_root = root / f"pathfinder-{images}-s{seed}"
+    data_dir = out_root / "pathfinder32"
+    start = time.perf_counter()
+    metadata = data_dir / DIFFICULTY / "metadata"
+    reused = metadata.is_dir() and sum(len(p.read_text().splitlines()) for p in metadata.glob("*.npy")) == images
+    if not reused:
+        write_pathfinder(out_root, resolution=32, images=images, images_per_batch=1000, seed=seed, workers=workers)
+    return {
+        "data_dir": str(data_dir),
+        "images": images,
+        "reused": reused,
+        "generation_s": round(time.perf_counter() - start, 1),
+    }
+
+
+def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, args) -> dict:
+    """Train ``task``'s preset for ``args.minutes`` and score it on the test split."""
+    pl.seed_everything(args.seed, workers=True)
+    budget_s = 60.0 * args.minutes
+    model = SequenceClassifier(
+        task,
+        overrides=overrides,
+        optim=OptimizerConfig(lr=PEAK_LR[task], weight_decay=0.0, betas=(0.9, 0.999), schedule="constant"),
+    )
+    schedule = WallClockCosine(PEAK_LR[task], budget_s)
+    trainer = pl.Trainer(
+        accelerator=args.accelerator,
+        devices=1,
+        precision=args.precision,
+        max_epochs=100_000,
+        max_time={"seconds": budget_s},
+        num_sanity_val_steps=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[schedule],
+        default_root_dir=args.data_dir,
+    )
+    start = time.perf_counter()
+    trainer.fit(model, datamodule=data)
+    train_s = time.perf_counter() - start
+    val = trainer.validate(model, datamodule=data, verbose=False)[0]
+    test = trainer.test(model, datamodule=data, verbose=False)[0]
+    labels = data.splits["test"].labels
+    counts = np.bincount(labels, minlength=model.config.num_classes)
+    return {
+        "test_acc": round(100 * test["test/acc"], 2),
+        "test_loss": round(test["test/loss"], 4),
+        "val_acc": round(100 * val["val/acc"], 2),
+        "chance_acc": round(100 / model.config.num_classes, 2),
+        "majority_class_acc": round(100 * counts.max() / counts.sum(), 2),
+        "paper_test_acc": PAPER_REFERENCE.get(task),
+        "steps": trainer.global_step,
+        "epochs": trainer.current_epoch,
+        "train_s": round(train_s, 1),
+        "budget_s": budget_s,
+        "batch_size": data.batch_size,
+        "split_sizes": {split: len(dataset) for split, dataset in data.splits.items()},
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "model": dataclasses.asdict(model.config),
+        "optimizer": {
+            "name": "AdamW",
+            "peak_lr": PEAK_LR[task],
+            "weight_decay": 0.0,
+            "betas": [0.9, 0.999],
+            "schedule": "linear warm-up over 10% of the time budget, then cosine to 0 at its end",
+        },
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>-lra.json")
+    parser.add_argument("--data-dir", type=Path, default=Path("runs/lra_learning"), help="generated data go here")
+    parser.add_argument("--tasks", nargs="+", default=["listops", "pathfinder"], choices=["listops", "pathfinder"])
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time per task")
+    parser.add_argument("--listops-train", type=int, default=20_000)
+    parser.add_argument("--listops-val", type=int, default=2_000)
+    parser.add_argument("--listops-test", type=int, default=2_000)
+    parser.add_argument("--pathfinder-images", type=int, default=40_000)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator and loader processes")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tiny", action="store_true", help="CPU-sized data and model: checks the path end to end")
+    args = parser.parse_args(argv)
+    args.accelerator = "gpu" if torch.cuda.is_available() and not args.tiny else "cpu"
+    args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
+    torch.set_float32_matmul_precision("high")
+    spec, overrides = ListOpsSpec(), {"listops": {}, "pathfinder": {}}
+    if args.tiny:
+        spec = ListOpsSpec(min_length=20, max_length=120)
+        args.listops_train, args.listops_val, args.listops_test = 400, 50, 100
+        args.pathfinder_images, args.minutes = 150, min(args.minutes, 0.3)
+        BATCH_SIZE.update(listops=32, pathfinder=32)
+        overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
+        overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
+    loader_workers = min(8, max(0, args.workers - 1))
+    started = time.perf_counter()
+    report = {
+        "device": torch.cuda.get_device_name() if args.accelerator == "gpu" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "lightning": pl.__version__,
+        "python": platform.python_version(),
+        "precision": args.precision,
+        "tiny": args.tiny,
+        "command": " ".join(sys.argv),
+        "tasks": {},
+    }
+    for task in args.tasks:
+        if task == "listops":
+            sizes = {"train": args.listops_train, "val": args.listops_val, "test": args.listops_test}
+            generated = prepare_listops(args.data_dir, sizes, spec, args.workers, args.seed)
+            data = ListOpsDataModule(
+                generated["data_dir"], BATCH_SIZE[task], spec.max_length, num_workers=loader_workers
+            )
+        else:
+            generated = prepare_pathfinder(args.data_dir, args.pathfinder_images, args.workers, args.seed)
+            data = PathfinderDataModule(generated["data_dir"], batch_size=BATCH_SIZE[task], num_workers=loader_workers)
+        print(f"[{task}] data ready: {generated}", flush=True)
+        result = {"data": generated, **train_and_test(task, data, overrides[task], args)}
+        report["tasks"][task] = result
+        baselines = f"chance {result['chance_acc']} %, majority class {result['majority_class_acc']} %"
+        print(f"[{task}] test accuracy {result['test_acc']} % ({baselines}) after {result['steps']} steps", flush=True)
+    report["total_s"] = round(time.perf_counter() - started, 1)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{gpu_name()}-lra.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(report, indent=2) + "\n")
+    os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main()
