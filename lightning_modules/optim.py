@@ -94,3 +94,8 @@ def estimated_total_steps(trainer) -> int:
         return max(1, int(trainer.estimated_stepping_batches))
     except (RuntimeError, ValueError, TypeError, AttributeError, OverflowError):
         return 1
+
+
+# Lightning >= 2.6 resumes checkpoints with torch.load(weights_only=True): hyper-parameters that hold an
+# OptimizerConfig must be on the allow-list to load.
+torch.serialization.add_safe_globals([OptimizerConfig])
