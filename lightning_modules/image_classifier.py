@@ -85,13 +85,11 @@ class ImageClassifier(pl.LightningModule):
         if ema_decay is not None:
             self.ema = timm.utils.ModelEmaV3(self.model, decay=ema_decay)
             self.ema.requires_grad_(False)  # never trained directly; keeps DDP from waiting for its gradients
-        top5 = min(5, num_classes)
-        self.train_acc1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_acc1 = MulticlassAccuracy(num_classes, top_k=1)
-        self.val_acc5 = MulticlassAccuracy(num_classes, top_k=top5)
+        # fraction of all images classified correctly (micro), as ImageNet reports it, not a mean over classes
+        accuracy = lambda k: MulticlassAccuracy(num_classes, top_k=min(k, num_classes), average="micro")
+        self.train_acc1, self.val_acc1, self.val_acc5 = accuracy(1), accuracy(1), accuracy(5)
         if self.ema is not None:
-            self.ema_acc1 = MulticlassAccuracy(num_classes, top_k=1)
-            self.ema_acc5 = MulticlassAccuracy(num_classes, top_k=top5)
+            self.ema_acc1, self.ema_acc5 = accuracy(1), accuracy(5)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
