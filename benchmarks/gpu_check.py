@@ -74,6 +74,8 @@ def gates(kind: str, shape) -> torch.Tensor:
         return -30 * torch.rand(shape, device="cuda")
     if kind == "1-1e-6":
         return torch.full(shape, math.log1p(-1e-6), device="cuda")
+    if kind == "wide":  # some 16-step blocks decay past e^-60 (pairwise path), most do not (one matmul)
+        return F.logsigmoid(4 * torch.randn(shape, device="cuda") - 2)
     return F.logsigmoid(torch.randn(shape, device="cuda") + 1.0)
 
 
@@ -185,16 +187,19 @@ def main() -> None:
 
     props = torch.cuda.get_device_properties(0)
     log(f"device: {props.name}, torch {torch.__version__}, triton {triton.__version__}")
-    for dtype in (torch.bfloat16, torch.float32):
-        check_hgrn2(8, 2048, 8, 128, dtype)  # 16K tokens
-        check_hgrn2(1, 65536, 4, 128, dtype)  # 64K tokens, one sequence
-        check_hgrn2(1, 32768, 8, 128, dtype, n_packed=37)
-        check_hgrn1(8, 2048, 1024, dtype)
-        check_hgrn1(2, 8192, 1024, dtype)
-        check_decoding(64, 8, 128, dtype)
+    check_hgrn2(8, 2048, 8, 128, torch.bfloat16)  # 16K tokens
+    check_hgrn2(8, 2048, 8, 128, torch.bfloat16, gate="wide")
+    check_hgrn2(1, 65536, 4, 128, torch.bfloat16)  # 64K tokens, one sequence
+    check_hgrn2(1, 32768, 8, 128, torch.bfloat16, n_packed=37)
+    check_hgrn2(8, 2048, 8, 128, torch.float32, gate="wide")
+    check_hgrn2(1, 8192, 8, 128, torch.float32, n_packed=11)
     for gate in ("log-uniform[-30,0]", "1-1e-6"):
         check_hgrn2(1, 65536, 2, 128, torch.bfloat16, gate=gate)
         check_hgrn1(1, 65536, 1024, torch.bfloat16, gate=gate)
+    check_hgrn1(8, 2048, 1024, torch.bfloat16)
+    check_hgrn1(2, 8192, 1024, torch.float32)
+    check_decoding(64, 8, 128, torch.bfloat16)
+    check_decoding(64, 8, 128, torch.float32)
     check_gated(4, 4096, 8, 128, torch.bfloat16)
     check_gated(2, 1000, 4, 96, torch.float32)  # ragged T, K = V = 96
     log(f"{len(FAILURES)} of the checks failed" + (": " + "; ".join(FAILURES) if FAILURES else ""))

@@ -92,7 +92,8 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     grid = (triton.cdiv(L.value_dim, L.bv_out), L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
-        BC=SUB_CHUNK, BK=L.bk_full, BV=L.bv_out, ACT=L.act, STORE_SCORES=keep_scores, num_warps=4, **L.flags,
+        BC=SUB_CHUNK, BK=L.bk_full, BV=L.bv_out, ACT=L.act, STORE_SCORES=keep_scores,
+        num_warps=8 if L.bk_full * L.bv_out >= 128 * 64 else 4, **L.flags,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
 

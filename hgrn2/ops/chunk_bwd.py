@@ -24,8 +24,10 @@ from hgrn2.ops.kernel_utils import (
     load_bound,
     load_log_forget,
     load_query,
+    log_forget_of,
     matmul,
     one_minus_exp,
+    output_gate,
     output_gate_grad,
     sequence_bounds,
 )
@@ -57,20 +59,27 @@ def state_bwd_kernel(
         d_state += tl.load(dht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(
             tl.float32
         )
+    # the previous chunk's tiles are loaded before this chunk is computed, so their latency overlaps the work
+    row1 = bos + (n_chunks - 1) * C
+    m_next = ((n_chunks - 1) * C + o_t < length) & (n_chunks >= 1)
+    q_next = tl.load(q_ptr + (row1 * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
+    g_next = tl.load(g_ptr + (row1 * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
+    do_next = tl.load(do_ptr + (row1 * H + i_h) * V + v_tile, mask=m_next[:, None] & m_v[None, :], other=0.0)
     for cc in range(n_chunks):
         c = n_chunks - 1 - cc
         # dS leaving chunk c, stored at the chunk's global index
         tl.store(
             dh_ptr + ((first_chunk + c) * H + i_h) * K * V + kv_tile, d_state.to(dh_ptr.dtype.element_ty), mask=m_kv
         )  # fmt: skip
-        row0 = bos + c * C
-        m_t = c * C + o_t < length
-        m_tk = m_t[:, None] & m_k[None, :]
-        q = load_query(q_ptr + (row0 * H + i_h) * K + k_tile, m_tk, ACT)
-        g = load_log_forget(
-            g_ptr + (row0 * H + i_h) * K + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
-        )  # fmt: skip
-        do = tl.load(do_ptr + (row0 * H + i_h) * V + v_tile, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        m_tk = m_next[:, None] & m_k[None, :]
+        q_raw, g_raw, do = q_next, g_next, do_next
+        row1 = bos + (c - 1) * C
+        m_next = ((c - 1) * C + o_t < length) & (c >= 1)
+        q_next = tl.load(q_ptr + (row1 * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
+        g_next = tl.load(g_ptr + (row1 * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
+        do_next = tl.load(do_ptr + (row1 * H + i_h) * V + v_tile, mask=m_next[:, None] & m_v[None, :], other=0.0)
+        q = tl.where(m_tk, output_gate(q_raw.to(tl.float32), ACT), 0.0)
+        g = log_forget_of(g_raw, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
         q_start = q * tl.exp(tl.cumsum(g, 0)) * scale
         d_state = d_state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(q_start), do, DT, PRECISION, INTERPRET)
     if STORE_DH0:
@@ -102,12 +111,12 @@ def dqk_bwd_kernel(
     v_head, do_head = v_ptr + i_h * V, do_ptr + i_h * V
     log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     slot = i_c.to(tl.int64) + i_n
-    # the [K, V] tiles are re-read where used (cache hits) rather than held in registers across the loop
-    h_in_ptrs = h_ptr + (slot * H + i_h) * K * V + kv_tile
-    d_state_ptrs = dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile
+    h_in_ptrs = h_ptr + (slot * H + i_h) * K * V + kv_tile  # re-read where used (a cache hit)
+    # dS, the gradient of the state at the end of the current sub-block, starts as that of the chunk's end
+    d_state = tl.load(dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
     # everything after this chunk reaches log λ_t through the state leaving it: Σ_v S_out ⊙ dS_out
     h_out = tl.load(h_ptr + ((slot + 1) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-    suffix = tl.sum(h_out * tl.load(d_state_ptrs, mask=m_kv, other=0.0).to(tl.float32), 1)  # [BK]
+    suffix = tl.sum(h_out * d_state, 1)  # [BK]
     t0 = c * C
     # before[i] = sum of the gates of the sub-blocks before i
     before = tl.zeros([NC, BK], dtype=tl.float32)
@@ -120,7 +129,6 @@ def dqk_bwd_kernel(
             log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND,
         )  # fmt: skip
         running += tl.sum(g_m, 0)
-    after = tl.zeros([BK], dtype=tl.float32)  # sum of the gates of the sub-blocks after i
     d_beta_sum = tl.zeros([BK], dtype=tl.float32)
     for ii in range(NC):
         i = NC - 1 - ii
@@ -135,21 +143,28 @@ def dqk_bwd_kernel(
         b = tl.cumsum(g, 0)
         do = tl.load(do_head + row0 * (H * V) + v_tile, mask=m_tv, other=0.0).to(tl.float32) * scale
         v = tl.load(v_head + row0 * (H * V) + v_tile, mask=m_tv, other=0.0)
-        # diagonal sub-block: pairwise decays, one step s at a time
         d_scores = matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)  # dA = do v^T
-        dq = tl.zeros([BC, BK], dtype=tl.float32)
-        dk = tl.zeros([BC, BK], dtype=tl.float32)
-        b_s = tl.zeros([BK], dtype=tl.float32)
-        for s in range(BC):
-            g_s = load_log_forget(
-                g_head + (row0 + s) * (H * K) + o_k, m_k & (t0 + i * BC + s < length),
-                log_beta, log1m_beta, GATED, HAS_BOUND,
-            )  # fmt: skip
-            b_s += g_s
-            decay = tl.exp(tl.where(o_r[:, None] >= s, b - b_s[None, :], float("-inf")))  # [BC, BK]
-            ds_col = tl.sum(tl.where(o_r[None, :] == s, d_scores, 0.0), 1)  # dA[:, s]
-            dq += ds_col[:, None] * one_minus_exp(g_s)[None, :] * decay
-            dk += tl.where(o_r[:, None] == s, tl.sum(ds_col[:, None] * q * decay, 0)[None, :], 0.0)
+        # diagonal sub-block: two matmuls when every channel decays by less than e^-60 across it (as in the
+        # forward); otherwise pairwise decays, one step s at a time
+        if tl.min(tl.sum(g, 0)) > -60.0:
+            d_scores = tl.where(o_r[:, None] >= o_r[None, :], d_scores, 0.0)
+            # float32 operands: d log λ cancels these diagonal terms against each other, so they are kept exact
+            dq = tl.exp(b) * matmul(d_scores, one_minus_exp(g) * tl.exp(-b), tl.float32, "ieee", INTERPRET)
+            dk = tl.exp(-b) * matmul(tl.trans(d_scores), q * tl.exp(b), tl.float32, "ieee", INTERPRET)
+        else:
+            dq = tl.zeros([BC, BK], dtype=tl.float32)
+            dk = tl.zeros([BC, BK], dtype=tl.float32)
+            b_s = tl.zeros([BK], dtype=tl.float32)
+            for s in range(BC):
+                g_s = load_log_forget(
+                    g_head + (row0 + s) * (H * K) + o_k, m_k & (t0 + i * BC + s < length),
+                    log_beta, log1m_beta, GATED, HAS_BOUND,
+                )  # fmt: skip
+                b_s += g_s
+                decay = tl.exp(tl.where(o_r[:, None] >= s, b - b_s[None, :], float("-inf")))  # [BC, BK]
+                ds_col = tl.sum(tl.where(o_r[None, :] == s, d_scores, 0.0), 1)  # dA[:, s]
+                dq += ds_col[:, None] * one_minus_exp(g_s)[None, :] * decay
+                dk += tl.where(o_r[:, None] == s, tl.sum(ds_col[:, None] * q * decay, 0)[None, :], 0.0)
         # keys of earlier sub-blocks j < i, and the state entering the chunk -> dq
         dq_local = tl.zeros([BC, BK], dtype=tl.float32)
         span = tl.zeros([BK], dtype=tl.float32)
@@ -169,30 +184,17 @@ def dqk_bwd_kernel(
         h_in = tl.load(h_in_ptrs, mask=m_kv, other=0.0)
         dq_local += matmul(do, tl.trans(h_in), DT, PRECISION, INTERPRET) * tl.exp(before_i[None, :])
         dq += dq_local * tl.exp(b)
-        # queries of later sub-blocks j > i, and the state leaving the chunk -> dk
-        dk_local = tl.zeros([BC, BK], dtype=tl.float32)
-        span = tl.zeros([BK], dtype=tl.float32)
-        for j in range(i + 1, NC):
-            row_j = bos + t0 + j * BC
-            m_tj = t0 + j * BC + o_r < length
-            m_tkj = m_tj[:, None] & m_k[None, :]
-            q_j = load_query(q_head + row_j * (H * K) + k_tile, m_tkj, ACT)
-            g_j = load_log_forget(
-                g_head + row_j * (H * K) + k_tile, m_tkj, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
-            )  # fmt: skip
-            do_j = tl.load(do_head + row_j * (H * V) + v_tile, mask=m_tj[:, None] & m_v[None, :], other=0.0)
-            q_ref = q_j * tl.exp(tl.cumsum(g_j, 0) + span[None, :])
-            d_scores = matmul(do_j.to(tl.float32) * scale, tl.trans(v), DT, PRECISION, INTERPRET)  # [t in j, s in i]
-            dk_local += matmul(tl.trans(d_scores), q_ref, DT, PRECISION, INTERPRET)
-            span += tl.sum(g_j, 0)
-        d_state = tl.load(d_state_ptrs, mask=m_kv, other=0.0)
-        dk_local += matmul(v, tl.trans(d_state), DT, PRECISION, INTERPRET) * tl.exp(after[None, :])
-        dk += dk_local * tl.exp(tl.cumsum(g, 0, reverse=True) - g)
+        # queries of later sub-blocks and the state leaving the chunk -> dk, through the running dS (the
+        # gradient of the state at the end of sub-block i), then move dS back past sub-block i
+        to_end = tl.cumsum(g, 0, reverse=True) - g
+        dk += tl.exp(to_end) * matmul(v, tl.trans(d_state), DT, PRECISION, INTERPRET)
+        d_state = d_state * tl.exp(tl.sum(g, 0))[:, None] + matmul(
+            tl.trans(q * tl.exp(b)), do, DT, PRECISION, INTERPRET
+        )  # fmt: skip
         # d log λ_t = Σ_{τ >= t} (q⊙dq - k⊙dk)_τ (to the end of the sequence) - λ_t ⊙ dk_t
         d_b = q * dq - one_minus_exp(g) * dk
         dg = tl.cumsum(d_b, 0, reverse=True) + suffix[None, :] - tl.exp(g) * dk
         suffix += tl.sum(d_b, 0)
-        after += tl.sum(g, 0)
         k_offs = row0 * (H * K) + i_h * K + k_tile
         if GATED:
             inv_beta, inv_1m_beta = load_bound(inv_beta_ptr, inv_1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
@@ -218,8 +220,9 @@ def dv_bwd_kernel(
     BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
     ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # one program per (V tile, chunk, head); BK covers all of K. dv_s = Σ_{t >= s} A[t, s] do_t + (k_s ·
-    # exp(b_C - b_s)) dS_out, with the diagonal sub-block scores A saved by the forward.
+    # one program per (V tile, chunk, head); BK covers all of K. dv_s = Σ_{t >= s in the sub-block} A[t, s] do_t
+    # + (k_s · exp(b_end - b_s)) dS_end, with the diagonal sub-block scores A saved by the forward and dS_end
+    # the gradient of the state at the end of the sub-block, carried backwards through the chunk.
     i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
     NC: tl.constexpr = C // BC
@@ -232,9 +235,12 @@ def dv_bwd_kernel(
     q_head, g_head = q_ptr + i_h * K, g_ptr + i_h * K
     do_head, dv_head = do_ptr + i_h * V, dv_ptr + i_h * V
     log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-    d_state_ptrs = dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :]
+    # dS, the gradient of the state at the end of the current sub-block, starts as that of the chunk's end
+    d_state = tl.load(
+        dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
+        mask=m_k[:, None] & m_v[None, :], other=0.0,
+    ).to(tl.float32)  # fmt: skip
     t0 = c * C
-    after = tl.zeros([BK], dtype=tl.float32)  # sum of the gates of the sub-blocks after i
     for ii in range(NC):
         i = NC - 1 - ii
         row0 = bos + t0 + i * BC
@@ -244,26 +250,13 @@ def dv_bwd_kernel(
         g = load_log_forget(
             g_head + row0 * (H * K) + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
         )  # fmt: skip
-        k_local = one_minus_exp(g) * tl.exp(tl.cumsum(g, 0, reverse=True) - g)  # decay to the end of sub-block i
+        k_end = one_minus_exp(g) * tl.exp(tl.cumsum(g, 0, reverse=True) - g)  # decay to the end of sub-block i
         a_offs = (row0 * H + i_h) * BC + o_r[:, None] * (H * BC) + o_r[None, :]
         scores = tl.load(a_ptr + a_offs, mask=m_t[:, None], other=0.0)
         do = tl.load(do_head + row0 * (H * V) + v_tile, mask=m_tv, other=0.0).to(tl.float32) * scale
-        dv = matmul(tl.trans(scores), do, DT, PRECISION, INTERPRET)
-        span = tl.zeros([BK], dtype=tl.float32)
-        for j in range(i + 1, NC):
-            row_j = bos + t0 + j * BC
-            m_tj = t0 + j * BC + o_r < length
-            m_tkj = m_tj[:, None] & m_k[None, :]
-            q_j = load_query(q_head + row_j * (H * K) + k_tile, m_tkj, ACT)
-            g_j = load_log_forget(
-                g_head + row_j * (H * K) + k_tile, m_tkj, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
-            )  # fmt: skip
-            do_j = tl.load(do_head + row_j * (H * V) + v_tile, mask=m_tj[:, None] & m_v[None, :], other=0.0)
-            q_ref = q_j * tl.exp(tl.cumsum(g_j, 0) + span[None, :])
-            scores = matmul(q_ref, tl.trans(k_local), DT, PRECISION, INTERPRET)  # [t in j, s in i]
-            dv += matmul(tl.trans(scores), do_j.to(tl.float32) * scale, DT, PRECISION, INTERPRET)
-            span += tl.sum(g_j, 0)
-        d_state = tl.load(d_state_ptrs, mask=m_k[:, None] & m_v[None, :], other=0.0)
-        dv += matmul(k_local * tl.exp(after[None, :]), d_state, DT, PRECISION, INTERPRET)
+        dv = matmul(tl.trans(scores), do, DT, PRECISION, INTERPRET) + matmul(k_end, d_state, DT, PRECISION, INTERPRET)
         tl.store(dv_head + row0 * (H * V) + v_tile, dv.to(dv_ptr.dtype.element_ty), mask=m_tv)
-        after += tl.sum(g, 0)
+        # move dS back past sub-block i
+        q = load_query(q_head + row0 * (H * K) + k_tile, m_tk, ACT)
+        q_start = q * tl.exp(tl.cumsum(g, 0))
+        d_state = d_state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(q_start), do, DT, PRECISION, INTERPRET)

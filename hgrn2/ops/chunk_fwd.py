@@ -9,7 +9,9 @@ Per head, with chunks of C steps split into sub-blocks of BC steps, g = log λ a
 
 Every exponent is a sum of log gates over a span of steps, so it is <= 0 and nothing overflows: on
 diagonal sub-blocks the decays are formed pairwise (exp(b_t - b_s), s <= t); between sub-blocks j < i the
-reference point is the start of sub-block i (q·exp(b_t - b_ref) and k·exp(b_ref - b_s)). The key
+reference point is the start of sub-block i, where the output kernel keeps the running state
+(q·exp(b_t - b_ref) against S_ref, and k·exp(b_ref - b_s) folded into S_ref); a diagonal sub-block whose
+channels all decay by less than e^-60 is one matmul of q·exp(b) and k·exp(-b). The key
 k = 1 - exp(g) is derived in registers. With ``GATED`` the kernels read the raw projections and compute
 q = act(q_proj) and log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves.
 
@@ -27,6 +29,7 @@ from hgrn2.ops.kernel_utils import (
     load_bound,
     load_log_forget,
     load_query,
+    log_forget_of,
     matmul,
     one_minus_exp,
     sequence_bounds,
@@ -57,15 +60,19 @@ def state_fwd_kernel(
     if HAS_H0:
         state += tl.load(h0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
     slot0 = first_chunk + i_n  # each sequence keeps one extra slot, for the state after its last chunk
+    # the next chunk's tiles are loaded before this chunk is computed, so their latency overlaps the work
+    m_next = o_t < length
+    g_next = tl.load(g_ptr + (bos * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
+    v_next = tl.load(v_ptr + (bos * H + i_h) * V + v_tile, mask=m_next[:, None] & m_v[None, :], other=0.0)
     for c in range(n_chunks):
         tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        row0 = bos + c * C
-        m_t = c * C + o_t < length
-        g = load_log_forget(
-            g_ptr + (row0 * H + i_h) * K + k_tile, m_t[:, None] & m_k[None, :],
-            log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND,
-        )  # fmt: skip
-        v = tl.load(v_ptr + (row0 * H + i_h) * V + v_tile, mask=m_t[:, None] & m_v[None, :], other=0.0)
+        m_tk = m_next[:, None] & m_k[None, :]
+        g_raw, v = g_next, v_next
+        row1 = bos + (c + 1) * C
+        m_next = (c + 1) * C + o_t < length
+        g_next = tl.load(g_ptr + (row1 * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
+        v_next = tl.load(v_ptr + (row1 * H + i_h) * V + v_tile, mask=m_next[:, None] & m_v[None, :], other=0.0)
+        g = log_forget_of(g_raw, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
         to_end = tl.cumsum(g, 0, reverse=True) - g  # b_C - b_t: a sum of the gates after t
         k_end = one_minus_exp(g) * tl.exp(to_end)  # [C, BK]
         state = state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(k_end), v, DT, PRECISION, INTERPRET)
@@ -97,11 +104,12 @@ def output_fwd_kernel(
     v_head, o_head = v_ptr + i_h * V, o_ptr + i_h * V
     log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     slot = i_c.to(tl.int64) + i_n
-    h_in = tl.load(
+    # the state entering sub-block i (the chunk's entering state and the keys of sub-blocks before i, decayed
+    # to the start of i), carried in registers
+    state = tl.load(
         h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
-    )  # fmt: skip
+    ).to(tl.float32)  # fmt: skip
     t0 = c * C
-    carry = tl.zeros([BK], dtype=tl.float32)  # sum of the gates of the sub-blocks before i
     for i in range(NC):
         row0 = bos + t0 + i * BC
         m_t = t0 + i * BC + o_r < length
@@ -112,38 +120,31 @@ def output_fwd_kernel(
             g_head + row0 * (H * K) + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
         )  # fmt: skip
         b = tl.cumsum(g, 0)  # decay from the start of sub-block i, inclusive
-        acc = matmul(q * tl.exp(b + carry[None, :]), h_in, DT, PRECISION, INTERPRET)  # [BC, BV]
         q_local = q * tl.exp(b)
-        span = tl.zeros([BK], dtype=tl.float32)  # sum of the gates of the sub-blocks strictly between j and i
-        for jj in range(i):
-            j = i - 1 - jj
-            row_j = bos + t0 + j * BC
-            m_tj = t0 + j * BC + o_r < length
-            g_j = load_log_forget(
-                g_head + row_j * (H * K) + k_tile, m_tj[:, None] & m_k[None, :],
-                log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND,
-            )  # fmt: skip
-            v_j = tl.load(v_head + row_j * (H * V) + v_tile, mask=m_tj[:, None] & m_v[None, :], other=0.0)
-            k_ref = one_minus_exp(g_j) * tl.exp(tl.cumsum(g_j, 0, reverse=True) - g_j + span[None, :])
-            scores = matmul(q_local, tl.trans(k_ref), DT, PRECISION, INTERPRET)  # [BC, BC]
-            acc += matmul(scores, v_j, DT, PRECISION, INTERPRET)
-            span += tl.sum(g_j, 0)
-        # diagonal sub-block: pairwise decays, one key row at a time
-        scores = tl.zeros([BC, BC], dtype=tl.float32)
-        b_s = tl.zeros([BK], dtype=tl.float32)
-        for s in range(BC):
-            g_s = load_log_forget(
-                g_head + (row0 + s) * (H * K) + o_k, m_k & (t0 + i * BC + s < length),
-                log_beta, log1m_beta, GATED, HAS_BOUND,
-            )  # fmt: skip
-            b_s += g_s
-            decay = tl.exp(tl.where(o_r[:, None] >= s, b - b_s[None, :], float("-inf")))
-            column = tl.sum(q * one_minus_exp(g_s)[None, :] * decay, 1)
-            scores = tl.where(o_r[None, :] == s, column[:, None], scores)
+        acc = matmul(q_local, state, DT, PRECISION, INTERPRET)  # [BC, BV]
+        # diagonal sub-block: when every channel decays by less than e^-60 across it, one matmul of q·exp(b) and
+        # k·exp(-b) (both <= e^60, causal entries exact); otherwise pairwise decays, one key row at a time
+        if tl.min(tl.sum(g, 0)) > -60.0:
+            scores = matmul(q_local, tl.trans(one_minus_exp(g) * tl.exp(-b)), tl.float32, "ieee", INTERPRET)
+            scores = tl.where(o_r[:, None] >= o_r[None, :], scores, 0.0)
+        else:
+            scores = tl.zeros([BC, BC], dtype=tl.float32)
+            b_s = tl.zeros([BK], dtype=tl.float32)
+            for s in range(BC):
+                g_s = load_log_forget(
+                    g_head + (row0 + s) * (H * K) + o_k, m_k & (t0 + i * BC + s < length),
+                    log_beta, log1m_beta, GATED, HAS_BOUND,
+                )  # fmt: skip
+                b_s += g_s
+                decay = tl.exp(tl.where(o_r[:, None] >= s, b - b_s[None, :], float("-inf")))
+                column = tl.sum(q * one_minus_exp(g_s)[None, :] * decay, 1)
+                scores = tl.where(o_r[None, :] == s, column[:, None], scores)
         if STORE_SCORES:
             a_offs = (row0 * H + i_h) * BC + o_r[:, None] * (H * BC) + o_r[None, :]
             tl.store(a_ptr + a_offs, scores, mask=m_t[:, None] & (i_v == 0))
         v = tl.load(v_head + row0 * (H * V) + v_tile, mask=m_tv, other=0.0)
         acc += matmul(scores, v, DT, PRECISION, INTERPRET)
         tl.store(o_head + row0 * (H * V) + v_tile, (acc * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
-        carry += tl.sum(g, 0)
+        # advance the state past sub-block i
+        k_end = one_minus_exp(g) * tl.exp(tl.cumsum(g, 0, reverse=True) - g)
+        state = state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(k_end), v, DT, PRECISION, INTERPRET)

@@ -203,13 +203,19 @@ def load_bound(log_beta_ptr, log1m_beta_ptr, offs, mask, BK: tl.constexpr, HAS_B
 
 
 @triton.jit
-def load_log_forget(ptrs, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log λ (float32, 0 where masked) from log_forget, or from the raw forget projection when GATED."""
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+def log_forget_of(x, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log λ (float32, 0 where masked) from loaded log_forget, or from the raw forget projection when GATED."""
+    x = x.to(tl.float32)
     if GATED:
         g, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
         x = tl.where(mask, g, 0.0)
     return x
+
+
+@triton.jit
+def load_log_forget(ptrs, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log λ (float32, 0 where masked) from log_forget, or from the raw forget projection when GATED."""
+    return log_forget_of(tl.load(ptrs, mask=mask, other=0.0), mask, log_beta, log1m_beta, GATED, HAS_BOUND)
 
 
 @triton.jit
