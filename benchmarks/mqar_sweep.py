@@ -39,6 +39,7 @@ from pathlib import Path
 
 RESULTS_NAME, PLOT_NAME = "mqar_sweep.json", "mqar_sweep.png"
 MIXERS = {"hgrn1": "hgru1", "hgrn2": "hgru2"}
+SHAPE = ("model", "d_model", "expand_ratio", "seq_len", "num_pairs")  # a point of the plot: runs differ in lr, seed
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,7 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
         random_fill=args.random_fill,
         seed=point.seed,
     )
-    data_key = (point.seq_len, point.num_pairs, point.seed)
+    data_key = (point.seq_len, point.num_pairs, point.seed)  # the other data settings are fixed for a sweep
     if data_key in _DATA_CACHE:
         data.train_set, data.val_set = _DATA_CACHE[data_key]
     else:
@@ -185,28 +186,22 @@ def best_per_point(runs: list[dict]) -> list[dict]:
     """Mean accuracy over seeds, then the best learning rate, per (model, width, ratio, length, pairs)."""
     by_lr: dict[tuple, list[dict]] = {}
     for run in runs:
-        shape = (run["model"], run["d_model"], run["expand_ratio"], run["seq_len"], run["num_pairs"])
-        by_lr.setdefault((*shape, run["lr"]), []).append(run)
+        by_lr.setdefault((*(run[name] for name in SHAPE), run["lr"]), []).append(run)
     best: dict[tuple, dict] = {}
     for (*shape, lr), group in by_lr.items():
         accuracy = statistics.fmean(r["val_accuracy"] for r in group)
         shape = tuple(shape)
         if shape not in best or accuracy > best[shape]["val_accuracy"]:
             best[shape] = dict(
-                model=shape[0],
-                d_model=shape[1],
-                expand_ratio=shape[2],
-                seq_len=shape[3],
-                num_pairs=shape[4],
+                zip(SHAPE, shape),
                 best_lr=lr,
                 val_accuracy=accuracy,
                 seeds=len(group),
                 state_size=group[0]["state_size"],
                 params=group[0]["params"],
             )
-    return sorted(
-        best.values(), key=lambda r: (r["seq_len"], r["num_pairs"], r["d_model"], r["model"], r["state_size"])
-    )
+    order = ("seq_len", "num_pairs", "d_model", "model", "state_size")
+    return sorted(best.values(), key=lambda r: tuple(r[name] for name in order))
 
 
 def summarize(best: list[dict]) -> list[dict]:
@@ -326,7 +321,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--settings", nargs="+", type=_setting, default=[(256, 16), (512, 64)], help="T:N, sequence length:pairs"
     )
-    p.add_argument("--lrs", nargs="+", type=float, default=[3e-3], help="best per point is reported")
+    p.add_argument("--lrs", nargs="+", type=float, default=[1e-2], help="best per point is reported")
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="batch size = batch_tokens // seq_len")

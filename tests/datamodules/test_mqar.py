@@ -257,7 +257,7 @@ def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
     sweep.main(argv)
     document = json.loads((tmp_path / "mqar_sweep.json").read_text())
     (record,) = document["runs"]
-    assert record["key"] == "hgrn2-d16-e4-T32-N4-lr0.003-s0" and record["steps"] == 4
+    assert record["key"] == "hgrn2-d16-e4-T32-N4-lr0.01-s0" and record["steps"] == 4
     assert 0.0 <= record["val_accuracy"] <= 1.0 and math.isfinite(record["val_loss"])
     assert record["num_heads"] == 4 and record["state_size"] == 16 * 4
     assert record["params"] == record["params_closed_form"]
