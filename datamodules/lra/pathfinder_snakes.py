@@ -1,4 +1,4 @@
-"""Pathfinder images: contours of short dashes ("snakes"), distractors, two end-point markers.
+"""Pathfinder drawing: dashes, the occupancy map, and snakes grown one dash at a time.
 
 This is the algorithm of Linsley et al. ("Learning long-range spatial dependencies with horizontal
 gated recurrent units", 2018; code ``drewlinsley/pathfinder``, ``snakes.py``/``snakes2.py``) that produced
@@ -13,20 +13,17 @@ the LRA Pathfinder and Path-X data, written with numpy and PIL only:
   ``paddle_length + margin`` around the next pivot, weighted by ``cos(min(continuity·Δθ, π/2))²`` (smooth
   turns) and by how free the spot is, and a dash is accepted only if its mask does not collide
   (``occupancy + mask < 1.8``).
-* distractor snakes of ``distractor_length`` dashes are then scattered wherever there is room.
-* markers (disks of ``marker_radius``) go on the start of one target snake and on the end of either the
-  same snake (label 1, connected) or the other one (label 0).
+* distractor snakes of ``distractor_length`` dashes are then scattered wherever there is room, and disks of
+  ``marker_radius`` mark two snake ends (composed in :mod:`datamodules.lra.generate_pathfinder`).
 
-Two deliberate departures, both on the side of correct labels: the last dash of *both* target snakes
-enters the occupancy map (the original adds only the second snake's, so a distractor could touch the
-first snake's end marker), and out-of-image positions count as occupied.
+One deliberate departure: positions outside the image count as occupied when a snake is seeded.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -143,18 +140,6 @@ PRESETS: dict[int, PathfinderParams] = {
         snake_contrasts=(1.0,),
     ),  # fmt: skip
 }
-
-
-@dataclass
-class PathfinderSample:
-    """One image and how it was made. ``paths`` holds every snake drawn (the two targets first) as the
-    points its dashes run through, in order along the snake: ``[(y, x), ...]``."""
-
-    image: np.ndarray  # [W, W] uint8
-    label: int
-    margin: int
-    markers: tuple[tuple[int, int], tuple[int, int]]
-    paths: list[list[tuple[float, float]]] = field(default_factory=list)
 
 
 def translate(point, angle: float, distance: float) -> tuple[int, int]:
@@ -347,116 +332,3 @@ class Canvas:
 
     def choose(self, values: tuple[float, ...]) -> float:
         return values[int(self.rng.integers(len(values)))]
-
-
-def _seed_pair(canvas: Canvas, contrasts: list[float]) -> list[Snake] | None:
-    """The first dashes of the two target snakes, ``seed_distance`` apart, the first near the centre."""
-    p, rng = canvas.p, canvas.rng
-    band = 2 * p.seed_distance
-    central = canvas.occupancy.copy()
-    central[:band], central[-band:], central[:, :band], central[:, -band:] = 1, 1, 1, 1
-    first = None
-    for _ in range(p.max_paddle_retrial + 1):
-        angle = canvas.random_angle()
-        starts = canvas.free_starts(central, angle)
-        if len(starts) == 0:
-            return None
-        start = tuple(int(v) for v in starts[rng.integers(len(starts))])
-        first = canvas.seed_dash(start, angle, canvas.choose(p.paddle_contrasts) * contrasts[0])
-        if first is not None:
-            break
-    if first is None:
-        return None
-    for _ in range(p.max_paddle_retrial + 1):
-        angle, direction = canvas.random_angle(), float(rng.integers(0, 360)) * math.pi / 180
-        dy, dx = p.seed_distance * math.sin(direction), p.seed_distance * math.cos(direction)
-        second_start = (int(np.round(start[0] + dy)), int(np.round(start[1] + dx)))
-        if canvas.in_image(second_start):
-            second = canvas.seed_dash(second_start, angle, canvas.choose(p.paddle_contrasts) * contrasts[1])
-            if second is not None:
-                return [first, second]
-    return None
-
-
-def _target_pair(canvas: Canvas) -> list[Snake] | None:
-    """Grow the two target snakes dash by dash, alternating; None when either gets stuck."""
-    p = canvas.p
-    contrasts = list(p.snake_contrasts) * 2
-    canvas.rng.shuffle(contrasts)
-    snakes = _seed_pair(canvas, contrasts[:2])
-    if snakes is None:
-        return None
-    for _ in range(p.contour_length - 1):
-        paddle_contrast = canvas.choose(p.paddle_contrasts)
-        for snake, contrast in zip(snakes, contrasts):
-            if not canvas.extend(snake, paddle_contrast * contrast):
-                return None
-    for snake in snakes:
-        canvas.commit(snake.last_mask)
-    return snakes
-
-
-def _distractor(canvas: Canvas) -> Snake | None:
-    """One short snake placed wherever there is room; the canvas is left untouched when it fails."""
-    p, rng = canvas.p, canvas.rng
-    saved = canvas.image.copy(), canvas.occupancy.copy()
-    lined = canvas.occupancy.copy()
-    lined[0], lined[-1], lined[:, 0], lined[:, -1] = 1, 1, 1, 1
-    snake = None
-    for _ in range(p.max_paddle_retrial + 1):
-        if (canvas.occupancy <= FREE_LIMIT).mean() < MIN_AVAILABILITY:
-            return None
-        angle = canvas.random_angle()
-        starts = canvas.free_starts(lined, angle)
-        if len(starts) == 0:
-            return None
-        start = tuple(int(v) for v in starts[rng.integers(len(starts))])
-        snake = canvas.seed_dash(start, angle, canvas.choose(p.snake_contrasts))
-        if snake is not None:
-            break
-    if snake is None:
-        return None
-    for _ in range(int(p.distractor_length) - 1):
-        if not canvas.extend(snake, canvas.choose(p.snake_contrasts)):
-            canvas.image, canvas.occupancy = saved
-            return None
-    canvas.commit(snake.last_mask)
-    return snake
-
-
-def marker_disk(size: int, centre, radius: float, scale: int) -> np.ndarray:
-    """A disk of ``radius`` pixels at ``centre``, drawn ``scale`` times larger and Lanczos-downsampled."""
-    y, x = np.ogrid[-centre[0] * scale : (size - centre[0]) * scale, -centre[1] * scale : (size - centre[1]) * scale]
-    big = ((x**2 + y**2 <= (radius * scale) ** 2) * 255).astype(np.uint8)
-    return np.asarray(Image.fromarray(big, mode="L").resize((size, size), Image.LANCZOS)).astype(np.float64) / 255
-
-
-def make_sample(params: PathfinderParams, rng: np.random.Generator) -> PathfinderSample:
-    """Draw one Pathfinder image with a random label (1: the markers are the two ends of one snake)."""
-    label = int(rng.integers(0, 2))
-    margin = int(params.paddle_margins[int(rng.integers(len(params.paddle_margins)))])
-    for _ in range(params.max_target_attempts):
-        canvas = Canvas(params, margin, rng)
-        targets = _target_pair(canvas)
-        if targets is not None:
-            break
-    else:
-        raise RuntimeError(f"could not place two target snakes in {params.max_target_attempts} attempts: {params}")
-    distractors = []
-    for _ in range(math.ceil(params.num_distractor_snakes)):
-        for _ in range(params.max_distractor_retrial + 1):
-            snake = _distractor(canvas)
-            if snake is not None:
-                distractors.append(snake)
-                break
-    origin = int(rng.integers(0, 2))
-    terminal = origin if label == 1 else 1 - origin
-    start = tuple(int(v) for v in targets[origin].path[0])
-    end = targets[terminal].end
-    size, scale = params.window_size, params.antialias_scale
-    radius = params.marker_radius
-    markers = np.maximum(marker_disk(size, start, radius, scale), marker_disk(size, end, radius, scale))
-    image = np.maximum(canvas.image, markers)
-    image = np.round(255 * image / image.max()).astype(np.uint8)
-    paths = [snake.path for snake in targets + distractors]
-    return PathfinderSample(image=image, label=label, margin=margin, markers=(start, end), paths=paths)

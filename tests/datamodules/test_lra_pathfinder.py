@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datamodules.lra.generate_pathfinder import DIFFICULTY, write_pathfinder
+from datamodules.lra.generate_pathfinder import DIFFICULTY, make_sample, write_pathfinder
 from datamodules.lra.pathfinder import PathfinderDataModule, PathXDataModule
-from datamodules.lra.pathfinder_snakes import PRESETS, make_sample
+from datamodules.lra.pathfinder_snakes import PRESETS
 
 
 @pytest.fixture(scope="module")
