@@ -5,8 +5,9 @@ Layout (``lra_release/listops-1000``, or what :mod:`datamodules.lra.generate_lis
     data_dir/basic_train.tsv   basic_val.tsv   basic_test.tsv     columns Source<TAB>Target, with a header
 
 Tokens are the operator language: ``[MIN [MAX [MED [SM``, the closing ``]`` and the digits 0-9; the
-parentheses of the official string form carry no information and are dropped (as in the LRA and S4
-pipelines, which keep ``]`` so that the tree structure survives tokenisation).
+parentheses of the official string form carry no information and are dropped. This is the S4 pipeline's
+tokenisation, which the HGRN2 authors' LRA code builds on; the LRA code's own tfds tokenizer keeps only
+alphanumeric runs, so it also loses the brackets that close each operator's argument list.
 """
 
 from __future__ import annotations
