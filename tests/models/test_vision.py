@@ -170,3 +170,21 @@ def test_count_flops_splits_dense_matmuls_from_the_recurrence():
     # 2 mixers · 4 directions · 16 positions · (16 / 4 heads) · 5 · K · V with K = V = 4
     assert recurrence_flops(model, (4, 4)) == 2 * 4 * 16 * 4 * 5 * 16 == flops["recurrence"]
     assert flops["total"] == flops["dense"] + flops["recurrence"]
+
+
+def test_2d_mixer_on_the_triton_kernels_matches_the_step_by_step_backend():
+    from hgrn2.ops import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("needs triton (TRITON_INTERPRET=1 runs its kernels on the CPU)")
+    config = dict(expand_ratio=2, output_gate="sigmoid", input_activation="silu", norm="layernorm", bias=True)
+    kernels, naive = HGRU2d(4, backend="triton", **config), HGRU2d(4, backend="naive", **config)
+    naive.load_state_dict(kernels.state_dict())
+    x, beta = torch.randn(1, 6, 4), torch.rand(4) * 0.9
+    out_kernels, _ = kernels(x, lower_bound=beta, grid_size=(2, 3))
+    out_naive, _ = naive(x, lower_bound=beta, grid_size=(2, 3))
+    out_kernels.square().sum().backward()
+    out_naive.square().sum().backward()
+    assert_rel_close(out_kernels, out_naive, 1e-5, "HGRU2d output")
+    for (name, p), q in zip(kernels.named_parameters(), naive.parameters()):
+        assert_rel_close(p.grad, q.grad, 1e-4, name)
