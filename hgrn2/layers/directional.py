@@ -70,10 +70,11 @@ class HGRU2d(_MultiScanHGRU2):
         self._check_input(x, 3)
         beta = self._head_lower_bound(lower_bound)
         # [B, h·w, H, K] -> rows [B·h, w, H, K] and columns [B·w, h, H, K]
-        rows = [g.reshape(batch * height, width, *g.shape[2:]) for g in self.project(x)]
+        gates = self.project(x)  # each [B, h·w, H, K]
+        rows = [g.reshape(batch * height, width, *g.shape[2:]) for g in gates]
         cols = [
             g.reshape(batch, height, width, *g.shape[2:]).transpose(1, 2).reshape(batch * width, height, *g.shape[2:])
-            for g in self.project(x)
+            for g in gates
         ]
         out_rows = self._scan(*rows, beta) + self._scan(*(g.flip(1) for g in rows), beta).flip(1)
         out_cols = self._scan(*cols, beta) + self._scan(*(g.flip(1) for g in cols), beta).flip(1)

@@ -1,6 +1,7 @@
 """The HGRN2 and HGRN1 recurrences, one public function per op, with backend dispatch.
 
-``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch chunked form elsewhere;
+``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch chunked form elsewhere (the
+step-by-step loop for scans of at most 16 steps, where it is faster);
 ``"torch"`` forces the chunked PyTorch form, ``"naive"`` the step-by-step loop, ``"triton"`` the
 kernels (on the CPU only under ``TRITON_INTERPRET=1``).
 """
@@ -49,11 +50,17 @@ def triton_available(device: torch.device | str) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+# Up to this many steps the loop beats the chunked form on the CPU (no padding, no pairwise decay tensors).
+SHORT_SCAN = 16
+
+
+def _resolve_backend(backend: str, tensor: torch.Tensor, seq_len: int | None = None) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        return "triton" if tensor.is_cuda and triton_available(tensor.device) else "torch"
+        if tensor.is_cuda and triton_available(tensor.device):
+            return "triton"
+        return "naive" if seq_len is not None and seq_len <= SHORT_SCAN else "torch"
     if backend == "triton" and not triton_available(tensor.device):
         if _kernel_module("chunk") is None:
             raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
@@ -108,7 +115,7 @@ def hgrn2_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q)
+    resolved = _resolve_backend(backend, q, q.shape[1])
     if resolved == "triton":
         return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "naive":
@@ -139,7 +146,7 @@ def hgrn2_gated_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q_proj)
+    resolved = _resolve_backend(backend, q_proj, q_proj.shape[1])
     chunk = _kernel_module("chunk")
     if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated"):
         return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, lower_bound, output_gate=output_gate, **kwargs)
@@ -205,7 +212,7 @@ def hgrn1_recurrence(
     """
     check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens)
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
-    resolved = _resolve_backend(backend, x)
+    resolved = _resolve_backend(backend, x, x.shape[1])
     scan = _kernel_module("scan")
     if resolved == "triton" and scan is not None:
         return scan.scan_hgrn1(x, log_forget, **kwargs)
