@@ -103,7 +103,8 @@ class CausalLM(pl.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         input_ids, labels = batch["input_ids"], batch["labels"]
         state = self._carried(self._train_state, input_ids.shape[0], input_ids.device) if self.carry_state else None
-        out = self.model(input_ids, labels, state=state, output_state=self.carry_state)
+        # the loss straight from the hidden states: the [B, T, V] logits are never formed
+        out = self.model(input_ids, labels, state=state, output_state=self.carry_state, return_logits=False)
         if self.carry_state:
             self._train_state = [s.detach() for s in out.state]
         self._step_tokens = input_ids.numel() * self.trainer.world_size

@@ -3,7 +3,13 @@
 Reads top to bottom: ``LMConfig`` (with the preset table ``PRESETS``), ``count_parameters`` (closed form),
 ``HGRN2ForCausalLM`` (embedding, pre-norm HGRU2 or HGRU1 blocks with layer-wise forget-gate lower bounds,
 final norm, LM head) and its ``generate``, which prefills the prompt with the chunked op and then decodes one
-token at a time with the recurrent step, so memory stays constant in the number of generated tokens.
+token at a time with the recurrent step, so memory stays constant in the number of generated tokens
+(``hgrn2.models.decoding``: static buffers, replayed from a CUDA graph on CUDA).
+
+Where the recurrence runs on the Triton kernels (CUDA, or ``backend="triton"``) and ``fused`` is on, the blocks
+run on fused kernels with the same math: each residual add is folded into the next RMSNorm, which emits the
+autocast dtype directly; the GLU keeps only its two projections for the backward; and the training loss
+(``return_logits=False``) is a blockwise linear cross-entropy that never forms the full logits.
 
 Initialisation follows the authors' standalone code (Doraemonzzz/hgru2-pytorch, ``Hgrn2PreTrainedModel``):
 every Linear and Embedding weight ~ N(0, 0.02²), biases zero, the lower-bound logits Γ equal across layers
@@ -25,7 +31,11 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, make_norm
-from hgrn2.models.sampling import sample_next_token
+from hgrn2.models.decoding import generate_tokens
+from hgrn2.ops import hgrn2_gated_recurrence, triton_available
+from hgrn2.ops.fused_cross_entropy import fused_linear_cross_entropy
+from hgrn2.ops.fused_glu import FUSED_GLU_ACTIVATIONS, fused_glu
+from hgrn2.ops.fused_norm import fused_add_rmsnorm
 
 IGNORE_INDEX = -100
 MIXERS = ("hgru2", "hgru1")
@@ -37,7 +47,8 @@ class LMConfig:
 
     ``expand_ratio`` is the head size K = V (heads H = hidden_size / expand_ratio); HGRN1 (``mixer="hgru1"``)
     has no heads and needs ``expand_ratio=1``. ``scale=None`` means K^-1/2 (fla); the paper uses 1.
-    ``glu_hidden_size=0`` drops the channel mixer.
+    ``glu_hidden_size=0`` drops the channel mixer. ``fused`` runs RMSNorm-based blocks on the fused kernels
+    (``hgrn2.ops.fused_*``) wherever the recurrence runs on Triton.
     """
 
     vocab_size: int = 50272
@@ -59,6 +70,7 @@ class LMConfig:
     rescale_residual: bool = False
     gradient_checkpointing: bool = False
     backend: str = "auto"
+    fused: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
@@ -138,10 +150,11 @@ def count_parameters(config: LMConfig) -> int:
 
 @dataclass
 class LMOutput:
-    """``logits [B, T, V]``; ``loss``: mean cross-entropy over targets != -100 (None without labels);
-    ``state``: one recurrent state per layer (``[B, H, K, V]`` or ``[B, D]``) when asked for."""
+    """``logits [B, T, V]`` (None with ``return_logits=False``); ``loss``: mean cross-entropy over targets
+    != -100 (None without labels); ``state``: one recurrent state per layer (``[B, H, K, V]`` or ``[B, D]``)
+    when asked for."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None
     loss: torch.Tensor | None = None
     state: list[torch.Tensor] | None = None
 
@@ -225,6 +238,15 @@ class HGRN2ForCausalLM(nn.Module):
             return [None] * self.config.num_layers
         return list(self.lower_bounds().unbind(0))
 
+    def uses_fused_kernels(self, device: torch.device) -> bool:
+        """Whether the blocks run on the fused kernels for inputs on ``device`` (see the module docstring)."""
+        c = self.config
+        if not c.fused or c.norm not in ("simple_rmsnorm", "rmsnorm") or c.glu_activation not in FUSED_GLU_ACTIVATIONS:
+            return False
+        if c.backend == "triton":
+            return True
+        return c.backend == "auto" and device.type == "cuda" and triton_available(device)
+
     def hidden_states(
         self,
         input_ids: torch.Tensor,
@@ -237,15 +259,21 @@ class HGRN2ForCausalLM(nn.Module):
         if state is not None and len(state) != self.config.num_layers:
             raise ValueError(f"state must hold one tensor per layer ({self.config.num_layers}), got {len(state)}")
         x = self.embed(input_ids)  # [B, T, D]
-        new_state = []
+        fused = self.uses_fused_kernels(input_ids.device)
+        branch, new_state = None, []  # fused: the last branch output, not yet added to the residual x
         for i, (block, beta) in enumerate(zip(self.blocks, self.layer_lower_bounds())):
-            kwargs = dict(initial_state=None if state is None else state[i], output_final_state=output_state)
+            run = _fused_block if fused else _block
+            args = (block, x, branch, beta, None if state is None else state[i], output_state)
             if self.config.gradient_checkpointing and self.training:
-                x, layer_state = checkpoint(block, x, beta, use_reentrant=False, **kwargs)
+                x, branch, layer_state = checkpoint(run, *args, use_reentrant=False)
             else:
-                x, layer_state = block(x, lower_bound=beta, **kwargs)
+                x, branch, layer_state = run(*args)
             new_state.append(layer_state)
-        return self.norm(x), (new_state if output_state else None)
+        if fused:
+            hidden, _ = _add_norm(self.norm, x, branch)
+        else:
+            hidden = self.norm(x)
+        return hidden, (new_state if output_state else None)
 
     def forward(
         self,
@@ -253,14 +281,30 @@ class HGRN2ForCausalLM(nn.Module):
         labels: torch.Tensor | None = None,
         state: Sequence[torch.Tensor | None] | None = None,
         output_state: bool = False,
+        return_logits: bool = True,
     ) -> LMOutput:
-        """input_ids ``[B, T]`` (and labels ``[B, T]``) → ``LMOutput``; ``state`` continues a previous segment."""
+        """input_ids ``[B, T]`` (and labels ``[B, T]``) → ``LMOutput``; ``state`` continues a previous segment.
+
+        ``return_logits=False`` (needs labels) computes the loss blockwise from the hidden states without
+        forming the ``[B, T, V]`` logits: the training path.
+        """
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels {list(labels.shape)} must match input_ids {list(input_ids.shape)}")
+        if not return_logits and labels is None:
+            raise ValueError("return_logits=False returns only the loss: pass labels (or keep return_logits=True)")
         hidden, new_state = self.hidden_states(input_ids, state, output_state)
+        if not return_logits:
+            loss, _ = fused_linear_cross_entropy(
+                hidden.flatten(0, 1),
+                self.lm_head.weight,
+                labels.flatten(),
+                ignore_index=IGNORE_INDEX,
+                backend="triton" if self.uses_fused_kernels(input_ids.device) else "torch",
+            )
+            return LMOutput(logits=None, loss=loss, state=new_state)
         logits = self.lm_head(hidden)  # [B, T, V]
         loss = None
         if labels is not None:
-            if labels.shape != input_ids.shape:
-                raise ValueError(f"labels {list(labels.shape)} must match input_ids {list(input_ids.shape)}")
             nll, count = lm_loss(logits, labels)
             loss = nll / count.clamp_min(1)
         return LMOutput(logits=logits, loss=loss, state=new_state)
@@ -291,44 +335,68 @@ class HGRN2ForCausalLM(nn.Module):
         stop_tokens: Sequence[int] = (),
         seed: int | None = None,
         generator: torch.Generator | None = None,
+        use_cuda_graph: bool | None = None,
     ) -> torch.Tensor:
         """Continue ``input_ids [B, T]`` by up to ``max_new_tokens``; returns ``[B, T + n]``.
 
         ``temperature=0`` is greedy decoding. Sampling draws from ``generator`` (or a fresh one seeded with
         ``seed``). A row that emits one of ``stop_tokens`` is finished and padded with that stop token;
-        generation ends early once every row is finished.
+        generation ends early once every row is finished. On CUDA each decoding step is replayed from a CUDA
+        graph (``use_cuda_graph=False`` runs it eagerly); see ``hgrn2.models.decoding``.
         """
         if input_ids.dim() != 2 or input_ids.shape[1] == 0:
             raise ValueError(f"input_ids must have shape [B, T] with T >= 1, got {list(input_ids.shape)}")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+        if temperature < 0:
+            raise ValueError(f"temperature must be >= 0 (0 is greedy), got {temperature}")
         if generator is None and seed is not None:
             generator = torch.Generator(device=input_ids.device).manual_seed(seed)
         was_training = self.training
         self.eval()
         try:
-            return self._decode(input_ids, max_new_tokens, temperature, top_k, top_p, list(stop_tokens), generator)
+            return generate_tokens(
+                self, input_ids, max_new_tokens, temperature, top_k, top_p, list(stop_tokens), generator, use_cuda_graph
+            )
         finally:
             self.train(was_training)
 
-    def _decode(self, input_ids, max_new_tokens, temperature, top_k, top_p, stop_tokens, generator) -> torch.Tensor:
-        batch, prompt_len = input_ids.shape
-        tokens = input_ids.new_empty(batch, prompt_len + max_new_tokens)  # [B, T + N]
-        tokens[:, :prompt_len] = input_ids
-        stops = torch.as_tensor(stop_tokens, dtype=input_ids.dtype, device=input_ids.device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=input_ids.device)
-        # prefill: the chunked op over the whole prompt; only the last position needs logits
-        hidden, state = self.hidden_states(input_ids, output_state=True)
-        logits = self.lm_head(hidden[:, -1])  # [B, V]
-        length = prompt_len
-        for n in range(max_new_tokens):
-            next_token = sample_next_token(logits, temperature, top_k, top_p, generator)  # [B]
-            if stops.numel():
-                next_token = torch.where(finished, stops[0], next_token)
-                finished |= torch.isin(next_token, stops)
-            tokens[:, length] = next_token
-            length += 1
-            if n + 1 == max_new_tokens or (stops.numel() and bool(finished.all())):
-                break
-            logits, state = self.step(next_token, state)
-        return tokens[:, :length]
+
+def _block(block: Block, x, branch, beta, state, output_state):
+    """The unfused block (``branch`` is always None here): returns (x', None, state)."""
+    x, state = block(x, lower_bound=beta, initial_state=state, output_final_state=output_state)
+    return x, None, state
+
+
+def _add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None):
+    return fused_add_rmsnorm(x, branch, norm.weight, groups=norm.groups, eps=norm.eps, backend="triton")
+
+
+def _fused_block(block: Block, x, branch, beta, state, output_state):
+    """The block on fused kernels. ``x`` is the residual stream without the previous block's last branch
+    output ``branch``, which is added inside the first norm; returns (x', this block's last branch, state)."""
+    normed, x = _add_norm(block.mixer_norm, x, branch)  # [B, T, D] in the autocast dtype
+    mixer = block.mixer
+    if isinstance(mixer, HGRU2):
+        q_proj, value, forget_proj = mixer.project(normed)  # [B, T, H, K] each
+        o, state = hgrn2_gated_recurrence(
+            q_proj,
+            value,
+            forget_proj,
+            None if beta is None else beta.unflatten(-1, (mixer.num_heads, mixer.expand_ratio)),
+            output_gate=mixer.output_gate,
+            scale=mixer.scale,
+            initial_state=state,
+            output_final_state=output_state,
+            backend=mixer.backend,
+        )
+        y = mixer.o_proj(_add_norm(mixer.norm, o.flatten(-2), None)[0])
+    else:
+        y, state = mixer(normed, lower_bound=beta, initial_state=state, output_final_state=output_state)
+    glu = block.glu
+    if glu is None:
+        return x, y, state
+    normed, x = _add_norm(block.glu_norm, x, y)
+    biases = (glu.gate_proj.bias, glu.up_proj.bias, glu.down_proj.bias)
+    weights = (glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight)
+    return x, fused_glu(normed, *weights, *biases, act=glu.activation, backend="triton"), state
