@@ -35,11 +35,16 @@ from hgrn2.ops.scan import scan_hgrn1  # noqa: E402
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 LINES: list[str] = []
 FAILURES: list[str] = []
+LOG_PATH: list[Path] = []  # set by main; the log is rewritten after every line, so a timeout loses nothing
 
 
 def log(line: str) -> None:
     print(line, flush=True)
     LINES.append(line)
+    if LOG_PATH:
+        tmp = LOG_PATH[0].with_suffix(".tmp")
+        tmp.write_text("\n".join(LINES) + "\n")
+        os.replace(tmp, LOG_PATH[0])
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:
@@ -186,6 +191,9 @@ def main() -> None:
     import triton
 
     props = torch.cuda.get_device_properties(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    LOG_PATH.append(out / f"{props.name.replace(' ', '-')}-gpu-check.log")
     log(f"device: {props.name}, torch {torch.__version__}, triton {triton.__version__}")
     check_hgrn2(8, 2048, 8, 128, torch.bfloat16)  # 16K tokens
     check_hgrn2(8, 2048, 8, 128, torch.bfloat16, gate="wide")
@@ -202,12 +210,6 @@ def main() -> None:
     check_gated(4, 4096, 8, 128, torch.bfloat16)
     check_gated(2, 1000, 4, 96, torch.float32)  # ragged T, K = V = 96
     log(f"{len(FAILURES)} of the checks failed" + (": " + "; ".join(FAILURES) if FAILURES else ""))
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{props.name.replace(' ', '-')}-gpu-check.log"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("\n".join(LINES) + "\n")
-    os.replace(tmp, path)
     sys.exit(1 if FAILURES else 0)
 
 
