@@ -180,7 +180,7 @@ class HGRN2ForCausalLM(nn.Module):
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
         self.blocks = nn.ModuleList(
-            Block(
+            LMBlock(
                 self._make_mixer(config),
                 config.glu_hidden_size,
                 norm=config.norm,
@@ -262,12 +262,11 @@ class HGRN2ForCausalLM(nn.Module):
         fused = self.uses_fused_kernels(input_ids.device)
         branch, new_state = None, []  # fused: the last branch output, not yet added to the residual x
         for i, (block, beta) in enumerate(zip(self.blocks, self.layer_lower_bounds())):
-            run = _fused_block if fused else _block
-            args = (block, x, branch, beta, None if state is None else state[i], output_state)
+            args = (block, x, branch, beta, None if state is None else state[i], output_state, fused)
             if self.config.gradient_checkpointing and self.training:
-                x, branch, layer_state = checkpoint(run, *args, use_reentrant=False)
+                x, branch, layer_state = checkpoint(_run_block, *args, use_reentrant=False)
             else:
-                x, branch, layer_state = run(*args)
+                x, branch, layer_state = _run_block(*args)
             new_state.append(layer_state)
         if fused:
             hidden, _ = _add_norm(self.norm, x, branch)
@@ -362,9 +361,12 @@ class HGRN2ForCausalLM(nn.Module):
             self.train(was_training)
 
 
-def _block(block: Block, x, branch, beta, state, output_state):
-    """The unfused block (``branch`` is always None here): returns (x', None, state)."""
-    x, state = block(x, lower_bound=beta, initial_state=state, output_final_state=output_state)
+def _run_block(block: LMBlock, x, branch, beta, state, output_state: bool, fused: bool):
+    """One block through its ``__call__`` (so module hooks, e.g. FSDP's, run): returns (x', branch, state)."""
+    kwargs = dict(initial_state=state, output_final_state=output_state)
+    if fused:
+        return block(x, beta, branch, fused=True, **kwargs)
+    x, state = block(x, beta, **kwargs)
     return x, None, state
 
 
@@ -372,31 +374,41 @@ def _add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None):
     return fused_add_rmsnorm(x, branch, norm.weight, groups=norm.groups, eps=norm.eps, backend="triton")
 
 
-def _fused_block(block: Block, x, branch, beta, state, output_state):
-    """The block on fused kernels. ``x`` is the residual stream without the previous block's last branch
-    output ``branch``, which is added inside the first norm; returns (x', this block's last branch, state)."""
-    normed, x = _add_norm(block.mixer_norm, x, branch)  # [B, T, D] in the autocast dtype
-    mixer = block.mixer
-    if isinstance(mixer, HGRU2):
-        q_proj, value, forget_proj = mixer.project(normed)  # [B, T, H, K] each
-        o, state = hgrn2_gated_recurrence(
-            q_proj,
-            value,
-            forget_proj,
-            None if beta is None else beta.unflatten(-1, (mixer.num_heads, mixer.expand_ratio)),
-            output_gate=mixer.output_gate,
-            scale=mixer.scale,
-            initial_state=state,
-            output_final_state=output_state,
-            backend=mixer.backend,
-        )
-        y = mixer.o_proj(_add_norm(mixer.norm, o.flatten(-2), None)[0])
-    else:
-        y, state = mixer(normed, lower_bound=beta, initial_state=state, output_final_state=output_state)
-    glu = block.glu
-    if glu is None:
-        return x, y, state
-    normed, x = _add_norm(block.glu_norm, x, y)
-    biases = (glu.gate_proj.bias, glu.up_proj.bias, glu.down_proj.bias)
-    weights = (glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight)
-    return x, fused_glu(normed, *weights, *biases, act=glu.activation, backend="triton"), state
+class LMBlock(Block):
+    """A ``Block`` that can also run on the fused kernels (``fused=True``; RMS norms only).
+
+    Fused, ``x`` is the residual stream without the previous block's last branch output ``branch``, which is
+    added inside this block's first norm, and the result is ``(x', this block's last branch output, state)``;
+    unfused it is ``Block``'s ``(x', state)``.
+    """
+
+    def forward(self, x, lower_bound=None, branch=None, fused: bool = False, **mixer_kwargs):
+        if not fused:
+            if branch is not None:
+                raise ValueError("a pending branch output is only taken with fused=True")
+            return super().forward(x, lower_bound=lower_bound, **mixer_kwargs)
+        normed, x = _add_norm(self.mixer_norm, x, branch)  # [B, T, D] in the autocast dtype
+        mixer = self.mixer
+        if isinstance(mixer, HGRU2):
+            q_proj, value, forget_proj = mixer.project(normed)  # [B, T, H, K] each
+            beta = None if lower_bound is None else lower_bound.unflatten(-1, (mixer.num_heads, mixer.expand_ratio))
+            o, state = hgrn2_gated_recurrence(
+                q_proj,
+                value,
+                forget_proj,
+                beta,
+                output_gate=mixer.output_gate,
+                scale=mixer.scale,
+                backend=mixer.backend,
+                **mixer_kwargs,  # initial_state, output_final_state, cu_seqlens
+            )
+            y = mixer.o_proj(_add_norm(mixer.norm, o.flatten(-2), None)[0])
+        else:
+            y, state = mixer(normed, lower_bound=lower_bound, **mixer_kwargs)
+        glu = self.glu
+        if glu is None:
+            return x, y, state
+        normed, x = _add_norm(self.glu_norm, x, y)
+        weights = (glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight)
+        biases = (glu.gate_proj.bias, glu.up_proj.bias, glu.down_proj.bias)
+        return x, fused_glu(normed, *weights, *biases, act=glu.activation, backend="triton"), state

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -79,3 +80,21 @@ def test_loss_only_forward_needs_labels():
     model = HGRN2ForCausalLM(LMConfig.from_name("tiny"))
     with pytest.raises(ValueError, match="return_logits=False returns only the loss: pass labels"):
         model(torch.zeros(1, 3, dtype=torch.long), return_logits=False)
+
+
+@pytest.mark.gpu
+def test_fused_path_on_cuda_equals_the_unfused_modules_under_bf16_autocast():
+    config = LMConfig.from_name("demo", vocab_size=300)
+    reference = HGRN2ForCausalLM(dataclasses.replace(config, fused=False)).cuda()
+    fused = HGRN2ForCausalLM(config).cuda()
+    fused.load_state_dict(reference.state_dict())
+    input_ids = torch.randint(0, 300, (2, 200), device="cuda")
+    labels = input_ids.roll(-1, 1)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        losses = [m(input_ids, labels=labels, return_logits=False).loss for m in (reference, fused)]
+    assert_rel_close(losses[1], losses[0], 1e-3, "loss")
+    for loss in losses:
+        loss.backward()
+    ref_params = dict(reference.named_parameters())
+    for name, p in fused.named_parameters():
+        assert_rel_close(p.grad, ref_params[name].grad, 3e-2, f"d {name}")
