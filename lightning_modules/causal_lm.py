@@ -9,6 +9,11 @@ the recurrent state the previous batch ended in (the text datamodule's ``streams
 batch n+1 continue row i of batch n), and log ``*/loss_carry`` and ``*/ppl_carry`` beside the usual
 metrics. With ``carry_state`` training does the same with the state detached (truncated backpropagation
 through time); it needs ``train_layout: streams``.
+
+Multi-device: ``--trainer.strategy ddp`` replicates the model; ``--trainer.strategy fsdp`` makes every
+``hgrn2.layers.Block`` an FSDP unit in ``configure_model`` (see :mod:`lightning_modules.sharding`), with
+mixed precision from ``--trainer.precision``; ``overrides: {gradient_checkpointing: true}`` recomputes each
+block's activations in the backward pass under either.
 """
 
 from __future__ import annotations
@@ -22,8 +27,10 @@ import lightning.pytorch as pl
 import torch
 from torchmetrics import MeanMetric
 
+from hgrn2.layers import Block
 from hgrn2.models.lm import IGNORE_INDEX, HGRN2ForCausalLM, LMConfig, lm_loss
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.sharding import clip_gradients, full_parameters, shard_modules
 
 STAGES = ("val", "test")
 
@@ -132,6 +139,13 @@ class CausalLM(pl.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         self._train_state = checkpoint.get("carried_train_state")
 
+    def configure_model(self) -> None:
+        # under FSDP: one unit per block plus the root (embeddings, final norm, head); elsewhere a no-op
+        self.model = shard_modules(self.model, lambda name, module: isinstance(module, Block))
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))
 
@@ -228,5 +242,6 @@ class LMSummary(pl.Callback):
         return "\n".join(lines)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
-        if trainer.is_global_zero:
-            print("\n" + self.summary(trainer, pl_module), flush=True)
+        with full_parameters(pl_module):  # generation calls the blocks one step at a time, outside forward
+            if trainer.is_global_zero:
+                print("\n" + self.summary(trainer, pl_module), flush=True)

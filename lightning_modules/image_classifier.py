@@ -5,12 +5,18 @@ cross-entropy with optional label smoothing. Metrics: top-1 and top-5 accuracy. 
 and cosine decay from :mod:`lightning_modules.optim`; gradient clipping is the Trainer's
 (``gradient_clip_val``). Optional exponential moving average of the weights (timm ``ModelEmaV3``), evaluated
 next to the raw model.
+
+Multi-device: ``--trainer.strategy ddp`` or ``fsdp``; under FSDP each element of the model's ``blocks`` (the
+HGRN2 ``Block``, or a timm ViT block) is its own unit (:mod:`lightning_modules.sharding`). The EMA needs
+full weights on every rank, so it works with DDP only. ``gradient_checkpointing`` is timm's
+``set_grad_checkpointing``: each block's activations are recomputed in the backward pass.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import lightning.pytorch as pl
 import timm
@@ -20,6 +26,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.sharding import clip_gradients, fsdp_roots, shard_modules
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -61,6 +68,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: if set, overrides ``optim.warmup_steps`` with this many epochs of optimizer steps.
         label_smoothing: for batches with hard labels (mixed batches carry their own smoothing).
         ema_decay: keep an EMA of the weights with this decay (e.g. 0.99996) and validate it too; None: off.
+        gradient_checkpointing: recompute each block's activations in the backward pass (less memory).
     """
 
     def __init__(
@@ -72,6 +80,7 @@ class ImageClassifier(pl.LightningModule):
         warmup_epochs: float | None = None,
         label_smoothing: float = 0.0,
         ema_decay: float | None = None,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if num_classes < 2:
@@ -80,6 +89,8 @@ class ImageClassifier(pl.LightningModule):
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {ema_decay}")
         self.save_hyperparameters()
         self.model = timm.create_model(model_name, num_classes=num_classes, **(model_kwargs or {}))
+        if gradient_checkpointing:
+            self.model.set_grad_checkpointing(True)
         self.optim = optim or OptimizerConfig()
         self.ema = None
         if ema_decay is not None:
@@ -143,6 +154,18 @@ class ImageClassifier(pl.LightningModule):
         else:
             raise ValueError("warmup_epochs needs a known epoch length: set optim.warmup_steps instead")
         return dataclasses.replace(self.optim, warmup_steps=round(self.hparams.warmup_epochs * per_epoch))
+
+    def configure_model(self) -> None:
+        # under FSDP: one unit per element of `blocks` plus the root (patch embedding, norms, head)
+        self.model = shard_modules(self.model, lambda name, module: re.fullmatch(r"blocks\.\d+", name) is not None)
+        if self.ema is not None and fsdp_roots(self.model):
+            raise ValueError(
+                "ema_decay keeps a full copy of the weights, updated from the model's full parameters on every rank, "
+                "but FSDP shards them: train with --trainer.strategy ddp, or set ema_decay: null"
+            )
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
         total_steps = estimated_total_steps(self.trainer)

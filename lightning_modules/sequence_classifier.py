@@ -7,9 +7,16 @@ set ``betas: [0.9, 0.999]``, ``min_lr_ratio: 0`` and the per-task warm-up and st
 
 Batches are the LRA datamodules' dicts: ``labels`` plus the model inputs (``input_ids``, ``attention_mask``
 and, for retrieval, ``input_ids_2``/``attention_mask_2``). Logged: ``{train,val,test}/loss`` and ``/acc``.
+
+Multi-device: ``--trainer.strategy ddp`` or ``fsdp``. The encoder calls each block's mixer and GLU itself
+(``hgrn2.models.lra.block_forward``), so under FSDP those are the units (:mod:`lightning_modules.sharding`);
+``gradient_checkpointing`` recomputes their activations in the backward pass. BatchNorm statistics stay per
+device unless ``--trainer.sync_batchnorm true`` (DDP only).
 """
 
 from __future__ import annotations
+
+import re
 
 import lightning.pytorch as pl
 import torch
@@ -19,8 +26,13 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hgrn2.models.lra import LRAClassifier, lra_config
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.sharding import checkpoint_modules, clip_gradients, shard_modules
 
 STAGES = ("train", "val", "test")
+
+
+def _is_mixer_or_glu(name: str, module: nn.Module) -> bool:
+    return re.fullmatch(r"blocks\.\d+\.(mixer|glu)", name) is not None
 
 
 class SequenceClassifier(pl.LightningModule):
@@ -31,6 +43,7 @@ class SequenceClassifier(pl.LightningModule):
         overrides: :class:`~hgrn2.models.lra.LRAConfig` fields to change, e.g. ``{"num_layers": 2}``.
         optim: AdamW and schedule settings (defaults of :class:`OptimizerConfig` when None).
         label_smoothing: of the cross-entropy.
+        gradient_checkpointing: recompute each mixer's and GLU's activations in the backward pass (less memory).
     """
 
     def __init__(
@@ -39,6 +52,7 @@ class SequenceClassifier(pl.LightningModule):
         overrides: dict | None = None,
         optim: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
+        gradient_checkpointing: bool = False,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -46,6 +60,8 @@ class SequenceClassifier(pl.LightningModule):
         self.save_hyperparameters()
         self.config = lra_config(preset, **(overrides or {}))
         self.model = LRAClassifier(self.config)
+        if gradient_checkpointing:
+            checkpoint_modules(self.model, _is_mixer_or_glu)
         self.optim = optim if optim is not None else OptimizerConfig()
         self.label_smoothing = label_smoothing
         # keyed "<stage>_acc": a ModuleDict key may not shadow an nn.Module attribute such as `train`
@@ -79,6 +95,12 @@ class SequenceClassifier(pl.LightningModule):
 
     def test_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         self._shared_step(batch, "test")
+
+    def configure_model(self) -> None:
+        self.model = shard_modules(self.model, _is_mixer_or_glu)
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))

@@ -1,0 +1,107 @@
+"""FSDP support shared by the LightningModules: one FSDP unit per block, gradient clipping over shards,
+full parameters on demand, and activation checkpointing of chosen submodules.
+
+Lightning's ``FSDPStrategy`` calls ``LightningModule.configure_model`` inside
+``torch.distributed.fsdp.wrap.enable_wrap``, so ``wrap(module)`` there turns ``module`` into its own FSDP unit
+with the Trainer's settings (mixed precision from ``precision``, ``sharding_strategy``, ``use_orig_params``, ...);
+under any other strategy ``wrap`` returns the module unchanged. :func:`shard_modules` wraps every selected
+submodule of a backbone (the blocks), then the backbone itself, so that the parameters outside the blocks
+(embeddings, heads, norms) are sharded too. Because the LightningModule then holds FSDP units already,
+Lightning does not wrap it a second time.
+
+With ``use_orig_params=True`` (Lightning's default) the original ``nn.Parameter`` objects survive as views
+into the shards, so ``configure_optimizers`` can keep building its weight-decay groups from module types.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+from torch.distributed.fsdp.wrap import wrap
+
+UnitFilter = Callable[[str, nn.Module], bool]
+
+
+def _selected(backbone: nn.Module, is_unit: UnitFilter) -> list[str]:
+    """Qualified names of the modules ``is_unit`` selects, outermost first, none inside another one."""
+    names: list[str] = []
+    for name, module in backbone.named_modules():
+        if name and is_unit(name, module) and not any(name.startswith(outer + ".") for outer in names):
+            names.append(name)
+    return names
+
+
+def shard_modules(backbone: nn.Module, is_unit: UnitFilter) -> nn.Module:
+    """Inside Lightning's FSDP context: each selected submodule becomes an FSDP unit, then ``backbone`` the
+    root unit, which is returned. Elsewhere: ``backbone`` unchanged. Calling it again is a no-op.
+
+    ``is_unit(name, module)`` picks the units by qualified name and module, e.g. ``isinstance(module, Block)``.
+    A unit's parameters are gathered only when its ``forward`` runs, so pick modules that the backbone calls
+    as a whole (not ones whose children it calls directly).
+    """
+    if any(isinstance(module, FSDP) for module in backbone.modules()):
+        return backbone
+    for name in _selected(backbone, is_unit):
+        backbone.set_submodule(name, wrap(backbone.get_submodule(name)))
+    return wrap(backbone)
+
+
+def checkpoint_modules(backbone: nn.Module, is_unit: UnitFilter) -> None:
+    """Recompute each selected submodule's activations in the backward pass instead of storing them.
+
+    Uses PyTorch's ``checkpoint_wrapper`` (non-reentrant), whose state-dict hooks keep parameter names as they
+    were, so checkpoints load with activation checkpointing on or off. Calling it again is a no-op.
+    """
+    if any(isinstance(module, CheckpointWrapper) for module in backbone.modules()):
+        return
+    for name in _selected(backbone, is_unit):
+        backbone.set_submodule(name, checkpoint_wrapper(backbone.get_submodule(name)))
+
+
+def fsdp_roots(module: nn.Module) -> list[FSDP]:
+    """The outermost FSDP units inside ``module`` (empty when nothing is sharded)."""
+    if isinstance(module, FSDP):
+        return [module]
+    return [root for child in module.children() for root in fsdp_roots(child)]
+
+
+def clip_gradients(
+    module: pl.LightningModule,
+    optimizer: torch.optim.Optimizer,
+    gradient_clip_val: float | None,
+    gradient_clip_algorithm: str | None,
+) -> None:
+    """``configure_gradient_clipping`` that also clips sharded gradients by their global norm.
+
+    Lightning's FSDP precision plugin refuses norm clipping because ``torch.nn.utils.clip_grad_norm_`` would
+    only see the local shards; FSDP's root unit computes the norm over all of them. Value clipping is
+    element-wise, so it and everything unsharded go to Lightning's ``clip_gradients``.
+    """
+    roots = fsdp_roots(module)
+    if roots and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+        if len(roots) > 1:
+            raise ValueError(
+                f"norm clipping needs one root FSDP unit holding every parameter, found {len(roots)}; "
+                "wrap the whole backbone (shard_modules does) or clip by value"
+            )
+        roots[0].clip_grad_norm_(gradient_clip_val)
+        return
+    module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module) -> Iterator[None]:
+    """Gather sharded parameters for code that calls submodules outside ``forward`` (generation, EMA).
+
+    Collective under FSDP: every rank must enter it. Read-only: changes to the parameters are not written back.
+    """
+    with contextlib.ExitStack() as stack:
+        for root in fsdp_roots(module):
+            stack.enter_context(FSDP.summon_full_params(root, writeback=False))
+        yield
