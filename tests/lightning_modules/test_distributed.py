@@ -166,7 +166,8 @@ def _assert_val_equal(run_dir: Path, world: int, reference: Path) -> None:
         actual = _records(run_dir, "val", rank)[-1]
         assert set(actual) == set(expected) and {"val/loss", "val/accuracy"} <= set(actual)
         for name, value in expected.items():
-            assert abs(actual[name] - value) <= 1e-4 * max(1.0, abs(value)), f"rank {rank} {name}: {actual} vs {expected}"
+            close = abs(actual[name] - value) <= 1e-4 * max(1.0, abs(value))
+            assert close, f"rank {rank} {name}: {actual} vs one process {expected}"
 
 
 def test_ddp_two_processes_match_one_process_losses_val_metrics_and_data(corpus, single_process):
