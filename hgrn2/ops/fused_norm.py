@@ -152,7 +152,9 @@ class _AddRMSNorm(torch.autograd.Function):
         d_residual = d_residual.reshape(-1, dim).contiguous() if d_residual is not None else None
         dx = torch.empty(n_rows, dim, dtype=ctx.x_dtype, device=residual.device)
         dy = torch.empty(n_rows, dim, dtype=ctx.branch_dtype, device=residual.device) if ctx.has_branch else None
-        if residual.is_cuda:
+        if weight is None:
+            programs = max(n_rows, 1)  # nothing to reduce across rows: one program per token
+        elif residual.is_cuda:
             programs = min(n_rows, 4 * torch.cuda.get_device_properties(residual.device).multi_processor_count)
         else:
             programs = min(n_rows, 4)
