@@ -1,6 +1,7 @@
 """Does the LRA model learn? ListOps and Pathfinder-32 drawn by the real generators, a few minutes of training each.
 
-    PYTHONPATH=$PWD python benchmarks/lra_learning.py --out benchmarks/results      # one GPU, ~12 minutes
+    PYTHONPATH=$PWD python benchmarks/lra_learning.py --out benchmarks/results --tasks listops     # ~5 minutes
+    PYTHONPATH=$PWD python benchmarks/lra_learning.py --out benchmarks/results --tasks pathfinder  # ~7 minutes
 
 1. generates ListOps with the LRA algorithm (20,000 train, 2,000 validation, 2,000 held-out test expressions of
    500-2,000 tokens) and Pathfinder-32 with the Linsley et al. algorithm (40,000 images, split 80/10/10);
@@ -9,7 +10,8 @@
    advance, so the learning rate warms up over the first 10 % of the time and then follows a cosine to 0 at the
    end of the budget (the paper: 5,000 / 50,000 warm-up steps out of 50,000 / 500,000);
 3. scores the last model on the held-out test split and writes ``<out>/<gpu>-lra.json`` with the accuracies, the
-   chance and majority-class baselines, the data sizes and the settings.
+   chance and majority-class baselines, the data sizes and the settings (a task run alone replaces only its own
+   entry, so the two runs above fill one file; generated data under ``--data-dir`` are reused when present).
 
 Needs only torch, lightning, torchmetrics, numpy and PIL (no jsonargparse). ``--tiny`` checks the whole path on
 the CPU in about a minute with small data and a small model.
@@ -210,13 +212,16 @@ def main(argv: list[str] | None = None) -> dict:
             generated = prepare_pathfinder(args.data_dir, args.pathfinder_images, args.workers, args.seed)
             data = PathfinderDataModule(generated["data_dir"], batch_size=BATCH_SIZE[task], num_workers=loader_workers)
         print(f"[{task}] data ready: {generated}", flush=True)
-        result = {"data": generated, **train_and_test(task, data, overrides[task], args)}
+        result = {"command": " ".join(sys.argv), "data": generated, **train_and_test(task, data, overrides[task], args)}
         report["tasks"][task] = result
         baselines = f"chance {result['chance_acc']} %, majority class {result['majority_class_acc']} %"
         print(f"[{task}] test accuracy {result['test_acc']} % ({baselines}) after {result['steps']} steps", flush=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{gpu_name()}-lra.json"
+    if path.exists():  # runs of one task at a time (each under a 10-minute limit) add up in one file
+        previous = json.loads(path.read_text())
+        report["tasks"] = {**previous.get("tasks", {}), **report["tasks"]}
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(report, indent=2) + "\n")
     os.replace(tmp, path)
