@@ -33,10 +33,23 @@ class _MultiScanHGRU2(HGRU2):
 class BidirectionalHGRU2(_MultiScanHGRU2):
     """HGRU2 over the sequence left-to-right plus right-to-left, summed (the LRA text tasks)."""
 
-    def forward(self, x: torch.Tensor, lower_bound: torch.Tensor | None = None) -> tuple[torch.Tensor, None]:
-        """x ``[B, T, D]`` -> ``(y [B, T, D], None)``."""
+    def forward(
+        self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, mask: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, None]:
+        """x ``[B, T, D]`` -> ``(y [B, T, D], None)``.
+
+        ``mask`` (bool ``[B, T]``, True on real tokens) makes padded positions no-ops in both scans: their
+        forget gate is forced to 1 and so their key to 0, and the outputs at real positions do not depend
+        on how much padding follows them.
+        """
         self._check_input(x, 3)
-        gates = self.project(x)
+        q_proj, value, forget_proj = self.project(x)
+        if mask is not None:
+            if mask.shape != x.shape[:2]:
+                raise ValueError(f"mask must have shape [B, T] = {list(x.shape[:2])}, got {list(mask.shape)}")
+            # logsigmoid(1e4) = 0 in every float dtype: λ = 1 whatever the lower bound
+            forget_proj = forget_proj.masked_fill(~mask.bool()[..., None, None], 1e4)
+        gates = (q_proj, value, forget_proj)
         beta = self._head_lower_bound(lower_bound)
         forward = self._scan(*gates, beta)
         backward = self._scan(*(g.flip(1) for g in gates), beta).flip(1)

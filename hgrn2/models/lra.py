@@ -209,6 +209,8 @@ class LRAClassifier(nn.Module):
         x = self.embed_inputs(input_ids)  # [B, T, D]
         bounds = self.lower_bounds().unbind(0) if self.lower_bounds is not None else [None] * len(self.blocks)
         kwargs = self._mixer_kwargs(x.shape[1])
+        if attention_mask is not None and not self.config.two_d:
+            kwargs["mask"] = attention_mask.bool()  # padding must not leak into the right-to-left scan
         for block, bound in zip(self.blocks, bounds):
             x = block_forward(block, x, bound, self.config.prenorm, self.dropout, **kwargs)
         x = self.final_norm(x)

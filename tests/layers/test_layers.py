@@ -116,3 +116,16 @@ def test_layers_reject_mismatched_widths():
         layer(torch.randn(2, 3, 8), lower_bound=torch.zeros(4))
     with pytest.raises(ValueError, match="initial_state must have shape"):
         layer(torch.randn(2, 3, 8), initial_state=torch.zeros(2, 4, 2, 2))
+
+
+def test_bidirectional_mixer_ignores_padding_under_a_mask():
+    layer = BidirectionalHGRU2(8, expand_ratio=4).double()
+    x = torch.randn(1, 6, 8, dtype=F64)
+    beta = torch.full((8,), 0.4, dtype=F64)
+    padded = torch.cat([x, torch.randn(1, 5, 8, dtype=F64)], dim=1)
+    mask = torch.tensor([[True] * 6 + [False] * 5])
+    y_alone, _ = layer(x, lower_bound=beta)
+    y_padded, _ = layer(padded, lower_bound=beta, mask=mask)
+    assert_rel_close(y_padded[:, :6], y_alone, 1e-10, "y at real positions")
+    y_unmasked, _ = layer(padded, lower_bound=beta)
+    assert (y_unmasked[:, :6] - y_alone).abs().max() > 1e-3  # without the mask, padding leaks backwards
