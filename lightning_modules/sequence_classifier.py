@@ -83,7 +83,16 @@ class SequenceClassifier(pl.LightningModule):
         accuracy = self.accuracy[f"{stage}_acc"]
         accuracy(logits.detach(), labels)
         on_step = stage == "train"
-        self.log(f"{stage}/loss", loss, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
+        # validation and test losses are averaged over all ranks (accuracy, a torchmetrics metric, syncs itself)
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_step=on_step,
+            on_epoch=True,
+            prog_bar=True,
+            batch_size=len(labels),
+            sync_dist=not on_step,
+        )
         self.log(f"{stage}/acc", accuracy, on_step=on_step, on_epoch=True, prog_bar=True, batch_size=len(labels))
         return loss
 

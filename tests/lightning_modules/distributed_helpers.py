@@ -3,8 +3,8 @@
 * :class:`CPUFSDPStrategy`: Lightning's ``FSDPStrategy`` on CPU processes (gloo), for tests only. Lightning
   refuses ``strategy="fsdp"`` without a GPU and passes FSDP the device index (``None`` on the CPU), which
   FSDP reads as "find an accelerator"; FSDP itself shards on the CPU when given ``device_id=cpu``.
-* :class:`StepRecorder`: writes, per rank, every training step's loss and the blocks it read, and the
-  validation metrics, as JSON lines under ``out_dir``.
+* :class:`StepRecorder`: writes, per rank, how the model was wrapped, every training step's loss and the
+  rows it read, and the validation metrics, as JSON lines under ``out_dir``.
 * :class:`CountingTextDataModule`: a ``TextDataModule`` that leaves a marker file each time ``prepare_data``
   runs, so a test can count the processes that built the token cache.
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.strategies import FSDPStrategy
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper
 from torch.distributed.fsdp import FullyShardedDataParallel
 from torch.distributed.fsdp.wrap import enable_wrap
 
@@ -48,8 +49,9 @@ def _append(path: Path, record: dict) -> None:
 
 
 class StepRecorder(pl.Callback):
-    """Per rank: ``train-rank<r>.jsonl`` (step, loss, the input rows) and ``val-rank<r>.jsonl``
-    (step and every logged ``val/*`` metric) in ``out_dir``."""
+    """Per rank in ``out_dir``: ``setup-rank<r>.jsonl`` (FSDP units and checkpoint wrappers in the module),
+    ``train-rank<r>.jsonl`` (step, loss, the input rows) and ``val-rank<r>.jsonl`` (step and every logged
+    ``val/*`` metric)."""
 
     def __init__(self, out_dir: str):
         self.out_dir = Path(out_dir)
@@ -57,6 +59,16 @@ class StepRecorder(pl.Callback):
     def _path(self, trainer: pl.Trainer, kind: str) -> Path:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         return self.out_dir / f"{kind}-rank{trainer.global_rank}.jsonl"
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        modules = list(pl_module.modules())
+        record = {
+            "world_size": trainer.world_size,
+            "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in modules),
+            "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in modules),
+            "grad_checkpointing": any(getattr(m, "grad_checkpointing", False) is True for m in modules),
+        }
+        _append(self._path(trainer, "setup"), record)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         inputs = batch["input_ids"] if isinstance(batch, dict) else batch[0]

@@ -103,11 +103,15 @@ def _write_config(run_dir: Path, config: dict) -> Path:
     return path
 
 
-def _launch(config_path: Path, *extra: str, timeout: float = 240.0) -> None:
+def _launch(config_path: Path, *extra: str) -> None:
     """``python -m hgrn2 fit --config ...`` in a fresh process (Lightning starts the other ranks)."""
+    _run_module("hgrn2", "fit", "--config", str(config_path), *extra)
+
+
+def _run_module(module: str, *args: str, timeout: float = 240.0) -> None:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
-    command = [sys.executable, "-m", "hgrn2", "fit", "--config", str(config_path), *extra]
+    command = [sys.executable, "-m", module, *args]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
@@ -118,6 +122,13 @@ def _launch(config_path: Path, *extra: str, timeout: float = 240.0) -> None:
         output, _ = process.communicate()
     text = output.decode(errors="replace")
     assert process.returncode == 0, f"{' '.join(command)} exited with {process.returncode}:\n{text[-6000:]}"
+
+
+def _setup(run_dir: Path, world: int) -> dict:
+    """How the module was wrapped, the same on every rank."""
+    records = [_records(run_dir, "setup", rank)[-1] for rank in range(world)]
+    assert all(r == records[0] for r in records), records
+    return records[0]
 
 
 def _records(run_dir: Path, kind: str, rank: int) -> list[dict]:
@@ -175,6 +186,7 @@ def test_ddp_two_processes_match_one_process_losses_val_metrics_and_data(corpus,
     cache = corpus["root"] / "ddp-cache"  # empty: this run builds its own token cache
     _launch(_write_config(run_dir, _config(run_dir, corpus["data_files"], cache, devices=2, strategy="ddp")))
 
+    assert _setup(run_dir, 2)["fsdp_units"] == 0
     expected = _global_steps(single_process, 1)
     actual = _global_steps(run_dir, 2)
     assert sorted(actual) == list(range(1, STEPS + 1))
@@ -196,6 +208,7 @@ def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run
     config = _config(full_dir, corpus["data_files"], corpus["cache"], 2, strategy, checkpoint_every=CHECKPOINT_STEP)
     _launch(_write_config(full_dir, config))
 
+    assert _setup(full_dir, 2)["fsdp_units"] == 3  # the tiny preset's two blocks and the root
     uninterrupted = _global_steps(full_dir, 2)
     _assert_same_steps(uninterrupted, _global_steps(single_process, 1), range(1, STEPS + 1), 1e-4, "FSDP vs one")
     _assert_val_equal(full_dir, 2, single_process)
@@ -207,6 +220,33 @@ def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run
     resumed = _global_steps(resumed_dir, 2)
     assert sorted(resumed) == list(range(CHECKPOINT_STEP + 1, STEPS + 1))
     _assert_same_steps(resumed, uninterrupted, resumed, 1e-6, "resumed vs uninterrupted FSDP")
+
+
+def test_image_and_sequence_classifiers_train_the_same_under_fsdp_with_checkpointing_as_under_ddp(tmp_path):
+    _run_module("tests.lightning_modules.distributed_tasks", str(tmp_path))
+    # FSDP units: one per vision block plus the root; one per LRA mixer and GLU (2 layers) plus the root
+    for task, units in (("image_task", 3), ("sequence_task", 5)):
+        ddp, fsdp = tmp_path / f"{task}-ddp", tmp_path / f"{task}-fsdp"
+        assert _setup(ddp, 2) == {
+            "world_size": 2,
+            "fsdp_units": 0,
+            "checkpoint_wrappers": 0,
+            "grad_checkpointing": False,
+        }
+        wrapped = _setup(fsdp, 2)
+        assert wrapped["fsdp_units"] == units and (wrapped["checkpoint_wrappers"] or wrapped["grad_checkpointing"])
+        for rank in range(2):
+            expected, actual = _records(ddp, "train", rank), _records(fsdp, "train", rank)
+            assert [r["step"] for r in actual] == [1, 2, 3] and [r["rows"] for r in actual] == [
+                r["rows"] for r in expected
+            ]
+            for a, e in zip(actual, expected):
+                assert abs(a["loss"] - e["loss"]) <= 1e-5, f"{task} rank {rank} step {a['step']}: {a} vs {e}"
+        # validation metrics are reduced over the ranks: every rank logs the same values, under either strategy
+        val = [_records(run, "val", rank)[-1] for run in (ddp, fsdp) for rank in range(2)]
+        for record in val[1:]:
+            assert record.keys() == val[0].keys() and "val/loss" in record
+            assert all(abs(record[k] - val[0][k]) <= 1e-5 for k in record), f"{task}: {val}"
 
 
 @pytest.mark.parametrize("layout", ["blocks", "streams"])
