@@ -5,7 +5,7 @@ a grid of model width (``--d-models``), HGRN2 expand ratio (``--expand-ratios``)
 and number of key–value pairs (``--settings T:N ...``), learning rate (``--lrs``) and seed
 (``--seeds``), and writes to ``--out``:
 
-* ``mqar_sweep.json``: the settings, one record per run (validation accuracy on the answer tokens, loss,
+* ``mqar_sweep.json``: the arguments, one record per run (validation accuracy on the answer tokens, loss,
   parameter count, recurrent state size, wall time) and a summary per (width, length, pairs); rewritten
   atomically after every run, so an interrupted sweep keeps what finished (``--resume`` continues it);
 * ``mqar_sweep.png``: validation accuracy against state size per layer (D·e for HGRN2, D for HGRN1),
@@ -98,6 +98,7 @@ def build_module(point: GridPoint, args: argparse.Namespace):
         expand_ratio=point.expand_ratio,
         glu_hidden_size=args.glu_ratio * point.d_model,
         mixer=MIXERS[point.model],
+        scale=None if args.fla_scale else 1.0,
     )
     optim = OptimizerConfig(
         lr=point.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, total_steps=args.steps
@@ -289,9 +290,8 @@ def write_results(args, runs, skipped, path: Path, elapsed_s: float) -> list[dic
     failed = [r for r in runs if "error" in r]
     runs = [r for r in runs if "error" not in r]
     best = best_per_point(runs)
-    settings = {k: v for k, v in vars(args).items() if k not in ("out", "resume")}
     document = dict(
-        settings=settings,
+        arguments={k: v for k, v in vars(args).items() if k not in ("out", "resume")},
         environment=_environment(args),
         elapsed_s=round(elapsed_s, 1),
         runs=sorted(runs, key=lambda r: r["key"]),
@@ -329,6 +329,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--num-val", type=int, default=1_000)
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--random-fill", action="store_true", help="random filler tokens instead of 0")
+    p.add_argument("--fla-scale", action="store_true", help="HGRN2 output scale K^-1/2 (fla) instead of 1 (paper)")
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--glu-ratio", type=int, default=2, help="GLU hidden size = glu_ratio · d_model (0: no GLU)")
     p.add_argument("--weight-decay", type=float, default=0.1)

@@ -148,7 +148,7 @@ def test_query_gaps_follow_the_power_law_of_zoology():
     _, labels = generate_mqar(MQARSpec(512, 16, 8192), 100, seed=0)
     positions = (labels != IGNORE_INDEX).nonzero()[:, 1].float()
     assert positions.median() < 32 + 2 * 40, f"median query position {positions.median()}"
-    assert math.isclose((labels != IGNORE_INDEX).sum().item(), 100 * 16)
+    assert (labels != IGNORE_INDEX).sum().item() == 100 * 16
 
 
 @pytest.mark.parametrize(
@@ -221,6 +221,11 @@ def test_hgrn1_and_hgrn2_have_equal_parameters_at_every_expand_ratio():
     # embedding (tied) + per layer: block norms (none), 4 D×D mixer projections, GLU 3·D·2D; lower bounds L·D
     expected = 64 * d + layers * (4 * d * d + 3 * d * 2 * d) + layers * d
     assert set(counts.values()) == {expected}, counts
+    # the output scale is the paper's 1 unless --fla-scale asks for K^-1/2
+    point = sweep.GridPoint("hgrn2", d, 16, 64, 4, 1e-3, 0)
+    assert sweep.build_module(point, args).model.blocks[0].mixer.scale == 1.0
+    scaled = sweep.build_module(point, sweep.parse_args("--vocab-size 64 --fla-scale".split()))
+    assert scaled.model.blocks[0].mixer.scale == pytest.approx(16**-0.5)
 
 
 def test_sweep_summary_takes_the_seed_mean_then_the_best_learning_rate():
