@@ -80,7 +80,11 @@ def _config(run_dir: Path, data_files: dict, cache_dir: Path, devices: int, stra
         },
         "model": {
             "class_path": "lightning_modules.causal_lm.CausalLM",
-            "init_args": {"preset": "tiny", "optim": {"lr": 1e-2, "warmup_steps": 2, "schedule": "cosine"}},
+            "init_args": {
+                "preset": "tiny",
+                # fused AdamW as on GPUs: under FSDP it steps the local (possibly empty) shards
+                "optim": {"lr": 1e-2, "warmup_steps": 2, "schedule": "cosine", "fused": True},
+            },
         },
         "data": {
             "class_path": f"{HELPERS}.CountingTextDataModule",
