@@ -291,7 +291,7 @@ def write_results(args, runs, skipped, path: Path, elapsed_s: float) -> list[dic
     runs = [r for r in runs if "error" not in r]
     best = best_per_point(runs)
     document = dict(
-        arguments={k: v for k, v in vars(args).items() if k not in ("out", "resume")},
+        arguments={k: v for k, v in vars(args).items() if k not in ("out", "resume", "plot_only")},
         environment=_environment(args),
         elapsed_s=round(elapsed_s, 1),
         runs=sorted(runs, key=lambda r: r["key"]),
@@ -338,6 +338,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", default="bf16-mixed")
     p.add_argument("--workers", type=int, default=4, help="runs trained at once (processes sharing the device)")
     p.add_argument("--resume", action="store_true", help="keep the runs already in --out and do the rest")
+    p.add_argument("--plot-only", action="store_true", help="only draw the PNG from the JSON in --out")
     args = p.parse_args(argv)
     for name in ("steps", "batch_tokens", "workers", "num_layers"):
         if getattr(args, name) < 1:
@@ -345,9 +346,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def try_plot(best: list[dict], path: Path) -> bool:
+    """Draw the plot where matplotlib is installed; otherwise say how to draw it later and go on."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        print(f"matplotlib is not installed: {path.name} not drawn; run again with --plot-only where it is")
+        return False
+    plot(best, path)
+    return True
+
+
 def main(argv: list[str] | None = None) -> list[dict]:
     args = parse_args(argv)
     path = args.out / RESULTS_NAME
+    if args.plot_only:
+        if not path.exists():
+            raise FileNotFoundError(f"--plot-only draws {path}, which does not exist; run the sweep first")
+        best = json.loads(path.read_text())["best"]
+        try_plot(best, args.out / PLOT_NAME)
+        return best
     points, skipped = build_grid(args)
     runs: list[dict] = []
     if args.resume and path.exists():
@@ -370,7 +388,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             if "error" in record:
                 print(f"[{i}/{len(todo)}] {record['key']} FAILED: {record['error']}", flush=True)
                 continue
-            plot(best, args.out / PLOT_NAME)  # after every run, so a stopped sweep leaves a matching plot
+            try_plot(best, args.out / PLOT_NAME)  # after every run, so a stopped sweep leaves a matching plot
             elapsed = time.perf_counter() - start
             print(
                 f"[{i}/{len(todo)}] {record['key']}: accuracy {record['val_accuracy']:.3f}, "
@@ -389,7 +407,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
             pool.join()
     best = write_results(args, runs, skipped, path, time.perf_counter() - start)
     if best:
-        plot(best, args.out / PLOT_NAME)
+        try_plot(best, args.out / PLOT_NAME)
     print(f"wrote {path} and {args.out / PLOT_NAME} in {time.perf_counter() - start:.0f} s", flush=True)
     return best
 

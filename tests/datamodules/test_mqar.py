@@ -272,6 +272,19 @@ def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
     # resuming a finished sweep trains nothing and keeps the record
     (best,) = sweep.main(argv + ["--resume"])
     assert best["val_accuracy"] == record["val_accuracy"]
+    # the plot can be drawn from the JSON alone (e.g. on a machine with matplotlib after a GPU run without it)
+    (tmp_path / "mqar_sweep.png").unlink()
+    sweep.main(argv + ["--plot-only"])
+    assert (tmp_path / "mqar_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_without_matplotlib_keeps_the_json_and_says_how_to_plot(tmp_path, monkeypatch, capsys):
+    sweep = _load_sweep()
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # makes `import matplotlib` raise ImportError
+    assert sweep.try_plot([], tmp_path / "mqar_sweep.png") is False
+    assert "--plot-only" in capsys.readouterr().out and not (tmp_path / "mqar_sweep.png").exists()
+    with pytest.raises(FileNotFoundError, match="run the sweep first"):
+        sweep.main(["--out", str(tmp_path), "--plot-only"])
 
 
 @pytest.mark.parametrize("extra", [[], ["configs/mqar/hgrn1.yaml"]])
