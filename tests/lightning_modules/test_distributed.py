@@ -175,10 +175,14 @@ def _assert_same_steps(actual: dict, expected: dict, steps, tol: float, what: st
         assert diff <= tol, f"{what}: step {step} loss {actual[step]['loss']:.7f} vs {expected[step]['loss']:.7f}"
 
 
+def _last_val_metrics(run_dir: Path, rank: int) -> dict[str, float]:
+    return {k: v for k, v in _records(run_dir, "val", rank)[-1].items() if k.startswith("val/")}
+
+
 def _assert_val_equal(run_dir: Path, world: int, reference: Path) -> None:
-    expected = _records(reference, "val", 0)[-1]
+    expected = _last_val_metrics(reference, 0)
     for rank in range(world):
-        actual = _records(run_dir, "val", rank)[-1]
+        actual = _last_val_metrics(run_dir, rank)
         assert set(actual) == set(expected) and {"val/loss", "val/accuracy"} <= set(actual)
         for name, value in expected.items():
             close = abs(actual[name] - value) <= 1e-4 * max(1.0, abs(value))
@@ -206,7 +210,9 @@ def test_ddp_two_processes_match_one_process_losses_val_metrics_and_data(corpus,
     assert len(opened) == 1 and Path(opened.pop()).parent == cache
 
 
-def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run(corpus, single_process):
+def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run_and_consolidates(
+    corpus, single_process
+):
     strategy = {"class_path": f"{HELPERS}.CPUFSDPStrategy", "init_args": {"state_dict_type": "sharded"}}
     full_dir, resumed_dir = corpus["root"] / "fsdp", corpus["root"] / "fsdp-resumed"
     config = _config(full_dir, corpus["data_files"], corpus["cache"], 2, strategy, checkpoint_every=CHECKPOINT_STEP)
@@ -224,6 +230,14 @@ def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run
     resumed = _global_steps(resumed_dir, 2)
     assert sorted(resumed) == list(range(CHECKPOINT_STEP + 1, STEPS + 1))
     _assert_same_steps(resumed, uninterrupted, resumed, 1e-6, "resumed vs uninterrupted FSDP")
+
+    # the final sharded checkpoint, consolidated into one file, validates in one process as the FSDP run did
+    final = full_dir / "checkpoints" / f"step={STEPS}.ckpt"
+    _run_module("lightning.pytorch.utilities.consolidate_checkpoint", str(final))
+    check_dir = corpus["root"] / "fsdp-consolidated"
+    config_path = _write_config(check_dir, _config(check_dir, corpus["data_files"], corpus["cache"], 1, "auto"))
+    hgrn2_cli(["validate", "--config", str(config_path), "--ckpt_path", f"{final}.consolidated"])
+    _assert_val_equal(check_dir, 1, full_dir)
 
 
 def test_image_and_sequence_classifiers_train_the_same_under_fsdp_with_checkpointing_as_under_ddp(tmp_path):
