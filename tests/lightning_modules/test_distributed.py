@@ -153,6 +153,17 @@ def _global_steps(run_dir: Path, world: int) -> dict[int, dict]:
     return steps
 
 
+def _cli_in_process(*args: str) -> None:
+    """``hgrn2 ...`` in this process, leaving the environment as it was (Lightning sets PL_GLOBAL_SEED)."""
+    saved = dict(os.environ)
+    try:
+        hgrn2_cli(list(args))
+    finally:
+        for name in set(os.environ) - set(saved):
+            del os.environ[name]
+        os.environ.update(saved)
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("distributed")
@@ -164,7 +175,7 @@ def single_process(corpus) -> Path:
     """The reference: one process, the whole global batch, same seed and data."""
     run_dir = corpus["root"] / "single"
     config = _config(run_dir, corpus["data_files"], corpus["cache"], devices=1, strategy="auto")
-    hgrn2_cli(["fit", "--config", str(_write_config(run_dir, config))])
+    _cli_in_process("fit", "--config", str(_write_config(run_dir, config)))
     return run_dir
 
 
@@ -236,7 +247,7 @@ def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run
     _run_module("lightning.pytorch.utilities.consolidate_checkpoint", str(final))
     check_dir = corpus["root"] / "fsdp-consolidated"
     config_path = _write_config(check_dir, _config(check_dir, corpus["data_files"], corpus["cache"], 1, "auto"))
-    hgrn2_cli(["validate", "--config", str(config_path), "--ckpt_path", f"{final}.consolidated"])
+    _cli_in_process("validate", "--config", str(config_path), "--ckpt_path", f"{final}.consolidated")
     _assert_val_equal(check_dir, 1, full_dir)
 
 
