@@ -129,26 +129,33 @@ def main():
             result = measure(name, batch, args.prompt_len, args.new_tokens)
             results.append(result)
             print(json.dumps(result), flush=True)
+            path = write_results(args.out, results)  # after every run, so that a cut-off run keeps what it measured
+    print_table(results)
+    print(f"wrote {path}")
+
+
+def print_table(results):
     print(f"\n{'model':>6} {'B':>3} {'tokens/s':>10} {'ms/token':>9} {'prefill ms':>11} {'total s':>8} {'vs fla':>7}")
     for r in results:
         if "skipped" in r:
             print(f"{r['model']:>6} {r['batch']:>3} skipped: {r['skipped']}")
             continue
-        fla = next(
-            (f for f in results if f["model"] == "fla" and f["batch"] == r["batch"] and "tokens_per_s" in f), None
-        )
+        fla = next((f for f in results if f["model"] == "fla" and f["batch"] == r["batch"] and "total_s" in f), None)
         ratio = r["tokens_per_s"] / fla["tokens_per_s"] if fla else float("nan")
         print(
             f"{r['model']:>6} {r['batch']:>3} {r['tokens_per_s']:>10.1f} {r['per_token_ms']:>9.2f} "
             f"{r['prefill_s'] * 1e3:>11.1f} {r['total_s']:>8.2f} {ratio:>7.2f}"
         )
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{gpu_name()}-decode.json"
+
+
+def write_results(out: Path, results) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{gpu_name()}-decode.json"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     tmp.replace(path)
-    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":

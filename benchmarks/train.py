@@ -229,11 +229,16 @@ def main():
                 result = {"model": name, "seq_len": seq_len, "batch": batch, "error": f"out of memory: {error}"[:300]}
             results.append(result)
             print(json.dumps(result), flush=True)
+            path = write_results(args, results)  # after every model, so that a cut-off run keeps what it measured
     print_table(results)
+    print(f"wrote {path}")
+
+
+def write_results(args, results) -> Path:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{gpu_name()}-train.json"
-    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "args": vars(args)}
-    meta["args"] = {k: str(v) for k, v in meta["args"].items()}
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    meta["arguments"] = {k: str(v) for k, v in vars(args).items()}
     try:
         import triton
 
@@ -243,7 +248,7 @@ def main():
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
     tmp.replace(path)
-    print(f"wrote {path}")
+    return path
 
 
 if __name__ == "__main__":
