@@ -8,10 +8,12 @@ writes its per-step losses, the rows it trained on and its validation metrics to
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -44,7 +46,9 @@ def _write_corpus(root: Path) -> dict[str, str]:
     return files
 
 
-def _config(run_dir: Path, data_files: dict, cache_dir: Path, devices: int, strategy, checkpoint_every: int = 0):
+def _config(
+    run_dir: Path, data_files: dict, cache_dir: Path, devices: int, strategy, checkpoint_every: int = 0, nodes: int = 1
+) -> dict:
     callbacks = [{"class_path": f"{HELPERS}.StepRecorder", "init_args": {"out_dir": str(run_dir / "records")}}]
     if checkpoint_every:
         callbacks.append(
@@ -58,12 +62,13 @@ def _config(run_dir: Path, data_files: dict, cache_dir: Path, devices: int, stra
                 },
             }
         )
-    batch = GLOBAL_BATCH // devices
+    batch = GLOBAL_BATCH // (devices * nodes)
     return {
         "seed_everything": 0,
         "trainer": {
             "accelerator": "cpu",
             "devices": devices,
+            "num_nodes": nodes,
             "strategy": strategy,
             "precision": "32-true",
             "max_steps": STEPS,
@@ -112,20 +117,42 @@ def _launch(config_path: Path, *extra: str) -> None:
     _run_module("hgrn2", "fit", "--config", str(config_path), *extra)
 
 
-def _run_module(module: str, *args: str, timeout: float = 240.0) -> None:
+def _run_module(module: str, *args: str) -> None:
+    _wait([_start(module, *args)])
+
+
+def _start(module: str, *args: str, **env_extra: str) -> tuple[list[str], subprocess.Popen]:
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_VARIABLES and not k.startswith("SLURM_")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")])))
+    env.update(env_extra)
     command = [sys.executable, "-m", module, *args]
     process = subprocess.Popen(
         command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True
     )
-    try:
-        output, _ = process.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the launched ranks share the session
-        output, _ = process.communicate()
-    text = output.decode(errors="replace")
-    assert process.returncode == 0, f"{' '.join(command)} exited with {process.returncode}:\n{text[-6000:]}"
+    return command, process
+
+
+def _wait(started: list[tuple[list[str], subprocess.Popen]], timeout: float = 240.0) -> None:
+    """Wait for every process; on a timeout kill each one's session (the ranks it launched) and fail."""
+    failures = []
+    for command, process in started:
+        try:
+            output, _ = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for _, other in started:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(other.pid, signal.SIGKILL)
+            output, _ = process.communicate()
+        if process.returncode != 0:
+            text = output.decode(errors="replace")
+            failures.append(f"{' '.join(command)} exited with {process.returncode}:\n{text[-6000:]}")
+    assert not failures, "\n\n".join(failures)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _setup(run_dir: Path, world: int) -> dict:
@@ -219,6 +246,25 @@ def test_ddp_two_processes_match_one_process_losses_val_metrics_and_data(corpus,
     assert len(markers) == 1 and markers[0].startswith("prepare_data-rank0-"), markers
     opened = {(cache / f"opened-train-rank{rank}").read_text() for rank in range(2)}
     assert len(opened) == 1 and Path(opened.pop()).parent == cache
+
+
+def test_two_nodes_launched_by_hand_match_one_process(corpus, single_process):
+    """``--trainer.num_nodes 2`` started as on a cluster without a scheduler: one process per node with
+    MASTER_ADDR, MASTER_PORT and NODE_RANK (both "nodes" are this machine, one CPU device each)."""
+    run_dir, cache = corpus["root"] / "nodes", corpus["root"] / "nodes-cache"
+    config = _config(run_dir, corpus["data_files"], cache, devices=1, strategy="ddp", nodes=2)
+    config_path, port = _write_config(run_dir, config), str(_free_port())
+    command = ("hgrn2", "fit", "--config", str(config_path))
+    _wait([_start(*command, MASTER_ADDR="127.0.0.1", MASTER_PORT=port, NODE_RANK=str(node)) for node in (0, 1)])
+
+    assert _setup(run_dir, 2)["world_size"] == 2
+    _assert_same_steps(_global_steps(run_dir, 2), _global_steps(single_process, 1), range(1, STEPS + 1), 1e-4, "nodes")
+    _assert_val_equal(run_dir, 2, single_process)
+    # each node's local rank 0 prepares the data (here both at once, into one folder); all read the same cache
+    markers = sorted(p.name.split("-pid")[0] for p in cache.glob("prepare_data-*"))
+    assert markers == ["prepare_data-rank0", "prepare_data-rank1"], markers
+    assert len({(cache / f"opened-train-rank{rank}").read_text() for rank in range(2)}) == 1
+    assert not [p for p in cache.iterdir() if ".tmp-" in p.name], "a temporary cache file was left behind"
 
 
 def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run_and_consolidates(
