@@ -30,7 +30,7 @@ from torchmetrics import MeanMetric
 from hgrn2.layers import Block
 from hgrn2.models.lm import IGNORE_INDEX, HGRN2ForCausalLM, LMConfig, lm_loss
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
-from lightning_modules.sharding import clip_gradients, full_parameters, shard_modules
+from lightning_modules.sharding import clip_gradients, fsdp_roots, full_state_dict, shard_modules
 
 STAGES = ("val", "test")
 
@@ -146,6 +146,21 @@ class CausalLM(pl.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
+    def unsharded_model(self) -> HGRN2ForCausalLM | None:
+        """The model with full weights for use outside ``forward`` (generation): ``self.model`` itself, or under
+        FSDP a copy built on global rank 0 from the gathered weights (None on the other ranks).
+
+        Collective under FSDP: call it on every rank.
+        """
+        if not fsdp_roots(self.model):
+            return self.model
+        weights = full_state_dict(self.model)
+        if self.global_rank != 0:
+            return None
+        model = HGRN2ForCausalLM(self.config)
+        model.load_state_dict(weights)
+        return model.to(self.device)
+
     def configure_optimizers(self) -> dict:
         return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))
 
@@ -217,7 +232,9 @@ class LMSummary(pl.Callback):
         self.prompt, self.max_new_tokens, self.temperature = prompt, max_new_tokens, temperature
         self.top_k, self.seed = top_k, seed
 
-    def summary(self, trainer: pl.Trainer, module: CausalLM) -> str:
+    def summary(self, trainer: pl.Trainer, module: CausalLM, model: HGRN2ForCausalLM | None = None) -> str:
+        """The report; the sample comes from ``model`` (default ``module.model``)."""
+        model = module.model if model is None else model
         data = trainer.datamodule
         lines = []
         val_loss = trainer.callback_metrics.get("val/loss")
@@ -233,7 +250,7 @@ class LMSummary(pl.Callback):
                 carry = float(trainer.callback_metrics["val/loss_carry"]) / per_byte
                 lines.append(f"validation loss with the state carried across segments {carry:.4f} nats/byte")
         tokens = torch.tensor([data.tokenizer.encode(self.prompt) or [data.tokenizer.eos_id]], device=module.device)
-        sample = module.model.generate(
+        sample = model.generate(
             tokens, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, seed=self.seed
         )
         lines.append(
@@ -242,6 +259,6 @@ class LMSummary(pl.Callback):
         return "\n".join(lines)
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: CausalLM) -> None:
-        with full_parameters(pl_module):  # generation calls the blocks one step at a time, outside forward
-            if trainer.is_global_zero:
-                print("\n" + self.summary(trainer, pl_module), flush=True)
+        model = pl_module.unsharded_model()  # every rank: gathering FSDP shards is collective
+        if trainer.is_global_zero:
+            print("\n" + self.summary(trainer, pl_module, model), flush=True)

@@ -1,5 +1,5 @@
 """FSDP support shared by the LightningModules: one FSDP unit per block, gradient clipping over shards,
-full parameters on demand, and activation checkpointing of chosen submodules.
+the full weights gathered on demand, and activation checkpointing of chosen submodules.
 
 Lightning's ``FSDPStrategy`` calls ``LightningModule.configure_model`` inside
 ``torch.distributed.fsdp.wrap.enable_wrap``, so ``wrap(module)`` there turns ``module`` into its own FSDP unit
@@ -15,13 +15,13 @@ into the shards, so ``configure_optimizers`` can keep building its weight-decay 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
 from torch import nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
+from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import wrap
 
@@ -95,13 +95,13 @@ def clip_gradients(
     module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
 
-@contextlib.contextmanager
-def full_parameters(module: nn.Module) -> Iterator[None]:
-    """Gather sharded parameters for code that calls submodules outside ``forward`` (generation, EMA).
+def full_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """``module.state_dict()`` with every FSDP unit's full tensors, on the CPU, on global rank 0 (empty on the
+    other ranks); names as without FSDP. Collective: every rank must call it.
 
-    Collective under FSDP: every rank must enter it. Read-only: changes to the parameters are not written back.
+    For code that runs submodules outside ``forward`` (generation): FSDP gathers a unit's weights only
+    inside its ``forward``, so such code needs an unsharded copy built from these tensors.
     """
-    with contextlib.ExitStack() as stack:
-        for root in fsdp_roots(module):
-            stack.enter_context(FSDP.summon_full_params(root, writeback=False))
-        yield
+    config = FullStateDictConfig(offload_to_cpu=True, rank0_only=True)
+    with FSDP.state_dict_type(module, StateDictType.FULL_STATE_DICT, config):
+        return module.state_dict()

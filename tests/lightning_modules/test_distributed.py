@@ -21,8 +21,11 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 
 from datamodules.text import TextDataModule
+from datamodules.tokenizer import build_tokenizer
+from lightning_modules.causal_lm import CausalLM
 from lightning_modules.cli import main as hgrn2_cli
 
 REPO = Path(__file__).resolve().parents[2]
@@ -112,13 +115,13 @@ def _write_config(run_dir: Path, config: dict) -> Path:
     return path
 
 
-def _launch(config_path: Path, *extra: str) -> None:
-    """``python -m hgrn2 fit --config ...`` in a fresh process (Lightning starts the other ranks)."""
-    _run_module("hgrn2", "fit", "--config", str(config_path), *extra)
+def _launch(config_path: Path, *extra: str) -> str:
+    """``python -m hgrn2 fit --config ...`` in a fresh process (Lightning starts the other ranks); its output."""
+    return _run_module("hgrn2", "fit", "--config", str(config_path), *extra)
 
 
-def _run_module(module: str, *args: str) -> None:
-    _wait([_start(module, *args)])
+def _run_module(module: str, *args: str) -> str:
+    return _wait([_start(module, *args)])[0]
 
 
 def _start(module: str, *args: str, **env_extra: str) -> tuple[list[str], subprocess.Popen]:
@@ -132,9 +135,10 @@ def _start(module: str, *args: str, **env_extra: str) -> tuple[list[str], subpro
     return command, process
 
 
-def _wait(started: list[tuple[list[str], subprocess.Popen]], timeout: float = 240.0) -> None:
-    """Wait for every process; on a timeout kill each one's session (the ranks it launched) and fail."""
-    failures = []
+def _wait(started: list[tuple[list[str], subprocess.Popen]], timeout: float = 240.0) -> list[str]:
+    """Wait for every process and return their outputs; on a timeout kill each one's session (the ranks it
+    launched) and fail."""
+    failures, outputs = [], []
     for command, process in started:
         try:
             output, _ = process.communicate(timeout=timeout)
@@ -143,10 +147,11 @@ def _wait(started: list[tuple[list[str], subprocess.Popen]], timeout: float = 24
                 with contextlib.suppress(ProcessLookupError):
                     os.killpg(other.pid, signal.SIGKILL)
             output, _ = process.communicate()
+        outputs.append(output.decode(errors="replace"))
         if process.returncode != 0:
-            text = output.decode(errors="replace")
-            failures.append(f"{' '.join(command)} exited with {process.returncode}:\n{text[-6000:]}")
+            failures.append(f"{' '.join(command)} exited with {process.returncode}:\n{outputs[-1][-6000:]}")
     assert not failures, "\n\n".join(failures)
+    return outputs
 
 
 def _free_port() -> int:
@@ -273,7 +278,10 @@ def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run
     strategy = {"class_path": f"{HELPERS}.CPUFSDPStrategy", "init_args": {"state_dict_type": "sharded"}}
     full_dir, resumed_dir = corpus["root"] / "fsdp", corpus["root"] / "fsdp-resumed"
     config = _config(full_dir, corpus["data_files"], corpus["cache"], 2, strategy, checkpoint_every=CHECKPOINT_STEP)
-    _launch(_write_config(full_dir, config))
+    # a sampled continuation at the end: it depends on every logit, so on every gathered weight
+    summary = {"prompt": "the ", "max_new_tokens": 24, "temperature": 1.0, "top_k": None, "seed": 0}
+    config["trainer"]["callbacks"].append({"class_path": "lightning_modules.causal_lm.LMSummary", "init_args": summary})
+    output = _launch(_write_config(full_dir, config))
 
     assert _setup(full_dir, 2)["fsdp_units"] == 3  # the tiny preset's two blocks and the root
     uninterrupted = _global_steps(full_dir, 2)
@@ -295,6 +303,11 @@ def test_fsdp_sharded_checkpoint_resumes_with_the_losses_of_an_uninterrupted_run
     config_path = _write_config(check_dir, _config(check_dir, corpus["data_files"], corpus["cache"], 1, "auto"))
     _cli_in_process("validate", "--config", str(config_path), "--ckpt_path", f"{final}.consolidated")
     _assert_val_equal(check_dir, 1, full_dir)
+    # the FSDP run's closing sample (generation outside forward, from the gathered weights) is this model's
+    model = CausalLM.load_from_checkpoint(f"{final}.consolidated").model
+    tokenizer = build_tokenizer("byte")
+    sample = model.generate(torch.tensor([tokenizer.encode("the ")]), 24, temperature=1.0, seed=0)
+    assert f"sample (temperature 1.0, top-k None):\n{tokenizer.decode(sample[0])}" in output, output[-3000:]
 
 
 def test_image_and_sequence_classifiers_train_the_same_under_fsdp_with_checkpointing_as_under_ddp(tmp_path):
