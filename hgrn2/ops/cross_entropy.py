@@ -69,6 +69,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         )
 
 
+def check_inputs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor) -> None:
+    """hidden ``[N, D]``, weight ``[V, D]`` and int64 labels ``[N]``, or a ValueError naming the mismatch."""
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden must be [N, D] and weight [V, D] with the same D, got {list(hidden.shape)}, {list(weight.shape)}"
+        )
+    if labels.shape != hidden.shape[:1] or labels.dtype != torch.int64:
+        raise ValueError(
+            f"labels must be int64 of shape [N] = [{hidden.shape[0]}], got {labels.dtype} {list(labels.shape)}"
+        )
+
+
 def linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -88,14 +100,7 @@ def linear_cross_entropy(
         ``(loss, correct)``: the mean loss over non-ignored tokens (float32, differentiable w.r.t. hidden and
         weight) and the count of non-ignored tokens whose argmax logit is the label.
     """
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [N, D] and weight [V, D] with the same D, got {list(hidden.shape)}, {list(weight.shape)}"
-        )
-    if labels.shape != hidden.shape[:1] or labels.dtype != torch.int64:
-        raise ValueError(
-            f"labels must be int64 of shape [N] = [{hidden.shape[0]}], got {labels.dtype} {list(labels.shape)}"
-        )
+    check_inputs(hidden, weight, labels)
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, block_size)
     with torch.no_grad():

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.cross_entropy import linear_cross_entropy
+from hgrn2.ops.cross_entropy import check_inputs, linear_cross_entropy
 from hgrn2.ops.fused_norm import output_dtype
 
 __all__ = ["cross_entropy_rows", "fused_linear_cross_entropy"]
@@ -162,14 +162,7 @@ def fused_linear_cross_entropy(
     """
     if backend not in ("auto", "torch", "triton"):
         raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
-        raise ValueError(
-            f"hidden must be [N, D] and weight [V, D] with the same D, got {list(hidden.shape)}, {list(weight.shape)}"
-        )
-    if labels.shape != hidden.shape[:1] or labels.dtype != torch.int64:
-        raise ValueError(
-            f"labels must be int64 of shape [N] = [{hidden.shape[0]}], got {labels.dtype} {list(labels.shape)}"
-        )
+    check_inputs(hidden, weight, labels)
     block_size = block_size or _default_block(weight.shape[0])
     use_triton = backend == "triton" or (backend == "auto" and hidden.is_cuda)
     if not use_triton or output_dtype(hidden.dtype, hidden.device) == torch.float64:
