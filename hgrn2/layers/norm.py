@@ -36,11 +36,19 @@ class RMSNorm(nn.Module):
         return f"{self.dim}, groups={self.groups}, affine={self.weight is not None}, eps={self.eps}"
 
 
-class SequenceBatchNorm(nn.BatchNorm1d):
-    """BatchNorm over the feature dim of ``[B, T, D]`` (statistics over batch and time)."""
+class SequenceBatchNorm(nn.Module):
+    """BatchNorm over the feature dim of ``[B, T, D]`` (statistics over batch and time).
+
+    The BatchNorm1d is held, not inherited, so that ``SyncBatchNorm.convert_sync_batchnorm`` swaps only the
+    inner module and the transposition to ``[B, D, T]`` stays in place.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.norm = nn.BatchNorm1d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        return self.norm(x.transpose(1, 2)).transpose(1, 2)
 
 
 def make_norm(name: str, dim: int, groups: int = 1) -> nn.Module:

@@ -129,3 +129,16 @@ def test_bidirectional_mixer_ignores_padding_under_a_mask():
     assert_rel_close(y_padded[:, :6], y_alone, 1e-10, "y at real positions")
     y_unmasked, _ = layer(padded, lower_bound=beta)
     assert (y_unmasked[:, :6] - y_alone).abs().max() > 1e-3  # without the mask, padding leaks backwards
+
+
+def test_sequence_batchnorm_normalises_features_and_survives_sync_conversion():
+    from hgrn2.layers import make_norm
+
+    norm = make_norm("batchnorm", 3)
+    x = torch.randn(4, 7, 3) * torch.tensor([1.0, 5.0, 10.0]) + 2.0
+    y = norm(x)
+    assert torch.allclose(y.mean(dim=(0, 1)), torch.zeros(3), atol=1e-5)
+    assert torch.allclose(y.var(dim=(0, 1), unbiased=False), torch.ones(3), atol=1e-3)
+    synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(norm))
+    assert isinstance(synced[0].norm, torch.nn.SyncBatchNorm)
+    assert synced[0].norm.num_features == 3  # still normalising D, not T
