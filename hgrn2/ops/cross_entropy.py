@@ -10,11 +10,7 @@ from __future__ import annotations
 
 import torch
 
-
-def _compute_dtype(t: torch.Tensor) -> torch.dtype:
-    if torch.is_autocast_enabled(t.device.type):
-        return torch.get_autocast_dtype(t.device.type)
-    return t.dtype
+from hgrn2.ops.reference import output_dtype
 
 
 def _block_statistics(h, weight, target, mask):
@@ -30,7 +26,7 @@ def _block_statistics(h, weight, target, mask):
 class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, labels, ignore_index, block_size):
-        dtype = _compute_dtype(hidden)
+        dtype = output_dtype(hidden.dtype, hidden.device)
         hidden_c, weight_c = hidden.to(dtype), weight.to(dtype)
         valid = labels != ignore_index
         n_valid = valid.sum().clamp_min(1).float()
@@ -104,7 +100,7 @@ def linear_cross_entropy(
     if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
         return _LinearCrossEntropy.apply(hidden, weight, labels, ignore_index, block_size)
     with torch.no_grad():
-        dtype = _compute_dtype(hidden)
+        dtype = output_dtype(hidden.dtype, hidden.device)
         valid = labels != ignore_index
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.int64, device=hidden.device)

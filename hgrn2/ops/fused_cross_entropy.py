@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.cross_entropy import check_inputs, linear_cross_entropy
-from hgrn2.ops.fused_norm import output_dtype
+from hgrn2.ops.reference import output_dtype
 
 __all__ = ["cross_entropy_rows", "fused_linear_cross_entropy"]
 

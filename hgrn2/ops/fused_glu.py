@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from hgrn2.ops.fused_norm import output_dtype
 from hgrn2.ops.gates import activation
+from hgrn2.ops.reference import output_dtype
 
 __all__ = ["FUSED_GLU_ACTIVATIONS", "fused_glu", "glu_reference"]
 

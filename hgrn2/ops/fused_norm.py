@@ -15,19 +15,11 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.reference import accumulation_dtype
+from hgrn2.ops.reference import accumulation_dtype, output_dtype
 
 __all__ = ["add_rmsnorm_reference", "fused_add_rmsnorm"]
 
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
-def output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
-    """The dtype a Linear fed a ``dtype`` tensor on ``device`` computes in: the autocast dtype when autocast
-    is on there, else ``dtype`` itself."""
-    if dtype.is_floating_point and torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return dtype
 
 
 def add_rmsnorm_reference(

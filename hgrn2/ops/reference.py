@@ -30,6 +30,14 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def output_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype a Linear fed a ``dtype`` tensor on ``device`` computes in: the autocast dtype when autocast
+    is on there, else ``dtype`` itself."""
+    if dtype.is_floating_point and torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return dtype
+
+
 def _split_packed(tensors, cu_seqlens):
     """Yield, for each packed sequence, the slices ``t[:, start:end]`` of every tensor (B must be 1)."""
     bounds = cu_seqlens.tolist()
