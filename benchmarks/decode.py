@@ -20,13 +20,9 @@ import time
 from pathlib import Path
 
 import torch
+from gpu_info import gpu_name, write_json
 
 VOCAB = 32000
-
-
-def gpu_name() -> str:
-    name = torch.cuda.get_device_name()
-    return "H200" if "H200" in name else "H100" if "H100" in name else name.replace(" ", "_")
 
 
 def timed(fn, repeats: int = 1) -> tuple[float, object]:
@@ -149,13 +145,9 @@ def print_table(results):
 
 
 def write_results(out: Path, results) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     path = out / f"{gpu_name()}-decode.json"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    tmp.replace(path)
-    return path
+    return write_json(path, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":

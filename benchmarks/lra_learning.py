@@ -32,6 +32,7 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from gpu_info import gpu_name
 
 from datamodules.lra import ListOpsDataModule, PathfinderDataModule
 from datamodules.lra.generate_listops import ListOpsSpec, write_listops
@@ -66,13 +67,6 @@ class WallClockCosine(pl.Callback):
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
-
-
-def gpu_name() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name()
-    return "H200" if "H200" in name else "H100" if "H100" in name else name.replace(" ", "_")
 
 
 def prepare_listops(root: Path, sizes: dict[str, int], spec: ListOpsSpec, workers: int, seed: int) -> dict:

@@ -47,6 +47,7 @@ from pathlib import Path
 import lightning
 import lightning.pytorch as pl
 import torch
+from gpu_info import gpu_name
 
 from datamodules.text import TextDataModule
 from lightning_modules.causal_lm import CausalLM
@@ -54,13 +55,6 @@ from lightning_modules.optim import OptimizerConfig
 
 STRATEGIES = ("ddp", "fsdp")
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
-
-
-def gpu_name() -> str:
-    if not torch.cuda.is_available():
-        return "cpu"
-    name = torch.cuda.get_device_name()
-    return "H200" if "H200" in name else "H100" if "H100" in name else name.replace(" ", "_")
 
 
 def result_path(out_dir: Path, preset: str, gpu: str, world: int, strategy: str, checkpointing: bool) -> Path:

@@ -25,6 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
+from gpu_info import gpu_name, write_json
 
 VOCAB = 32000
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # FLOP/s, dense, SXM datasheets
@@ -97,11 +98,6 @@ KERNEL_GROUPS = [
     ("matmul", ("gemm", "cutlass", "sm90_xmma", "nvjet", "cublas", "matmul")),
     ("optimizer", ("adam", "multi_tensor")),
 ]
-
-
-def gpu_name() -> str:
-    name = torch.cuda.get_device_name()
-    return "H200" if "H200" in name else "H100" if "H100" in name else name.replace(" ", "_")
 
 
 def profile_step(step, name, seq_len, batch, out: Path) -> dict:
@@ -235,7 +231,6 @@ def main():
 
 
 def write_results(args, results) -> Path:
-    args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"{gpu_name()}-train.json"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     meta["arguments"] = {k: str(v) for k, v in vars(args).items()}
@@ -245,10 +240,7 @@ def write_results(args, results) -> Path:
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"meta": meta, "results": results}, indent=2))
-    tmp.replace(path)
-    return path
+    return write_json(path, {"meta": meta, "results": results})
 
 
 if __name__ == "__main__":
