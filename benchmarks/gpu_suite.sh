@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU jobs named on the command line in one call on a lent GPU machine, from the repository root:
-#   OUT=/some/dir bash benchmarks/gpu_suite.sh lm374m vision scaling lra-listops lra-pathfinder mqar
+#   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling lra-listops lra-pathfinder mqar
+# (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone).
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # Each job writes its JSON to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
@@ -23,7 +24,9 @@ run() {  # run NAME COMMAND...: time a job, keep its log, never stop the suite
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
-for job in "$@"; do
+jobs=("$@")
+for ((i = 0; i < ${#jobs[@]}; i++)); do
+  job=${jobs[i]}
   case $job in
     lm374m)
       run lm374m python -m hgrn2 fit --config configs/lm/374m.yaml --trainer.max_steps 200 \
@@ -33,11 +36,14 @@ for job in "$@"; do
     vision)
       run vision python benchmarks/vision_throughput.py --expand-ratios 2 16
       cp "$RESULTS"/*-vision.json "$OUT/" ;;
-    scaling)
-      for flags in "--strategy ddp" "--strategy fsdp" "--strategy fsdp --checkpointing"; do
-        run "scaling $flags" python benchmarks/scaling.py --devices 1 --steps 100 $flags --out-dir "$RESULTS"
-      done
+    scaling) jobs+=(scaling-ddp scaling-fsdp scaling-fsdp-ckpt) ;;
+    scaling-ddp | scaling-fsdp | scaling-fsdp-ckpt)
+      flags="--strategy ${job#scaling-}"; flags=${flags/fsdp-ckpt/fsdp --checkpointing}
+      run "$job" python benchmarks/scaling.py --devices 1 --steps 100 $flags --out-dir "$RESULTS"
       cp "$RESULTS"/*x1-*.json "$OUT/" ;;
+    check)
+      run check python benchmarks/gpu_check.py --out "$RESULTS"
+      cp "$RESULTS"/*-gpu-check.log "$OUT/" ;;
     lra-listops | lra-pathfinder)
       run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}"
       cp "$RESULTS"/*-lra.json "$OUT/" ;;

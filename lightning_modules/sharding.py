@@ -77,20 +77,41 @@ def clip_gradients(
     gradient_clip_val: float | None,
     gradient_clip_algorithm: str | None,
 ) -> None:
-    """``configure_gradient_clipping`` that also clips sharded gradients by their global norm.
+    """``configure_gradient_clipping`` that also clips sharded gradients by their global norm, and clips for
+    fused optimizers when nothing scales the loss.
 
     Lightning's FSDP precision plugin refuses norm clipping because ``torch.nn.utils.clip_grad_norm_`` would
     only see the local shards; FSDP's root unit computes the norm over all of them. Value clipping is
     element-wise, so it and everything unsharded go to Lightning's ``clip_gradients``.
+
+    Lightning's mixed-precision plugin also refuses to clip for an optimizer that unscales gradients inside its
+    ``step`` (fused AdamW), even under ``bf16-mixed``, where no loss scaler exists and the gradients are already
+    unscaled; there the clipping is done here. Under ``16-mixed`` such an optimizer cannot be clipped: the error
+    says what to change.
     """
+    if not gradient_clip_val:
+        return
     roots = fsdp_roots(module)
-    if roots and gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+    if roots and gradient_clip_algorithm in (None, "norm"):
         if len(roots) > 1:
             raise ValueError(
                 f"norm clipping needs one root FSDP unit holding every parameter, found {len(roots)}; "
                 "wrap the whole backbone (shard_modules does) or clip by value"
             )
         roots[0].clip_grad_norm_(gradient_clip_val)
+        return
+    if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: unscales inside step()
+        if getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+            raise RuntimeError(
+                f"gradient clipping (gradient_clip_val={gradient_clip_val}) with a fused optimizer needs unscaled "
+                "gradients, which 16-mixed only gives inside the optimizer step: use precision bf16-mixed, or "
+                "set the optimizer's fused: false"
+            )
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
         return
     module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 

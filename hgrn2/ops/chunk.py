@@ -81,7 +81,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     final_state = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     h0 = initial_state.contiguous() if initial_state is not None else final_state
     log_beta, log1m_beta, _, _ = L.bound
-    grid = (triton.cdiv(L.key_dim, L.bk), triton.cdiv(L.value_dim, L.bv), L.n_seqs * L.heads)
+    grid = (L.n_seqs * L.heads, triton.cdiv(L.key_dim, L.bk), triton.cdiv(L.value_dim, L.bv))
     state_fwd_kernel[grid](
         g, v, h0, h, final_state, L.cu_seqlens, L.chunk_offsets, log_beta, log1m_beta, L.seq_len,
         BK=L.bk, BV=L.bv, HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=L.state_warps,
@@ -89,7 +89,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     )  # fmt: skip
     o = torch.empty_like(v)
     scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * SUB_CHUNK if keep_scores else 1, device=q.device)
-    grid = (triton.cdiv(L.value_dim, L.bv_out), L.n_chunks, L.heads)
+    grid = (triton.cdiv(L.value_dim, L.bv_out) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
         BC=SUB_CHUNK, BK=L.bk_full, BV=L.bv_out, ACT=L.act, STORE_SCORES=keep_scores,
@@ -104,7 +104,7 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else d_initial
     log_beta, log1m_beta, inv_beta, inv_1m_beta = L.bound
-    grid = (triton.cdiv(L.key_dim, L.bk), triton.cdiv(L.value_dim, L.bv), L.n_seqs * L.heads)
+    grid = (L.n_seqs * L.heads, triton.cdiv(L.key_dim, L.bk), triton.cdiv(L.value_dim, L.bv))
     state_bwd_kernel[grid](
         q, g, do, dht, d_states, d_initial, L.cu_seqlens, L.chunk_offsets, log_beta, log1m_beta, scale,
         L.seq_len, BK=L.bk, BV=L.bv, HAS_DHT=d_final is not None, STORE_DH0=need_d_initial, ACT=L.act,
@@ -114,13 +114,13 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     has_bound = L.flags["HAS_BOUND"]
     d_beta = torch.empty(L.n_chunks * L.heads * L.key_dim if has_bound else 1, device=q.device)
     bk = min(32, L.bk_full)
-    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk), L.n_chunks, L.heads)](
+    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, d_beta, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta,
         inv_beta, inv_1m_beta, scale, L.seq_len, BC=SUB_CHUNK, BK=bk, BV=_pow2(L.value_dim), ACT=L.act,
         num_warps=4 if L.value_dim <= 128 else 8, **L.flags,
     )  # fmt: skip
     bv = min(64, _pow2(L.value_dim))
-    dv_bwd_kernel[(triton.cdiv(L.value_dim, bv), L.n_chunks, L.heads)](
+    dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         q, g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
         BC=SUB_CHUNK, BK=L.bk_full, BV=bv, ACT=L.act, num_warps=4 if L.key_dim <= 128 else 8, **L.flags,
     )  # fmt: skip

@@ -41,7 +41,7 @@ def state_bwd_kernel(
     GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
     n_chunks = tl.cdiv(length, C)
@@ -95,7 +95,8 @@ def dqk_bwd_kernel(
     DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # one program per (K tile, chunk, head); BV covers all of V (dA = do v^T sums over it)
-    i_k, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    i_k, i_c, i_h = tl.program_id(0) % NK, tl.program_id(0) // NK, tl.program_id(1)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
     NC: tl.constexpr = C // BC
     o_r = tl.arange(0, BC)
@@ -223,7 +224,8 @@ def dv_bwd_kernel(
     # one program per (V tile, chunk, head); BK covers all of K. dv_s = Σ_{t >= s in the sub-block} A[t, s] do_t
     # + (k_s · exp(b_end - b_s)) dS_end, with the diagonal sub-block scores A saved by the forward and dS_end
     # the gradient of the state at the end of the sub-block, carried backwards through the chunk.
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
     NC: tl.constexpr = C // BC
     o_r = tl.arange(0, BC)

@@ -43,7 +43,7 @@ def state_fwd_kernel(
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr,
     HAS_BOUND: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    i_k, i_v, i_nh = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
     n_chunks = tl.cdiv(length, C)
@@ -91,7 +91,8 @@ def output_fwd_kernel(
 ):  # fmt: skip
     # With STORE_SCORES the first V tile also writes the diagonal sub-block scores (without scale) to a_ptr,
     # float32 [B * T, H, BC], for the backward.
-    i_v, i_c, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
     NC: tl.constexpr = C // BC
     o_r = tl.arange(0, BC)

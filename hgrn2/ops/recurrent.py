@@ -23,7 +23,7 @@ def recurrent_fwd_kernel(
     IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     # h0_ptr and ht_ptr may be the same tensor: each program reads its state tile before writing it back
-    i_v, i_nh = tl.program_id(0), tl.program_id(1)
+    i_nh, i_v = tl.program_id(0), tl.program_id(1)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, 1, IS_VARLEN)
     o_k = tl.arange(0, BK)
@@ -52,7 +52,7 @@ def _launch(q, v, log_forget, initial_state, final_state, o, cu_seqlens, scale, 
     block_v = min(max(16, triton.next_power_of_2(value_dim)), 32 if block_k <= 128 else 16)
     seq_len = q.shape[1] if q.dim() == 4 else 1
     dummy = o
-    recurrent_fwd_kernel[(triton.cdiv(value_dim, block_v), n_seqs * heads)](
+    recurrent_fwd_kernel[(n_seqs * heads, triton.cdiv(value_dim, block_v))](
         q, v, log_forget, initial_state if initial_state is not None else dummy, o,
         final_state if final_state is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
         scale, seq_len, H=heads, K=key_dim, V=value_dim, BK=block_k, BV=block_v,

@@ -31,7 +31,7 @@ def scan_fwd_kernel(
     x_ptr, g_ptr, h0_ptr, h_ptr, ht_ptr, cu_seqlens, T, D: tl.constexpr, BT: tl.constexpr, BD: tl.constexpr,
     HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    i_d, i_n = tl.program_id(0), tl.program_id(1)
+    i_n, i_d = tl.program_id(0), tl.program_id(1)
     bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, BT, IS_VARLEN)
     o_t = tl.arange(0, BT)
     o_d = i_d * BD + tl.arange(0, BD)
@@ -59,7 +59,7 @@ def scan_bwd_kernel(
     BT: tl.constexpr, BD: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    i_d, i_n = tl.program_id(0), tl.program_id(1)
+    i_n, i_d = tl.program_id(0), tl.program_id(1)
     bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, BT, IS_VARLEN)
     o_p = tl.arange(0, BT)
     o_rev = BT - 1 - o_p  # position p of a tile holds step BT - 1 - p: a forward scan runs backwards in time
@@ -117,7 +117,7 @@ class ScanHGRN1Function(torch.autograd.Function):
         final_state = torch.empty(n_seqs, dim, dtype=torch.float32, device=x.device)
         h0 = initial_state.contiguous() if initial_state is not None else final_state
         cu = cu_seqlens if cu_seqlens is not None else final_state
-        scan_fwd_kernel[(triton.cdiv(dim, block), n_seqs)](
+        scan_fwd_kernel[(n_seqs, triton.cdiv(dim, block))](
             x, log_forget, h0, h, final_state, cu, seq_len, D=dim, BT=TILE, BD=block,
             HAS_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None,
             num_warps=4,
@@ -137,7 +137,7 @@ class ScanHGRN1Function(torch.autograd.Function):
         cu = cu_seqlens if cu_seqlens is not None else d_initial
         need_d_initial = ctx.needs_input_grad[2]
         # 16 channels a program: with 32 the backward ran 5x slower per tile on an H100 (triton 3.6)
-        scan_bwd_kernel[(triton.cdiv(dim, 16), ctx.n_seqs)](
+        scan_bwd_kernel[(ctx.n_seqs, triton.cdiv(dim, 16))](
             x, log_forget, h, h0, dh.contiguous(), dht, dx, dg, d_initial, cu, seq_len, D=dim, BT=TILE,
             BD=16, HAS_H0=initial_state is not None, HAS_DHT=d_final is not None, STORE_DH0=need_d_initial,
             IS_VARLEN=cu_seqlens is not None, num_warps=4,

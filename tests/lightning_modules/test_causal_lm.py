@@ -206,3 +206,35 @@ def test_demo_config_trains_on_the_embedded_corpus_with_checkpoint_and_summary()
     assert parsed["trainer"]["accelerator"] == "cpu"
     callbacks = [c["class_path"] for c in parsed["trainer"]["callbacks"]]
     assert callbacks == ["lightning.pytorch.callbacks.ModelCheckpoint", "lightning_modules.causal_lm.LMSummary"]
+
+
+class GradRecorder(pl.Callback):
+    """Global norm and largest entry of the gradients each optimizer step applied (after clipping): they
+    stay on the parameters until the next step zeroes them."""
+
+    def __init__(self):
+        self.norms, self.largest = [], []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        grads = [p.grad.double() for p in pl_module.parameters() if p.grad is not None]
+        self.norms.append(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads])).item())
+        self.largest.append(max(g.abs().max().item() for g in grads))
+
+
+@pytest.mark.parametrize("algorithm", ["norm", "value"])
+def test_fused_adamw_is_clipped_under_bf16_mixed(tmp_path, algorithm):
+    # Lightning refuses to clip for optimizers that unscale inside step(); under bf16-mixed nothing is scaled
+    torch.manual_seed(0)
+    module = CausalLM("tiny", vocab_size=257, optim=OptimizerConfig(lr=3e-3, warmup_steps=2, fused=True))
+    recorder, clip = GradRecorder(), 1e-3
+    trainer = make_trainer(
+        3, callbacks=[recorder], precision="bf16-mixed", gradient_clip_val=clip, gradient_clip_algorithm=algorithm
+    )
+    trainer.fit(module, make_data(tmp_path))
+    assert module.optimizers().optimizer.defaults["fused"]
+    assert len(recorder.norms) == 3
+    if algorithm == "norm":
+        assert max(recorder.norms) <= clip * (1 + 1e-3), recorder.norms
+    else:
+        assert max(recorder.largest) <= clip * (1 + 1e-6), recorder.largest
+        assert max(recorder.norms) > clip  # value clipping leaves the norm above the clip value
