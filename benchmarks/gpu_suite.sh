@@ -9,7 +9,9 @@ OUT=${OUT:-benchmarks/results}
 RESULTS=benchmarks/results
 mkdir -p "$OUT" "$RESULTS"
 if compgen -G ".wheels/*.whl" >/dev/null; then
-  pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | tail -1
+  if [ ! -e /tmp/site/.installed ]; then  # once per machine, so that two suites can run side by side
+    pip install -q --no-deps --target /tmp/site .wheels/*.whl 2>&1 | tail -1 && touch /tmp/site/.installed
+  fi
   export PYTHONPATH=/tmp/site:$PWD
 else
   export PYTHONPATH=$PWD
