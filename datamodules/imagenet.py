@@ -14,7 +14,9 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
+from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, Mixup, create_transform
+from timm.data import auto_augment as timm_auto_augment
 from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
@@ -50,6 +52,27 @@ def _split_classes(split_dir: Path) -> list[str]:
         if not any(e.is_file() and _is_image(e.name) for e in os.scandir(split_dir / name)):
             raise ValueError(f"malformed image folder: class folder {split_dir / name} holds no images; {LAYOUT}")
     return classes
+
+
+def posterize(image: Image.Image, bits_to_keep: int, **kwargs) -> Image.Image:
+    """timm's posterize op, with 0 bits kept giving a black image.
+
+    RandAugment's "inc" posterize keeps ``4 - int(0.4 * magnitude)`` bits, so 0 once a magnitude drawn around 9
+    with std 0.5 (DeiT's ``rand-m9-mstd0.5-inc1``) reaches its cap of 10: about 2% of draws. Older Pillow
+    turned 0 bits into a black image; Pillow 13 raises ``ValueError``, which stops a training run within its
+    first ImageNet epoch. This keeps the old result.
+    """
+    if bits_to_keep <= 0:
+        return Image.new(image.mode, image.size)
+    return timm_auto_augment.posterize(image, bits_to_keep, **kwargs)
+
+
+def _augment_ops(transform):
+    """Every timm ``AugmentOp`` inside a (composed) transform: RandAugment's ops and AutoAugment's policies."""
+    for part in getattr(transform, "transforms", [transform]):
+        yield from getattr(part, "ops", [])
+        for sub_policy in getattr(part, "policy", []):
+            yield from sub_policy
 
 
 def check_image_folder(root: str | os.PathLike) -> list[str]:
@@ -162,6 +185,9 @@ class ImageNetDataModule(pl.LightningDataModule):
             re_mode=h.re_mode,
             **common,
         )
+        for op in _augment_ops(train):
+            if op.aug_fn is timm_auto_augment.posterize:
+                op.aug_fn = posterize
         evaluation = create_transform(h.image_size, is_training=False, crop_pct=h.eval_crop_pct, **common)
         return train, evaluation
 

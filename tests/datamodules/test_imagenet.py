@@ -8,9 +8,16 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from datamodules.digits import DigitsDataModule, _RandomShift, load_digit_tensors
-from datamodules.imagenet import ImageNetDataModule, check_image_folder, write_synthetic_image_folder
+from datamodules.imagenet import (
+    ImageNetDataModule,
+    _augment_ops,
+    check_image_folder,
+    posterize,
+    write_synthetic_image_folder,
+)
 
 NUM_CLASSES = 4
 
@@ -95,6 +102,23 @@ def test_transforms_follow_the_deit_recipe_at_224():
     assert erasing.probability == 0.25 and erasing.mode == "pixel"
     resize, center = evaluation.transforms[:2]
     assert resize.size == 256 and center.size == (224, 224) and "bicubic" in str(resize)
+
+
+@pytest.mark.parametrize("policy", ["rand-m9-mstd0.5-inc1", "original"])
+def test_posterize_at_the_largest_magnitude_gives_a_black_image_instead_of_failing(policy):
+    # "inc" posterize keeps 4 - int(0.4 * magnitude) bits: 0 at magnitude 10, which Pillow 13 rejects
+    train, _ = ImageNetDataModule(root="unused", auto_augment=policy).transforms()
+    ops = [op for op in _augment_ops(train) if op.name.startswith("Posterize")]
+    assert ops and all(op.aug_fn is posterize for op in ops)
+    rng = np.random.default_rng(0)
+    image = Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
+    op = next((op for op in ops if op.name == "PosterizeIncreasing"), None)
+    if op is not None:
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 10, 0
+        assert not np.asarray(op(image)).any()
+    # and any other bit count is timm's (Pillow's) posterize: the top bits of every channel
+    kept = np.asarray(posterize(image, 2))
+    assert np.array_equal(kept, np.asarray(image) & 0b11000000)
 
 
 def test_loaders_give_normalised_batches_and_drop_the_last_partial_training_batch(folder):
