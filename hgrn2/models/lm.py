@@ -243,7 +243,7 @@ class HGRN2ForCausalLM(nn.Module):
         c = self.config
         if not c.fused or c.norm not in ("simple_rmsnorm", "rmsnorm") or c.glu_activation not in FUSED_GLU_ACTIVATIONS:
             return False
-        if c.backend == "triton":
+        if c.backend in ("triton", "recurrent"):
             return True
         return c.backend == "auto" and device.type == "cuda" and triton_available(device)
 

@@ -3,7 +3,9 @@
 ``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch chunked form elsewhere (the
 step-by-step loop for scans of at most 16 steps, where it is faster);
 ``"torch"`` forces the chunked PyTorch form, ``"naive"`` the step-by-step loop, ``"triton"`` the
-kernels (on the CPU only under ``TRITON_INTERPRET=1``).
+kernels (on the CPU only under ``TRITON_INTERPRET=1``), and ``"recurrent"`` the step-by-step Triton kernels of
+HGRN2 for small per-head states (``small_state.py``: K·V up to 1024, e.g. expand ratios 2 to 32 with
+K = V); HGRN1's scan is step-by-step already, so there it is the same as ``"triton"``.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from hgrn2.ops import reference
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.validation import check_hgrn1_inputs, check_hgrn2_inputs
 
-BACKENDS = ("auto", "torch", "naive", "triton")
+BACKENDS = ("auto", "torch", "naive", "triton", "recurrent")
 
 __all__ = [
     "BACKENDS",
@@ -61,11 +63,11 @@ def _resolve_backend(backend: str, tensor: torch.Tensor, seq_len: int | None = N
         if tensor.is_cuda and triton_available(tensor.device):
             return "triton"
         return "naive" if seq_len is not None and seq_len <= SHORT_SCAN else "torch"
-    if backend == "triton" and not triton_available(tensor.device):
+    if backend in ("triton", "recurrent") and not triton_available(tensor.device):
         if _kernel_module("chunk") is None:
-            raise ValueError("backend='triton' needs the triton package; install it or use backend='torch'")
+            raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
         raise ValueError(
-            f"backend='triton' needs a CUDA tensor (got one on {tensor.device}); to run the kernels on the CPU "
+            f"backend={backend!r} needs a CUDA tensor (got one on {tensor.device}); to run the kernels on the CPU "
             "set TRITON_INTERPRET=1 before triton is first imported, or use backend='torch'"
         )
     return backend
@@ -96,7 +98,7 @@ def hgrn2_recurrence(
         output_final_state: also return the state after the last step (float32, float64 for float64 input).
         cu_seqlens: int64 ``[N + 1]`` offsets of N sequences packed along T (then B must be 1); each
             starts from its own initial state and ends in its own final state.
-        backend: ``"auto"``, ``"torch"``, ``"naive"`` or ``"triton"``.
+        backend: ``"auto"``, ``"torch"``, ``"naive"``, ``"triton"`` or ``"recurrent"``.
         chunk_size: chunk length of the ``"torch"`` chunked form (default 16).
 
     Returns:
@@ -118,6 +120,8 @@ def hgrn2_recurrence(
     resolved = _resolve_backend(backend, q, q.shape[1])
     if resolved == "triton":
         return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
+    if resolved == "recurrent":
+        return _kernel_module("small_state").small_state_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "naive":
         return reference.hgrn2_recurrence_naive(q, v, log_forget, **kwargs)
     return reference.hgrn2_recurrence_chunked(q, v, log_forget, chunk_size=chunk_size or 16, **kwargs)
@@ -140,7 +144,8 @@ def hgrn2_gated_recurrence(
     ``log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj))`` with β = ``lower_bound``.
 
     Shapes as in :func:`hgrn2_recurrence`; ``lower_bound`` broadcasts to ``[H, K]`` (or is None for β = 0).
-    The Triton backend computes both gates inside the kernel, so neither q nor log λ is written to memory.
+    The Triton backend computes both gates inside the kernel, so neither q nor log λ is written to memory;
+    the other backends compute them first with PyTorch.
     """
     check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, check_values=False)
     kwargs = dict(
@@ -154,6 +159,8 @@ def hgrn2_gated_recurrence(
     log_forget = lower_bounded_log_forget(forget_proj, lower_bound)
     if resolved == "triton":
         return chunk.chunk_hgrn2(q, v, log_forget, **kwargs)
+    if resolved == "recurrent":
+        return _kernel_module("small_state").small_state_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "naive":
         return reference.hgrn2_recurrence_naive(q, v, log_forget, **kwargs)
     return reference.hgrn2_recurrence_chunked(q, v, log_forget, **kwargs)
@@ -175,7 +182,7 @@ def hgrn2_step(
     check_hgrn2_inputs(q[:, None], v[:, None], log_forget[:, None], state, None, check_values=False)
     resolved = _resolve_backend(backend, q)
     recurrent = _kernel_module("recurrent")
-    if resolved == "triton" and recurrent is not None:
+    if resolved in ("triton", "recurrent") and recurrent is not None:
         return recurrent.fused_recurrent_hgrn2_step(q, v, log_forget, state, scale=scale)
     o, new_state = reference.hgrn2_recurrence_naive(
         q[:, None], v[:, None], log_forget[:, None], scale=scale, initial_state=state, output_final_state=True
@@ -214,7 +221,7 @@ def hgrn1_recurrence(
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     resolved = _resolve_backend(backend, x, x.shape[1])
     scan = _kernel_module("scan")
-    if resolved == "triton" and scan is not None:
+    if resolved in ("triton", "recurrent") and scan is not None:
         return scan.scan_hgrn1(x, log_forget, **kwargs)
     if resolved == "naive":
         return reference.hgrn1_recurrence_naive(x, log_forget, **kwargs)

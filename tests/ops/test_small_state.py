@@ -1,0 +1,156 @@
+"""The step-by-step small-state Triton kernels against the float64 step-by-step reference, forward and every
+gradient; and the ``"recurrent"`` backend that runs them.
+
+On the CPU the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hgrn2.ops import hgrn1_recurrence, hgrn2_gated_recurrence, hgrn2_recurrence
+from hgrn2.ops.gates import activation, lower_bounded_log_forget
+from hgrn2.ops.reference import hgrn1_recurrence_naive, hgrn2_recurrence_naive
+from tests.helpers import assert_rel_close
+
+small_state = pytest.importorskip("hgrn2.ops.small_state")
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return x.to(device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def _check(fn, reference, inputs, names, tol):
+    """fn(*inputs) -> (o, final) against reference on float64 CPU copies: outputs and every input gradient."""
+    o, final = fn(*inputs)
+    assert final.dtype == torch.float32
+    do, d_final = torch.randn_like(o), torch.randn_like(final)
+    ((o.float() * do.float()).sum() + (final * d_final).sum()).backward()
+    leaves = [None if x is None else x.detach().double().cpu().requires_grad_() for x in inputs]
+    o_ref, final_ref = reference(*leaves)
+    ((o_ref * do.double().cpu()).sum() + (final_ref * d_final.double().cpu()).sum()).backward()
+    assert o.dtype == inputs[0].dtype
+    assert_rel_close(o.float(), o_ref, tol, "o")
+    assert_rel_close(final, final_ref, tol, "final_state")
+    for name, x, leaf in zip(names, inputs, leaves):
+        if x is not None:
+            assert_rel_close(x.grad.float(), leaf.grad, tol, name)
+
+
+def _check_plain(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol):
+    cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
+    kwargs = dict(scale=scale, output_final_state=True)
+
+    def run(q, v, g, h0):
+        return small_state.small_state_hgrn2(q, v, g, initial_state=h0, cu_seqlens=cu_seqlens, **kwargs)
+
+    def reference(q, v, g, h0):
+        return hgrn2_recurrence_naive(q, v, g, initial_state=h0, cu_seqlens=cu_cpu, **kwargs)
+
+    names = ("dq", "dv", "dlog_forget", "dinitial_state")
+    _check(run, reference, [q, v, log_forget, initial_state], names, tol)
+
+
+@pytest.mark.parametrize(
+    "batch, seq_len, heads, key_dim, value_dim, with_state",
+    [
+        (2, 1, 3, 2, 2, True),  # a single step; expand ratio 2
+        (2, 14, 96, 2, 2, True),  # an image row scan: many heads, several programs of heads per sequence
+        (1, 23, 5, 4, 4, False),  # 5 heads in blocks of 4 or more: a partly masked head block
+        (1, 9, 2, 3, 6, True),  # K != V, neither a power of two
+        (1, 6, 2, 1, 1, True),  # expand ratio 1
+        (1, 5, 2, 32, 32, True),  # the largest state the kernels take
+    ],
+)
+def test_small_state_matches_naive_in_float32(batch, seq_len, heads, key_dim, value_dim, with_state):
+    q = _leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
+    log_forget = _leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, key_dim)), torch.float32)
+    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32) if with_state else None
+    _check_plain(q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
+
+
+def test_small_state_matches_naive_with_packed_sequences():
+    bounds = [0, 1, 15, 40, 44]
+    seq_len, heads, key_dim, value_dim = bounds[-1], 3, 4, 4
+    cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
+    q = _leaf(torch.randn(1, seq_len, heads, key_dim), torch.float32)
+    v = _leaf(torch.randn(1, seq_len, heads, value_dim), torch.float32)
+    log_forget = _leaf(F.logsigmoid(torch.randn(1, seq_len, heads, key_dim)), torch.float32)
+    h0 = _leaf(torch.randn(len(bounds) - 1, heads, key_dim, value_dim), torch.float32)
+    _check_plain(q, v, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_small_state_matches_naive_in_half_precision(dtype):
+    q = _leaf(torch.randn(2, 30, 8, 4), dtype)
+    v = _leaf(torch.randn(2, 30, 8, 4), dtype)
+    log_forget = _leaf(F.logsigmoid(2 * torch.randn(2, 30, 8, 4)), dtype)
+    h0 = _leaf(torch.randn(2, 8, 4, 4), torch.float32)
+    _check_plain(q, v, log_forget, initial_state=h0, tol=TOL[dtype])
+
+
+@pytest.mark.parametrize("kind", ["uniform_log", "near_one", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_state_stays_finite_and_exact_with_extreme_gates(kind, dtype):
+    shape = (1, 40, 4, 4)
+    if kind == "uniform_log":  # log λ anywhere in [-30, 0]
+        gates = -30 * torch.rand(shape)
+    elif kind == "near_one":  # λ = 1 - 1e-6
+        gates = torch.full(shape, math.log1p(-1e-6))
+    else:  # half the channels forget almost everything, half almost nothing
+        gates = torch.where(torch.arange(4) % 2 == 0, -30.0, math.log1p(-1e-6)).expand(shape).clone()
+    q, v = _leaf(torch.randn(shape), dtype), _leaf(torch.randn(shape), dtype)
+    h0 = _leaf(torch.randn(1, 4, 4, 4), torch.float32)
+    _check_plain(q, v, _leaf(gates, dtype), initial_state=h0, tol=TOL[dtype])
+
+
+def test_recurrent_backend_runs_the_gated_entry_with_torch_gates():
+    batch, seq_len, heads, key_dim, value_dim = 2, 12, 6, 2, 2
+    q_proj = _leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
+    forget_proj = _leaf(3 * torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    beta = torch.rand(heads, key_dim)
+    beta[0] = 0.0
+    lower_bound = _leaf(beta, torch.float32)
+    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
+
+    def run(q_proj, v, forget_proj, lower_bound, h0):
+        return hgrn2_gated_recurrence(
+            q_proj, v, forget_proj, lower_bound, output_gate="silu", scale=0.5, initial_state=h0,
+            output_final_state=True, backend="recurrent",
+        )  # fmt: skip
+
+    def reference(q_proj, v, forget_proj, lower_bound, h0):
+        q, log_forget = activation(q_proj, "silu"), lower_bounded_log_forget(forget_proj, lower_bound)
+        return hgrn2_recurrence_naive(q, v, log_forget, scale=0.5, initial_state=h0, output_final_state=True)
+
+    names = ("dq_proj", "dv", "dforget_proj", "dlower_bound", "dinitial_state")
+    _check(run, reference, [q_proj, v, forget_proj, lower_bound, h0], names, TOL[torch.float32])
+
+
+def test_recurrent_backend_equals_the_chunked_kernels_and_covers_hgrn1():
+    q, v = torch.randn(2, 20, 4, 4, device=DEVICE), torch.randn(2, 20, 4, 4, device=DEVICE)
+    log_forget = F.logsigmoid(torch.randn(2, 20, 4, 4, device=DEVICE))
+    o_steps, s_steps = hgrn2_recurrence(q, v, log_forget, output_final_state=True, backend="recurrent")
+    o_chunks, s_chunks = hgrn2_recurrence(q, v, log_forget, output_final_state=True, backend="triton")
+    assert_rel_close(o_steps, o_chunks.double(), 1e-5, "o")
+    assert_rel_close(s_steps, s_chunks.double(), 1e-5, "final_state")
+    x, g = torch.randn(2, 20, 8, device=DEVICE), F.logsigmoid(torch.randn(2, 20, 8, device=DEVICE))
+    h, _ = hgrn1_recurrence(x, g, backend="recurrent")
+    assert_rel_close(h, hgrn1_recurrence_naive(x.double().cpu(), g.double().cpu())[0], 1e-5, "h")
+
+
+def test_too_large_a_state_is_refused_with_the_backend_to_use():
+    x = torch.randn(1, 4, 1, 64, device=DEVICE)
+    with pytest.raises(ValueError, match="at most 1024 state elements per head.*backend='triton'"):
+        small_state.small_state_hgrn2(x, x, -x.abs())
+    with pytest.raises(ValueError, match="float64"):
+        small_state.small_state_hgrn2(x.double(), x.double(), -x.abs().double())
