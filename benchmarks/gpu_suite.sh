@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the GPU jobs named on the command line in one call on a lent GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling lra-listops lra-pathfinder mqar
-# (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone).
+# (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
+# and vision-steps are further jobs). LRA_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # Each job writes its JSON to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
@@ -38,6 +39,16 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
     vision)
       run vision python benchmarks/vision_throughput.py --expand-ratios 2 16
       cp "$RESULTS"/*-vision.json "$OUT/" ;;
+    vision-steps)  # the step-by-step small-state kernels against the chunked ones, same run
+      run vision-steps python benchmarks/vision_throughput.py --expand-ratios 2 16 --backend recurrent \
+        --out "$RESULTS/vision-steps.json"
+      cp "$RESULTS"/vision-steps.json "$OUT/" ;;
+    ops)  # kernels against fla: its first call autotunes for minutes, so give this job a call of its own
+      run ops python benchmarks/ops.py --out "$RESULTS" --fla-budget-s "${FLA_BUDGET_S:-200}"
+      cp "$RESULTS"/*-ops.json "$OUT/" ;;
+    train-8192)
+      run train-8192 python benchmarks/train.py --models hgrn2,llama,fla --shapes 8192x2 --out "$RESULTS/T8192"
+      cp "$RESULTS"/T8192/*-train.json "$OUT/" ;;
     scaling) jobs+=(scaling-ddp scaling-fsdp scaling-fsdp-ckpt) ;;
     scaling-ddp | scaling-fsdp | scaling-fsdp-ckpt)
       flags="--strategy ${job#scaling-}"; flags=${flags/fsdp-ckpt/fsdp --checkpointing}
@@ -47,7 +58,8 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       run check python benchmarks/gpu_check.py --out "$RESULTS"
       cp "$RESULTS"/*-gpu-check.log "$OUT/" ;;
     lra-listops | lra-pathfinder)
-      run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}"
+      run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}" \
+        --backend "${LRA_BACKEND:-auto}"
       cp "$RESULTS"/*-lra.json "$OUT/" ;;
     mqar)
       run mqar python benchmarks/mqar_sweep.py --out "$RESULTS/mqar" ${MQAR_FLAGS:-}

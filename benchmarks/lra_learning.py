@@ -171,6 +171,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator and loader processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tiny", action="store_true", help="CPU-sized data and model: checks the path end to end")
+    parser.add_argument(
+        "--backend", default="auto", help="recurrence backend of the encoders (hgrn2.ops.BACKENDS), e.g. recurrent"
+    )
     args = parser.parse_args(argv)
     args.accelerator = "gpu" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
@@ -183,6 +186,8 @@ def main(argv: list[str] | None = None) -> dict:
         BATCH_SIZE.update(listops=32, pathfinder=32)
         overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
         overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
+    for task_overrides in overrides.values():
+        task_overrides["backend"] = args.backend
     loader_workers = min(8, max(0, args.workers - 1))
     started = time.perf_counter()
     report = {

@@ -7,8 +7,10 @@ is the median of ``triton.testing.do_bench`` (L2 flushed between runs). Compared
 (given k = 1 - λ precomputed, which the HGRN2 kernels derive themselves), PyTorch SDPA causal attention
 (head dim 128), and the byte floor: the bytes the op must read and write (forward: q, v, log λ, o;
 backward: q, v, log λ, do, dq, dv, d log λ) over the measured device-to-device copy bandwidth. Also the
-decoding step (B = 1 and 64), the HGRN1 scan (D = 1024) against fla's ``chunk_hgrn`` and the first call of
-each kernel with an empty Triton cache (compilation included). fla is skipped when it is not installed.
+decoding step (B = 1 and 64), the HGRN1 scan (D = 1024) against fla's ``chunk_hgrn``, the step-by-step
+small-state kernels against the chunked ones on the image and ListOps models' shapes (heads of 2 x 2 to
+16 x 16), and the first call of each kernel with an empty Triton cache (compilation included). fla is skipped
+when it is not installed.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
 from hgrn2.ops.recurrent import fused_recurrent_hgrn2_step  # noqa: E402
 from hgrn2.ops.scan import scan_hgrn1  # noqa: E402
+from hgrn2.ops.small_state import small_state_hgrn2  # noqa: E402
 
 try:
     from fla.ops.gla import chunk_gla, fused_recurrent_gla
@@ -152,6 +155,22 @@ def time_hgrn1(batch, seq_len, dim=1024, with_fla=False):
     return row
 
 
+# (B, T, H, K = V): hgrn2_vit_tiny's row scans at batch 128, the ListOps encoder at batch 32, an MQAR model
+SMALL_STATE_SHAPES = ((1792, 14, 96, 2), (32, 2000, 16, 4), (64, 512, 8, 16))
+
+
+def time_small_state(batch, seq_len, heads, dim):
+    """bf16 forward and forward+backward of the chunked and the step-by-step kernels on one shape, ms."""
+    shape = (batch, seq_len, heads, dim)
+    q, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
+    g = F.logsigmoid(torch.randn(shape, device="cuda") + 2).to(torch.bfloat16).requires_grad_()
+    row = {"B": batch, "T": seq_len, "H": heads, "K": dim, "V": dim}
+    for name, op in (("chunk", chunk_hgrn2), ("steps", small_state_hgrn2)):
+        row[f"{name}_fwd"] = ms(lambda op=op: op(q, v, g))
+        row[f"{name}_fwdbwd"] = ms(grads_of(lambda op=op: op(q, v, g)[0], [q, v, g]))
+    return row
+
+
 def first_calls():
     """Seconds of each kernel's first forward+backward call with an empty Triton cache."""
     q, v, g = hgrn2_inputs(16, 1024)
@@ -165,6 +184,8 @@ def first_calls():
         "scan_hgrn1 fwd+bwd": first_call(grads_of(lambda: scan_hgrn1(x, xg)[0], [x, xg])),
         "decode step": first_call(lambda: fused_recurrent_hgrn2_step(q[:1, 0], v[:1, 0], g[:1, 0], state)),
     }
+    small = [t[..., :4].contiguous().detach().requires_grad_() for t in (q, v, g)]
+    out["small_state_hgrn2 fwd+bwd"] = first_call(grads_of(lambda: small_state_hgrn2(*small)[0], small))
     return out
 
 
@@ -213,6 +234,13 @@ def print_tables(result):
             f"fla {r.get('fla_fwd', 0):.3f} / {r.get('fla_fwdbwd', 0):.3f} | "
             f"{ratio(r['ours_fwd'], r.get('fla_fwd'))} {ratio(r['ours_fwdbwd'], r.get('fla_fwdbwd'))}"
         )
+    print("\nsmall states, bf16, ms: chunked kernels vs step-by-step kernels")
+    for r in result.get("small_state", []):
+        print(
+            f"B={r['B']:5d} T={r['T']:5d} H={r['H']:3d} K=V={r['K']:3d} | chunk {r['chunk_fwd']:7.3f} / "
+            f"{r['chunk_fwdbwd']:7.3f} | steps {r['steps_fwd']:7.3f} / {r['steps_fwdbwd']:7.3f} | "
+            f"{ratio(r['steps_fwd'], r['chunk_fwd'])} {ratio(r['steps_fwdbwd'], r['chunk_fwdbwd'])}"
+        )
     print("\nfirst call (empty Triton cache), s")
     for name, seconds in result["first_call_s"].items():
         print(f"{name:28s} {seconds:7.1f}")
@@ -222,7 +250,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-ops.json")
     parser.add_argument("--no-fla", action="store_true", help="leave fla out even when installed")
-    parser.add_argument("--fla-budget-s", type=float, default=300.0, help="stop timing fla rows after this long")
+    parser.add_argument(
+        "--fla-budget-s", type=float, default=300.0, help="stop timing fla rows this long after fla's first call"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         sys.exit("ops.py needs a CUDA device")
@@ -246,6 +276,8 @@ def main() -> None:
     result["decode"] = [time_decode(1), time_decode(64)]
     result["hgrn1"] = [time_hgrn1(8, 2048), time_hgrn1(2, 8192)]
     save(result, path)
+    result["small_state"] = [time_small_state(*shape) for shape in SMALL_STATE_SHAPES]
+    save(result, path)
     if chunk_gla is not None:  # fla last: its first call autotunes for minutes; results are saved as they come
         try:
             time_fla(result, path, args.fla_budget_s)
@@ -258,8 +290,9 @@ def main() -> None:
 
 
 def time_fla(result: dict, path: Path, budget_s: float) -> None:
+    result["first_call_s"]["fla chunk_gla fwd+bwd"] = fla_first_call()  # minutes of autotuning: not in the budget
+    save(result, path)
     start = time.perf_counter()
-    result["first_call_s"]["fla chunk_gla fwd+bwd"] = fla_first_call()
     for row in result["hgrn2"]:
         if time.perf_counter() - start > budget_s:
             print(f"fla budget of {budget_s} s spent: remaining fla rows skipped")
