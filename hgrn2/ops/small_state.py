@@ -137,7 +137,12 @@ class _Launch:
                 f"the step-by-step kernels hold at most {MAX_STATE} state elements per head, got K={self.key_dim} "
                 f"and V={self.value_dim}; use backend='triton' (the chunked kernels) for states of this size"
             )
+        # as many heads per program as fit, then fewer while that leaves fewer than 4 programs per SM: a long
+        # sequence is walked one step at a time, and only other programs hide each step's load latency
         self.bh = min(triton.next_power_of_2(self.heads), max(1, _PROGRAM_STATE // per_head))
+        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        while self.bh > 1 and self.n_seqs * triton.cdiv(self.heads, self.bh) < 4 * sms:
+            self.bh //= 2
         self.grid = (self.n_seqs * triton.cdiv(self.heads, self.bh),)
         self.num_warps = 4 if self.bh * per_head >= 512 else 1
         self.flags = dict(H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv)
