@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_info import gpu_name, write_json
+from gpu_info import TRITON_CACHE_AT_START, gpu_name, write_json
 
 VOCAB = 32000
 
@@ -147,6 +147,7 @@ def print_table(results):
 def write_results(out: Path, results) -> Path:
     path = out / f"{gpu_name()}-decode.json"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    meta["triton_cache_at_start"] = TRITON_CACHE_AT_START
     return write_json(path, {"meta": meta, "results": results})
 
 

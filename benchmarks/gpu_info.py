@@ -1,9 +1,12 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``, which puts this folder
-on ``sys.path``): the short GPU name used in result file names, and atomic JSON writes."""
+on ``sys.path``): the short GPU name used in result file names, atomic JSON writes, and the state of Triton's
+cache when the script started (first-call and first-step times include compilation and autotuning only when
+it was empty)."""
 
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -24,3 +27,14 @@ def write_json(path: Path, payload: dict) -> Path:
     tmp.write_text(json.dumps(payload, indent=2))
     tmp.replace(path)
     return path
+
+
+def triton_cache_state() -> dict:
+    """Triton's cache folder (compiled kernels, and autotuning results under TRITON_CACHE_AUTOTUNING=1) and how
+    many files it holds."""
+    folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
+    files = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
+    return {"dir": str(folder), "files": files, "autotuning_cached": os.environ.get("TRITON_CACHE_AUTOTUNING") == "1"}
+
+
+TRITON_CACHE_AT_START = triton_cache_state()  # taken when a script imports this module, before any kernel runs

@@ -19,6 +19,20 @@ else
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 
+# Triton's cache, with autotuning results, goes back in $OUT/triton-cache.tar.gz; carried to the next call as
+# .triton-cache.tar.gz it spares fla minutes of autotuning. Scripts record the cache's state in their JSON.
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=$PWD/.triton-cache
+mkdir -p "$TRITON_CACHE_DIR"
+[ -f .triton-cache.tar.gz ] && tar -xzf .triton-cache.tar.gz -C "$TRITON_CACHE_DIR"
+save_cache() {
+  tar -czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
+  if [ "$(stat -c %s "$OUT/triton-cache.tar.gz")" -gt $((16 * 1024 * 1024)) ]; then
+    rm "$OUT/triton-cache.tar.gz"; echo "Triton cache over 16 MiB: not returned"
+  fi
+}
+trap save_cache EXIT
+trap "exit 143" TERM INT
+
 run() {  # run NAME COMMAND...: time a job, keep its log, never stop the suite
   local name=$1; shift
   echo "=== $name: $*"

@@ -18,7 +18,9 @@ from __future__ import annotations
 import os
 import tempfile
 
-# First calls are timed with an empty Triton cache: point it at a fresh folder before triton loads.
+# Our first calls are timed with an empty Triton cache: point it at a fresh folder before triton loads. fla then
+# goes back to the cache the caller set (gpu_suite.sh carries one, autotuning results included, between calls).
+_CALLERS_CACHE = os.environ.get("TRITON_CACHE_DIR")
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="hgrn2-triton-cache-")
 
 import argparse  # noqa: E402
@@ -33,6 +35,8 @@ import triton  # noqa: E402
 from triton.testing import do_bench  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gpu_info import triton_cache_state  # noqa: E402
 
 from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
@@ -279,6 +283,11 @@ def main() -> None:
     result["small_state"] = [time_small_state(*shape) for shape in SMALL_STATE_SHAPES]
     save(result, path)
     if chunk_gla is not None:  # fla last: its first call autotunes for minutes; results are saved as they come
+        if _CALLERS_CACHE:
+            os.environ["TRITON_CACHE_DIR"] = _CALLERS_CACHE
+        else:
+            os.environ.pop("TRITON_CACHE_DIR")
+        result["fla_triton_cache"] = triton_cache_state()  # files > 0: fla's first call found compiled kernels
         try:
             time_fla(result, path, args.fla_budget_s)
         except Exception as error:  # report what fla could not do, keep everything measured

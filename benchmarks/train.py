@@ -25,7 +25,7 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from gpu_info import gpu_name, write_json
+from gpu_info import TRITON_CACHE_AT_START, gpu_name, write_json
 
 VOCAB = 32000
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # FLOP/s, dense, SXM datasheets
@@ -234,6 +234,7 @@ def write_results(args, results) -> Path:
     path = args.out / f"{gpu_name()}-train.json"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     meta["arguments"] = {k: str(v) for k, v in vars(args).items()}
+    meta["triton_cache_at_start"] = TRITON_CACHE_AT_START
     try:
         import triton
 
