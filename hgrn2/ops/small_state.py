@@ -36,10 +36,13 @@ _PROGRAM_STATE = 1024  # state elements per program: heads are grouped up to thi
 
 
 @triton.jit
-def _head_block(i_n, i_hb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr,
-                BK: tl.constexpr, BV: tl.constexpr):  # fmt: skip
-    """Offsets and masks of a block of BH heads: [BH, BK] into q-like rows, [BH, BV] into v-like rows, and
-    [BH, BK, BV] into the [N, H, K, V] states."""
+def _program_start(h0_ptr, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr):  # fmt: skip
+    """This program's sequence (first row, length) and block of BH heads: offsets and masks [BH, BK] into q-like
+    rows, [BH, BV] into v-like rows and [BH, BK, BV] into the [N, H, K, V] states, and the initial state."""
+    NHB: tl.constexpr = (H + BH - 1) // BH
+    i_n, i_hb = tl.program_id(0) // NHB, tl.program_id(0) % NHB
+    bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, 1, IS_VARLEN)
     o_h = i_hb * BH + tl.arange(0, BH)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -50,7 +53,10 @@ def _head_block(i_n, i_hb, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH
     hv = o_h[:, None] * V + o_v[None, :]
     m_s = m_hk[:, :, None] & m_hv[:, None, :]
     s = i_n.to(tl.int64) * H * K * V + (o_h * K * V)[:, None, None] + (o_k * V)[None, :, None] + o_v[None, None, :]
-    return hk, hv, m_hk, m_hv, s, m_s
+    state = tl.zeros([BH, BK, BV], dtype=tl.float32)
+    if HAS_H0:
+        state += tl.load(h0_ptr + s, mask=m_s, other=0.0)
+    return bos, length, hk, hv, m_hk, m_hv, s, m_s, state
 
 
 @triton.jit
@@ -59,13 +65,9 @@ def small_state_fwd_kernel(
     V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
-    NHB: tl.constexpr = (H + BH - 1) // BH
-    i_n, i_hb = tl.program_id(0) // NHB, tl.program_id(0) % NHB
-    bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, 1, IS_VARLEN)
-    hk, hv, m_hk, m_hv, s, m_s = _head_block(i_n, i_hb, H, K, V, BH, BK, BV)
-    state = tl.zeros([BH, BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(h0_ptr + s, mask=m_s, other=0.0)
+    bos, length, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
+        h0_ptr, cu_seqlens, T, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN
+    )
     for t in range(length):
         row = (bos + t).to(tl.int64)
         q = tl.load(q_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
@@ -85,13 +87,9 @@ def small_state_bwd_kernel(
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote
-    NHB: tl.constexpr = (H + BH - 1) // BH
-    i_n, i_hb = tl.program_id(0) // NHB, tl.program_id(0) % NHB
-    bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, 1, IS_VARLEN)
-    hk, hv, m_hk, m_hv, s, m_s = _head_block(i_n, i_hb, H, K, V, BH, BK, BV)
-    state = tl.zeros([BH, BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(h0_ptr + s, mask=m_s, other=0.0)
+    bos, length, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
+        h0_ptr, cu_seqlens, T, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN
+    )
     for t in range(length):  # forward sweep: the states again, and dq
         row = (bos + t).to(tl.int64)
         g = tl.load(g_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
