@@ -115,6 +115,21 @@ def batch_size(point: GridPoint, args: argparse.Namespace) -> int:
     return max(1, args.batch_tokens // point.seq_len)
 
 
+def _learning_curve_callback():
+    """A callback that records ``[step, validation accuracy]`` after every validation during training."""
+    import lightning.pytorch as pl
+
+    class LearningCurve(pl.Callback):
+        def __init__(self):
+            self.points: list[list[float]] = []
+
+        def on_validation_end(self, trainer, pl_module):  # after the epoch-end metrics are logged
+            if not trainer.sanity_checking and "val/accuracy" in trainer.callback_metrics:
+                self.points.append([trainer.global_step, round(float(trainer.callback_metrics["val/accuracy"]), 4)])
+
+    return LearningCurve()
+
+
 def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
     """Train one grid point and validate it; returns its record."""
     import lightning.pytorch as pl
@@ -147,7 +162,13 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
     config = module.config
     quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     device = dict(accelerator=args.accelerator, devices=1, precision=args.precision)
-    trainer = pl.Trainer(max_steps=args.steps, limit_val_batches=0, num_sanity_val_steps=0, **device, **quiet)
+    curve = _learning_curve_callback()
+    validation = dict(limit_val_batches=0)
+    if args.val_every:  # validate every --val-every steps, counted across epochs
+        validation = dict(val_check_interval=args.val_every, check_val_every_n_epoch=None)
+    trainer = pl.Trainer(
+        max_steps=args.steps, num_sanity_val_steps=0, callbacks=[curve], **validation, **device, **quiet
+    )
     start = time.perf_counter()
     trainer.fit(module, datamodule=data)
     train_s = time.perf_counter() - start
@@ -165,6 +186,7 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
         mixer_params=mixer_params,
         val_accuracy=float(metrics["val/accuracy"]),
         val_loss=float(metrics["val/loss"]),
+        val_accuracy_by_step=curve.points,
         steps=int(trainer.global_step),
         batch_size=batch_size(point, args),
         train_s=round(train_s, 2),
@@ -325,6 +347,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
     p.add_argument("--steps", type=int, default=2000, help="optimizer steps per run")
     p.add_argument("--batch-tokens", type=int, default=65_536, help="batch size = batch_tokens // seq_len")
+    p.add_argument("--val-every", type=int, default=0, help="also validate every N steps: a learning curve per run")
     p.add_argument("--num-train", type=int, default=100_000)
     p.add_argument("--num-val", type=int, default=1_000)
     p.add_argument("--vocab-size", type=int, default=8192)

@@ -269,6 +269,7 @@ def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
     assert record["mixer_params"] == 2 * 4 * 16 * 16  # two layers of W_q, W_f, W_i, W_o
     assert document["summary"][0]["hgrn2_accuracy_by_expand_ratio"] == {"4": record["val_accuracy"]}
     assert (tmp_path / "mqar_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert record["val_accuracy_by_step"] == []  # no --val-every: validated once, at the end
     # resuming a finished sweep trains nothing and keeps the record
     (best,) = sweep.main(argv + ["--resume"])
     assert best["val_accuracy"] == record["val_accuracy"]
@@ -276,6 +277,19 @@ def test_sweep_runs_end_to_end_on_a_one_point_cpu_grid(tmp_path):
     (tmp_path / "mqar_sweep.png").unlink()
     sweep.main(argv + ["--plot-only"])
     assert (tmp_path / "mqar_sweep.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_sweep_records_a_learning_curve_with_val_every(tmp_path):
+    sweep = _load_sweep()
+    argv = (
+        f"--out {tmp_path} --models hgrn1 --d-models 16 --settings 32:4 --workers 1 --steps 6 --val-every 2 "
+        "--warmup-steps 1 --vocab-size 64 --num-train 16 --num-val 32 --batch-tokens 256 "
+        "--accelerator cpu --precision 32-true"
+    ).split()  # 8 sequences a step: two steps an epoch, so the curve spans epochs
+    sweep.main(argv)
+    (record,) = json.loads((tmp_path / "mqar_sweep.json").read_text())["runs"]
+    assert [step for step, _ in record["val_accuracy_by_step"]] == [2, 4, 6]
+    assert record["val_accuracy_by_step"][-1][1] == pytest.approx(record["val_accuracy"], abs=1e-4)
 
 
 def test_sweep_without_matplotlib_keeps_the_json_and_says_how_to_plot(tmp_path, monkeypatch, capsys):
