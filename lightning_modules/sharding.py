@@ -101,17 +101,17 @@ def clip_gradients(
         roots[0].clip_grad_norm_(gradient_clip_val)
         return
     if getattr(optimizer, "_step_supports_amp_scaling", False):  # fused: unscales inside step()
-        if getattr(module.trainer.precision_plugin, "scaler", None) is not None:
+        precision = module.trainer.precision_plugin
+        if getattr(precision, "scaler", None) is not None:
             raise RuntimeError(
                 f"gradient clipping (gradient_clip_val={gradient_clip_val}) with a fused optimizer needs unscaled "
                 "gradients, which 16-mixed only gives inside the optimizer step: use precision bf16-mixed, or "
                 "set the optimizer's fused: false"
             )
-        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
-        if gradient_clip_algorithm == "value":
-            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        if gradient_clip_algorithm == "value":  # the plugin's own helpers, past the check that refuses fused
+            precision.clip_grad_by_value(optimizer, gradient_clip_val)
         else:
-            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+            precision.clip_grad_by_norm(optimizer, gradient_clip_val)
         return
     module.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
 
