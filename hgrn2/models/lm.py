@@ -32,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 
 from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, make_norm
 from hgrn2.models.decoding import generate_tokens
-from hgrn2.ops import hgrn2_gated_recurrence, triton_available
+from hgrn2.ops import TRITON_BACKENDS, hgrn2_gated_recurrence, triton_available
 from hgrn2.ops.fused_cross_entropy import fused_linear_cross_entropy
 from hgrn2.ops.fused_glu import FUSED_GLU_ACTIVATIONS, fused_glu
 from hgrn2.ops.fused_norm import fused_add_rmsnorm
@@ -243,7 +243,7 @@ class HGRN2ForCausalLM(nn.Module):
         c = self.config
         if not c.fused or c.norm not in ("simple_rmsnorm", "rmsnorm") or c.glu_activation not in FUSED_GLU_ACTIVATIONS:
             return False
-        if c.backend in ("triton", "recurrent"):
+        if c.backend in TRITON_BACKENDS:
             return True
         return c.backend == "auto" and device.type == "cuda" and triton_available(device)
 

@@ -21,9 +21,11 @@ from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.validation import check_hgrn1_inputs, check_hgrn2_inputs
 
 BACKENDS = ("auto", "torch", "naive", "triton", "recurrent")
+TRITON_BACKENDS = ("triton", "recurrent")  # the backends that run Triton kernels
 
 __all__ = [
     "BACKENDS",
+    "TRITON_BACKENDS",
     "hgrn1_recurrence",
     "hgrn2_gated_recurrence",
     "hgrn2_recurrence",
@@ -63,7 +65,7 @@ def _resolve_backend(backend: str, tensor: torch.Tensor, seq_len: int | None = N
         if tensor.is_cuda and triton_available(tensor.device):
             return "triton"
         return "naive" if seq_len is not None and seq_len <= SHORT_SCAN else "torch"
-    if backend in ("triton", "recurrent") and not triton_available(tensor.device):
+    if backend in TRITON_BACKENDS and not triton_available(tensor.device):
         if _kernel_module("chunk") is None:
             raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
         raise ValueError(
@@ -117,7 +119,11 @@ def hgrn2_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q, q.shape[1])
+    return _hgrn2_on(_resolve_backend(backend, q, q.shape[1]), q, v, log_forget, chunk_size=chunk_size, **kwargs)
+
+
+def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, **kwargs):
+    """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ."""
     if resolved == "triton":
         return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "recurrent":
@@ -156,14 +162,7 @@ def hgrn2_gated_recurrence(
     if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated"):
         return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, lower_bound, output_gate=output_gate, **kwargs)
     q = activation(q_proj, output_gate)
-    log_forget = lower_bounded_log_forget(forget_proj, lower_bound)
-    if resolved == "triton":
-        return chunk.chunk_hgrn2(q, v, log_forget, **kwargs)
-    if resolved == "recurrent":
-        return _kernel_module("small_state").small_state_hgrn2(q, v, log_forget, **kwargs)
-    if resolved == "naive":
-        return reference.hgrn2_recurrence_naive(q, v, log_forget, **kwargs)
-    return reference.hgrn2_recurrence_chunked(q, v, log_forget, **kwargs)
+    return _hgrn2_on(resolved, q, v, lower_bounded_log_forget(forget_proj, lower_bound), **kwargs)
 
 
 def hgrn2_step(
@@ -182,7 +181,7 @@ def hgrn2_step(
     check_hgrn2_inputs(q[:, None], v[:, None], log_forget[:, None], state, None, check_values=False)
     resolved = _resolve_backend(backend, q)
     recurrent = _kernel_module("recurrent")
-    if resolved in ("triton", "recurrent") and recurrent is not None:
+    if resolved in TRITON_BACKENDS and recurrent is not None:
         return recurrent.fused_recurrent_hgrn2_step(q, v, log_forget, state, scale=scale)
     o, new_state = reference.hgrn2_recurrence_naive(
         q[:, None], v[:, None], log_forget[:, None], scale=scale, initial_state=state, output_final_state=True
@@ -221,7 +220,7 @@ def hgrn1_recurrence(
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     resolved = _resolve_backend(backend, x, x.shape[1])
     scan = _kernel_module("scan")
-    if resolved in ("triton", "recurrent") and scan is not None:
+    if resolved in TRITON_BACKENDS and scan is not None:
         return scan.scan_hgrn1(x, log_forget, **kwargs)
     if resolved == "naive":
         return reference.hgrn1_recurrence_naive(x, log_forget, **kwargs)
