@@ -85,7 +85,8 @@ def gates(kind: str, shape) -> torch.Tensor:
     return F.logsigmoid(torch.randn(shape, device="cuda") + 1.0)
 
 
-def check_hgrn2(batch, seq_len, heads, dim, dtype, *, gate="logsigmoid", n_packed=0):
+def check_hgrn2(batch, seq_len, heads, dim, dtype, *, gate="logsigmoid", n_packed=0, op=chunk_hgrn2):
+    """``op`` (the chunked kernels, or the step-by-step small-state ones) forward and backward against float64."""
     torch.manual_seed(seq_len + heads)
     cu_seqlens = None
     if n_packed:
@@ -97,7 +98,7 @@ def check_hgrn2(batch, seq_len, heads, dim, dtype, *, gate="logsigmoid", n_packe
     log_forget = leaf(gates(gate, (batch, seq_len, heads, dim)), dtype)
     h0 = leaf(torch.randn(n_states, heads, dim, dim, device="cuda"), torch.float32)
     start = time.time()
-    o, final = chunk_hgrn2(q, v, log_forget, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
+    o, final = op(q, v, log_forget, initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens)
     do, d_final = torch.randn_like(o), torch.randn_like(final)
     ((o.float() * do.float()).sum() + (final * d_final).sum()).backward()
     torch.cuda.synchronize()
@@ -112,31 +113,7 @@ def check_hgrn2(batch, seq_len, heads, dim, dtype, *, gate="logsigmoid", n_packe
     pairs = {"o": (o, o_ref), "state": (final, final_ref), "dq": (q.grad, grads[0]), "dv": (v.grad, grads[1])}
     pairs |= {"dlog_forget": (log_forget.grad, grads[2]), "dh0": (h0.grad, grads[3])}
     packed = f", {n_packed} packed" if n_packed else ""
-    name = f"chunk_hgrn2 {str(dtype)[6:]} B={batch} T={seq_len} H={heads} K=V={dim} gates={gate}{packed}"
-    report(name, pairs, TOL[dtype], seconds)
-
-
-def check_small_state(batch, seq_len, heads, dim, dtype, *, gate="logsigmoid"):
-    """The step-by-step small-state kernels (backend="recurrent") on the shapes of the image and LRA models."""
-    torch.manual_seed(seq_len + dim)
-    q = leaf(torch.randn(batch, seq_len, heads, dim, device="cuda"), dtype)
-    v = leaf(torch.randn(batch, seq_len, heads, dim, device="cuda"), dtype)
-    log_forget = leaf(gates(gate, (batch, seq_len, heads, dim)), dtype)
-    h0 = leaf(torch.randn(batch, heads, dim, dim, device="cuda"), torch.float32)
-    start = time.time()
-    o, final = small_state_hgrn2(q, v, log_forget, initial_state=h0, output_final_state=True)
-    do, d_final = torch.randn_like(o), torch.randn_like(final)
-    ((o.float() * do.float()).sum() + (final * d_final).sum()).backward()
-    torch.cuda.synchronize()
-    seconds = time.time() - start
-    (o_ref, final_ref), grads = reference_grads(
-        lambda q, v, g, h0: hgrn2_recurrence_chunked(q, v, g, initial_state=h0, output_final_state=True),
-        [q, v, log_forget, h0],
-        [do, d_final],
-    )
-    pairs = {"o": (o, o_ref), "state": (final, final_ref), "dq": (q.grad, grads[0]), "dv": (v.grad, grads[1])}
-    pairs |= {"dlog_forget": (log_forget.grad, grads[2]), "dh0": (h0.grad, grads[3])}
-    name = f"small_state_hgrn2 {str(dtype)[6:]} B={batch} T={seq_len} H={heads} K=V={dim} gates={gate}"
+    name = f"{op.__name__} {str(dtype)[6:]} B={batch} T={seq_len} H={heads} K=V={dim} gates={gate}{packed}"
     report(name, pairs, TOL[dtype], seconds)
 
 
@@ -232,9 +209,9 @@ def main() -> None:
     check_hgrn1(2, 8192, 1024, torch.float32)
     check_decoding(64, 8, 128, torch.bfloat16)
     check_decoding(64, 8, 128, torch.float32)
-    check_small_state(1792, 14, 96, 2, torch.bfloat16)  # hgrn2_vit_tiny's row scans at B = 128
-    check_small_state(32, 2000, 16, 4, torch.bfloat16, gate="log-uniform[-30,0]")  # the ListOps encoder
-    check_small_state(16, 197, 24, 8, torch.float32)
+    check_hgrn2(1792, 14, 96, 2, torch.bfloat16, op=small_state_hgrn2)  # hgrn2_vit_tiny's row scans at B = 128
+    check_hgrn2(32, 2000, 16, 4, torch.bfloat16, gate="log-uniform[-30,0]", op=small_state_hgrn2)  # ListOps
+    check_hgrn2(16, 197, 24, 8, torch.float32, op=small_state_hgrn2)
     check_gated(4, 4096, 8, 128, torch.bfloat16)
     check_gated(2, 1000, 4, 96, torch.float32)  # ragged T, K = V = 96
     log(f"{len(FAILURES)} of the checks failed" + (": " + "; ".join(FAILURES) if FAILURES else ""))
