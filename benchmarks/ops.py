@@ -84,8 +84,8 @@ def grads_of(fn, inputs):
     return run
 
 
-def hgrn2_inputs(batch, seq_len):
-    shape = (batch, seq_len, HEADS, DIM)
+def hgrn2_inputs(batch, seq_len, heads=HEADS, dim=DIM):
+    shape = (batch, seq_len, heads, dim)
     q = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     g = F.logsigmoid(torch.randn(shape, device="cuda") + 2).to(torch.bfloat16).requires_grad_()
@@ -165,9 +165,7 @@ SMALL_STATE_SHAPES = ((1792, 14, 96, 2), (32, 2000, 16, 4), (64, 512, 8, 16))
 
 def time_small_state(batch, seq_len, heads, dim):
     """bf16 forward and forward+backward of the chunked and the step-by-step kernels on one shape, ms."""
-    shape = (batch, seq_len, heads, dim)
-    q, v = (torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(2))
-    g = F.logsigmoid(torch.randn(shape, device="cuda") + 2).to(torch.bfloat16).requires_grad_()
+    q, v, g = hgrn2_inputs(batch, seq_len, heads, dim)
     row = {"B": batch, "T": seq_len, "H": heads, "K": dim, "V": dim}
     for name, op in (("chunk", chunk_hgrn2), ("steps", small_state_hgrn2)):
         row[f"{name}_fwd"] = ms(lambda op=op: op(q, v, g))
