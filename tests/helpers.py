@@ -19,3 +19,21 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, tol: float, n
     assert torch.isfinite(actual).all(), f"{name}: non-finite values"
     err = relative_error(actual, expected)
     assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+
+
+def check_against_float64(run, reference, inputs, grad_names, tol, output_names=("o", "final_state")) -> None:
+    """``run(*inputs) -> (out, final_state)``, a kernel, against ``reference`` evaluated on float64 CPU copies of
+    the same inputs: the output (in the first input's dtype), the float32 final state, and the gradient of
+    every input that is not None (named by ``grad_names``) for random cotangents of both outputs."""
+    out, final = run(*inputs)
+    assert out.dtype == inputs[0].dtype and final.dtype == torch.float32
+    d_out, d_final = torch.randn_like(out), torch.randn_like(final)
+    ((out.float() * d_out.float()).sum() + (final * d_final).sum()).backward()
+    leaves = [None if x is None else x.detach().double().cpu().requires_grad_() for x in inputs]
+    out_ref, final_ref = reference(*leaves)
+    ((out_ref * d_out.double().cpu()).sum() + (final_ref * d_final.double().cpu()).sum()).backward()
+    assert_rel_close(out.float(), out_ref, tol, output_names[0])
+    assert_rel_close(final, final_ref, tol, output_names[1])
+    for name, x, leaf in zip(grad_names, inputs, leaves):
+        if x is not None:
+            assert_rel_close(x.grad.float(), leaf.grad, tol, name)

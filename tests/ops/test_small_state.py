@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from hgrn2.ops import hgrn1_recurrence, hgrn2_gated_recurrence, hgrn2_recurrence
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.reference import hgrn1_recurrence_naive, hgrn2_recurrence_naive
-from tests.helpers import assert_rel_close
+from tests.helpers import assert_rel_close, check_against_float64
 
 small_state = pytest.importorskip("hgrn2.ops.small_state")
 
@@ -25,23 +25,6 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(device=DEVICE, dtype=dtype).requires_grad_()
-
-
-def _check(fn, reference, inputs, names, tol):
-    """fn(*inputs) -> (o, final) against reference on float64 CPU copies: outputs and every input gradient."""
-    o, final = fn(*inputs)
-    assert final.dtype == torch.float32
-    do, d_final = torch.randn_like(o), torch.randn_like(final)
-    ((o.float() * do.float()).sum() + (final * d_final).sum()).backward()
-    leaves = [None if x is None else x.detach().double().cpu().requires_grad_() for x in inputs]
-    o_ref, final_ref = reference(*leaves)
-    ((o_ref * do.double().cpu()).sum() + (final_ref * d_final.double().cpu()).sum()).backward()
-    assert o.dtype == inputs[0].dtype
-    assert_rel_close(o.float(), o_ref, tol, "o")
-    assert_rel_close(final, final_ref, tol, "final_state")
-    for name, x, leaf in zip(names, inputs, leaves):
-        if x is not None:
-            assert_rel_close(x.grad.float(), leaf.grad, tol, name)
 
 
 def _check_plain(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol):
@@ -55,7 +38,7 @@ def _check_plain(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=
         return hgrn2_recurrence_naive(q, v, g, initial_state=h0, cu_seqlens=cu_cpu, **kwargs)
 
     names = ("dq", "dv", "dlog_forget", "dinitial_state")
-    _check(run, reference, [q, v, log_forget, initial_state], names, tol)
+    check_against_float64(run, reference, [q, v, log_forget, initial_state], names, tol)
 
 
 @pytest.mark.parametrize(
@@ -133,7 +116,7 @@ def test_recurrent_backend_runs_the_gated_entry_with_torch_gates():
         return hgrn2_recurrence_naive(q, v, log_forget, scale=0.5, initial_state=h0, output_final_state=True)
 
     names = ("dq_proj", "dv", "dforget_proj", "dlower_bound", "dinitial_state")
-    _check(run, reference, [q_proj, v, forget_proj, lower_bound, h0], names, TOL[torch.float32])
+    check_against_float64(run, reference, [q_proj, v, forget_proj, lower_bound, h0], names, TOL[torch.float32])
 
 
 def test_recurrent_backend_equals_the_chunked_kernels_and_covers_hgrn1():
