@@ -35,6 +35,3 @@ def triton_cache_state() -> dict:
     folder = Path(os.environ.get("TRITON_CACHE_DIR") or Path.home() / ".triton" / "cache")
     files = sum(1 for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else 0
     return {"dir": str(folder), "files": files, "autotuning_cached": os.environ.get("TRITON_CACHE_AUTOTUNING") == "1"}
-
-
-TRITON_CACHE_AT_START = triton_cache_state()  # taken when a script imports this module, before any kernel runs

@@ -25,7 +25,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from gpu_info import TRITON_CACHE_AT_START, gpu_name, write_json
+from gpu_info import gpu_name, triton_cache_state, write_json
+
+TRITON_CACHE_AT_START = triton_cache_state()  # before any kernel compiles: 0 files means a cold start
 
 VOCAB = 32000
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # FLOP/s, dense, SXM datasheets
