@@ -114,6 +114,9 @@ def sample_examples(spec: ListOpsSpec, count: int, seed: int) -> list[tuple[str,
     return list(seen.items())
 
 
+CHUNK_EXAMPLES = 1000  # examples per generation job; a process per 1,000 examples pays for its start-up
+
+
 def _sample_chunk(job: tuple[ListOpsSpec, int, int]) -> list[tuple[str, int]]:
     spec, count, seed = job
     return sample_examples(spec, count, seed)
@@ -131,13 +134,15 @@ def generate(
     round_index = 0
     while len(examples) < total:
         missing = total - len(examples)
-        chunks = max(1, min(workers, missing // 1000))  # a process per >= 1,000 examples pays for its start-up
-        jobs = [(spec, -(-missing // chunks), seed * 1_000_003 + round_index * 1009 + i) for i in range(chunks)]
-        if chunks > 1:
-            with multiprocessing.get_context("spawn").Pool(chunks) as pool:
+        # Jobs of a fixed size, each seeded by its index: the data depend on the seed, never on ``workers``.
+        chunks = -(-missing // CHUNK_EXAMPLES)
+        sizes_left = [min(CHUNK_EXAMPLES, missing - i * CHUNK_EXAMPLES) for i in range(chunks)]
+        jobs = [(spec, size, seed * 1_000_003 + round_index * 1009 + i) for i, size in enumerate(sizes_left)]
+        if workers > 1 and chunks > 1:
+            with multiprocessing.get_context("spawn").Pool(min(workers, chunks)) as pool:
                 results = pool.map(_sample_chunk, jobs)
         else:
-            results = [_sample_chunk(jobs[0])]
+            results = [_sample_chunk(job) for job in jobs]
         for chunk in results:
             for source, target in chunk:
                 examples.setdefault(source, target)

@@ -124,3 +124,14 @@ def test_missing_data_raises_file_not_found_naming_the_expected_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="basic_train.tsv") as error:
         ListOpsDataModule(str(tmp_path / "absent")).setup()
     assert "basic_test.tsv" in str(error.value) and "generate_listops" in str(error.value)
+
+
+def test_generated_data_depend_on_the_seed_and_not_on_the_number_of_workers():
+    import datamodules.lra.generate_listops as generator
+
+    spec = ListOpsSpec(min_length=10, max_length=60)
+    sizes = {"train": generator.CHUNK_EXAMPLES + 500, "val": 100, "test": 100}  # more than one generation job
+    one = generator.generate(spec, sizes, seed=5, workers=1)
+    two = generator.generate(spec, sizes, seed=5, workers=2)
+    assert one == two
+    assert generator.generate(spec, sizes, seed=6, workers=1) != one
