@@ -27,7 +27,9 @@ mkdir -p "$TRITON_CACHE_DIR"
 save_cache() {
   tar -czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
   if [ "$(stat -c %s "$OUT/triton-cache.tar.gz")" -gt $((16 * 1024 * 1024)) ]; then
-    rm "$OUT/triton-cache.tar.gz"; echo "Triton cache over 16 MiB: not returned"
+    # too large to carry: keep the autotuning results alone, so that the next call compiles only the chosen configs
+    (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-cache.tar.gz" --null -T -)
+    echo "Triton cache over 16 MiB: only its autotuning results returned"
   fi
 }
 trap save_cache EXIT
