@@ -1,7 +1,8 @@
 """The HGRN2 and HGRN1 recurrences, one public function per op, with backend dispatch.
 
-``backend="auto"`` runs the Triton kernels on CUDA tensors and the PyTorch chunked form elsewhere (the
-step-by-step loop for scans of at most 16 steps, where it is faster);
+``backend="auto"`` runs the Triton kernels on CUDA tensors (the step-by-step ones for HGRN2 states of at most
+4 elements per head, where they are faster) and the PyTorch chunked form elsewhere (the step-by-step loop for
+scans of at most 16 steps, where it is faster);
 ``"torch"`` forces the chunked PyTorch form, ``"naive"`` the step-by-step loop, ``"triton"`` the
 kernels (on the CPU only under ``TRITON_INTERPRET=1``), and ``"recurrent"`` the step-by-step Triton kernels of
 HGRN2 for small per-head states (``small_state.py``: K·V up to 1024, e.g. expand ratios 2 to 32 with
@@ -25,7 +26,9 @@ TRITON_BACKENDS = ("triton", "recurrent")  # the backends that run Triton kernel
 
 __all__ = [
     "BACKENDS",
+    "SMALL_STATE",
     "TRITON_BACKENDS",
+    "auto_backend",
     "hgrn1_recurrence",
     "hgrn2_gated_recurrence",
     "hgrn2_recurrence",
@@ -56,15 +59,29 @@ def triton_available(device: torch.device | str) -> bool:
 
 # Up to this many steps the loop beats the chunked form on the CPU (no padding, no pairwise decay tensors).
 SHORT_SCAN = 16
+# Up to this many state elements per head (K·V) the step-by-step kernels beat the chunked ones on the GPU:
+# at K = V = 2 (the image model's expand ratio 2) they took 0.61 ms for forward + backward where the chunked
+# kernels, padding every head to 16-wide tiles, took 18.6 ms; at K = V = 4 and 16 the chunked ones were faster
+# (2.1 vs 2.9 ms and 0.79 vs 0.97 ms; H100, benchmarks/ops.py).
+SMALL_STATE = 4
 
 
-def _resolve_backend(backend: str, tensor: torch.Tensor, seq_len: int | None = None) -> str:
+def auto_backend(on_gpu: bool, seq_len: int | None = None, state_elements: int | None = None) -> str:
+    """The backend ``"auto"`` stands for: Triton kernels on a GPU (the step-by-step ones for states of at most
+    ``SMALL_STATE`` elements per head), else the PyTorch chunked form (the loop for scans of ``SHORT_SCAN`` steps
+    or fewer)."""
+    if on_gpu:
+        return "recurrent" if state_elements is not None and state_elements <= SMALL_STATE else "triton"
+    return "naive" if seq_len is not None and seq_len <= SHORT_SCAN else "torch"
+
+
+def _resolve_backend(
+    backend: str, tensor: torch.Tensor, seq_len: int | None = None, state_elements: int | None = None
+) -> str:
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
-        if tensor.is_cuda and triton_available(tensor.device):
-            return "triton"
-        return "naive" if seq_len is not None and seq_len <= SHORT_SCAN else "torch"
+        return auto_backend(tensor.is_cuda and triton_available(tensor.device), seq_len, state_elements)
     if backend in TRITON_BACKENDS and not triton_available(tensor.device):
         if _kernel_module("chunk") is None:
             raise ValueError(f"backend={backend!r} needs the triton package; install it or use backend='torch'")
@@ -119,7 +136,13 @@ def hgrn2_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    return _hgrn2_on(_resolve_backend(backend, q, q.shape[1]), q, v, log_forget, chunk_size=chunk_size, **kwargs)
+    resolved = _resolve_backend(backend, q, q.shape[1], _state_elements(q, v))
+    return _hgrn2_on(resolved, q, v, log_forget, chunk_size=chunk_size, **kwargs)
+
+
+def _state_elements(q: torch.Tensor, v: torch.Tensor) -> int:
+    """State elements per head, K·V."""
+    return q.shape[-1] * v.shape[-1]
 
 
 def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, **kwargs):
@@ -157,7 +180,7 @@ def hgrn2_gated_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q_proj, q_proj.shape[1])
+    resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
     chunk = _kernel_module("chunk")
     if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated"):
         return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, lower_bound, output_gate=output_gate, **kwargs)

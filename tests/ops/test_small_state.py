@@ -137,3 +137,15 @@ def test_too_large_a_state_is_refused_with_the_backend_to_use():
         small_state.small_state_hgrn2(x, x, -x.abs())
     with pytest.raises(ValueError, match="float64"):
         small_state.small_state_hgrn2(x.double(), x.double(), -x.abs().double())
+
+
+def test_auto_picks_the_step_kernels_for_states_of_at_most_four_elements_on_a_gpu():
+    from hgrn2.ops import SMALL_STATE, auto_backend
+
+    assert auto_backend(True, seq_len=14, state_elements=2 * 2) == "recurrent"
+    assert auto_backend(True, seq_len=14, state_elements=1) == "recurrent"
+    assert auto_backend(True, seq_len=2000, state_elements=4 * 4) == "triton"
+    assert auto_backend(True, seq_len=14, state_elements=SMALL_STATE + 1) == "triton"
+    assert auto_backend(True, seq_len=8, state_elements=None) == "triton"  # HGRN1's scan: no state size
+    assert auto_backend(False, seq_len=14, state_elements=4) == "naive"  # the CPU never runs kernels
+    assert auto_backend(False, seq_len=100, state_elements=4) == "torch"
