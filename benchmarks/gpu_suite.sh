@@ -4,6 +4,8 @@
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
 # and vision-steps are further jobs). LRA_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
+# LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
+# runs/lra_learning/<name>.tar.gz: the LRA jobs unpack it and the script reuses it instead of drawing it again.
 # Each job writes its JSON to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -74,6 +76,10 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       run check python benchmarks/gpu_check.py --out "$RESULTS"
       cp "$RESULTS"/*-gpu-check.log "$OUT/" ;;
     lra-listops | lra-pathfinder)
+      # data generated beforehand and carried as runs/lra_learning/<name>.tar.gz are unpacked where the script looks
+      for archive in runs/lra_learning/*.tar.gz; do
+        [ -f "$archive" ] && [ ! -d "${archive%.tar.gz}" ] && tar -xzf "$archive" -C runs/lra_learning
+      done
       run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}" \
         --backend "${LRA_BACKEND:-auto}"
       cp "$RESULTS"/*-lra.json "$OUT/" ;;
