@@ -13,6 +13,9 @@ and number of key–value pairs (``--settings T:N ...``), learning rate (``--lrs
 
 HGRN2 with expand ratio e has D / e heads of size e, so e must divide D; other points are skipped and listed.
 Both mixers project with four D×D matrices, so at one width every model has the same parameter count.
+``--short-conv k`` puts a causal convolution of k taps before every mixer, as Zoology's MQAR models do (they use
+3); the default, 0, is the paper's HGRN2. On the CPU it did not change whether a 2-layer HGRN2 learned the task
+(``benchmarks/results/learning-notes.md``).
 
 Example (a CPU smoke run)::
 
@@ -99,6 +102,7 @@ def build_module(point: GridPoint, args: argparse.Namespace):
         glu_hidden_size=args.glu_ratio * point.d_model,
         mixer=MIXERS[point.model],
         scale=None if args.fla_scale else 1.0,
+        short_conv=args.short_conv,
     )
     optim = OptimizerConfig(
         lr=point.lr, weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, total_steps=args.steps
@@ -353,6 +357,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--vocab-size", type=int, default=8192)
     p.add_argument("--random-fill", action="store_true", help="random filler tokens instead of 0")
     p.add_argument("--fla-scale", action="store_true", help="HGRN2 output scale K^-1/2 (fla) instead of 1 (paper)")
+    p.add_argument(
+        "--short-conv",
+        type=int,
+        default=0,
+        help="taps of a causal convolution before each mixer, as in Zoology's models (default 0: none, the paper's)",
+    )
     p.add_argument("--num-layers", type=int, default=2)
     p.add_argument("--glu-ratio", type=int, default=2, help="GLU hidden size = glu_ratio · d_model (0: no GLU)")
     p.add_argument("--weight-decay", type=float, default=0.1)

@@ -1,4 +1,5 @@
-"""HGRN2 building blocks: token mixers, the GLU channel mixer, norms, the lower-bound schedule, blocks."""
+"""HGRN2 building blocks: token mixers, the GLU channel mixer, norms, the lower-bound schedule, the short
+convolution, blocks."""
 
 from hgrn2.layers.block import Block
 from hgrn2.layers.directional import BidirectionalHGRU2, HGRU2d
@@ -7,6 +8,7 @@ from hgrn2.layers.hgru1 import HGRU1
 from hgrn2.layers.hgru2 import HGRU2
 from hgrn2.layers.lower_bound import LayerLowerBounds, lower_bound_schedule
 from hgrn2.layers.norm import NORMS, RMSNorm, make_norm
+from hgrn2.layers.short_conv import ShortConvolution
 
 __all__ = [
     "GLU",
@@ -18,6 +20,7 @@ __all__ = [
     "HGRU2d",
     "LayerLowerBounds",
     "RMSNorm",
+    "ShortConvolution",
     "lower_bound_schedule",
     "make_norm",
 ]

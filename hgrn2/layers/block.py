@@ -30,6 +30,10 @@ class Block(nn.Module):
         self.glu_norm = make_norm(norm, dim) if glu_hidden_size else None
         self.glu = GLU(dim, glu_hidden_size, glu_activation, bias=bias) if glu_hidden_size else None
 
+    def mixer_input(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        """What the token mixer reads: the normalised residual stream."""
+        return self.mixer_norm(x)
+
     def _channel_mix(self, x: torch.Tensor) -> torch.Tensor:
         return x if self.glu is None else x + self.glu(self.glu_norm(x))
 
@@ -37,7 +41,8 @@ class Block(nn.Module):
         self, x: torch.Tensor, lower_bound: torch.Tensor | None = None, **mixer_kwargs
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[B, T, D]`` -> ``(x', mixer state or None)``; extra keywords go to the mixer."""
-        y, state = self.mixer(self.mixer_norm(x), lower_bound=lower_bound, **mixer_kwargs)
+        mixed = self.mixer_input(x, mixer_kwargs.get("cu_seqlens"))
+        y, state = self.mixer(mixed, lower_bound=lower_bound, **mixer_kwargs)
         return self._channel_mix(x + y), state
 
     def step(

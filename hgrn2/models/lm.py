@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, make_norm
+from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, ShortConvolution, make_norm
 from hgrn2.models.decoding import generate_tokens
 from hgrn2.ops import TRITON_BACKENDS, hgrn2_gated_recurrence, triton_available
 from hgrn2.ops.fused_cross_entropy import fused_linear_cross_entropy
@@ -47,8 +47,11 @@ class LMConfig:
 
     ``expand_ratio`` is the head size K = V (heads H = hidden_size / expand_ratio); HGRN1 (``mixer="hgru1"``)
     has no heads and needs ``expand_ratio=1``. ``scale=None`` means K^-1/2 (fla); the paper uses 1.
-    ``glu_hidden_size=0`` drops the channel mixer. ``fused`` runs RMSNorm-based blocks on the fused kernels
-    (``hgrn2.ops.fused_*``) wherever the recurrence runs on Triton.
+    ``glu_hidden_size=0`` drops the channel mixer. ``short_conv=k`` puts a causal depthwise convolution of k
+    taps in front of every token mixer (0: none, the paper's models; Zoology's MQAR models have one); such
+    a model runs whole sequences only: it carries no state across segments and does not decode step by step.
+    ``fused`` runs RMSNorm-based blocks on the fused kernels (``hgrn2.ops.fused_*``) wherever the recurrence
+    runs on Triton.
     """
 
     vocab_size: int = 50272
@@ -71,11 +74,14 @@ class LMConfig:
     gradient_checkpointing: bool = False
     backend: str = "auto"
     fused: bool = True
+    short_conv: int = 0
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.short_conv < 0:
+            raise ValueError(f"short_conv must be >= 0 (0: no convolution), got {self.short_conv}")
         if self.glu_hidden_size < 0:
             raise ValueError(f"glu_hidden_size must be >= 0 (0 drops the GLU), got {self.glu_hidden_size}")
         if self.mixer not in MIXERS:
@@ -142,7 +148,7 @@ def count_parameters(config: LMConfig) -> int:
     # W_q, W_f, W_i, W_o (+ biases) and the mixer's output norm; HGRU1 and HGRU2 share this shape
     mixer = 4 * d * d + (4 * d if config.bias else 0) + norm
     glu = 3 * d * g + (2 * g + d if config.bias else 0) + norm if g else 0
-    block = norm + mixer + glu
+    block = norm + mixer + glu + d * config.short_conv
     embeddings = v * d * (1 if config.tie_embeddings else 2)
     lower_bounds = layers * d if config.lower_bound else 0
     return embeddings + layers * block + lower_bounds + norm
@@ -186,6 +192,7 @@ class HGRN2ForCausalLM(nn.Module):
                 norm=config.norm,
                 glu_activation=config.glu_activation,
                 bias=config.bias,
+                short_conv=config.short_conv,
             )
             for _ in range(config.num_layers)
         )
@@ -379,15 +386,41 @@ class LMBlock(Block):
 
     Fused, ``x`` is the residual stream without the previous block's last branch output ``branch``, which is
     added inside this block's first norm, and the result is ``(x', this block's last branch output, state)``;
-    unfused it is ``Block``'s ``(x', state)``.
+    unfused it is ``Block``'s ``(x', state)``. ``short_conv=k`` convolves the mixer's input over the last k
+    positions (``ShortConvolution``).
     """
 
+    def __init__(self, mixer: nn.Module, glu_hidden_size: int, short_conv: int = 0, **block_kwargs):
+        super().__init__(mixer, glu_hidden_size, **block_kwargs)
+        self.short_conv = ShortConvolution(mixer.hidden_size, short_conv) if short_conv else None
+
+    def mixer_input(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+        normed = self.mixer_norm(x)
+        return normed if self.short_conv is None else self.short_conv(normed, cu_seqlens)
+
+    def _check_whole_sequences(self, mixer_kwargs: dict) -> None:
+        if self.short_conv is not None and (
+            mixer_kwargs.get("initial_state") is not None or mixer_kwargs.get("output_final_state")
+        ):
+            raise ValueError(
+                "a model with short_conv > 0 runs whole sequences only: its recurrent state does not hold the "
+                "convolution's last inputs, so it cannot be carried across segments or decoded step by step; "
+                "use short_conv=0 for state carrying and generation"
+            )
+
+    def step(self, x, state=None, lower_bound=None):
+        self._check_whole_sequences({"output_final_state": True})
+        return super().step(x, state, lower_bound=lower_bound)
+
     def forward(self, x, lower_bound=None, branch=None, fused: bool = False, **mixer_kwargs):
+        self._check_whole_sequences(mixer_kwargs)
         if not fused:
             if branch is not None:
                 raise ValueError("a pending branch output is only taken with fused=True")
             return super().forward(x, lower_bound=lower_bound, **mixer_kwargs)
         normed, x = _add_norm(self.mixer_norm, x, branch)  # [B, T, D] in the autocast dtype
+        if self.short_conv is not None:
+            normed = self.short_conv(normed, mixer_kwargs.get("cu_seqlens"))
         mixer = self.mixer
         if isinstance(mixer, HGRU2):
             q_proj, value, forget_proj = mixer.project(normed)  # [B, T, H, K] each
