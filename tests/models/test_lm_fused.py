@@ -59,6 +59,17 @@ def test_fused_path_equals_unfused_modules_in_logits_states_loss_and_gradients(v
     assert_rel_close(fused_out.logits, ref_out.logits, 1e-4, "logits")
     for got, want in zip(fused_out.state, ref_out.state):
         assert_rel_close(got, want, 1e-4, "final state")
+    assert_same_loss_and_gradients(reference, fused, input_ids, labels)
+
+
+def test_fused_path_with_a_short_convolution_equals_unfused_modules():
+    reference, fused = _pair(short_conv=3)  # whole sequences only: no states to compare
+    input_ids, labels = torch.randint(0, 37, (2, 19)), torch.randint(0, 37, (2, 19))
+    assert_rel_close(fused(input_ids).logits, reference(input_ids).logits, 1e-4, "logits")
+    assert_same_loss_and_gradients(reference, fused, input_ids, labels)
+
+
+def assert_same_loss_and_gradients(reference, fused, input_ids, labels) -> None:
     losses = [m(input_ids, labels=labels, return_logits=False).loss for m in (reference, fused)]
     assert_rel_close(losses[1], losses[0], 1e-5, "loss")
     for loss in losses:
