@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import torch
 
+from hgrn2.ops.reference import hgrn2_recurrence_naive
+
+# Where the kernel tests run: the GPU when there is one, else the CPU through the Triton interpreter.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+# The kernels' relative-error tolerances against float64, by input dtype.
+TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """‖actual − expected‖ / ‖expected‖ in float64 (0 when both are zero)."""
@@ -37,3 +44,23 @@ def check_against_float64(run, reference, inputs, grad_names, tol, output_names=
     for name, x, leaf in zip(grad_names, inputs, leaves):
         if x is not None:
             assert_rel_close(x.grad.float(), leaf.grad, tol, name)
+
+
+def kernel_leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` as a ``dtype`` leaf that requires grad, on the kernel tests' device."""
+    return x.to(device=DEVICE, dtype=dtype).requires_grad_()
+
+
+def check_hgrn2_kernel(op, q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol) -> None:
+    """An HGRN2 kernel entry ``op(q, v, log_forget, ...)`` with the final state, against the float64 step loop."""
+    cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
+    kwargs = dict(scale=scale, output_final_state=True)
+
+    def run(q, v, g, h0):
+        return op(q, v, g, initial_state=h0, cu_seqlens=cu_seqlens, **kwargs)
+
+    def reference(q, v, g, h0):
+        return hgrn2_recurrence_naive(q, v, g, initial_state=h0, cu_seqlens=cu_cpu, **kwargs)
+
+    names = ("dq", "dv", "dlog_forget", "dinitial_state")
+    check_against_float64(run, reference, [q, v, log_forget, initial_state], names, tol)

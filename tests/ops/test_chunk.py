@@ -13,12 +13,16 @@ import torch.nn.functional as F
 
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.reference import hgrn2_recurrence_naive
-from tests.helpers import assert_rel_close, check_against_float64
+from tests.helpers import (
+    DEVICE,
+    TOL,
+    assert_rel_close,
+    check_against_float64,
+    check_hgrn2_kernel,
+    kernel_leaf,
+)
 
 chunk = pytest.importorskip("hgrn2.ops.chunk")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -27,24 +31,6 @@ def _no_tf32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cuda.matmul.allow_tf32 = previous
-
-
-def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(device=DEVICE, dtype=dtype).requires_grad_()
-
-
-def _check_hgrn2(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol):
-    cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
-    kwargs = dict(scale=scale, output_final_state=True)
-
-    def run(q, v, g, h0):
-        return chunk.chunk_hgrn2(q, v, g, initial_state=h0, cu_seqlens=cu_seqlens, **kwargs)
-
-    def reference(q, v, g, h0):
-        return hgrn2_recurrence_naive(q, v, g, initial_state=h0, cu_seqlens=cu_cpu, **kwargs)
-
-    names = ("dq", "dv", "dlog_forget", "dinitial_state")
-    check_against_float64(run, reference, [q, v, log_forget, initial_state], names, tol)
 
 
 @pytest.mark.parametrize(
@@ -56,31 +42,33 @@ def _check_hgrn2(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=
     ],
 )
 def test_chunk_matches_naive_in_float32(batch, seq_len, heads, key_dim, value_dim, with_state):
-    q = _leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
-    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
-    log_forget = _leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, key_dim)), torch.float32)
-    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32) if with_state else None
-    _check_hgrn2(q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
+    q = kernel_leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, key_dim)), torch.float32)
+    h0 = kernel_leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32) if with_state else None
+    check_hgrn2_kernel(chunk.chunk_hgrn2, q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
 
 
 def test_chunk_matches_naive_with_packed_sequences():
     bounds = [0, 1, 17, 90, 100]  # lengths 1, 16, 73 (two chunks), 10
     seq_len, heads, key_dim, value_dim = bounds[-1], 1, 16, 24
     cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
-    q = _leaf(torch.randn(1, seq_len, heads, key_dim), torch.float32)
-    v = _leaf(torch.randn(1, seq_len, heads, value_dim), torch.float32)
-    log_forget = _leaf(F.logsigmoid(torch.randn(1, seq_len, heads, key_dim)), torch.float32)
-    h0 = _leaf(torch.randn(len(bounds) - 1, heads, key_dim, value_dim), torch.float32)
-    _check_hgrn2(q, v, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32])
+    q = kernel_leaf(torch.randn(1, seq_len, heads, key_dim), torch.float32)
+    v = kernel_leaf(torch.randn(1, seq_len, heads, value_dim), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(torch.randn(1, seq_len, heads, key_dim)), torch.float32)
+    h0 = kernel_leaf(torch.randn(len(bounds) - 1, heads, key_dim, value_dim), torch.float32)
+    check_hgrn2_kernel(
+        chunk.chunk_hgrn2, q, v, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunk_matches_naive_in_half_precision(dtype):
-    q = _leaf(torch.randn(1, 100, 2, 32), dtype)
-    v = _leaf(torch.randn(1, 100, 2, 32), dtype)
-    log_forget = _leaf(F.logsigmoid(2 * torch.randn(1, 100, 2, 32)), dtype)
-    h0 = _leaf(torch.randn(1, 2, 32, 32), torch.float32)
-    _check_hgrn2(q, v, log_forget, initial_state=h0, tol=TOL[dtype])
+    q = kernel_leaf(torch.randn(1, 100, 2, 32), dtype)
+    v = kernel_leaf(torch.randn(1, 100, 2, 32), dtype)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(1, 100, 2, 32)), dtype)
+    h0 = kernel_leaf(torch.randn(1, 2, 32, 32), torch.float32)
+    check_hgrn2_kernel(chunk.chunk_hgrn2, q, v, log_forget, initial_state=h0, tol=TOL[dtype])
 
 
 def _extreme_gates(kind: str, shape) -> torch.Tensor:
@@ -97,11 +85,11 @@ def _extreme_gates(kind: str, shape) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_chunk_stays_finite_and_exact_with_extreme_gates(kind, dtype):
     shape = (1, 80, 1, 16)
-    q = _leaf(torch.randn(shape), dtype)
-    v = _leaf(torch.randn(1, 80, 1, 16), dtype)
-    log_forget = _leaf(_extreme_gates(kind, shape), dtype)
-    h0 = _leaf(torch.randn(1, 1, 16, 16), torch.float32)
-    _check_hgrn2(q, v, log_forget, initial_state=h0, tol=TOL[dtype])
+    q = kernel_leaf(torch.randn(shape), dtype)
+    v = kernel_leaf(torch.randn(1, 80, 1, 16), dtype)
+    log_forget = kernel_leaf(_extreme_gates(kind, shape), dtype)
+    h0 = kernel_leaf(torch.randn(1, 1, 16, 16), torch.float32)
+    check_hgrn2_kernel(chunk.chunk_hgrn2, q, v, log_forget, initial_state=h0, tol=TOL[dtype])
 
 
 @pytest.mark.parametrize(
@@ -116,17 +104,17 @@ def test_chunk_stays_finite_and_exact_with_extreme_gates(kind, dtype):
 )
 def test_gated_chunk_matches_torch_gates_and_naive(output_gate, bound, dtype):
     batch, seq_len, heads, key_dim, value_dim = 1, 40, 2, 16, 24
-    q_proj = _leaf(torch.randn(batch, seq_len, heads, key_dim), dtype)
-    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), dtype)
-    forget_proj = _leaf(3 * torch.randn(batch, seq_len, heads, key_dim), dtype)
+    q_proj = kernel_leaf(torch.randn(batch, seq_len, heads, key_dim), dtype)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, value_dim), dtype)
+    forget_proj = kernel_leaf(3 * torch.randn(batch, seq_len, heads, key_dim), dtype)
     lower_bound = None
     if bound == "mixed":
         beta = torch.rand(heads, key_dim)
         beta[0, :4], beta[1, :3] = 0.0, 0.999
-        lower_bound = _leaf(beta, torch.float32)
+        lower_bound = kernel_leaf(beta, torch.float32)
     elif bound == "zeros":
-        lower_bound = _leaf(torch.zeros(heads, key_dim), torch.float32)
-    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
+        lower_bound = kernel_leaf(torch.zeros(heads, key_dim), torch.float32)
+    h0 = kernel_leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
 
     def run(q_proj, v, forget_proj, lower_bound, h0):
         return chunk.chunk_hgrn2_gated(
@@ -168,9 +156,9 @@ def test_chunk_rejects_float64_and_a_misshapen_lower_bound():
 def test_chunk_matches_chunked_torch_reference_at_full_size_on_gpu(dtype):
     from hgrn2.ops.reference import hgrn2_recurrence_chunked
 
-    q = _leaf(torch.randn(2, 2048, 4, 128), dtype)
-    v = _leaf(torch.randn(2, 2048, 4, 128), dtype)
-    log_forget = _leaf(F.logsigmoid(torch.randn(2, 2048, 4, 128) + 2), dtype)
+    q = kernel_leaf(torch.randn(2, 2048, 4, 128), dtype)
+    v = kernel_leaf(torch.randn(2, 2048, 4, 128), dtype)
+    log_forget = kernel_leaf(F.logsigmoid(torch.randn(2, 2048, 4, 128) + 2), dtype)
     o, final = chunk.chunk_hgrn2(q, v, log_forget, output_final_state=True)
     ref, ref_final = hgrn2_recurrence_chunked(
         q.detach().double(), v.detach().double(), log_forget.detach().double(), output_final_state=True

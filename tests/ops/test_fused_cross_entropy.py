@@ -7,9 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from hgrn2.ops.fused_cross_entropy import cross_entropy_rows, fused_linear_cross_entropy
-from tests.helpers import assert_rel_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE, assert_rel_close
 
 
 @pytest.mark.parametrize("block_size", [5, 64])

@@ -7,9 +7,7 @@ import torch
 
 from hgrn2.layers import GLU
 from hgrn2.ops.fused_glu import FUSED_GLU_ACTIVATIONS, fused_glu, glu_reference
-from tests.helpers import assert_rel_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE, assert_rel_close
 
 
 def _weights(dim, hidden, bias):

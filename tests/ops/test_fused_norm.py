@@ -7,9 +7,7 @@ import torch
 
 from hgrn2.layers import RMSNorm
 from hgrn2.ops.fused_norm import add_rmsnorm_reference, fused_add_rmsnorm
-from tests.helpers import assert_rel_close
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+from tests.helpers import DEVICE, assert_rel_close
 
 
 def _float64_norm(r: torch.Tensor, weight: torch.Tensor | None, groups: int, eps: float) -> torch.Tensor:

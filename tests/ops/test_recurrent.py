@@ -9,11 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from hgrn2.ops.reference import hgrn2_recurrence_naive
-from tests.helpers import assert_rel_close
+from tests.helpers import DEVICE, assert_rel_close
 
 recurrent = pytest.importorskip("hgrn2.ops.recurrent")
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2}
 
 

@@ -9,16 +9,15 @@ import torch
 import torch.nn.functional as F
 
 from hgrn2.ops.reference import hgrn1_recurrence_naive
-from tests.helpers import assert_rel_close, check_against_float64
+from tests.helpers import (
+    DEVICE,
+    TOL,
+    assert_rel_close,
+    check_against_float64,
+    kernel_leaf,
+)
 
 scan = pytest.importorskip("hgrn2.ops.scan")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(device=DEVICE, dtype=dtype).requires_grad_()
 
 
 def _check_hgrn1(x, log_forget, *, initial_state=None, cu_seqlens=None, tol):
@@ -39,26 +38,26 @@ def _check_hgrn1(x, log_forget, *, initial_state=None, cu_seqlens=None, tol):
     [(2, 1, 16, True), (1, 70, 20, True), (1, 140, 24, False)],  # one step; ragged; several tiles
 )
 def test_scan_matches_naive_in_float32(batch, seq_len, dim, with_state):
-    x = _leaf(torch.randn(batch, seq_len, dim), torch.float32)
-    log_forget = _leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, dim)), torch.float32)
-    h0 = _leaf(torch.randn(batch, dim), torch.float32) if with_state else None
+    x = kernel_leaf(torch.randn(batch, seq_len, dim), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, dim)), torch.float32)
+    h0 = kernel_leaf(torch.randn(batch, dim), torch.float32) if with_state else None
     _check_hgrn1(x, log_forget, initial_state=h0, tol=TOL[torch.float32])
 
 
 def test_scan_matches_naive_with_packed_sequences():
     bounds = [0, 1, 65, 150, 160]
     cu_seqlens = torch.tensor(bounds, device=DEVICE)
-    x = _leaf(torch.randn(1, bounds[-1], 24), torch.float32)
-    log_forget = _leaf(F.logsigmoid(torch.randn(1, bounds[-1], 24)), torch.float32)
-    h0 = _leaf(torch.randn(len(bounds) - 1, 24), torch.float32)
+    x = kernel_leaf(torch.randn(1, bounds[-1], 24), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(torch.randn(1, bounds[-1], 24)), torch.float32)
+    h0 = kernel_leaf(torch.randn(len(bounds) - 1, 24), torch.float32)
     _check_hgrn1(x, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32])
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_scan_matches_naive_in_half_precision(dtype):
-    x = _leaf(torch.randn(2, 100, 32), dtype)
-    log_forget = _leaf(F.logsigmoid(2 * torch.randn(2, 100, 32)), dtype)
-    _check_hgrn1(x, log_forget, initial_state=_leaf(torch.randn(2, 32), torch.float32), tol=TOL[dtype])
+    x = kernel_leaf(torch.randn(2, 100, 32), dtype)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(2, 100, 32)), dtype)
+    _check_hgrn1(x, log_forget, initial_state=kernel_leaf(torch.randn(2, 32), torch.float32), tol=TOL[dtype])
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -69,8 +68,10 @@ def test_scan_stays_finite_and_exact_with_extreme_gates(dtype):
     channel = torch.arange(32)
     log_forget = torch.where(channel % 2 == 0, -30.0, math.log1p(-1e-6)).expand(shape).clone()
     log_forget[..., channel % 4 == 3] = -30 * torch.rand(1, 150, 8)
-    x = _leaf(torch.randn(shape), dtype)
-    _check_hgrn1(x, _leaf(log_forget, dtype), initial_state=_leaf(torch.randn(1, 32), torch.float32), tol=TOL[dtype])
+    x = kernel_leaf(torch.randn(shape), dtype)
+    _check_hgrn1(
+        x, kernel_leaf(log_forget, dtype), initial_state=kernel_leaf(torch.randn(1, 32), torch.float32), tol=TOL[dtype]
+    )
 
 
 def test_hgrn1_recurrence_dispatches_to_the_scan_under_the_triton_backend(monkeypatch):

@@ -15,30 +15,16 @@ import torch.nn.functional as F
 from hgrn2.ops import hgrn1_recurrence, hgrn2_gated_recurrence, hgrn2_recurrence
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.reference import hgrn1_recurrence_naive, hgrn2_recurrence_naive
-from tests.helpers import assert_rel_close, check_against_float64
+from tests.helpers import (
+    DEVICE,
+    TOL,
+    assert_rel_close,
+    check_against_float64,
+    check_hgrn2_kernel,
+    kernel_leaf,
+)
 
 small_state = pytest.importorskip("hgrn2.ops.small_state")
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
-
-
-def _leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return x.to(device=DEVICE, dtype=dtype).requires_grad_()
-
-
-def _check_plain(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol):
-    cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
-    kwargs = dict(scale=scale, output_final_state=True)
-
-    def run(q, v, g, h0):
-        return small_state.small_state_hgrn2(q, v, g, initial_state=h0, cu_seqlens=cu_seqlens, **kwargs)
-
-    def reference(q, v, g, h0):
-        return hgrn2_recurrence_naive(q, v, g, initial_state=h0, cu_seqlens=cu_cpu, **kwargs)
-
-    names = ("dq", "dv", "dlog_forget", "dinitial_state")
-    check_against_float64(run, reference, [q, v, log_forget, initial_state], names, tol)
 
 
 @pytest.mark.parametrize(
@@ -53,31 +39,35 @@ def _check_plain(q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=
     ],
 )
 def test_small_state_matches_naive_in_float32(batch, seq_len, heads, key_dim, value_dim, with_state):
-    q = _leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
-    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
-    log_forget = _leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, key_dim)), torch.float32)
-    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32) if with_state else None
-    _check_plain(q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
+    q = kernel_leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, key_dim)), torch.float32)
+    h0 = kernel_leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32) if with_state else None
+    check_hgrn2_kernel(
+        small_state.small_state_hgrn2, q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32]
+    )
 
 
 def test_small_state_matches_naive_with_packed_sequences():
     bounds = [0, 1, 15, 40, 44]
     seq_len, heads, key_dim, value_dim = bounds[-1], 3, 4, 4
     cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
-    q = _leaf(torch.randn(1, seq_len, heads, key_dim), torch.float32)
-    v = _leaf(torch.randn(1, seq_len, heads, value_dim), torch.float32)
-    log_forget = _leaf(F.logsigmoid(torch.randn(1, seq_len, heads, key_dim)), torch.float32)
-    h0 = _leaf(torch.randn(len(bounds) - 1, heads, key_dim, value_dim), torch.float32)
-    _check_plain(q, v, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32])
+    q = kernel_leaf(torch.randn(1, seq_len, heads, key_dim), torch.float32)
+    v = kernel_leaf(torch.randn(1, seq_len, heads, value_dim), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(torch.randn(1, seq_len, heads, key_dim)), torch.float32)
+    h0 = kernel_leaf(torch.randn(len(bounds) - 1, heads, key_dim, value_dim), torch.float32)
+    check_hgrn2_kernel(
+        small_state.small_state_hgrn2, q, v, log_forget, initial_state=h0, cu_seqlens=cu_seqlens, tol=TOL[torch.float32]
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_small_state_matches_naive_in_half_precision(dtype):
-    q = _leaf(torch.randn(2, 30, 8, 4), dtype)
-    v = _leaf(torch.randn(2, 30, 8, 4), dtype)
-    log_forget = _leaf(F.logsigmoid(2 * torch.randn(2, 30, 8, 4)), dtype)
-    h0 = _leaf(torch.randn(2, 8, 4, 4), torch.float32)
-    _check_plain(q, v, log_forget, initial_state=h0, tol=TOL[dtype])
+    q = kernel_leaf(torch.randn(2, 30, 8, 4), dtype)
+    v = kernel_leaf(torch.randn(2, 30, 8, 4), dtype)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(2, 30, 8, 4)), dtype)
+    h0 = kernel_leaf(torch.randn(2, 8, 4, 4), torch.float32)
+    check_hgrn2_kernel(small_state.small_state_hgrn2, q, v, log_forget, initial_state=h0, tol=TOL[dtype])
 
 
 @pytest.mark.parametrize("kind", ["uniform_log", "near_one", "mixed"])
@@ -90,20 +80,20 @@ def test_small_state_stays_finite_and_exact_with_extreme_gates(kind, dtype):
         gates = torch.full(shape, math.log1p(-1e-6))
     else:  # half the channels forget almost everything, half almost nothing
         gates = torch.where(torch.arange(4) % 2 == 0, -30.0, math.log1p(-1e-6)).expand(shape).clone()
-    q, v = _leaf(torch.randn(shape), dtype), _leaf(torch.randn(shape), dtype)
-    h0 = _leaf(torch.randn(1, 4, 4, 4), torch.float32)
-    _check_plain(q, v, _leaf(gates, dtype), initial_state=h0, tol=TOL[dtype])
+    q, v = kernel_leaf(torch.randn(shape), dtype), kernel_leaf(torch.randn(shape), dtype)
+    h0 = kernel_leaf(torch.randn(1, 4, 4, 4), torch.float32)
+    check_hgrn2_kernel(small_state.small_state_hgrn2, q, v, kernel_leaf(gates, dtype), initial_state=h0, tol=TOL[dtype])
 
 
 def test_recurrent_backend_runs_the_gated_entry_with_torch_gates():
     batch, seq_len, heads, key_dim, value_dim = 2, 12, 6, 2, 2
-    q_proj = _leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
-    v = _leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
-    forget_proj = _leaf(3 * torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    q_proj = kernel_leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
+    forget_proj = kernel_leaf(3 * torch.randn(batch, seq_len, heads, key_dim), torch.float32)
     beta = torch.rand(heads, key_dim)
     beta[0] = 0.0
-    lower_bound = _leaf(beta, torch.float32)
-    h0 = _leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
+    lower_bound = kernel_leaf(beta, torch.float32)
+    h0 = kernel_leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
 
     def run(q_proj, v, forget_proj, lower_bound, h0):
         return hgrn2_gated_recurrence(
