@@ -395,13 +395,13 @@ class LMBlock(Block):
         self.short_conv = ShortConvolution(mixer.hidden_size, short_conv) if short_conv else None
 
     def mixer_input(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        normed = self.mixer_norm(x)
+        return self._convolve(self.mixer_norm(x), cu_seqlens)
+
+    def _convolve(self, normed: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
         return normed if self.short_conv is None else self.short_conv(normed, cu_seqlens)
 
-    def _check_whole_sequences(self, mixer_kwargs: dict) -> None:
-        if self.short_conv is not None and (
-            mixer_kwargs.get("initial_state") is not None or mixer_kwargs.get("output_final_state")
-        ):
+    def _check_whole_sequences(self, carries_state: bool) -> None:
+        if self.short_conv is not None and carries_state:
             raise ValueError(
                 "a model with short_conv > 0 runs whole sequences only: its recurrent state does not hold the "
                 "convolution's last inputs, so it cannot be carried across segments or decoded step by step; "
@@ -409,18 +409,18 @@ class LMBlock(Block):
             )
 
     def step(self, x, state=None, lower_bound=None):
-        self._check_whole_sequences({"output_final_state": True})
+        self._check_whole_sequences(carries_state=True)
         return super().step(x, state, lower_bound=lower_bound)
 
     def forward(self, x, lower_bound=None, branch=None, fused: bool = False, **mixer_kwargs):
-        self._check_whole_sequences(mixer_kwargs)
+        carries_state = mixer_kwargs.get("initial_state") is not None or bool(mixer_kwargs.get("output_final_state"))
+        self._check_whole_sequences(carries_state)
         if not fused:
             if branch is not None:
                 raise ValueError("a pending branch output is only taken with fused=True")
             return super().forward(x, lower_bound=lower_bound, **mixer_kwargs)
         normed, x = _add_norm(self.mixer_norm, x, branch)  # [B, T, D] in the autocast dtype
-        if self.short_conv is not None:
-            normed = self.short_conv(normed, mixer_kwargs.get("cu_seqlens"))
+        normed = self._convolve(normed, mixer_kwargs.get("cu_seqlens"))
         mixer = self.mixer
         if isinstance(mixer, HGRU2):
             q_proj, value, forget_proj = mixer.project(normed)  # [B, T, H, K] each
