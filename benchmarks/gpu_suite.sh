@@ -2,7 +2,7 @@
 # Runs the GPU jobs named on the command line in one call on a lent GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling lra-listops lra-pathfinder mqar
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
-# and vision-steps are further jobs). LRA_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
+# and vision-chunked are further jobs). LRA_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
 # runs/lra_learning/<name>.tar.gz: the LRA jobs unpack it and the script reuses it instead of drawing it again.
@@ -57,10 +57,10 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
     vision)
       run vision python benchmarks/vision_throughput.py --expand-ratios 2 16
       cp "$RESULTS"/*-vision.json "$OUT/" ;;
-    vision-steps)  # the step-by-step small-state kernels against the chunked ones, same run
-      run vision-steps python benchmarks/vision_throughput.py --expand-ratios 2 16 --backend recurrent \
-        --out "$RESULTS/vision-steps.json"
-      cp "$RESULTS"/vision-steps.json "$OUT/" ;;
+    vision-chunked)  # the chunked kernels at every expand ratio, against the kernels `vision` (auto) picks
+      run vision-chunked python benchmarks/vision_throughput.py --expand-ratios 2 16 --backend triton \
+        --out "$RESULTS/vision-chunked.json"
+      cp "$RESULTS"/vision-chunked.json "$OUT/" ;;
     ops)  # kernels against fla: its first call autotunes for minutes, so give this job a call of its own
       run ops python benchmarks/ops.py --out "$RESULTS" --fla-budget-s "${FLA_BUDGET_S:-200}"
       cp "$RESULTS"/*-ops.json "$OUT/" ;;

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
-from hgrn2.ops import triton_available
+from hgrn2.ops import auto_backend, triton_available
 
 HGRN2 = "hgrn2_vit_tiny_patch16_224"
 BASELINE = "deit_tiny_patch16_224"
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--expand-ratios", type=int, nargs="+", default=[2], help="HGRN2 expand ratios to time (2: the paper's)"
     )
-    parser.add_argument("--backend", default="auto", help="HGRN2 recurrence backend: auto, triton, torch or naive")
+    parser.add_argument("--backend", default="auto", help="recurrence backend: auto, triton, recurrent, torch or naive")
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<gpu>-vision.json")
     args = parser.parse_args(argv)
 
@@ -131,9 +131,10 @@ def main(argv: list[str] | None = None) -> dict:
     runs.append(measure_or_record(BASELINE, **common))
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        # what "auto" resolves to per expand ratio: the row and column scans are image_size / 16 patches long
         "recurrence_backend": args.backend
         if args.backend != "auto"
-        else ("triton" if triton_available(device) else "torch"),
+        else {str(e): auto_backend(triton_available(device), args.image_size // 16, e * e) for e in args.expand_ratios},
         "torch": torch.__version__,
         "timm": timm.__version__,
         "batch_size": args.batch_size,
