@@ -119,8 +119,9 @@ def batch_size(point: GridPoint, args: argparse.Namespace) -> int:
     return max(1, args.batch_tokens // point.seq_len)
 
 
-def _learning_curve_callback():
-    """A callback that records ``[step, validation accuracy]`` after every validation during training."""
+def _learning_curve_callback(label: str):
+    """A callback that records ``[step, validation accuracy]`` after every validation during training and prints
+    it with ``label``, so that a run cut off before its end still leaves its curve in the log."""
     import lightning.pytorch as pl
 
     class LearningCurve(pl.Callback):
@@ -130,6 +131,7 @@ def _learning_curve_callback():
         def on_validation_end(self, trainer, pl_module):  # after the epoch-end metrics are logged
             if not trainer.sanity_checking and "val/accuracy" in trainer.callback_metrics:
                 self.points.append([trainer.global_step, round(float(trainer.callback_metrics["val/accuracy"]), 4)])
+                print(f"{label} step {self.points[-1][0]}: val accuracy {self.points[-1][1]:.4f}", flush=True)
 
     return LearningCurve()
 
@@ -166,7 +168,7 @@ def run_point(point: GridPoint, args: argparse.Namespace) -> dict:
     config = module.config
     quiet = dict(logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False)
     device = dict(accelerator=args.accelerator, devices=1, precision=args.precision)
-    curve = _learning_curve_callback()
+    curve = _learning_curve_callback(point.key)
     validation = dict(limit_val_batches=0)
     if args.val_every:  # validate every --val-every steps, counted across epochs
         validation = dict(val_check_interval=args.val_every, check_val_every_n_epoch=None)
