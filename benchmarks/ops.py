@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_info import triton_cache_state  # noqa: E402
 
+import hgrn2.ops.chunk as chunk_module  # noqa: E402
 from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
 from hgrn2.ops.recurrent import fused_recurrent_hgrn2_step  # noqa: E402
@@ -117,17 +118,24 @@ def time_fla_row(row):
 
 
 def time_gated(tokens, seq_len):
-    """The fused gated entry against torch gates followed by the plain kernels (same math)."""
+    """The fused gated entry against torch gates followed by the plain kernels (same math), and the cost of its
+    float32 states and TF32 matmuls for the lower bound's gradient (``chunk.PRECISE_BOUND_GRAD``)."""
     batch = tokens // seq_len
     q_proj, v, f = hgrn2_inputs(batch, seq_len)
     beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
     fused = lambda: chunk_hgrn2_gated(q_proj, v, f, beta, output_gate="silu")[0]  # noqa: E731
     unfused = lambda: chunk_hgrn2(F.silu(q_proj), v, lower_bounded_log_forget(f, beta))[0]  # noqa: E731
-    return {
+    row = {
         "tokens": tokens, "T": seq_len, "B": batch,
         "fused_fwd": ms(fused), "fused_fwdbwd": ms(grads_of(fused, [q_proj, v, f, beta])),
         "unfused_fwd": ms(unfused), "unfused_fwdbwd": ms(grads_of(unfused, [q_proj, v, f, beta])),
     }  # fmt: skip
+    chunk_module.PRECISE_BOUND_GRAD = False
+    try:
+        row["fused_fwdbwd_half_states"] = ms(grads_of(fused, [q_proj, v, f, beta]))
+    finally:
+        chunk_module.PRECISE_BOUND_GRAD = True
+    return row
 
 
 def time_decode(batch, with_fla=False):
@@ -201,6 +209,16 @@ def ratio(a, b):
     return f"{a / b:5.2f}" if a is not None and b else "   - "
 
 
+def print_gated(result):
+    print("\nfused gates vs torch gates + kernels, ms")
+    for r in result["gated"]:
+        print(
+            f"{r['tokens']:6d} {r['T']:5d} {r['B']:3d} | fused {r['fused_fwd']:.3f} / {r['fused_fwdbwd']:.3f} | "
+            f"unfused {r['unfused_fwd']:.3f} / {r['unfused_fwdbwd']:.3f} | f+b with half-precision states "
+            f"(no float32 path for the lower bound's gradient) {r.get('fused_fwdbwd_half_states', 0):.3f}"
+        )
+
+
 def print_tables(result):
     print(f"\n{result['device']} | torch {result['torch']} | triton {result['triton']} | fla {result['fla']}")
     print(f"copy bandwidth {result['copy_GBps']:.0f} GB/s (read + write)")
@@ -217,12 +235,7 @@ def print_tables(result):
             f"{r['floor_fwd']:8.3f} {r['floor_fwdbwd']:6.3f} | {ratio(r['ours_fwd'], fla_f)} "
             f"{ratio(r['ours_fwdbwd'], fla_fb)} | {ratio(r['ours_fwdbwd'], r['floor_fwdbwd'])}"
         )
-    print("\nfused gates vs torch gates + kernels, ms")
-    for r in result["gated"]:
-        print(
-            f"{r['tokens']:6d} {r['T']:5d} {r['B']:3d} | fused {r['fused_fwd']:.3f} / {r['fused_fwdbwd']:.3f} | "
-            f"unfused {r['unfused_fwd']:.3f} / {r['unfused_fwdbwd']:.3f}"
-        )
+    print_gated(result)
     print("\ndecode step (one layer's recurrence), us")
     for r in result["decode"]:
         print(
@@ -252,6 +265,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-ops.json")
     parser.add_argument("--no-fla", action="store_true", help="leave fla out even when installed")
+    parser.add_argument("--gated-only", action="store_true", help="time the gated entry alone: <gpu>-ops-gated.json")
     parser.add_argument(
         "--fla-budget-s", type=float, default=300.0, help="stop timing fla rows this long after fla's first call"
     )
@@ -269,7 +283,14 @@ def main() -> None:
 
         fla_version = fla.__version__
     result = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version}
-    path = Path(args.out) / f"{device.replace(' ', '-')}-ops.json"
+    path = Path(args.out) / f"{device.replace(' ', '-')}-ops{'-gated' if args.gated_only else ''}.json"
+    if args.gated_only:
+        result["gated"] = [time_gated(16384, 2048), time_gated(65536, 4096)]
+        save(result, path)
+        print(f"\n{result['device']} | torch {result['torch']} | triton {result['triton']}")
+        print_gated(result)
+        print(f"\nwrote {path}")
+        return
     result["first_call_s"] = first_calls()
     result["copy_GBps"] = copy_bandwidth() / 1e9
     bandwidth = result["copy_GBps"] * 1e9
