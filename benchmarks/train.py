@@ -6,8 +6,9 @@ autotuning included) and MFU: 6 · N · tokens/s over the GPU's dense bf16 peak,
 in matmuls (all but the input embedding; attention's T² FLOPs are not counted). All models use the same
 vocabulary (fla's default, 32000) so that the heads cost the same. ``hgrn2`` trains on the fused kernels and
 the blockwise loss (``return_logits=False``); ``hgrn2-unfused`` is the same model on the plain modules with
-full logits, for reference. ``--profile`` adds a torch.profiler table of one step of each HGRN2 model. Run on
-a GPU::
+full logits, for reference; ``hgrn2-half-states`` is ``hgrn2`` with half-precision chunk states throughout
+(no float32 path for the lower bound's gradient). ``--profile`` adds a torch.profiler table of one step of each
+HGRN2 model. Run on a GPU::
 
     PYTHONPATH=$PWD python benchmarks/train.py --out benchmarks/results
 
@@ -52,6 +53,23 @@ def build_hgrn2_unfused(args):
     return build_hgrn2(args, fused=False)
 
 
+def build_hgrn2_half_states(args):
+    """hgrn2 without the float32 states and TF32 matmuls that the chunk kernels use for the lower bound's
+    gradient (``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``): what that accuracy costs per step."""
+    import hgrn2.ops.chunk as chunk
+
+    model, loss_fn, embedding_params = build_hgrn2(args)
+
+    def half_states_loss_fn(input_ids, labels):  # the kernels fix their precision in the forward
+        chunk.PRECISE_BOUND_GRAD = False
+        try:
+            return loss_fn(input_ids, labels)
+        finally:
+            chunk.PRECISE_BOUND_GRAD = True
+
+    return model, half_states_loss_fn, embedding_params
+
+
 def build_fla(args):
     from fla.models import HGRN2Config
     from fla.models import HGRN2ForCausalLM as FlaHGRN2
@@ -87,7 +105,13 @@ def build_llama(args):
     return model, loss_fn, model.get_input_embeddings().weight.numel()
 
 
-BUILDERS = {"hgrn2": build_hgrn2, "hgrn2-unfused": build_hgrn2_unfused, "fla": build_fla, "llama": build_llama}
+BUILDERS = {
+    "hgrn2": build_hgrn2,
+    "hgrn2-unfused": build_hgrn2_unfused,
+    "hgrn2-half-states": build_hgrn2_half_states,
+    "fla": build_fla,
+    "llama": build_llama,
+}
 
 # kernel-name fragments → what they are, for the profile summary (first match wins)
 KERNEL_GROUPS = [
@@ -187,17 +211,17 @@ def measure(name, args, seq_len, batch):
 
 
 def print_table(results):
-    print(f"\n{'model':>13} {'T':>5} {'B':>2} {'tokens/s':>10} {'peak GiB':>9} {'first s':>8} {'MFU':>6} {'vs fla':>7}")
+    print(f"\n{'model':>17} {'T':>5} {'B':>2} {'tokens/s':>10} {'peak GiB':>9} {'first s':>8} {'MFU':>6} {'vs fla':>7}")
     for r in results:
         if "tokens_per_s" not in r:
             print(
-                f"{r['model']:>13} {r.get('seq_len', ''):>5} {r.get('batch', ''):>2} {r.get('skipped', r.get('error'))}"
+                f"{r['model']:>17} {r.get('seq_len', ''):>5} {r.get('batch', ''):>2} {r.get('skipped', r.get('error'))}"
             )
             continue
         fla = next((f for f in results if f["model"] == "fla" and f.get("seq_len") == r["seq_len"]), None)
         ratio = r["tokens_per_s"] / fla["tokens_per_s"] if fla and "tokens_per_s" in fla else float("nan")
         print(
-            f"{r['model']:>13} {r['seq_len']:>5} {r['batch']:>2} {r['tokens_per_s']:>10.0f} "
+            f"{r['model']:>17} {r['seq_len']:>5} {r['batch']:>2} {r['tokens_per_s']:>10.0f} "
             f"{r['peak_memory_gib']:>9.1f} {r['first_step_s']:>8.1f} {r['mfu']:>6.1%} {ratio:>7.2f}"
         )
 
