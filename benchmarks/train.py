@@ -7,8 +7,8 @@ in matmuls (all but the input embedding; attention's T² FLOPs are not counted).
 vocabulary (fla's default, 32000) so that the heads cost the same. ``hgrn2`` trains on the fused kernels and
 the blockwise loss (``return_logits=False``); ``hgrn2-unfused`` is the same model on the plain modules with
 full logits, for reference; ``hgrn2-half-states`` is ``hgrn2`` with half-precision chunk states throughout
-(no float32 path for the lower bound's gradient). ``--profile`` adds a torch.profiler table of one step of each
-HGRN2 model. Run on a GPU::
+(``precise_bound_grad=False``: no float32 path for the lower bound's gradient). ``--profile`` adds a
+torch.profiler table of one step of each HGRN2 model. Run on a GPU::
 
     PYTHONPATH=$PWD python benchmarks/train.py --out benchmarks/results
 
@@ -34,10 +34,12 @@ VOCAB = 32000
 DENSE_BF16_PEAK = {"H100": 989.4e12, "H200": 989.4e12}  # FLOP/s, dense, SXM datasheets
 
 
-def build_hgrn2(args, fused=True):
+def build_hgrn2(args, fused=True, **overrides):
     from hgrn2.models.lm import HGRN2ForCausalLM, LMConfig
 
-    config = LMConfig.from_name("374m", vocab_size=VOCAB, gradient_checkpointing=args.checkpointing, fused=fused)
+    config = LMConfig.from_name(
+        "374m", vocab_size=VOCAB, gradient_checkpointing=args.checkpointing, fused=fused, **overrides
+    )
     model = HGRN2ForCausalLM(config)
     if args.compile:
         for block in model.blocks:
@@ -55,19 +57,8 @@ def build_hgrn2_unfused(args):
 
 def build_hgrn2_half_states(args):
     """hgrn2 without the float32 states and TF32 matmuls that the chunk kernels use for the lower bound's
-    gradient (``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``): what that accuracy costs per step."""
-    import hgrn2.ops.chunk as chunk
-
-    model, loss_fn, embedding_params = build_hgrn2(args)
-
-    def half_states_loss_fn(input_ids, labels):  # the kernels fix their precision in the forward
-        chunk.PRECISE_BOUND_GRAD = False
-        try:
-            return loss_fn(input_ids, labels)
-        finally:
-            chunk.PRECISE_BOUND_GRAD = True
-
-    return model, half_states_loss_fn, embedding_params
+    gradient (``LMConfig.precise_bound_grad=False``): what that accuracy costs per step."""
+    return build_hgrn2(args, precise_bound_grad=False)
 
 
 def build_fla(args):

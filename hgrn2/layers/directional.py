@@ -23,6 +23,7 @@ class _MultiScanHGRU2(HGRU2):
             output_gate=self.output_gate,
             scale=self.scale,
             backend=self.backend,
+            precise_bound_grad=self.precise_bound_grad,
         )
         return o
 

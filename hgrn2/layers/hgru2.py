@@ -20,7 +20,9 @@ class HGRU2(nn.Module):
     y_t = scale · o_t^T S_t; then norm and W_o. β (the layer's lower bound, ``[D]``) is passed in.
 
     Defaults are the paper's LM: SiLU output gate, identity input, SimpleRMSNorm, no biases, scale 1.
-    ``scale=None`` means ``K ** -0.5`` (fla's choice).
+    ``scale=None`` means ``K ** -0.5`` (fla's choice). ``precise_bound_grad=False`` lets the chunked kernels
+    keep half-precision states where β's gradient is formed (faster, that gradient less exact; see
+    :func:`hgrn2.ops.chunk.chunk_hgrn2_gated`).
     """
 
     def __init__(
@@ -34,6 +36,7 @@ class HGRU2(nn.Module):
         bias: bool = False,
         scale: float | None = 1.0,
         backend: str = "auto",
+        precise_bound_grad: bool = True,
     ):
         super().__init__()
         if expand_ratio < 1 or hidden_size % expand_ratio:
@@ -48,6 +51,7 @@ class HGRU2(nn.Module):
         self.input_activation = input_activation
         self.scale = expand_ratio**-0.5 if scale is None else float(scale)
         self.backend = backend
+        self.precise_bound_grad = precise_bound_grad
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # output gate o
         self.f_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # forget gate f
         self.i_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # input i
@@ -110,6 +114,7 @@ class HGRU2(nn.Module):
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
             backend=self.backend,
+            precise_bound_grad=self.precise_bound_grad,
         )
         return self.finish(o), state
 

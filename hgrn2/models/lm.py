@@ -51,7 +51,9 @@ class LMConfig:
     taps in front of every token mixer (0: none, the paper's models; Zoology's MQAR models have one); such
     a model runs whole sequences only: it carries no state across segments and does not decode step by step.
     ``fused`` runs RMSNorm-based blocks on the fused kernels (``hgrn2.ops.fused_*``) wherever the recurrence
-    runs on Triton.
+    runs on Triton. ``precise_bound_grad=False`` keeps the chunked kernels' states in half precision where the
+    lower bounds' gradient is formed: 7.4% more tokens/s for the 374M model on an H100 (T = 2048), with that
+    gradient about 2e-2 from exact instead of 4e-3 (``hgrn2.ops.chunk``).
     """
 
     vocab_size: int = 50272
@@ -75,6 +77,7 @@ class LMConfig:
     backend: str = "auto"
     fused: bool = True
     short_conv: int = 0
+    precise_bound_grad: bool = True
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
@@ -219,6 +222,7 @@ class HGRN2ForCausalLM(nn.Module):
             expand_ratio=config.expand_ratio,
             norm_per_head=config.norm_per_head,
             scale=config.scale,
+            precise_bound_grad=config.precise_bound_grad,
             **common,
         )
 

@@ -168,13 +168,15 @@ def hgrn2_gated_recurrence(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
+    precise_bound_grad: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HGRN2 from the raw projections: ``q = output_gate(q_proj)`` and
     ``log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj))`` with β = ``lower_bound``.
 
     Shapes as in :func:`hgrn2_recurrence`; ``lower_bound`` broadcasts to ``[H, K]`` (or is None for β = 0).
     The Triton backend computes both gates inside the kernel, so neither q nor log λ is written to memory;
-    the other backends compute them first with PyTorch.
+    the other backends compute them first with PyTorch. ``precise_bound_grad`` applies to the chunked Triton
+    kernels (:func:`hgrn2.ops.chunk.chunk_hgrn2_gated`): None takes ``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``.
     """
     check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, check_values=False)
     kwargs = dict(
@@ -183,7 +185,10 @@ def hgrn2_gated_recurrence(
     resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
     chunk = _kernel_module("chunk")
     if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated"):
-        return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, lower_bound, output_gate=output_gate, **kwargs)
+        return chunk.chunk_hgrn2_gated(
+            q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,
+            **kwargs,
+        )  # fmt: skip
     q = activation(q_proj, output_gate)
     return _hgrn2_on(resolved, q, v, lower_bounded_log_forget(forget_proj, lower_bound), **kwargs)
 

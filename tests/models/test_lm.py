@@ -200,3 +200,25 @@ def test_invalid_configs_raise_clear_errors():
         LMConfig(hidden_size=100, expand_ratio=64)
     with pytest.raises(ValueError, match="input_ids must have shape"):
         tiny_model()(torch.zeros(5, dtype=torch.long))
+
+
+@pytest.mark.parametrize("precise", [True, False])
+def test_precise_bound_grad_reaches_the_chunked_kernels(monkeypatch, precise):
+    """``LMConfig.precise_bound_grad`` is what every layer's gated kernel call receives (interpreter on CPU)."""
+    chunk = pytest.importorskip("hgrn2.ops.chunk")
+    received = []
+    real = chunk.chunk_hgrn2_gated
+
+    def recording(*args, **kwargs):
+        received.append(kwargs["precise_bound_grad"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(chunk, "chunk_hgrn2_gated", recording)
+    config = LMConfig.from_name(
+        "tiny", vocab_size=37, backend="triton", fused=False, precise_bound_grad=precise, expand_ratio=16
+    )
+    model = HGRN2ForCausalLM(config)
+    tokens = torch.randint(0, 37, (1, 20))
+    model(tokens, labels=tokens).loss.backward()
+    assert received == [precise] * config.num_layers
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
