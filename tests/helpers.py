@@ -51,6 +51,17 @@ def kernel_leaf(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return x.to(device=DEVICE, dtype=dtype).requires_grad_()
 
 
+def gated_kernel_leaves(batch, seq_len, heads, key_dim, value_dim, dtype, forget_scale):
+    """Leaves for the gated entry: q_proj, v, forget_proj (standard normal, forget_proj times ``forget_scale``)
+    in ``dtype`` and a float32 lower bound ``[H, K]`` uniform in [0, 1) with the first head's exactly 0."""
+    q_proj = kernel_leaf(torch.randn(batch, seq_len, heads, key_dim), dtype)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, value_dim), dtype)
+    forget_proj = kernel_leaf(forget_scale * torch.randn(batch, seq_len, heads, key_dim), dtype)
+    beta = torch.rand(heads, key_dim)
+    beta[0] = 0.0
+    return q_proj, v, forget_proj, kernel_leaf(beta, torch.float32)
+
+
 def check_hgrn2_kernel(op, q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol) -> None:
     """An HGRN2 kernel entry ``op(q, v, log_forget, ...)`` with the final state, against the float64 step loop."""
     cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()

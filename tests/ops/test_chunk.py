@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_rel_close,
     check_against_float64,
     check_hgrn2_kernel,
+    gated_kernel_leaves,
     kernel_leaf,
     relative_error,
 )
@@ -139,13 +140,7 @@ def test_bfloat16_lower_bound_gradient_over_many_chunks(precise):
     from hgrn2.ops.reference import hgrn2_recurrence_chunked
 
     torch.manual_seed(1)
-    batch, seq_len, heads, dim = 1, 1024, 2, 32
-    q_proj = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.bfloat16)
-    v = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.bfloat16)
-    forget_proj = kernel_leaf(2 * torch.randn(batch, seq_len, heads, dim), torch.bfloat16)
-    beta = torch.rand(heads, dim)
-    beta[0] = 0.0
-    beta = kernel_leaf(beta, torch.float32)
+    q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 1024, 2, 32, 32, torch.bfloat16, forget_scale=2)
     o, _ = chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, beta, output_gate="silu", precise_bound_grad=precise)
     do = torch.randn_like(o)
     (o.float() * do.float()).sum().backward()

@@ -21,6 +21,7 @@ from tests.helpers import (
     assert_rel_close,
     check_against_float64,
     check_hgrn2_kernel,
+    gated_kernel_leaves,
     kernel_leaf,
 )
 
@@ -87,12 +88,9 @@ def test_small_state_stays_finite_and_exact_with_extreme_gates(kind, dtype):
 
 def test_recurrent_backend_runs_the_gated_entry_with_torch_gates():
     batch, seq_len, heads, key_dim, value_dim = 2, 12, 6, 2, 2
-    q_proj = kernel_leaf(torch.randn(batch, seq_len, heads, key_dim), torch.float32)
-    v = kernel_leaf(torch.randn(batch, seq_len, heads, value_dim), torch.float32)
-    forget_proj = kernel_leaf(3 * torch.randn(batch, seq_len, heads, key_dim), torch.float32)
-    beta = torch.rand(heads, key_dim)
-    beta[0] = 0.0
-    lower_bound = kernel_leaf(beta, torch.float32)
+    q_proj, v, forget_proj, lower_bound = gated_kernel_leaves(
+        batch, seq_len, heads, key_dim, value_dim, torch.float32, forget_scale=3
+    )
     h0 = kernel_leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
 
     def run(q_proj, v, forget_proj, lower_bound, h0):
