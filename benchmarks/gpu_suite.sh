@@ -2,7 +2,8 @@
 # Runs the GPU jobs named on the command line in one call on a lent GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling lra-listops lra-pathfinder mqar
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
-# and vision-chunked are further jobs). LRA_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
+# and vision-chunked are further jobs). LRA_MINUTES, LRA_TOTAL_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S
+# tune the jobs.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
 # runs/lra_learning/<name>.tar.gz: the LRA jobs unpack it and the script reuses it instead of drawing it again.
@@ -80,9 +81,14 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       for archive in runs/lra_learning/*.tar.gz; do
         [ -f "$archive" ] && [ ! -d "${archive%.tar.gz}" ] && tar -xzf "$archive" -C runs/lra_learning
       done
+      # LRA_TOTAL_MINUTES spreads one schedule over several calls: the checkpoint comes back in $OUT/lra-ckpt/;
+      # carried to the next call as runs/lra_learning/ckpt/<task>.ckpt, training resumes from it
+      resume=()
+      [ -n "${LRA_TOTAL_MINUTES:-}" ] && resume=(--total-minutes "$LRA_TOTAL_MINUTES" --checkpoint-dir runs/lra_learning/ckpt)
       run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}" \
-        --backend "${LRA_BACKEND:-auto}"
-      cp "$RESULTS"/*-lra.json "$OUT/" ;;
+        --backend "${LRA_BACKEND:-auto}" "${resume[@]}"
+      cp "$RESULTS"/*-lra.json "$OUT/"
+      [ -n "${LRA_TOTAL_MINUTES:-}" ] && mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
     mqar)
       run mqar python benchmarks/mqar_sweep.py --out "$RESULTS/mqar" ${MQAR_FLAGS:-}
       cp "$RESULTS"/mqar/* "$OUT/" 2>/dev/null ;;

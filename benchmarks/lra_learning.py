@@ -13,6 +13,12 @@
    chance and majority-class baselines, the data sizes and the settings (a task run alone replaces only its own
    entry, so the two runs above fill one file; generated data under ``--data-dir`` are reused when present).
 
+Training longer than one call allows: ``--checkpoint-dir D --total-minutes M`` lays the schedule over M minutes
+of training and saves ``D/<task>.ckpt`` (model, optimiser, schedule position, elapsed time) at the end of every
+call; the next call with the same arguments resumes from it and trains ``--minutes`` more, until M is reached::
+
+    python benchmarks/lra_learning.py --tasks pathfinder --minutes 8 --total-minutes 24 --checkpoint-dir ckpt  # x3
+
 Needs only torch, lightning, torchmetrics, numpy and PIL (no jsonargparse). ``--tiny`` checks the whole path on
 the CPU in about a minute with small data and a small model.
 """
@@ -47,11 +53,27 @@ BATCH_SIZE = {"listops": 128, "pathfinder": 128}  # run_lra.py total batch
 
 class WallClockCosine(pl.Callback):
     """Sets the learning rate before every step: linear warm-up over ``warmup_fraction`` of ``budget_s`` seconds
-    of training, then a cosine to 0 at the end of the budget."""
+    of training, then a cosine to 0 at the end of the budget. The training time spent so far is saved in
+    checkpoints, so that a resumed run continues the schedule where it stopped."""
 
     def __init__(self, peak_lr: float, budget_s: float, warmup_fraction: float = 0.1):
         self.peak_lr, self.budget_s, self.warmup_fraction = peak_lr, budget_s, warmup_fraction
         self.start: float | None = None
+        self.elapsed_before = 0.0  # training seconds of earlier calls (from the checkpoint)
+
+    def elapsed_s(self) -> float:
+        return self.elapsed_before + (0.0 if self.start is None else time.monotonic() - self.start)
+
+    def state_dict(self) -> dict:
+        return {"elapsed_s": self.elapsed_s(), "budget_s": self.budget_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        if state_dict["budget_s"] != self.budget_s:
+            raise ValueError(
+                f"the checkpoint's schedule spans {state_dict['budget_s']:.0f} s of training, this run's "
+                f"{self.budget_s:.0f} s: resume with the same --total-minutes"
+            )
+        self.elapsed_before = state_dict["elapsed_s"]
 
     def factor(self, elapsed_s: float) -> float:
         progress = min(1.0, elapsed_s / self.budget_s)
@@ -62,8 +84,11 @@ class WallClockCosine(pl.Callback):
     def on_train_start(self, trainer, pl_module) -> None:
         self.start = time.monotonic()
 
+    def on_train_end(self, trainer, pl_module) -> None:  # stop the clock: evaluation is not training time
+        self.elapsed_before, self.start = self.elapsed_s(), None
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        lr = self.peak_lr * self.factor(time.monotonic() - self.start)
+        lr = self.peak_lr * self.factor(self.elapsed_s())
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -102,10 +127,29 @@ def prepare_pathfinder(root: Path, images: int, workers: int, seed: int) -> dict
     }
 
 
+def _trained_seconds(checkpoint: Path | None) -> float:
+    """Training seconds a checkpoint holds (0 without one); raises a clear error on an unreadable file."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0.0
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        return float(state["callbacks"]["WallClockCosine"]["elapsed_s"])
+    except Exception as error:
+        raise SystemExit(
+            f"cannot resume from {checkpoint}: {type(error).__name__}: {error}. Delete it to start over."
+        ) from None
+
+
 def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, args) -> dict:
-    """Train ``task``'s preset for ``args.minutes`` and score it on the test split."""
+    """Train ``task``'s preset for ``args.minutes`` (resuming from ``args.checkpoint_dir`` when it holds a
+    checkpoint of the task) and score it on the test split."""
     pl.seed_everything(args.seed, workers=True)
-    budget_s = 60.0 * args.minutes
+    budget_s = 60.0 * (args.total_minutes or args.minutes)
+    checkpoint = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{task}.ckpt"
+    trained_before_s = _trained_seconds(checkpoint)
+    call_s = min(60.0 * args.minutes, budget_s - trained_before_s)
+    if call_s <= 0:
+        raise SystemExit(f"{checkpoint} has trained the whole {budget_s / 60:g} minutes: nothing left to train")
     model = SequenceClassifier(
         task,
         overrides=overrides,
@@ -117,7 +161,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         devices=1,
         precision=args.precision,
         max_epochs=100_000,
-        max_time={"seconds": budget_s},
+        max_time={"seconds": trained_before_s + call_s},  # Lightning's timer counts earlier calls too
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
@@ -127,8 +171,14 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         default_root_dir=args.data_dir,
     )
     start = time.perf_counter()
-    trainer.fit(model, datamodule=data)
+    resume = checkpoint if trained_before_s > 0 else None
+    trainer.fit(model, datamodule=data, ckpt_path=resume)
     train_s = time.perf_counter() - start
+    if checkpoint is not None:  # written beside, then renamed: a cut-off save never replaces a good checkpoint
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
+        partial = checkpoint.with_suffix(".ckpt.tmp")
+        trainer.save_checkpoint(partial)
+        os.replace(partial, checkpoint)
     val = trainer.validate(model, datamodule=data, verbose=False)[0]
     test = trainer.test(model, datamodule=data, verbose=False)[0]
     labels = data.splits["test"].labels
@@ -143,7 +193,9 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         "steps": trainer.global_step,
         "epochs": trainer.current_epoch,
         "train_s": round(train_s, 1),
+        "trained_s": round(schedule.elapsed_s(), 1),
         "budget_s": budget_s,
+        "resumed_from_s": round(trained_before_s, 1),
         "batch_size": data.batch_size,
         "split_sizes": {split: len(dataset) for split, dataset in data.splits.items()},
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -163,7 +215,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>-lra.json")
     parser.add_argument("--data-dir", type=Path, default=Path("runs/lra_learning"), help="generated data go here")
     parser.add_argument("--tasks", nargs="+", default=["listops", "pathfinder"], choices=["listops", "pathfinder"])
-    parser.add_argument("--minutes", type=float, default=4.0, help="training time per task")
+    parser.add_argument("--minutes", type=float, default=4.0, help="training time per task in this call")
+    parser.add_argument(
+        "--total-minutes", type=float, default=None, help="schedule length across calls (default: --minutes)"
+    )
+    parser.add_argument(
+        "--checkpoint-dir", type=Path, default=None, help="resume from and save <dir>/<task>.ckpt (several calls)"
+    )
     parser.add_argument("--listops-train", type=int, default=20_000)
     parser.add_argument("--listops-val", type=int, default=2_000)
     parser.add_argument("--listops-test", type=int, default=2_000)

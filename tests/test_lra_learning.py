@@ -1,0 +1,64 @@
+"""benchmarks/lra_learning.py: the wall-clock schedule and training across several calls from a checkpoint."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def lra_learning(monkeypatch):
+    """benchmarks/ is a folder of scripts, not a package: load the script from its path."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its neighbour gpu_info
+    spec = importlib.util.spec_from_file_location("lra_learning", ROOT / "benchmarks" / "lra_learning.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "lra_learning", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_schedule_warms_up_then_follows_a_cosine_to_zero(lra_learning):
+    schedule = lra_learning.WallClockCosine(peak_lr=1.0, budget_s=100.0, warmup_fraction=0.1)
+    assert schedule.factor(0.0) == 0.0
+    assert schedule.factor(5.0) == pytest.approx(0.5)
+    assert schedule.factor(10.0) == pytest.approx(1.0)
+    assert schedule.factor(55.0) == pytest.approx(0.5)  # halfway through the cosine: (1 + cos(π/2)) / 2
+    assert schedule.factor(100.0) == pytest.approx(0.0, abs=1e-12)
+    assert schedule.factor(250.0) == pytest.approx(0.0, abs=1e-12)
+    assert schedule.factor(32.5) == pytest.approx(0.5 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_schedule_state_resumes_its_clock_and_refuses_another_budget(lra_learning):
+    saved = {"elapsed_s": 42.0, "budget_s": 100.0}
+    schedule = lra_learning.WallClockCosine(peak_lr=1.0, budget_s=100.0)
+    schedule.load_state_dict(saved)
+    assert schedule.elapsed_s() == 42.0
+    with pytest.raises(ValueError, match="--total-minutes"):
+        lra_learning.WallClockCosine(peak_lr=1.0, budget_s=60.0).load_state_dict(saved)
+
+
+def test_two_calls_train_one_schedule_then_stop(lra_learning, tmp_path):
+    argv = [
+        "--tiny", "--tasks", "listops", "--minutes", "0.05", "--total-minutes", "0.1", "--workers", "1",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
+        "--data-dir", str(tmp_path / "data"),
+    ]  # fmt: skip
+    first = lra_learning.main(argv)["tasks"]["listops"]
+    assert first["resumed_from_s"] == 0.0 and first["steps"] > 0
+    assert (tmp_path / "ckpt" / "listops.ckpt").exists()
+    assert not list((tmp_path / "ckpt").glob("*.tmp"))
+    second = lra_learning.main(argv)["tasks"]["listops"]
+    assert second["resumed_from_s"] == pytest.approx(first["trained_s"], abs=0.2)
+    assert second["steps"] > first["steps"]  # the step count carries on from the checkpoint
+    assert second["trained_s"] == pytest.approx(6.0, abs=1.5)  # the 0.1 minutes, over both calls
+    written = json.loads(next((tmp_path / "out").glob("*-lra.json")).read_text())
+    assert written["tasks"]["listops"]["steps"] == second["steps"]
+    with pytest.raises(SystemExit, match="nothing left to train"):
+        lra_learning.main(argv)
