@@ -4,6 +4,7 @@
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
 # and vision-chunked are further jobs). LRA_MINUTES, LRA_TOTAL_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S
 # tune the jobs.
+# On two GPUs, scaling-2gpu: the 374m LM on one GPU, then on two under DDP and under FSDP, at one global batch.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
 # runs/lra_learning/<name>.tar.gz: the LRA jobs unpack it and the script reuses it instead of drawing it again.
@@ -73,6 +74,13 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       flags="--strategy ${job#scaling-}"; flags=${flags/fsdp-ckpt/fsdp --checkpointing}
       run "$job" python benchmarks/scaling.py --devices 1 --steps 100 $flags --out-dir "$RESULTS"
       cp "$RESULTS"/*x1-*.json "$OUT/" ;;
+    scaling-2gpu)
+      touch "$OUT/.started"
+      for setting in "1 ddp" "2 ddp" "2 fsdp"; do
+        set -- $setting
+        run "scaling-$2-x$1" python benchmarks/scaling.py --devices "$1" --strategy "$2" --steps 100 --out-dir "$RESULTS"
+      done
+      find "$RESULTS" -maxdepth 1 -name 'H*x[12]-*.json' -newer "$OUT/.started" -exec cp {} "$OUT/" \; ;;
     check)
       run check python benchmarks/gpu_check.py --out "$RESULTS"
       cp "$RESULTS"/*-gpu-check.log "$OUT/" ;;

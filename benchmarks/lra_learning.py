@@ -19,6 +19,11 @@ call; the next call with the same arguments resumes from it and trains ``--minut
 
     python benchmarks/lra_learning.py --tasks pathfinder --minutes 8 --total-minutes 24 --checkpoint-dir ckpt  # x3
 
+Validation accuracy is printed after every epoch and kept (across calls) in the JSON's ``curve``. ``--batch-size``
+and ``--lr`` change the paper's batch and peak learning rate; ``--tag T`` names such a variant, so that two
+variants (one per GPU) keep their own checkpoint ``<task>-T.ckpt`` and JSON entry ``<task>-T`` in one file.
+``--prepare-only`` draws the data and exits, so that two training processes can then share it.
+
 Needs only torch, lightning, torchmetrics, numpy and PIL (no jsonargparse). ``--tiny`` checks the whole path on
 the CPU in about a minute with small data and a small model.
 """
@@ -27,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
 import json
 import math
 import os
@@ -94,6 +100,38 @@ class WallClockCosine(pl.Callback):
                 group["lr"] = lr
 
 
+class LearningCurve(pl.Callback):
+    """Prints and keeps, after every validation epoch, the step, the training time, the learning rate and the
+    validation accuracy and loss. The points of earlier calls are saved in checkpoints and carried on."""
+
+    def __init__(self, label: str, schedule: WallClockCosine):
+        self.label, self.schedule = label, schedule
+        self.points: list[dict] = []
+
+    def state_dict(self) -> dict:
+        return {"points": self.points}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.points = list(state_dict["points"])
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        metrics = trainer.callback_metrics
+        point = {
+            "step": trainer.global_step,
+            "epoch": trainer.current_epoch,
+            "trained_s": round(self.schedule.elapsed_s(), 1),
+            "lr": float(f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}"),
+            "val_acc": round(100 * float(metrics["val/acc"]), 2),
+            "val_loss": round(float(metrics["val/loss"]), 4),
+        }
+        if "train/loss" in metrics:
+            point["train_loss"] = round(float(metrics["train/loss"]), 4)
+        self.points.append(point)
+        print(f"[{self.label}] " + " ".join(f"{k} {v}" for k, v in point.items()), flush=True)
+
+
 def prepare_listops(root: Path, sizes: dict[str, int], spec: ListOpsSpec, workers: int, seed: int) -> dict:
     """Generate (or reuse) the ListOps splits; returns what was done."""
     data_dir = root / f"listops-{sizes['train']}-{spec.min_length}-{spec.max_length}-s{seed}"
@@ -140,12 +178,18 @@ def _trained_seconds(checkpoint: Path | None) -> float:
         ) from None
 
 
+def run_label(task: str, tag: str | None) -> str:
+    """The name of a run: the task, or ``<task>-<tag>`` for a variant."""
+    return task if not tag else f"{task}-{tag}"
+
+
 def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, args) -> dict:
     """Train ``task``'s preset for ``args.minutes`` (resuming from ``args.checkpoint_dir`` when it holds a
-    checkpoint of the task) and score it on the test split."""
+    checkpoint of the run) and score it on the test split."""
     pl.seed_everything(args.seed, workers=True)
     budget_s = 60.0 * (args.total_minutes or args.minutes)
-    checkpoint = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{task}.ckpt"
+    label = run_label(task, args.tag)
+    checkpoint = None if args.checkpoint_dir is None else args.checkpoint_dir / f"{label}.ckpt"
     trained_before_s = _trained_seconds(checkpoint)
     call_s = min(60.0 * args.minutes, budget_s - trained_before_s)
     if call_s <= 0:
@@ -156,6 +200,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         optim=OptimizerConfig(lr=PEAK_LR[task], weight_decay=0.0, betas=(0.9, 0.999), schedule="constant"),
     )
     schedule = WallClockCosine(PEAK_LR[task], budget_s)
+    curve = LearningCurve(label, schedule)
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -167,7 +212,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[schedule],
+        callbacks=[schedule, curve],
         default_root_dir=args.data_dir,
     )
     start = time.perf_counter()
@@ -196,10 +241,12 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         "trained_s": round(schedule.elapsed_s(), 1),
         "budget_s": budget_s,
         "resumed_from_s": round(trained_before_s, 1),
+        "curve": curve.points,
         "batch_size": data.batch_size,
         "split_sizes": {split: len(dataset) for split, dataset in data.splits.items()},
         "parameters": sum(p.numel() for p in model.parameters()),
         "model": dataclasses.asdict(model.config),
+        "seed": args.seed,
         "optimizer": {
             "name": "AdamW",
             "peak_lr": PEAK_LR[task],
@@ -228,11 +275,20 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pathfinder-images", type=int, default=40_000)
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator and loader processes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--batch-size", type=int, default=None, help="instead of the paper's batch size")
+    parser.add_argument("--lr", type=float, default=None, help="instead of the paper's peak learning rate")
+    parser.add_argument("--tag", default=None, help="names a variant: its checkpoint and JSON entry <task>-<tag>")
+    parser.add_argument("--prepare-only", action="store_true", help="draw (or check) the data, then exit")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized data and model: checks the path end to end")
     parser.add_argument(
         "--backend", default="auto", help="recurrence backend of the encoders (hgrn2.ops.BACKENDS), e.g. recurrent"
     )
     args = parser.parse_args(argv)
+    if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
+        parser.error(f"--tag names files: use letters, digits, '-' and '_', got {args.tag!r}")
+    for name in ("batch_size", "lr"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     args.accelerator = "gpu" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
     torch.set_float32_matmul_precision("high")
@@ -242,6 +298,10 @@ def main(argv: list[str] | None = None) -> dict:
         args.listops_train, args.listops_val, args.listops_test = 400, 50, 100
         args.pathfinder_images, args.minutes = 150, min(args.minutes, 0.3)
         BATCH_SIZE.update(listops=32, pathfinder=32)
+    if args.batch_size is not None:
+        BATCH_SIZE.update(dict.fromkeys(BATCH_SIZE, args.batch_size))
+    if args.lr is not None:
+        PEAK_LR.update(dict.fromkeys(PEAK_LR, args.lr))
         overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
         overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
     for task_overrides in overrides.values():
@@ -269,21 +329,32 @@ def main(argv: list[str] | None = None) -> dict:
             generated = prepare_pathfinder(args.data_dir, args.pathfinder_images, args.workers, args.seed)
             data = PathfinderDataModule(generated["data_dir"], batch_size=BATCH_SIZE[task], num_workers=loader_workers)
         print(f"[{task}] data ready: {generated}", flush=True)
+        if args.prepare_only:
+            continue
+        label = run_label(task, args.tag)
         result = {"command": " ".join(sys.argv), "data": generated, **train_and_test(task, data, overrides[task], args)}
-        report["tasks"][task] = result
+        report["tasks"][label] = result
         baselines = f"chance {result['chance_acc']} %, majority class {result['majority_class_acc']} %"
-        print(f"[{task}] test accuracy {result['test_acc']} % ({baselines}) after {result['steps']} steps", flush=True)
+        print(f"[{label}] test accuracy {result['test_acc']} % ({baselines}) after {result['steps']} steps", flush=True)
     report["total_s"] = round(time.perf_counter() - started, 1)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{gpu_name()}-lra.json"
-    if path.exists():  # runs of one task at a time (each under a 10-minute limit) add up in one file
-        previous = json.loads(path.read_text())
-        report["tasks"] = {**previous.get("tasks", {}), **report["tasks"]}
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-    print(f"wrote {path}", flush=True)
+    if not args.prepare_only:
+        write_report(report, args.out / f"{gpu_name()}-lra.json")
     return report
+
+
+def write_report(report: dict, path: Path) -> None:
+    """Add ``report``'s runs to the JSON at ``path`` (runs of other tasks or variants, written by earlier calls or
+    by a process beside this one, stay), atomically and under a lock."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if path.exists():
+            previous = json.loads(path.read_text())
+            report = {**report, "tasks": {**previous.get("tasks", {}), **report["tasks"]}}
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(report, indent=2) + "\n")
+        os.replace(tmp, path)
+    print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

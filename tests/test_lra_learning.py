@@ -58,7 +58,34 @@ def test_two_calls_train_one_schedule_then_stop(lra_learning, tmp_path):
     assert second["resumed_from_s"] == pytest.approx(first["trained_s"], abs=0.2)
     assert second["steps"] > first["steps"]  # the step count carries on from the checkpoint
     assert second["trained_s"] == pytest.approx(6.0, abs=1.5)  # the 0.1 minutes, over both calls
+    assert first["curve"], "no validation epoch in the first call"
+    assert second["curve"][: len(first["curve"])] == first["curve"]  # the curve carries on from the checkpoint
+    assert len(second["curve"]) > len(first["curve"])
+    steps = [point["step"] for point in second["curve"]]
+    assert steps == sorted(steps) and steps[-1] <= second["steps"]
     written = json.loads(next((tmp_path / "out").glob("*-lra.json")).read_text())
     assert written["tasks"]["listops"]["steps"] == second["steps"]
     with pytest.raises(SystemExit, match="nothing left to train"):
         lra_learning.main(argv)
+
+    # a tagged variant with its own batch and learning rate: its own checkpoint and entry beside the first run's
+    variant = lra_learning.main([*argv, "--tag", "b16", "--batch-size", "16", "--lr", "1e-3"])["tasks"]["listops-b16"]
+    assert variant["batch_size"] == 16 and variant["optimizer"]["peak_lr"] == 1e-3
+    assert variant["resumed_from_s"] == 0.0
+    assert (tmp_path / "ckpt" / "listops-b16.ckpt").exists()
+    written = json.loads(next((tmp_path / "out").glob("*-lra.json")).read_text())
+    assert set(written["tasks"]) == {"listops", "listops-b16"}
+
+
+def test_prepare_only_draws_the_data_and_trains_nothing(lra_learning, tmp_path):
+    argv = ["--tiny", "--tasks", "pathfinder", "--workers", "1", "--prepare-only", "--data-dir", str(tmp_path / "d")]
+    report = lra_learning.main([*argv, "--out", str(tmp_path / "out")])
+    assert report["tasks"] == {} and not (tmp_path / "out").exists()
+    metadata = list((tmp_path / "d").glob("pathfinder-150-s0/pathfinder32/*/metadata/*.npy"))
+    assert sum(len(m.read_text().splitlines()) for m in metadata) == 150
+
+
+@pytest.mark.parametrize("flag", [["--tag", "a/b"], ["--batch-size", "0"], ["--lr", "-1"]])
+def test_bad_variant_flags_are_refused(lra_learning, flag):
+    with pytest.raises(SystemExit):
+        lra_learning.main(["--tiny", *flag])

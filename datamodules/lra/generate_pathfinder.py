@@ -222,6 +222,12 @@ def write_batch(root: Path, batch: int, count: int, params: PathfinderParams, se
     return labels
 
 
+def _complete(root: Path, batch: int, count: int) -> bool:
+    """Whether batch ``batch`` was written whole before (its metadata, written last, lists ``count`` images)."""
+    metadata = root / "metadata" / f"{batch}.npy"
+    return metadata.exists() and len(metadata.read_text().splitlines()) == count
+
+
 def _write_batch_job(job) -> list[int]:
     return write_batch(*job)
 
@@ -238,7 +244,8 @@ def write_pathfinder(
     """Generate ``images`` images; returns the ``pathfinder<resolution>`` directory to load from.
 
     Batches are independent (each seeded by ``(seed, batch)``), so the result does not depend on
-    ``workers``."""
+    ``workers``. A batch whose metadata file already lists its images is complete and is not drawn again: an
+    interrupted run picks up where it stopped, and a larger set of the same seed extends a smaller one."""
     if params is None:
         if resolution not in PRESETS:
             raise ValueError(f"resolution must be one of {sorted(PRESETS)} (or pass params), got {resolution}")
@@ -249,7 +256,9 @@ def write_pathfinder(
     data_dir = Path(out_root) / f"pathfinder{params.window_size}"
     root = data_dir / DIFFICULTY
     counts = [min(images_per_batch, images - start) for start in range(0, images, images_per_batch)]
-    jobs = [(root, batch, count, params, seed) for batch, count in enumerate(counts)]
+    jobs = [
+        (root, batch, count, params, seed) for batch, count in enumerate(counts) if not _complete(root, batch, count)
+    ]
     if workers > 1 and len(jobs) > 1:
         with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
             pool.map(_write_batch_job, jobs, chunksize=1)

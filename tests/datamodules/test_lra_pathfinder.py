@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import lzma
 import math
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from datamodules.lra import pathfinder_pack
 from datamodules.lra.generate_pathfinder import DIFFICULTY, make_sample, write_pathfinder
 from datamodules.lra.pathfinder import PathfinderDataModule, PathXDataModule
 from datamodules.lra.pathfinder_snakes import PRESETS
@@ -76,6 +78,20 @@ def test_generator_writes_the_release_layout(pathfinder32):
         assert image.mode == "L" and image.size == (32, 32)
 
 
+def test_a_larger_set_of_the_same_seed_extends_a_smaller_one(tmp_path):
+    small = write_pathfinder(tmp_path / "a", resolution=32, images=8, images_per_batch=4, seed=5) / DIFFICULTY
+    whole = write_pathfinder(tmp_path / "b", resolution=32, images=12, images_per_batch=4, seed=5) / DIFFICULTY
+    (small / "imgs" / "0" / "sample_1.png").write_bytes(b"kept")  # a complete batch is not drawn again
+    (small / "metadata" / "1.npy").unlink()  # an incomplete batch (no metadata yet) is
+    extended = write_pathfinder(tmp_path / "a", resolution=32, images=12, images_per_batch=4, seed=5) / DIFFICULTY
+    assert (extended / "imgs" / "0" / "sample_1.png").read_bytes() == b"kept"
+    for batch in ("1", "2"):
+        assert (extended / "metadata" / f"{batch}.npy").read_text() == (whole / "metadata" / f"{batch}.npy").read_text()
+        for index in range(4):
+            name = f"sample_{index}.png"
+            assert (extended / "imgs" / batch / name).read_bytes() == (whole / "imgs" / batch / name).read_bytes()
+
+
 def test_datamodule_reads_every_image_with_its_label_into_disjoint_splits(pathfinder32):
     data = PathfinderDataModule(str(pathfinder32), batch_size=4, seed=0)
     data.setup()
@@ -125,3 +141,41 @@ def test_missing_data_raises_file_not_found_naming_the_layout(tmp_path):
     with pytest.raises(FileNotFoundError, match="curv_contour_length_14/metadata") as error:
         PathfinderDataModule(str(tmp_path / "pathfinder32")).setup()
     assert "generate_pathfinder" in str(error.value) and "lra_release/pathfinder32" in str(error.value)
+
+
+def test_pack_and_unpack_give_back_the_same_images_and_metadata(tmp_path):
+    data_dir = write_pathfinder(tmp_path / "in", resolution=32, images=20, images_per_batch=8, seed=4)
+    root = data_dir / DIFFICULTY
+    (root / "imgs" / "1" / "sample_3.png").write_bytes(b"")  # an empty image file, as in the release
+    assert pathfinder_pack.pack(data_dir, tmp_path / "p.xz") == 19
+    assert pathfinder_pack.unpack(tmp_path / "p.xz", tmp_path / "out", workers=2) == 19
+    copy = tmp_path / "out" / DIFFICULTY
+    for name in ("0.npy", "1.npy", "2.npy"):
+        assert (copy / "metadata" / name).read_text() == (root / "metadata" / name).read_text()
+    assert (copy / "imgs" / "1" / "sample_3.png").stat().st_size == 0
+    for batch, index in [(0, 0), (1, 4), (2, 3)]:
+        with Image.open(root / "imgs" / str(batch) / f"sample_{index}.png") as a:
+            with Image.open(copy / "imgs" / str(batch) / f"sample_{index}.png") as b:
+                np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    original, unpacked = (PathfinderDataModule(str(d), batch_size=4) for d in (data_dir, tmp_path / "out"))
+    original.setup("fit")
+    unpacked.setup("fit")
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(original.splits[split].labels, unpacked.splits[split].labels)
+        assert original.splits[split].paths == unpacked.splits[split].paths
+
+
+def test_unpack_refuses_a_truncated_or_foreign_file(pathfinder32, tmp_path):
+    pathfinder_pack.pack(pathfinder32, tmp_path / "p.xz")
+    with lzma.open(tmp_path / "p.xz") as stream:
+        whole = stream.read()
+    with lzma.open(tmp_path / "cut.xz", "wb") as stream:
+        stream.write(whole[:-100])
+    with pytest.raises(ValueError, match="truncated"):
+        pathfinder_pack.unpack(tmp_path / "cut.xz", tmp_path / "out")
+    with lzma.open(tmp_path / "other.xz", "wb") as stream:
+        stream.write(b"something else entirely")
+    with pytest.raises(ValueError, match="not a Pathfinder pack"):
+        pathfinder_pack.unpack(tmp_path / "other.xz", tmp_path / "out")
+    with pytest.raises(FileNotFoundError, match="no metadata"):
+        pathfinder_pack.pack(tmp_path, tmp_path / "none.xz")
