@@ -7,7 +7,8 @@
 # On two GPUs, scaling-2gpu: the 374m LM on one GPU, then on two under DDP and under FSDP, at one global batch.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
-# runs/lra_learning/<name>.tar.gz: the LRA jobs unpack it and the script reuses it instead of drawing it again.
+# runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
+# PF_IMAGES=N): the LRA jobs unpack it and the script reuses it instead of drawing it again.
 # Each job writes its JSON to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
@@ -89,12 +90,20 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       for archive in runs/lra_learning/*.tar.gz; do
         [ -f "$archive" ] && [ ! -d "${archive%.tar.gz}" ] && tar -xzf "$archive" -C runs/lra_learning
       done
+      for pack in runs/lra_learning/*.pfpack.xz; do  # Pathfinder-32 packed by datamodules.lra.pathfinder_pack
+        [ -f "$pack" ] && [ ! -d "${pack%.pfpack.xz}" ] &&
+          python -m datamodules.lra.pathfinder_pack unpack "$pack" "${pack%.pfpack.xz}/pathfinder32"
+      done
       # LRA_TOTAL_MINUTES spreads one schedule over several calls: the checkpoint comes back in $OUT/lra-ckpt/;
       # carried to the next call as runs/lra_learning/ckpt/<task>.ckpt, training resumes from it
+      # LRA_RESUME=1: a call that must continue a run stops here when the checkpoint did not come with it
       resume=()
       [ -n "${LRA_TOTAL_MINUTES:-}" ] && resume=(--total-minutes "$LRA_TOTAL_MINUTES" --checkpoint-dir runs/lra_learning/ckpt)
+      if [ -n "${LRA_RESUME:-}" ] && [ ! -f "runs/lra_learning/ckpt/${job#lra-}.ckpt" ]; then
+        echo "=== $job: no runs/lra_learning/ckpt/${job#lra-}.ckpt to resume from; carry it"; continue
+      fi
       run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}" \
-        --backend "${LRA_BACKEND:-auto}" "${resume[@]}"
+        --backend "${LRA_BACKEND:-auto}" --pathfinder-images "${PF_IMAGES:-40000}" "${resume[@]}"
       cp "$RESULTS"/*-lra.json "$OUT/"
       [ -n "${LRA_TOTAL_MINUTES:-}" ] && mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
     mqar)

@@ -104,15 +104,38 @@ class LearningCurve(pl.Callback):
     """Prints and keeps, after every validation epoch, the step, the training time, the learning rate and the
     validation accuracy and loss. The points of earlier calls are saved in checkpoints and carried on."""
 
-    def __init__(self, label: str, schedule: WallClockCosine):
-        self.label, self.schedule = label, schedule
+    def __init__(self, label: str, schedule: WallClockCosine, print_every: int = 200):
+        self.label, self.schedule, self.print_every = label, schedule, print_every
         self.points: list[dict] = []
+        self._loss_sum: torch.Tensor | None = None  # training loss summed on the device since the last print
+        self._window = (0, 0.0)  # (step, training seconds) at the last print
 
     def state_dict(self) -> dict:
         return {"points": self.points}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.points = list(state_dict["points"])
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"].detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        step, elapsed = trainer.global_step, self.schedule.elapsed_s()
+        if self.print_every <= 0 or step % self.print_every:
+            return
+        last_step, last_elapsed = self._window
+        steps = step - last_step
+        if 0 < steps <= step and elapsed > last_elapsed:  # the first window after a resume starts at the resume
+            rate = steps / (elapsed - last_elapsed)
+            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            print(
+                f"[{self.label}] step {step} trained_s {elapsed:.0f} steps/s {rate:.2f} lr {lr:.3g} "
+                f"train_loss {float(self._loss_sum) / steps:.4f}",
+                flush=True,
+            )
+        self._loss_sum, self._window = None, (step, elapsed)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._loss_sum, self._window = None, (trainer.global_step, self.schedule.elapsed_s())
 
     def on_validation_epoch_end(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
@@ -130,6 +153,43 @@ class LearningCurve(pl.Callback):
             point["train_loss"] = round(float(metrics["train/loss"]), 4)
         self.points.append(point)
         print(f"[{self.label}] " + " ".join(f"{k} {v}" for k, v in point.items()), flush=True)
+
+
+class ProfileSteps(pl.Callback):
+    """Profiles global steps ``first`` .. ``first + count - 1`` with torch.profiler and prints the operators that
+    took the most device time (CPU time without a GPU)."""
+
+    def __init__(self, first: int = 20, count: int = 10):
+        self.first, self.count = first, count
+        self.profiler = None
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.global_step == self.first and self.profiler is None:
+            activities = [torch.profiler.ProfilerActivity.CPU]
+            if torch.cuda.is_available():
+                activities.append(torch.profiler.ProfilerActivity.CUDA)
+            self.profiler = torch.profiler.profile(activities=activities)
+            self.profiler.__enter__()
+            self._started = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.profiler is None or trainer.global_step != self.first + self.count:
+            return
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - self._started
+        self.profiler.__exit__(None, None, None)
+        sort_by = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+        table = self.profiler.key_averages().table(sort_by=sort_by, row_limit=25, max_name_column_width=60)
+        print(f"profile of steps {self.first}..{self.first + self.count - 1}: {wall / self.count * 1e3:.1f} ms a step")
+        print(table, flush=True)
+        self.profiler = None
+        self.first = -1  # once
+
+    def on_train_end(self, trainer, pl_module) -> None:  # training stopped inside the window: print nothing
+        if self.profiler is not None:
+            self.profiler.__exit__(None, None, None)
+            self.profiler = None
 
 
 def prepare_listops(root: Path, sizes: dict[str, int], spec: ListOpsSpec, workers: int, seed: int) -> dict:
@@ -163,6 +223,13 @@ def prepare_pathfinder(root: Path, images: int, workers: int, seed: int) -> dict
         "reused": reused,
         "generation_s": round(time.perf_counter() - start, 1),
     }
+
+
+def trained_steps_hint(checkpoint: Path | None) -> int:
+    """The global step a checkpoint resumes at (0 without one)."""
+    if checkpoint is None or not checkpoint.exists():
+        return 0
+    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
 
 
 def _trained_seconds(checkpoint: Path | None) -> float:
@@ -200,7 +267,10 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         optim=OptimizerConfig(lr=PEAK_LR[task], weight_decay=0.0, betas=(0.9, 0.999), schedule="constant"),
     )
     schedule = WallClockCosine(PEAK_LR[task], budget_s)
-    curve = LearningCurve(label, schedule)
+    curve = LearningCurve(label, schedule, args.print_every)
+    callbacks = [schedule, curve]
+    if args.profile:
+        callbacks.append(ProfileSteps(trained_steps_hint(checkpoint) + args.profile))
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -212,7 +282,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         enable_checkpointing=False,
         enable_progress_bar=False,
         enable_model_summary=False,
-        callbacks=[schedule, curve],
+        callbacks=callbacks,
         default_root_dir=args.data_dir,
     )
     start = time.perf_counter()
@@ -278,6 +348,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="instead of the paper's batch size")
     parser.add_argument("--lr", type=float, default=None, help="instead of the paper's peak learning rate")
     parser.add_argument("--tag", default=None, help="names a variant: its checkpoint and JSON entry <task>-<tag>")
+    parser.add_argument("--print-every", type=int, default=200, help="steps between progress lines (0: none)")
+    parser.add_argument(
+        "--profile", type=int, default=0, metavar="N", help="profile 10 steps from the N-th of this call, print top ops"
+    )
     parser.add_argument("--prepare-only", action="store_true", help="draw (or check) the data, then exit")
     parser.add_argument("--tiny", action="store_true", help="CPU-sized data and model: checks the path end to end")
     parser.add_argument(

@@ -44,14 +44,17 @@ def test_schedule_state_resumes_its_clock_and_refuses_another_budget(lra_learnin
         lra_learning.WallClockCosine(peak_lr=1.0, budget_s=60.0).load_state_dict(saved)
 
 
-def test_two_calls_train_one_schedule_then_stop(lra_learning, tmp_path):
+def test_two_calls_train_one_schedule_then_stop(lra_learning, tmp_path, capsys):
     argv = [
         "--tiny", "--tasks", "listops", "--minutes", "0.05", "--total-minutes", "0.1", "--workers", "1",
+        "--print-every", "1",
         "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"),
         "--data-dir", str(tmp_path / "data"),
     ]  # fmt: skip
     first = lra_learning.main(argv)["tasks"]["listops"]
     assert first["resumed_from_s"] == 0.0 and first["steps"] > 0
+    progress = [line for line in capsys.readouterr().out.splitlines() if "steps/s" in line]
+    assert progress and progress[0].startswith("[listops] step 1 ")
     assert (tmp_path / "ckpt" / "listops.ckpt").exists()
     assert not list((tmp_path / "ckpt").glob("*.tmp"))
     second = lra_learning.main(argv)["tasks"]["listops"]
