@@ -2,8 +2,8 @@
 # Runs the GPU jobs named on the command line in one call on a lent GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling lra-listops lra-pathfinder mqar
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
-# and vision-chunked are further jobs). LRA_MINUTES, LRA_TOTAL_MINUTES, LRA_BACKEND, MQAR_FLAGS and FLA_BUDGET_S
-# tune the jobs.
+# and vision-chunked are further jobs). LRA_MINUTES, LRA_TOTAL_MINUTES, LRA_BACKEND, LRA_FLAGS (more flags of
+# lra_learning.py), MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
 # On two GPUs, scaling-2gpu: the 374m LM on one GPU, then on two under DDP and under FSDP, at one global batch.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
@@ -103,7 +103,7 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
         echo "=== $job: no runs/lra_learning/ckpt/${job#lra-}.ckpt to resume from; carry it"; continue
       fi
       run "$job" python benchmarks/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}" \
-        --backend "${LRA_BACKEND:-auto}" --pathfinder-images "${PF_IMAGES:-40000}" "${resume[@]}"
+        --backend "${LRA_BACKEND:-auto}" --pathfinder-images "${PF_IMAGES:-40000}" "${resume[@]}" ${LRA_FLAGS:-}
       cp "$RESULTS"/*-lra.json "$OUT/"
       [ -n "${LRA_TOTAL_MINUTES:-}" ] && mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
     mqar)
