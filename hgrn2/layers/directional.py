@@ -2,7 +2,9 @@
 
 Both compute the projections once and run the causal recurrence over reordered views of the sequence
 (reversed, or the columns of a grid), summing the outputs before the shared norm and output projection.
-Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions.
+Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions. The
+gates (output gate, lower-bounded log λ) are elementwise, so they are computed once for all the scans, except
+where the chunked kernels compute them inside (:func:`hgrn2.ops.fuses_gates`).
 """
 
 from __future__ import annotations
@@ -10,21 +12,35 @@ from __future__ import annotations
 import torch
 
 from hgrn2.layers.hgru2 import HGRU2
-from hgrn2.ops import hgrn2_gated_recurrence
+from hgrn2.ops import fuses_gates, hgrn2_gated_recurrence, hgrn2_recurrence, lower_bounded_log_forget
+from hgrn2.ops.gates import activation
 
 
 class _MultiScanHGRU2(HGRU2):
-    def _scan(self, q_proj, value, forget_proj, lower_bound):
-        o, _ = hgrn2_gated_recurrence(
-            q_proj,
-            value,
-            forget_proj,
-            lower_bound,
-            output_gate=self.output_gate,
-            scale=self.scale,
-            backend=self.backend,
-            precise_bound_grad=self.precise_bound_grad,
-        )
+    def _scan_inputs(self, q_proj, value, forget_proj, lower_bound):
+        """``(inputs, fused)``: what each scan takes. With ``fused`` the inputs are the raw projections and the
+        kernels compute the gates; otherwise they are the gates themselves, ``(q, v, log λ)``, computed here
+        once for every scan."""
+        if fuses_gates(self.backend, q_proj, value):
+            return (q_proj, value, forget_proj), True
+        q = activation(q_proj, self.output_gate)
+        return (q, value, lower_bounded_log_forget(forget_proj, lower_bound)), False
+
+    def _scan(self, q, value, forget, lower_bound, fused: bool):
+        """One causal scan of :meth:`_scan_inputs`' tensors (reordered as the caller needs)."""
+        if fused:
+            o, _ = hgrn2_gated_recurrence(
+                q,
+                value,
+                forget,
+                lower_bound,
+                output_gate=self.output_gate,
+                scale=self.scale,
+                backend=self.backend,
+                precise_bound_grad=self.precise_bound_grad,
+            )
+        else:
+            o, _ = hgrn2_recurrence(q, value, forget, scale=self.scale, backend=self.backend, check_values=False)
         return o
 
     def step(self, *args, **kwargs):
@@ -50,10 +66,10 @@ class BidirectionalHGRU2(_MultiScanHGRU2):
                 raise ValueError(f"mask must have shape [B, T] = {list(x.shape[:2])}, got {list(mask.shape)}")
             # logsigmoid(1e4) = 0 in every float dtype: λ = 1 whatever the lower bound
             forget_proj = forget_proj.masked_fill(~mask.bool()[..., None, None], 1e4)
-        gates = (q_proj, value, forget_proj)
         beta = self._head_lower_bound(lower_bound)
-        forward = self._scan(*gates, beta)
-        backward = self._scan(*(g.flip(1) for g in gates), beta).flip(1)
+        gates, fused = self._scan_inputs(q_proj, value, forget_proj, beta)
+        forward = self._scan(*gates, beta, fused)
+        backward = self._scan(*(g.flip(1) for g in gates), beta, fused).flip(1)
         return self.finish(forward + backward), None
 
 
@@ -84,14 +100,14 @@ class HGRU2d(_MultiScanHGRU2):
         self._check_input(x, 3)
         beta = self._head_lower_bound(lower_bound)
         # [B, h·w, H, K] -> rows [B·h, w, H, K] and columns [B·w, h, H, K]
-        gates = self.project(x)  # each [B, h·w, H, K]
+        gates, fused = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
         rows = [g.reshape(batch * height, width, *g.shape[2:]) for g in gates]
         cols = [
             g.reshape(batch, height, width, *g.shape[2:]).transpose(1, 2).reshape(batch * width, height, *g.shape[2:])
             for g in gates
         ]
-        out_rows = self._scan(*rows, beta) + self._scan(*(g.flip(1) for g in rows), beta).flip(1)
-        out_cols = self._scan(*cols, beta) + self._scan(*(g.flip(1) for g in cols), beta).flip(1)
+        out_rows = self._scan(*rows, beta, fused) + self._scan(*(g.flip(1) for g in rows), beta, fused).flip(1)
+        out_cols = self._scan(*cols, beta, fused) + self._scan(*(g.flip(1) for g in cols), beta, fused).flip(1)
         value_shape = out_rows.shape[1:]
         out_rows = out_rows.reshape(batch, height, width, *value_shape[1:])
         out_cols = out_cols.reshape(batch, width, height, *value_shape[1:]).transpose(1, 2)

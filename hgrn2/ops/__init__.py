@@ -29,6 +29,7 @@ __all__ = [
     "SMALL_STATE",
     "TRITON_BACKENDS",
     "auto_backend",
+    "fuses_gates",
     "hgrn1_recurrence",
     "hgrn2_gated_recurrence",
     "hgrn2_recurrence",
@@ -92,6 +93,14 @@ def _resolve_backend(
     return backend
 
 
+def fuses_gates(backend: str, q_proj: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`hgrn2_gated_recurrence` computes both gates inside its kernels for these inputs (the
+    chunked Triton kernels). Where it does not, the gates are elementwise PyTorch ops on the projections, which a
+    caller that scans one sequence several ways (reversed, by columns) can compute once for all its scans."""
+    resolved = _resolve_backend(backend, q_proj, None, _state_elements(q_proj, v))
+    return resolved == "triton" and hasattr(_kernel_module("chunk"), "chunk_hgrn2_gated")
+
+
 def hgrn2_recurrence(
     q: torch.Tensor,
     v: torch.Tensor,
@@ -103,6 +112,7 @@ def hgrn2_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The HGRN2 recurrence with outer-product state, per head::
 
@@ -119,6 +129,8 @@ def hgrn2_recurrence(
             starts from its own initial state and ends in its own final state.
         backend: ``"auto"``, ``"torch"``, ``"naive"``, ``"triton"`` or ``"recurrent"``.
         chunk_size: chunk length of the ``"torch"`` chunked form (default 16).
+        check_values: check that log_forget is ``<= 0`` (this reads the tensor back: a device sync on a GPU);
+            False where it comes from :func:`lower_bounded_log_forget`, which guarantees it.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype; final_state or None.
@@ -132,7 +144,7 @@ def hgrn2_recurrence(
         >>> o.shape, state.shape
         (torch.Size([2, 10, 4, 8]), torch.Size([2, 4, 8, 8]))
     """
-    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens)
+    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values=check_values)
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
