@@ -4,6 +4,7 @@
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
 # and vision-chunked are further jobs). LRA_MINUTES, LRA_TOTAL_MINUTES, LRA_BACKEND, LRA_FLAGS (more flags of
 # lra_learning.py), MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
+# lra-variants runs LRA_VARIANTS="tag:flags;..." (Pathfinder runs of lra_learning.py) side by side on one GPU.
 # On two GPUs, scaling-2gpu: the 374m LM on one GPU, then on two under DDP and under FSDP, at one global batch.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
@@ -48,6 +49,18 @@ run() {  # run NAME COMMAND...: time a job, keep its log, never stop the suite
   echo "=== $name: exit ${PIPESTATUS[0]} after $((SECONDS - start)) s"
 }
 
+unpack_lra_data() {
+  # data generated beforehand and carried as runs/lra_learning/<name>.tar.gz are unpacked where the script looks
+  for archive in runs/lra_learning/*.tar.gz; do
+    [ -f "$archive" ] && [ ! -d "${archive%.tar.gz}" ] && tar -xzf "$archive" -C runs/lra_learning
+  done
+  for pack in runs/lra_learning/*.pfpack.xz; do  # Pathfinder-32 packed by datamodules.lra.pathfinder_pack
+    [ -f "$pack" ] && [ ! -d "${pack%.pfpack.xz}" ] &&
+      python -m datamodules.lra.pathfinder_pack unpack "$pack" "${pack%.pfpack.xz}/pathfinder32"
+  done
+  return 0
+}
+
 jobs=("$@")
 for ((i = 0; i < ${#jobs[@]}; i++)); do
   job=${jobs[i]}
@@ -85,15 +98,21 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
     check)
       run check python benchmarks/gpu_check.py --out "$RESULTS"
       cp "$RESULTS"/*-gpu-check.log "$OUT/" ;;
+    lra-variants)  # LRA_VARIANTS="tag:flags;tag:flags": Pathfinder variants of lra_learning.py side by side
+      unpack_lra_data
+      IFS=';' read -ra variants <<<"${LRA_VARIANTS:?set LRA_VARIANTS}"
+      for variant in "${variants[@]}"; do
+        python benchmarks/lra_learning.py --out "$RESULTS" --tasks pathfinder --minutes "${LRA_MINUTES:-3}" \
+          --total-minutes "${LRA_TOTAL_MINUTES:-${LRA_MINUTES:-3}}" --checkpoint-dir runs/lra_learning/ckpt \
+          --pathfinder-images "${PF_IMAGES:-40000}" --workers $(($(nproc) / ${#variants[@]})) \
+          --tag "${variant%%:*}" ${variant#*:} 2>&1 | grep --line-buffered -v -i "warn" >>"$OUT/lra-variants.log" &
+      done
+      wait
+      grep -h "epoch\|test accuracy" "$OUT/lra-variants.log"
+      cp "$RESULTS"/*-lra.json "$OUT/"
+      mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
     lra-listops | lra-pathfinder)
-      # data generated beforehand and carried as runs/lra_learning/<name>.tar.gz are unpacked where the script looks
-      for archive in runs/lra_learning/*.tar.gz; do
-        [ -f "$archive" ] && [ ! -d "${archive%.tar.gz}" ] && tar -xzf "$archive" -C runs/lra_learning
-      done
-      for pack in runs/lra_learning/*.pfpack.xz; do  # Pathfinder-32 packed by datamodules.lra.pathfinder_pack
-        [ -f "$pack" ] && [ ! -d "${pack%.pfpack.xz}" ] &&
-          python -m datamodules.lra.pathfinder_pack unpack "$pack" "${pack%.pfpack.xz}/pathfinder32"
-      done
+      unpack_lra_data
       # LRA_TOTAL_MINUTES spreads one schedule over several calls: the checkpoint comes back in $OUT/lra-ckpt/;
       # carried to the next call as runs/lra_learning/ckpt/<task>.ckpt, training resumes from it
       # LRA_RESUME=1: a call that must continue a run stops here when the checkpoint did not come with it

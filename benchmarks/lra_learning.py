@@ -93,8 +93,13 @@ class WallClockCosine(pl.Callback):
     def on_train_end(self, trainer, pl_module) -> None:  # stop the clock: evaluation is not training time
         self.elapsed_before, self.start = self.elapsed_s(), None
 
+    def lr(self, elapsed_s: float) -> float:
+        """The learning rate after ``elapsed_s`` seconds of training."""
+        return self.peak_lr * self.factor(elapsed_s)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        lr = self.peak_lr * self.factor(self.elapsed_s())
+        # set before every step: the module's own per-step scheduler (constant) resets it after each step
+        lr = self.lr(self.elapsed_s())
         for optimizer in trainer.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
@@ -126,7 +131,7 @@ class LearningCurve(pl.Callback):
         steps = step - last_step
         if 0 < steps <= step and elapsed > last_elapsed:  # the first window after a resume starts at the resume
             rate = steps / (elapsed - last_elapsed)
-            lr = trainer.optimizers[0].param_groups[0]["lr"]
+            lr = self.schedule.lr(elapsed)
             print(
                 f"[{self.label}] step {step} trained_s {elapsed:.0f} steps/s {rate:.2f} lr {lr:.3g} "
                 f"train_loss {float(self._loss_sum) / steps:.4f}",
@@ -145,7 +150,7 @@ class LearningCurve(pl.Callback):
             "step": trainer.global_step,
             "epoch": trainer.current_epoch,
             "trained_s": round(self.schedule.elapsed_s(), 1),
-            "lr": float(f"{trainer.optimizers[0].param_groups[0]['lr']:.3g}"),
+            "lr": float(f"{self.schedule.lr(self.schedule.elapsed_s()):.3g}"),
             "val_acc": round(100 * float(metrics["val/acc"]), 2),
             "val_loss": round(float(metrics["val/loss"]), 4),
         }
@@ -347,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="instead of the paper's batch size")
     parser.add_argument("--lr", type=float, default=None, help="instead of the paper's peak learning rate")
+    parser.add_argument(
+        "--overrides", type=json.loads, default={}, help='LRAConfig fields as JSON, e.g. \'{"norm": "layernorm"}\''
+    )
     parser.add_argument("--tag", default=None, help="names a variant: its checkpoint and JSON entry <task>-<tag>")
     parser.add_argument("--print-every", type=int, default=200, help="steps between progress lines (0: none)")
     parser.add_argument(
@@ -360,6 +368,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.tag is not None and not args.tag.replace("-", "").replace("_", "").isalnum():
         parser.error(f"--tag names files: use letters, digits, '-' and '_', got {args.tag!r}")
+    if not isinstance(args.overrides, dict):
+        parser.error(f"--overrides must be a JSON object of LRAConfig fields, got {args.overrides!r}")
     for name in ("batch_size", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
@@ -379,7 +389,7 @@ def main(argv: list[str] | None = None) -> dict:
         overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
         overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
     for task_overrides in overrides.values():
-        task_overrides["backend"] = args.backend
+        task_overrides.update(args.overrides, backend=args.backend)
     loader_workers = min(8, max(0, args.workers - 1))
     started = time.perf_counter()
     report = {
