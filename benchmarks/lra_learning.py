@@ -269,9 +269,9 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
     model = SequenceClassifier(
         task,
         overrides=overrides,
-        optim=OptimizerConfig(lr=PEAK_LR[task], weight_decay=0.0, betas=(0.9, 0.999), schedule="constant"),
+        optim=OptimizerConfig(lr=args.peak_lrs[task], weight_decay=0.0, betas=(0.9, 0.999), schedule="constant"),
     )
-    schedule = WallClockCosine(PEAK_LR[task], budget_s)
+    schedule = WallClockCosine(args.peak_lrs[task], budget_s)
     curve = LearningCurve(label, schedule, args.print_every)
     callbacks = [schedule, curve]
     if args.profile:
@@ -324,7 +324,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         "seed": args.seed,
         "optimizer": {
             "name": "AdamW",
-            "peak_lr": PEAK_LR[task],
+            "peak_lr": args.peak_lrs[task],
             "weight_decay": 0.0,
             "betas": [0.9, 0.999],
             "schedule": "linear warm-up over 10% of the time budget, then cosine to 0 at its end",
@@ -332,7 +332,28 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
     }
 
 
-def main(argv: list[str] | None = None) -> dict:
+def apply_settings(args) -> tuple[ListOpsSpec, dict[str, dict]]:
+    """The ListOps spec and each task's LRAConfig overrides for ``args``; sets ``args.batch_sizes`` and
+    ``args.peak_lrs`` (the paper's, or ``--batch-size`` / ``--lr``) and, with ``--tiny``, the data sizes."""
+    spec, overrides = ListOpsSpec(), {"listops": {}, "pathfinder": {}}
+    args.batch_sizes, args.peak_lrs = dict(BATCH_SIZE), dict(PEAK_LR)
+    if args.tiny:
+        spec = ListOpsSpec(min_length=20, max_length=120)
+        args.listops_train, args.listops_val, args.listops_test = 400, 50, 100
+        args.pathfinder_images, args.minutes = 150, min(args.minutes, 0.3)
+        args.batch_sizes.update(listops=32, pathfinder=32)
+        overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
+        overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
+    if args.batch_size is not None:
+        args.batch_sizes = dict.fromkeys(args.batch_sizes, args.batch_size)
+    if args.lr is not None:
+        args.peak_lrs = dict.fromkeys(args.peak_lrs, args.lr)
+    for task_overrides in overrides.values():
+        task_overrides.update(args.overrides, backend=args.backend)
+    return spec, overrides
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>-lra.json")
     parser.add_argument("--data-dir", type=Path, default=Path("runs/lra_learning"), help="generated data go here")
@@ -373,23 +394,15 @@ def main(argv: list[str] | None = None) -> dict:
     for name in ("batch_size", "lr"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
     args.accelerator = "gpu" if torch.cuda.is_available() and not args.tiny else "cpu"
     args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
     torch.set_float32_matmul_precision("high")
-    spec, overrides = ListOpsSpec(), {"listops": {}, "pathfinder": {}}
-    if args.tiny:
-        spec = ListOpsSpec(min_length=20, max_length=120)
-        args.listops_train, args.listops_val, args.listops_test = 400, 50, 100
-        args.pathfinder_images, args.minutes = 150, min(args.minutes, 0.3)
-        BATCH_SIZE.update(listops=32, pathfinder=32)
-    if args.batch_size is not None:
-        BATCH_SIZE.update(dict.fromkeys(BATCH_SIZE, args.batch_size))
-    if args.lr is not None:
-        PEAK_LR.update(dict.fromkeys(PEAK_LR, args.lr))
-        overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
-        overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
-    for task_overrides in overrides.values():
-        task_overrides.update(args.overrides, backend=args.backend)
+    spec, overrides = apply_settings(args)
     loader_workers = min(8, max(0, args.workers - 1))
     started = time.perf_counter()
     report = {
@@ -407,11 +420,13 @@ def main(argv: list[str] | None = None) -> dict:
             sizes = {"train": args.listops_train, "val": args.listops_val, "test": args.listops_test}
             generated = prepare_listops(args.data_dir, sizes, spec, args.workers, args.seed)
             data = ListOpsDataModule(
-                generated["data_dir"], BATCH_SIZE[task], spec.max_length, num_workers=loader_workers
+                generated["data_dir"], args.batch_sizes[task], spec.max_length, num_workers=loader_workers
             )
         else:
             generated = prepare_pathfinder(args.data_dir, args.pathfinder_images, args.workers, args.seed)
-            data = PathfinderDataModule(generated["data_dir"], batch_size=BATCH_SIZE[task], num_workers=loader_workers)
+            data = PathfinderDataModule(
+                generated["data_dir"], batch_size=args.batch_sizes[task], num_workers=loader_workers
+            )
         print(f"[{task}] data ready: {generated}", flush=True)
         if args.prepare_only:
             continue

@@ -92,3 +92,21 @@ def test_prepare_only_draws_the_data_and_trains_nothing(lra_learning, tmp_path):
 def test_bad_variant_flags_are_refused(lra_learning, flag):
     with pytest.raises(SystemExit):
         lra_learning.main(["--tiny", *flag])
+
+
+def test_batch_size_and_learning_rate_flags_change_nothing_else(lra_learning):
+    spec, overrides = lra_learning.apply_settings(lra_learning.parse_args(["--lr", "1e-3", "--batch-size", "64"]))
+    assert overrides == {"listops": {"backend": "auto"}, "pathfinder": {"backend": "auto"}}  # the paper's models
+    assert spec == lra_learning.ListOpsSpec()
+    args = lra_learning.parse_args(["--lr", "1e-3", "--batch-size", "64"])
+    lra_learning.apply_settings(args)
+    assert args.peak_lrs == {"listops": 1e-3, "pathfinder": 1e-3}
+    assert args.batch_sizes == {"listops": 64, "pathfinder": 64}
+    args = lra_learning.parse_args(["--overrides", '{"norm": "layernorm"}'])
+    _, overrides = lra_learning.apply_settings(args)
+    assert overrides["pathfinder"] == {"norm": "layernorm", "backend": "auto"}
+    assert args.peak_lrs == lra_learning.PEAK_LR and args.batch_sizes == lra_learning.BATCH_SIZE  # the paper's
+    tiny = lra_learning.parse_args(["--tiny"])
+    _, overrides = lra_learning.apply_settings(tiny)
+    assert overrides["pathfinder"]["hidden_size"] == 16 and tiny.batch_sizes["pathfinder"] == 32
+    assert lra_learning.BATCH_SIZE == {"listops": 128, "pathfinder": 128}  # the module's table is left alone
