@@ -7,17 +7,30 @@ Batches are dicts: ``input_ids`` ``[B, T]`` (int64 token ids, or uint8 pixel lev
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import multiprocessing
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+T, R = TypeVar("T"), TypeVar("R")
+
 PAD_ID = 0
 BYTE_VOCAB_SIZE = 257  # byte b is token b + 1; 0 is padding (tfds ByteTextEncoder, as in the LRA code)
 LRA_RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
+
+
+def map_jobs(function: Callable[[T], R], jobs: Sequence[T], workers: int) -> list[R]:
+    """``[function(job) for job in jobs]``, over up to ``workers`` spawned processes when there are several
+    jobs (``function`` must then be a module-level function). The results keep the jobs' order."""
+    if workers > 1 and len(jobs) > 1:
+        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+            return pool.map(function, jobs, chunksize=1)
+    return [function(job) for job in jobs]
 
 
 def missing_data_error(task: str, expected: Sequence[Path], how_to_get: str) -> FileNotFoundError:

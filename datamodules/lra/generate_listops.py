@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import multiprocessing
 import os
 import random
 import statistics
@@ -28,6 +27,8 @@ import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from datamodules.lra.common import map_jobs
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
 END = "]"
@@ -138,11 +139,7 @@ def generate(
         chunks = -(-missing // CHUNK_EXAMPLES)
         sizes_left = [min(CHUNK_EXAMPLES, missing - i * CHUNK_EXAMPLES) for i in range(chunks)]
         jobs = [(spec, size, seed * 1_000_003 + round_index * 1009 + i) for i, size in enumerate(sizes_left)]
-        if workers > 1 and chunks > 1:
-            with multiprocessing.get_context("spawn").Pool(min(workers, chunks)) as pool:
-                results = pool.map(_sample_chunk, jobs)
-        else:
-            results = [_sample_chunk(job) for job in jobs]
+        results = map_jobs(_sample_chunk, jobs, workers)
         for chunk in results:
             for source, target in chunk:
                 examples.setdefault(source, target)

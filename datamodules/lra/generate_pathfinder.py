@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -36,6 +35,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datamodules.lra.common import map_jobs
 from datamodules.lra.pathfinder_snakes import (
     FREE_LIMIT,
     MIN_AVAILABILITY,
@@ -259,12 +259,7 @@ def write_pathfinder(
     jobs = [
         (root, batch, count, params, seed) for batch, count in enumerate(counts) if not _complete(root, batch, count)
     ]
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            pool.map(_write_batch_job, jobs, chunksize=1)
-    else:
-        for job in jobs:
-            _write_batch_job(job)
+    map_jobs(_write_batch_job, jobs, workers)
     return data_dir
 
 

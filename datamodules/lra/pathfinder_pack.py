@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import lzma
-import multiprocessing
 import os
 import sys
 from pathlib import Path
@@ -24,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datamodules.lra.common import map_jobs
 from datamodules.lra.pathfinder import DIFFICULTY, index_images
 
 MAGIC = b"PFPACK1\n"
@@ -83,12 +83,7 @@ def unpack(pack_file: str | Path, data_dir: str | Path, workers: int = 1) -> int
     for i, relative in enumerate(paths):
         by_folder.setdefault(relative.rsplit("/", 1)[0], []).append(i)
     jobs = [(root, [paths[i] for i in rows], pixels[rows]) for rows in by_folder.values()]
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            pool.map(_write_pngs, jobs, chunksize=1)
-    else:
-        for job in jobs:
-            _write_pngs(job)
+    map_jobs(_write_pngs, jobs, workers)
     for relative in header["empty"]:
         (root / relative).parent.mkdir(parents=True, exist_ok=True)
         (root / relative).write_bytes(b"")
