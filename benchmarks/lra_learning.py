@@ -161,12 +161,17 @@ class LearningCurve(pl.Callback):
 
 
 class ProfileSteps(pl.Callback):
-    """Profiles global steps ``first`` .. ``first + count - 1`` with torch.profiler and prints the operators that
-    took the most device time (CPU time without a GPU)."""
+    """Profiles ``count`` training steps from the ``offset``-th step of this call (counted from the step a
+    resumed run starts at) with torch.profiler and prints the operators that took the most device time (CPU time
+    without a GPU)."""
 
-    def __init__(self, first: int = 20, count: int = 10):
-        self.first, self.count = first, count
+    def __init__(self, offset: int = 20, count: int = 10):
+        self.offset, self.count = offset, count
+        self.first = -1
         self.profiler = None
+
+    def on_train_start(self, trainer, pl_module) -> None:  # after a checkpoint's global step is restored
+        self.first = trainer.global_step + self.offset
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if trainer.global_step == self.first and self.profiler is None:
@@ -230,13 +235,6 @@ def prepare_pathfinder(root: Path, images: int, workers: int, seed: int) -> dict
     }
 
 
-def trained_steps_hint(checkpoint: Path | None) -> int:
-    """The global step a checkpoint resumes at (0 without one)."""
-    if checkpoint is None or not checkpoint.exists():
-        return 0
-    return int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
-
-
 def _trained_seconds(checkpoint: Path | None) -> float:
     """Training seconds a checkpoint holds (0 without one); raises a clear error on an unreadable file."""
     if checkpoint is None or not checkpoint.exists():
@@ -275,7 +273,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
     curve = LearningCurve(label, schedule, args.print_every)
     callbacks = [schedule, curve]
     if args.profile:
-        callbacks.append(ProfileSteps(trained_steps_hint(checkpoint) + args.profile))
+        callbacks.append(ProfileSteps(args.profile))
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
