@@ -24,6 +24,12 @@ and ``--lr`` change the paper's batch and peak learning rate; ``--tag T`` names 
 variants (one per GPU) keep their own checkpoint ``<task>-T.ckpt`` and JSON entry ``<task>-T`` in one file.
 ``--prepare-only`` draws the data and exits, so that two training processes can then share it.
 
+A curriculum: ``--pathfinder-contour-length 6`` trains on the release's easiest difficulty (``curv_baseline``),
+and ``--init-from <its checkpoint>`` starts a length-14 run from those weights with a fresh optimiser and schedule::
+
+    python benchmarks/lra_learning.py --tasks pathfinder --pathfinder-contour-length 6 --tag c6 --checkpoint-dir ckpt
+    python benchmarks/lra_learning.py --tasks pathfinder --tag from-c6 --init-from ckpt/pathfinder-c6.ckpt
+
 Needs only torch, lightning, torchmetrics, numpy and PIL (no jsonargparse). ``--tiny`` checks the whole path on
 the CPU in about a minute with small data and a small model.
 """
@@ -48,7 +54,8 @@ from gpu_info import gpu_name
 
 from datamodules.lra import ListOpsDataModule, PathfinderDataModule
 from datamodules.lra.generate_listops import ListOpsSpec, write_listops
-from datamodules.lra.generate_pathfinder import DIFFICULTY, write_pathfinder
+from datamodules.lra.generate_pathfinder import write_pathfinder
+from datamodules.lra.pathfinder_snakes import difficulty_folder
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.sequence_classifier import SequenceClassifier
 
@@ -218,17 +225,30 @@ def prepare_listops(root: Path, sizes: dict[str, int], spec: ListOpsSpec, worker
     }
 
 
-def prepare_pathfinder(root: Path, images: int, workers: int, seed: int) -> dict:
-    """Generate (or reuse) Pathfinder-32 images; returns what was done."""
-    out_root = root / f"pathfinder-{images}-s{seed}"
+def prepare_pathfinder(root: Path, images: int, workers: int, seed: int, contour_length: int = 14) -> dict:
+    """Generate (or reuse) Pathfinder-32 images with target snakes of ``contour_length`` dashes (14: the LRA
+    task; 6 and 9: the release's easier difficulties); returns what was done."""
+    length_tag = "" if contour_length == 14 else f"c{contour_length}-"
+    out_root = root / f"pathfinder-{length_tag}{images}-s{seed}"
     data_dir = out_root / "pathfinder32"
     start = time.perf_counter()
-    metadata = data_dir / DIFFICULTY / "metadata"
+    difficulty = difficulty_folder(contour_length)
+    metadata = data_dir / difficulty / "metadata"
     reused = metadata.is_dir() and sum(len(p.read_text().splitlines()) for p in metadata.glob("*.npy")) == images
     if not reused:
-        write_pathfinder(out_root, resolution=32, images=images, images_per_batch=1000, seed=seed, workers=workers)
+        write_pathfinder(
+            out_root,
+            resolution=32,
+            images=images,
+            images_per_batch=1000,
+            seed=seed,
+            workers=workers,
+            contour_length=contour_length,
+        )
     return {
         "data_dir": str(data_dir),
+        "difficulty": difficulty,
+        "contour_length": contour_length,
         "images": images,
         "reused": reused,
         "generation_s": round(time.perf_counter() - start, 1),
@@ -246,6 +266,32 @@ def _trained_seconds(checkpoint: Path | None) -> float:
         raise SystemExit(
             f"cannot resume from {checkpoint}: {type(error).__name__}: {error}. Delete it to start over."
         ) from None
+
+
+def load_initial_weights(model: pl.LightningModule, checkpoint: Path) -> dict:
+    """Load the model weights of another run's checkpoint into ``model`` (a fresh optimiser and schedule follow);
+    returns where they came from. Refuses a checkpoint of a different architecture, naming the mismatch."""
+    try:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        weights = state["state_dict"]
+    except Exception as error:
+        raise SystemExit(f"--init-from {checkpoint}: cannot read it ({type(error).__name__}: {error})") from None
+    expected = model.state_dict()
+    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
+    reshaped = [
+        f"{k} {list(weights[k].shape)} (here {list(v.shape)})"
+        for k, v in expected.items()
+        if k in weights and weights[k].shape != v.shape
+    ]
+    if missing or unexpected or reshaped:
+        raise SystemExit(
+            f"--init-from {checkpoint} holds another architecture: missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}, other shapes {reshaped[:3]}; start from a checkpoint of the same preset and overrides"
+        )
+    model.load_state_dict(weights)
+    points = state.get("callbacks", {}).get("LearningCurve", {}).get("points", [])
+    last = points[-1] if points else None
+    return {"checkpoint": str(checkpoint), "steps": state.get("global_step"), "last_val": last}
 
 
 def run_label(task: str, tag: str | None) -> str:
@@ -274,6 +320,13 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
     callbacks = [schedule, curve]
     if args.profile:
         callbacks.append(ProfileSteps(args.profile))
+    initialised_from = None
+    if args.init_from is not None:
+        if trained_before_s == 0:
+            initialised_from = load_initial_weights(model, args.init_from)
+            print(f"[{label}] weights from {initialised_from}", flush=True)
+        else:  # a resumed run carries on from its own weights
+            initialised_from = {"checkpoint": str(args.init_from), "loaded_by_an_earlier_call": True}
     trainer = pl.Trainer(
         accelerator=args.accelerator,
         devices=1,
@@ -314,6 +367,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         "trained_s": round(schedule.elapsed_s(), 1),
         "budget_s": budget_s,
         "resumed_from_s": round(trained_before_s, 1),
+        **({"initialised_from": initialised_from} if initialised_from else {}),
         "curve": curve.points,
         "batch_size": data.batch_size,
         "split_sizes": {split: len(dataset) for split, dataset in data.splits.items()},
@@ -367,6 +421,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--listops-val", type=int, default=2_000)
     parser.add_argument("--listops-test", type=int, default=2_000)
     parser.add_argument("--pathfinder-images", type=int, default=40_000)
+    parser.add_argument(
+        "--pathfinder-contour-length",
+        type=int,
+        default=14,
+        choices=[6, 9, 14],
+        help="target snake length: 14 is LRA's Pathfinder; 6 and 9 are the release's easier difficulties",
+    )
+    parser.add_argument(
+        "--init-from",
+        type=Path,
+        default=None,
+        help="start from the model weights of another run's checkpoint (e.g. one trained on an easier difficulty)",
+    )
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="generator and loader processes")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=None, help="instead of the paper's batch size")
@@ -421,9 +488,14 @@ def main(argv: list[str] | None = None) -> dict:
                 generated["data_dir"], args.batch_sizes[task], spec.max_length, num_workers=loader_workers
             )
         else:
-            generated = prepare_pathfinder(args.data_dir, args.pathfinder_images, args.workers, args.seed)
+            generated = prepare_pathfinder(
+                args.data_dir, args.pathfinder_images, args.workers, args.seed, args.pathfinder_contour_length
+            )
             data = PathfinderDataModule(
-                generated["data_dir"], batch_size=args.batch_sizes[task], num_workers=loader_workers
+                generated["data_dir"],
+                batch_size=args.batch_sizes[task],
+                difficulty=generated["difficulty"],
+                num_workers=loader_workers,
             )
         print(f"[{task}] data ready: {generated}", flush=True)
         if args.prepare_only:

@@ -110,3 +110,42 @@ def test_batch_size_and_learning_rate_flags_change_nothing_else(lra_learning):
     _, overrides = lra_learning.apply_settings(tiny)
     assert overrides["pathfinder"]["hidden_size"] == 16 and tiny.batch_sizes["pathfinder"] == 32
     assert lra_learning.BATCH_SIZE == {"listops": 128, "pathfinder": 128}  # the module's table is left alone
+
+
+def test_easier_difficulty_then_a_run_started_from_its_weights(lra_learning, tmp_path, monkeypatch):
+    common = [
+        "--tiny", "--tasks", "pathfinder", "--minutes", "0.03", "--workers", "1", "--print-every", "0",
+        "--checkpoint-dir", str(tmp_path / "ckpt"), "--out", str(tmp_path / "out"), "--data-dir", str(tmp_path / "d"),
+    ]  # fmt: skip
+    easy = lra_learning.main([*common, "--pathfinder-contour-length", "6", "--tag", "c6"])["tasks"]["pathfinder-c6"]
+    assert easy["data"]["difficulty"] == "curv_baseline" and easy["data"]["contour_length"] == 6
+    lines = (tmp_path / "d" / "pathfinder-c6-150-s0/pathfinder32/curv_baseline/metadata/0.npy").read_text()
+    assert lines.split()[5] == "6"  # the metadata's contour length field
+    source = tmp_path / "ckpt" / "pathfinder-c6.ckpt"
+
+    import torch
+
+    saved = torch.load(source, map_location="cpu", weights_only=False)["state_dict"]
+    seen = {}
+
+    start_clock = lra_learning.WallClockCosine.on_train_start
+
+    def capture(self, trainer, pl_module):  # the weights the run starts from, before its first step
+        seen.update({k: v.detach().clone() for k, v in pl_module.state_dict().items()})
+        start_clock(self, trainer, pl_module)
+
+    monkeypatch.setattr(lra_learning.WallClockCosine, "on_train_start", capture)
+    report = lra_learning.main([*common, "--tag", "from-c6", "--init-from", str(source)])
+    hard = report["tasks"]["pathfinder-from-c6"]
+    assert hard["data"]["difficulty"] == "curv_contour_length_14"
+    assert hard["initialised_from"]["checkpoint"] == str(source)
+    assert hard["initialised_from"]["steps"] == easy["steps"]
+    assert seen.keys() == saved.keys()
+    assert all(torch.equal(seen[k], saved[k]) for k in saved)
+
+    bigger = [*common, "--tag", "wide", "--overrides", '{"hidden_size": 24}', "--init-from", str(source)]
+    with pytest.raises(SystemExit, match="another architecture"):
+        lra_learning.main(bigger)
+    (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="cannot read it"):
+        lra_learning.main([*common, "--tag", "x", "--init-from", str(tmp_path / "broken.ckpt")])

@@ -9,7 +9,8 @@
                                               <distractor_length> <paddle_length> <paddle_thickness> <margin>
                                               <number of paddle contrasts>"
 
-with ``--images-per-batch`` images per batch (1,000 in the release). Point the Pathfinder datamodule's
+with ``--images-per-batch`` images per batch (1,000 in the release). ``--contour-length 6`` (or 9) draws the
+release's easier difficulties into ``curv_baseline`` (``curv_contour_length_9``). Point the Pathfinder datamodule's
 ``data_dir`` at ``ROOT/pathfinder32`` (``ROOT/pathfinder128`` for Path-X).
 
 A picture (:func:`make_sample`, after Linsley et al.'s ``snakes2.py``): two target snakes start
@@ -43,6 +44,8 @@ from datamodules.lra.pathfinder_snakes import (
     Canvas,
     PathfinderParams,
     Snake,
+    difficulty_folder,
+    with_contour_length,
 )
 
 DIFFICULTY = "curv_contour_length_14"
@@ -240,8 +243,12 @@ def write_pathfinder(
     seed: int = 0,
     workers: int = 1,
     params: PathfinderParams | None = None,
+    contour_length: int | None = None,
 ) -> Path:
     """Generate ``images`` images; returns the ``pathfinder<resolution>`` directory to load from.
+
+    They go in the folder of their difficulty (:func:`difficulty_folder`): ``curv_contour_length_14`` with the
+    preset's settings, ``curv_baseline`` with ``contour_length=6`` (the release's easiest).
 
     Batches are independent (each seeded by ``(seed, batch)``), so the result does not depend on
     ``workers``. A batch whose metadata file already lists its images is complete and is not drawn again: an
@@ -250,11 +257,13 @@ def write_pathfinder(
         if resolution not in PRESETS:
             raise ValueError(f"resolution must be one of {sorted(PRESETS)} (or pass params), got {resolution}")
         params = PRESETS[resolution]
+    if contour_length is not None:
+        params = with_contour_length(params, contour_length)
     params.validate()
     if images < 1 or images_per_batch < 1:
         raise ValueError(f"images and images_per_batch must be >= 1, got {images} and {images_per_batch}")
     data_dir = Path(out_root) / f"pathfinder{params.window_size}"
-    root = data_dir / DIFFICULTY
+    root = data_dir / difficulty_folder(params.contour_length)
     counts = [min(images_per_batch, images - start) for start in range(0, images, images_per_batch)]
     jobs = [
         (root, batch, count, params, seed) for batch, count in enumerate(counts) if not _complete(root, batch, count)
@@ -271,9 +280,23 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--images-per-batch", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workers", type=int, default=1, help="processes drawing batches in parallel")
+    parser.add_argument(
+        "--contour-length",
+        type=int,
+        default=14,
+        help="dashes per target snake: 14 (LRA's task), or the release's easier 9 and 6 (curv_baseline)",
+    )
     args = parser.parse_args(argv)
-    data_dir = write_pathfinder(args.out, args.resolution, args.images, args.images_per_batch, args.seed, args.workers)
-    print(f"wrote {args.images} images to {data_dir / DIFFICULTY}", file=sys.stderr)
+    data_dir = write_pathfinder(
+        args.out,
+        args.resolution,
+        args.images,
+        args.images_per_batch,
+        args.seed,
+        args.workers,
+        contour_length=args.contour_length,
+    )
+    print(f"wrote {args.images} images to {data_dir / difficulty_folder(args.contour_length)}", file=sys.stderr)
 
 
 if __name__ == "__main__":

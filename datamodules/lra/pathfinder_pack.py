@@ -101,13 +101,14 @@ def main(argv: list[str] | None = None) -> None:
     packing = commands.add_parser("pack", help="folder -> pack file")
     packing.add_argument("data_dir", help="the pathfinder<resolution> folder (holds curv_contour_length_14/)")
     packing.add_argument("out", help="pack file to write")
+    packing.add_argument("--difficulty", default=DIFFICULTY, help="the folder inside data_dir, e.g. curv_baseline")
     unpacking = commands.add_parser("unpack", help="pack file -> folder")
     unpacking.add_argument("pack_file")
     unpacking.add_argument("data_dir", help="the pathfinder<resolution> folder to write")
     unpacking.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = parser.parse_args(argv)
     if args.command == "pack":
-        count = pack(args.data_dir, args.out)
+        count = pack(args.data_dir, args.out, args.difficulty)
         print(f"packed {count} images into {args.out} ({Path(args.out).stat().st_size / 2**20:.1f} MiB)")
     else:
         count = unpack(args.pack_file, args.data_dir, args.workers)

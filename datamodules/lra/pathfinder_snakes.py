@@ -21,6 +21,7 @@ One deliberate departure: positions outside the image count as occupied when a s
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -140,6 +141,35 @@ PRESETS: dict[int, PathfinderParams] = {
         snake_contrasts=(1.0,),
     ),  # fmt: skip
 }
+
+
+DIFFICULTIES: dict[int, str] = {6: "curv_baseline", 9: "curv_contour_length_9", 14: "curv_contour_length_14"}
+"""The release's folder for each target contour length; LRA's Pathfinder and Path-X tasks use 14, the hardest."""
+
+
+def difficulty_folder(contour_length: int) -> str:
+    """The folder a difficulty's images go in: the release's name, or ``curv_contour_length_<L>``."""
+    return DIFFICULTIES.get(contour_length, f"curv_contour_length_{contour_length}")
+
+
+def with_contour_length(params: PathfinderParams, contour_length: int) -> PathfinderParams:
+    """``params`` with target snakes of ``contour_length`` dashes (the release's easier difficulties use 6 and 9).
+
+    The distractors scale as in the release: ``contour_length / 3`` dashes each, and as many snakes as keep their
+    total length unchanged (whole numbers when the preset's are, as at 32 pixels).
+    """
+    if contour_length < 2:
+        raise ValueError(f"contour_length must be at least 2 dashes, got {contour_length}")
+    total = params.distractor_length * params.num_distractor_snakes
+    if isinstance(params.distractor_length, int):
+        length = max(1, contour_length // 3)
+        count = int(round(total)) // length
+    else:
+        length = contour_length / 3
+        count = total / length
+    return dataclasses.replace(
+        params, contour_length=contour_length, distractor_length=length, num_distractor_snakes=count
+    )
 
 
 def translate(point, angle: float, distance: float) -> tuple[int, int]:

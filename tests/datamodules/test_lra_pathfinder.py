@@ -12,7 +12,7 @@ from PIL import Image
 from datamodules.lra import pathfinder_pack
 from datamodules.lra.generate_pathfinder import DIFFICULTY, make_sample, write_pathfinder
 from datamodules.lra.pathfinder import PathfinderDataModule, PathXDataModule
-from datamodules.lra.pathfinder_snakes import PRESETS
+from datamodules.lra.pathfinder_snakes import PRESETS, difficulty_folder, with_contour_length
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +57,36 @@ def test_images_show_the_markers_and_every_dash_of_every_contour(samples_32):
                 assert math.dist(start, end) == pytest.approx(params.paddle_length, abs=1.5)
                 y, x = (round((start[i] + end[i]) / 2) for i in (0, 1))
                 assert image[max(y - 1, 0) : y + 2, max(x - 1, 0) : x + 2].max() >= 64, "a dash is missing"
+
+
+def test_easier_difficulties_have_shorter_targets_and_the_release_distractor_budget():
+    p32 = PRESETS[32]
+    assert with_contour_length(p32, 14) == p32  # the preset is the release's hardest difficulty
+    baseline = with_contour_length(p32, 6)  # distractors of 6 // 3 dashes, 20 dashes of them in all, as at 14
+    assert (baseline.contour_length, baseline.distractor_length, baseline.num_distractor_snakes) == (6, 2, 10)
+    nine = with_contour_length(p32, 9)
+    assert (nine.distractor_length, nine.num_distractor_snakes) == (3, 6)
+    wide = with_contour_length(PRESETS[128], 6)  # fractional at the larger sizes: 35 dashes of distractors
+    assert wide.distractor_length == pytest.approx(2.0) and wide.num_distractor_snakes == pytest.approx(17.5)
+    assert [difficulty_folder(n) for n in (6, 9, 14)] == ["curv_baseline", "curv_contour_length_9", DIFFICULTY]
+    with pytest.raises(ValueError, match="contour_length"):
+        with_contour_length(p32, 1)
+    rng = np.random.default_rng(5)
+    for _ in range(6):
+        sample = make_sample(baseline, rng)
+        assert len(sample.paths[0]) == len(sample.paths[1]) == 2 * 6
+        first, second = (contour_ends(sample, marker) for marker in sample.markers)
+        assert (first == second) == (sample.label == 1)
+
+
+def test_an_easier_difficulty_is_written_to_its_release_folder_and_loads(tmp_path):
+    data_dir = write_pathfinder(tmp_path, resolution=32, images=6, images_per_batch=6, seed=1, contour_length=6)
+    lines = (data_dir / "curv_baseline" / "metadata" / "0.npy").read_text().splitlines()
+    assert len(lines) == 6 and {line.split()[5] for line in lines} == {"6"}
+    assert not (data_dir / DIFFICULTY).exists()
+    module = PathfinderDataModule(str(data_dir), batch_size=2, difficulty="curv_baseline")
+    module.setup("fit")
+    assert sum(len(split) for split in module.splits.values()) == 6
 
 
 def test_the_same_seed_draws_the_same_image():
