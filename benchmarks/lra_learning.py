@@ -333,6 +333,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         precision=args.precision,
         max_epochs=100_000,
         max_time={"seconds": trained_before_s + call_s},  # Lightning's timer counts earlier calls too
+        gradient_clip_val=args.clip,
         num_sanity_val_steps=0,
         logger=False,
         enable_checkpointing=False,
@@ -380,6 +381,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
             "weight_decay": 0.0,
             "betas": [0.9, 0.999],
             "schedule": "linear warm-up over 10% of the time budget, then cosine to 0 at its end",
+            "gradient_clip_norm": args.clip,
         },
     }
 
@@ -441,6 +443,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--overrides", type=json.loads, default={}, help='LRAConfig fields as JSON, e.g. \'{"norm": "layernorm"}\''
     )
+    parser.add_argument("--clip", type=float, default=None, help="clip the gradients' global norm to this")
     parser.add_argument("--tag", default=None, help="names a variant: its checkpoint and JSON entry <task>-<tag>")
     parser.add_argument("--print-every", type=int, default=200, help="steps between progress lines (0: none)")
     parser.add_argument(
@@ -456,7 +459,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--tag names files: use letters, digits, '-' and '_', got {args.tag!r}")
     if not isinstance(args.overrides, dict):
         parser.error(f"--overrides must be a JSON object of LRAConfig fields, got {args.overrides!r}")
-    for name in ("batch_size", "lr"):
+    for name in ("batch_size", "lr", "clip"):
         if getattr(args, name) is not None and getattr(args, name) <= 0:
             parser.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args

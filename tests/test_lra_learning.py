@@ -72,8 +72,10 @@ def test_two_calls_train_one_schedule_then_stop(lra_learning, tmp_path, capsys):
         lra_learning.main(argv)
 
     # a tagged variant with its own batch and learning rate: its own checkpoint and entry beside the first run's
-    variant = lra_learning.main([*argv, "--tag", "b16", "--batch-size", "16", "--lr", "1e-3"])["tasks"]["listops-b16"]
+    flags = ["--tag", "b16", "--batch-size", "16", "--lr", "1e-3", "--clip", "0.5"]
+    variant = lra_learning.main([*argv, *flags])["tasks"]["listops-b16"]
     assert variant["batch_size"] == 16 and variant["optimizer"]["peak_lr"] == 1e-3
+    assert variant["optimizer"]["gradient_clip_norm"] == 0.5
     assert variant["resumed_from_s"] == 0.0
     assert (tmp_path / "ckpt" / "listops-b16.ckpt").exists()
     written = json.loads(next((tmp_path / "out").glob("*-lra.json")).read_text())
@@ -88,7 +90,7 @@ def test_prepare_only_draws_the_data_and_trains_nothing(lra_learning, tmp_path):
     assert sum(len(m.read_text().splitlines()) for m in metadata) == 150
 
 
-@pytest.mark.parametrize("flag", [["--tag", "a/b"], ["--batch-size", "0"], ["--lr", "-1"]])
+@pytest.mark.parametrize("flag", [["--tag", "a/b"], ["--batch-size", "0"], ["--lr", "-1"], ["--clip", "0"]])
 def test_bad_variant_flags_are_refused(lra_learning, flag):
     with pytest.raises(SystemExit):
         lra_learning.main(["--tiny", *flag])

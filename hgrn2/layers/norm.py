@@ -40,7 +40,8 @@ class SequenceBatchNorm(nn.Module):
     """BatchNorm over the feature dim of ``[B, T, D]`` (statistics over batch and time).
 
     The BatchNorm1d is held, not inherited, so that ``SyncBatchNorm.convert_sync_batchnorm`` swaps only the
-    inner module and the transposition to ``[B, D, T]`` stays in place.
+    inner module. It sees the positions as rows of ``[B·T, D]``: the same statistics as ``[B, D, T]``, without
+    transposing the activations to and from that layout (features stay the contiguous dim).
     """
 
     def __init__(self, dim: int):
@@ -48,7 +49,7 @@ class SequenceBatchNorm(nn.Module):
         self.norm = nn.BatchNorm1d(dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(x.transpose(1, 2)).transpose(1, 2)
+        return self.norm(x.reshape(-1, x.shape[-1])).reshape(x.shape)
 
 
 def make_norm(name: str, dim: int, groups: int = 1) -> nn.Module:

@@ -72,10 +72,11 @@ def _hgrn2_naive_dense(q, v, log_forget, *, scale, initial_state, output_final_s
     else:
         state = initial_state.to(acc)
     outputs = []
-    for t in range(seq_len):
+    # unbound once: indexing step t would make autograd build a zero tensor of the whole sequence per step
+    for q_t, v_t, forget_t, key_t in zip(q.unbind(1), v.unbind(1), forget.unbind(1), key.unbind(1)):
         # S_t = diag(λ_t) S_{t-1} + k_t ⊗ v_t                                  # [B, H, K, V]
-        state = forget[:, t, :, :, None] * state + key[:, t, :, :, None] * v[:, t, :, None, :]
-        outputs.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], state))
+        state = forget_t[..., None] * state + key_t[..., None] * v_t[:, :, None, :]
+        outputs.append(scale * torch.einsum("bhk,bhkv->bhv", q_t, state))
     o = torch.stack(outputs, dim=1) if outputs else v.new_zeros(batch, 0, heads, value_dim)
     return o, (state if output_final_state else None)
 
@@ -206,8 +207,8 @@ def _hgrn1_naive_dense(x, log_forget, *, initial_state, output_final_state):
     key = -torch.expm1(log_forget)
     hidden = x.new_zeros(batch, dim) if initial_state is None else initial_state.to(acc)
     outputs = []
-    for t in range(seq_len):
-        hidden = forget[:, t] * hidden + key[:, t] * x[:, t]  # h_t = λ_t h_{t-1} + (1 - λ_t) x_t
+    for x_t, forget_t, key_t in zip(x.unbind(1), forget.unbind(1), key.unbind(1)):  # unbound once, as above
+        hidden = forget_t * hidden + key_t * x_t  # h_t = λ_t h_{t-1} + (1 - λ_t) x_t
         outputs.append(hidden)
     h = torch.stack(outputs, dim=1) if outputs else x.new_zeros(batch, 0, dim)
     return h, (hidden if output_final_state else None)

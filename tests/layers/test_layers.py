@@ -139,6 +139,18 @@ def test_sequence_batchnorm_normalises_features_and_survives_sync_conversion():
     y = norm(x)
     assert torch.allclose(y.mean(dim=(0, 1)), torch.zeros(3), atol=1e-5)
     assert torch.allclose(y.var(dim=(0, 1), unbiased=False), torch.ones(3), atol=1e-3)
+    reference = torch.nn.BatchNorm1d(3).double()  # the [B, D, T] layout, statistics over batch and time
+    x64 = x.double().requires_grad_()
+    expected = reference(x64.transpose(1, 2)).transpose(1, 2)
+    mine = make_norm("batchnorm", 3).double()  # fresh running statistics, as the reference's
+    x_mine = x.double().requires_grad_()
+    got = mine(x_mine)
+    torch.testing.assert_close(got, expected)
+    grad = torch.randn_like(got)
+    (got * grad).sum().backward()
+    (expected * grad).sum().backward()
+    torch.testing.assert_close(x_mine.grad, x64.grad)
+    torch.testing.assert_close(mine.norm.running_var, reference.running_var)  # unbiased over B·T, both ways
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(norm))
     assert isinstance(synced[0].norm, torch.nn.SyncBatchNorm)
     assert synced[0].norm.num_features == 3  # still normalising D, not T
