@@ -371,6 +371,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
         **({"initialised_from": initialised_from} if initialised_from else {}),
         "curve": curve.points,
         "batch_size": data.batch_size,
+        "precision": args.precision,
         "split_sizes": {split: len(dataset) for split, dataset in data.splits.items()},
         "parameters": sum(p.numel() for p in model.parameters()),
         "model": dataclasses.asdict(model.config),
@@ -443,6 +444,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--overrides", type=json.loads, default={}, help='LRAConfig fields as JSON, e.g. \'{"norm": "layernorm"}\''
     )
+    parser.add_argument(
+        "--precision",
+        default=None,
+        choices=["bf16-mixed", "32-true"],
+        help="Lightning precision (default: bf16-mixed on a GPU, 32-true on the CPU)",
+    )
     parser.add_argument("--clip", type=float, default=None, help="clip the gradients' global norm to this")
     parser.add_argument("--tag", default=None, help="names a variant: its checkpoint and JSON entry <task>-<tag>")
     parser.add_argument("--print-every", type=int, default=200, help="steps between progress lines (0: none)")
@@ -468,7 +475,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     args.accelerator = "gpu" if torch.cuda.is_available() and not args.tiny else "cpu"
-    args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
+    if args.precision is None:
+        args.precision = "bf16-mixed" if args.accelerator == "gpu" else "32-true"
     torch.set_float32_matmul_precision("high")
     spec, overrides = apply_settings(args)
     loader_workers = min(8, max(0, args.workers - 1))

@@ -72,8 +72,9 @@ def test_two_calls_train_one_schedule_then_stop(lra_learning, tmp_path, capsys):
         lra_learning.main(argv)
 
     # a tagged variant with its own batch and learning rate: its own checkpoint and entry beside the first run's
-    flags = ["--tag", "b16", "--batch-size", "16", "--lr", "1e-3", "--clip", "0.5"]
+    flags = ["--tag", "b16", "--batch-size", "16", "--lr", "1e-3", "--clip", "0.5", "--precision", "32-true"]
     variant = lra_learning.main([*argv, *flags])["tasks"]["listops-b16"]
+    assert variant["precision"] == "32-true"
     assert variant["batch_size"] == 16 and variant["optimizer"]["peak_lr"] == 1e-3
     assert variant["optimizer"]["gradient_clip_norm"] == 0.5
     assert variant["resumed_from_s"] == 0.0
