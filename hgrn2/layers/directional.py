@@ -74,10 +74,19 @@ class BidirectionalHGRU2(_MultiScanHGRU2):
 
 
 class HGRU2d(_MultiScanHGRU2):
-    """HGRU2 over a grid: rows forward and backward, columns forward and backward, summed.
+    """HGRU2 over a grid: rows forward and backward, columns forward and backward.
 
     Input ``[B, T, D]`` is a row-major ``height × width`` grid (``T = height · width``), or ``[B, h, w, D]``.
+
+    ``series=False`` (default) sums the four scans of one projection of the input, so that a pixel sees its row
+    and its column. ``series=True`` runs two passes with the layer's weights: the row scans (projection, both
+    directions, norm, output projection), then the column scans over that output, so that a pixel sees the
+    whole grid within one layer, at twice the projections.
     """
+
+    def __init__(self, *args, series: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.series = series
 
     def forward(
         self,
@@ -99,17 +108,33 @@ class HGRU2d(_MultiScanHGRU2):
             unflatten = False
         self._check_input(x, 3)
         beta = self._head_lower_bound(lower_bound)
-        # [B, h·w, H, K] -> rows [B·h, w, H, K] and columns [B·w, h, H, K]
-        gates, fused = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
-        rows = [g.reshape(batch * height, width, *g.shape[2:]) for g in gates]
-        cols = [
-            g.reshape(batch, height, width, *g.shape[2:]).transpose(1, 2).reshape(batch * width, height, *g.shape[2:])
-            for g in gates
-        ]
-        out_rows = self._scan(*rows, beta, fused) + self._scan(*(g.flip(1) for g in rows), beta, fused).flip(1)
-        out_cols = self._scan(*cols, beta, fused) + self._scan(*(g.flip(1) for g in cols), beta, fused).flip(1)
-        value_shape = out_rows.shape[1:]
-        out_rows = out_rows.reshape(batch, height, width, *value_shape[1:])
-        out_cols = out_cols.reshape(batch, width, height, *value_shape[1:]).transpose(1, 2)
-        y = self.finish((out_rows + out_cols).reshape(batch, height * width, *value_shape[1:]))
+        grid = (batch, height, width)
+        if self.series:
+            y = self._grid_pass(self._grid_pass(x, beta, grid, ("rows",)), beta, grid, ("columns",))
+        else:
+            y = self._grid_pass(x, beta, grid, ("rows", "columns"))
         return (y.reshape(batch, height, width, -1) if unflatten else y), None
+
+    def _grid_pass(self, x: torch.Tensor, beta, grid: tuple[int, int, int], axes: tuple[str, ...]) -> torch.Tensor:
+        """Project ``x`` ``[B, h·w, D]`` once, scan both ways along each of ``axes`` ("rows", "columns"), sum the
+        scans, then norm and project out."""
+        batch, height, width = grid
+        gates, fused = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
+        total = None
+        for axis in axes:
+            if axis == "rows":  # [B, h·w, H, K] -> [B·h, w, H, K]
+                seqs = [g.reshape(batch * height, width, *g.shape[2:]) for g in gates]
+            else:  # -> columns [B·w, h, H, K]
+                seqs = [
+                    g.reshape(batch, height, width, *g.shape[2:])
+                    .transpose(1, 2)
+                    .reshape(batch * width, height, -1, g.shape[-1])
+                    for g in gates
+                ]
+            out = self._scan(*seqs, beta, fused) + self._scan(*(g.flip(1) for g in seqs), beta, fused).flip(1)
+            if axis == "rows":
+                out = out.reshape(batch, height, width, *out.shape[2:])
+            else:
+                out = out.reshape(batch, width, height, *out.shape[2:]).transpose(1, 2)
+            total = out if total is None else total + out
+        return self.finish(total.reshape(batch, height * width, *total.shape[3:]))

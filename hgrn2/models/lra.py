@@ -2,7 +2,8 @@
 
 * 1-D tasks (ListOps, Text, Retrieval) mix with :class:`~hgrn2.layers.BidirectionalHGRU2` (left-to-right plus
   right-to-left); 2-D tasks (Image, Pathfinder, Path-X) with :class:`~hgrn2.layers.HGRU2d` over the pixel grid
-  (rows and columns, both ways). Both are non-causal.
+  (rows and columns, both ways; ``grid_scan="series"`` scans the rows, then the columns of their output, in
+  each layer). Both are non-causal.
 * each layer is a :class:`~hgrn2.layers.Block` (mixer + GLU) whose forget gates are lower-bounded by a
   :class:`~hgrn2.layers.LayerLowerBounds` schedule; pre-norm or post-norm, with dropout on both branches.
 * tokens are embedded (``embedding="token"``) or pixel levels are mapped linearly from [-1, 1]
@@ -18,6 +19,7 @@ Their "synbatch" norm is BatchNorm here (the same on one device).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, fields
 
@@ -30,6 +32,7 @@ from hgrn2.layers import BidirectionalHGRU2, Block, HGRU2d, LayerLowerBounds, ma
 __all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "block_forward", "lra_config", "sinusoidal_positions"]
 
 EMBEDDINGS = ("token", "pixel")
+GRID_SCANS = ("parallel", "series")  # HGRU2d(series=False / True)
 
 
 @dataclass
@@ -57,6 +60,7 @@ class LRAConfig:
     dropout: float = 0.0
     two_d: bool = False  # HGRU2d over a grid_size grid instead of the bidirectional 1-D mixer
     grid_size: tuple[int, int] | None = None  # (height, width); None = square
+    grid_scan: str = "parallel"  # 2-D: "parallel" sums row and column scans; "series" scans rows, then columns
     dual: bool = False  # two-tower retrieval head over [u, v, u·v, u − v]
     backend: str = "auto"
 
@@ -74,6 +78,8 @@ class LRAConfig:
             raise ValueError(
                 f"need glu_expand_ratio >= 0 and 0 <= dropout < 1, got {self.glu_expand_ratio}, {self.dropout}"
             )
+        if self.grid_scan not in GRID_SCANS:
+            raise ValueError(f"grid_scan must be one of {GRID_SCANS}, got {self.grid_scan!r}")
         if self.dual and self.two_d:
             raise ValueError("the two-tower (dual) head is for 1-D sequences; set two_d=False")
         if self.grid_size is not None:
@@ -154,7 +160,7 @@ class LRAClassifier(nn.Module):
             self.embed = nn.Embedding(c.vocab_size, c.hidden_size, padding_idx=0)
         else:
             self.embed = nn.Linear(c.in_channels, c.hidden_size)
-        mixer = HGRU2d if c.two_d else BidirectionalHGRU2
+        mixer = functools.partial(HGRU2d, series=c.grid_scan == "series") if c.two_d else BidirectionalHGRU2
         mixer_kwargs = dict(
             expand_ratio=c.expand_ratio,
             output_gate=c.output_gate,

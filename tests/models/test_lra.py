@@ -158,3 +158,13 @@ def test_block_modules_are_the_layers_blocks():
     assert all(isinstance(block, Block) for block in model.blocks)
     assert type(model.blocks[0].mixer).__name__ == "HGRU2d"
     assert type(small_model("text").blocks[0].mixer).__name__ == "BidirectionalHGRU2"
+
+
+def test_grid_scan_picks_the_2d_mixer_mode_and_refuses_unknown_ones():
+    assert not small_model("pathfinder").blocks[0].mixer.series  # the default, four scans summed
+    series = small_model("pathfinder", grid_scan="series")
+    assert all(block.mixer.series for block in series.blocks)
+    logits = series(torch.randint(0, 256, (2, 16), dtype=torch.uint8))  # the small grid, 4 × 4
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    with pytest.raises(ValueError, match="grid_scan"):
+        lra_config("pathfinder", grid_scan="diagonal")

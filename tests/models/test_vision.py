@@ -20,12 +20,14 @@ def _small_model(**kwargs) -> HGRN2Vision:
     return timm.create_model("hgrn2_vit_tiny_patch16_224", **{**SMALL, "num_classes": 7, **kwargs})
 
 
-def _naive_hgru2d(mixer: HGRU2d, x: torch.Tensor, beta: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def _naive_hgru2d(
+    mixer: HGRU2d, x: torch.Tensor, beta: torch.Tensor, height: int, width: int, axes=("rows", "columns")
+) -> torch.Tensor:
     """The four-direction HGRU2 written out pixel by pixel in float64 from the mixer's weights.
 
     For each of the four scans (rows left->right, right->left, columns top->bottom, bottom->top) a fresh
     per-head state S ``[K, V]`` walks the pixels: S = diag(λ) S + (1 - λ) ⊗ i, y = o^T S; the four outputs are
-    summed, then LayerNorm and the output projection.
+    summed, then LayerNorm and the output projection. ``axes=("rows",)`` keeps the two row scans only.
     """
     heads, key = mixer.num_heads, mixer.expand_ratio
     lin = lambda layer, t: t @ layer.weight.double().T + layer.bias.double()
@@ -38,7 +40,11 @@ def _naive_hgru2d(mixer: HGRU2d, x: torch.Tensor, beta: torch.Tensor, height: in
     out = torch.zeros(batch, height, width, heads, key, dtype=torch.float64)
     row_scans = [[(r, c) for c in range(width)] for r in range(height)]
     col_scans = [[(r, c) for r in range(height)] for c in range(width)]
-    scans = row_scans + [s[::-1] for s in row_scans] + col_scans + [s[::-1] for s in col_scans]
+    scans = []
+    if "rows" in axes:
+        scans += row_scans + [s[::-1] for s in row_scans]
+    if "columns" in axes:
+        scans += col_scans + [s[::-1] for s in col_scans]
     for scan in scans:
         state = torch.zeros(batch, heads, key, key, dtype=torch.float64)
         for r, c in scan:
@@ -63,6 +69,26 @@ def test_hgru2d_equals_four_direction_pixel_loop(height, width):
     assert_rel_close(y, expected, 1e-10, "HGRU2d vs pixel loop")
     y4, _ = mixer(x.double().reshape(2, height, width, dim), lower_bound=beta.double())  # [B, h, w, D] input
     assert_rel_close(y4.reshape(2, height * width, dim), expected, 1e-10, "HGRU2d [B, h, w, D] input")
+
+
+def test_series_hgru2d_scans_the_rows_then_the_columns_of_their_output():
+    height, width, dim = 3, 4, 8
+    mixer = HGRU2d(
+        dim, expand_ratio=2, output_gate="sigmoid", input_activation="silu", norm="layernorm", bias=True, series=True
+    )
+    x = torch.randn(2, height * width, dim, dtype=torch.float64)
+    beta = torch.rand(dim, dtype=torch.float64) * 0.9
+    rows = _naive_hgru2d(mixer, x, beta, height, width, axes=("rows",))
+    expected = _naive_hgru2d(mixer, rows, beta, height, width, axes=("columns",))
+    y, _ = mixer.double()(x, lower_bound=beta, grid_size=(height, width))
+    assert_rel_close(y, expected, 1e-10, "series HGRU2d vs row then column pixel loops")
+    # a pixel sees the whole grid in one series layer; in one parallel layer only its row and column
+    x.requires_grad_(True)
+    for series, reached in ((True, height * width), (False, height + width - 1)):
+        mixer.series = series
+        y, _ = mixer(x, lower_bound=beta, grid_size=(height, width))
+        (grad,) = torch.autograd.grad(y[0, 0].sum(), x)
+        assert int((grad[0].abs().sum(-1) > 0).sum()) == reached
 
 
 def test_registered_variants_have_paper_widths_and_parameter_counts():
