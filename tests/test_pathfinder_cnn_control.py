@@ -1,0 +1,49 @@
+"""benchmarks/pathfinder_cnn_control.py: the convolutional control on the Pathfinder datamodule's split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.lra.generate_pathfinder import write_pathfinder
+from datamodules.lra.pathfinder import PathfinderDataModule
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def control(monkeypatch):
+    spec = importlib.util.spec_from_file_location(
+        "pathfinder_cnn_control", ROOT / "benchmarks/pathfinder_cnn_control.py"
+    )
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pathfinder_cnn_control", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_control_trains_on_the_datamodule_split_and_writes_its_curve(control, tmp_path):
+    data_dir = write_pathfinder(tmp_path / "d", resolution=32, images=40, images_per_batch=20, seed=2, contour_length=6)
+    out = tmp_path / "control.json"
+    argv = ["--data-dir", str(data_dir), "--difficulty", "curv_baseline", "--steps", "3", "--eval-every", "2"]
+    report = control.main([*argv, "--batch-size", "8", "--workers", "0", "--out", str(out)])
+    assert json.loads(out.read_text()) == report
+    assert [point["step"] for point in report["curve"]] == [2, 3]
+    assert all(0 <= point["test_acc"] <= 100 for point in report["curve"])
+    module = PathfinderDataModule(str(data_dir), difficulty="curv_baseline")
+    module.setup("fit")
+    assert report["split_sizes"] == {"train": len(module.splits["train"]), "test": len(module.splits["test"])}
+    x, y = control.load_split(module.splits["test"], workers=0)
+    assert x.shape == (len(module.splits["test"]), 32, 32) and x.dtype == torch.uint8
+    assert y.tolist() == module.splits["test"].labels.tolist()
+    assert report["parameters"] == sum(p.numel() for p in control.control_network().parameters())
+
+
+def test_control_refuses_non_positive_settings(control, tmp_path):
+    with pytest.raises(SystemExit):
+        control.main(["--data-dir", str(tmp_path), "--steps", "0"])
