@@ -20,8 +20,10 @@ call; the next call with the same arguments resumes from it and trains ``--minut
     python benchmarks/lra_learning.py --tasks pathfinder --minutes 8 --total-minutes 24 --checkpoint-dir ckpt  # x3
 
 Validation accuracy is printed after every epoch and kept (across calls) in the JSON's ``curve``. ``--batch-size``
-and ``--lr`` change the paper's batch and peak learning rate; ``--tag T`` names such a variant, so that two
-variants (one per GPU) keep their own checkpoint ``<task>-T.ckpt`` and JSON entry ``<task>-T`` in one file.
+and ``--lr`` change the paper's batch and peak learning rate (``--clip`` adds gradient-norm clipping,
+``--precision 32-true`` trains in float32, ``--overrides`` changes the model); ``--tag T`` names such a
+variant, so that two variants (one per GPU) keep their own checkpoint ``<task>-T.ckpt`` and JSON entry
+``<task>-T`` in one file.
 ``--prepare-only`` draws the data and exits, so that two training processes can then share it.
 
 A curriculum: ``--pathfinder-contour-length 6`` trains on the release's easiest difficulty (``curv_baseline``),

@@ -1,7 +1,8 @@
 """Non-causal HGRU2 mixers for classification: bidirectional (1-D) and four-direction (2-D).
 
 Both compute the projections once and run the causal recurrence over reordered views of the sequence
-(reversed, or the columns of a grid), summing the outputs before the shared norm and output projection.
+(reversed, or the columns of a grid), summing the outputs before the shared norm and output projection (the
+2-D mixer's ``series`` mode does that twice: rows, then the columns of the rows' output).
 Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions. The
 gates (output gate, lower-bounded log λ) are elementwise, so they are computed once for all the scans, except
 where the chunked kernels compute them inside (:func:`hgrn2.ops.fuses_gates`).
