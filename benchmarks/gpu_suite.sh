@@ -9,7 +9,8 @@
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
 # runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
-# PF_IMAGES=N): the LRA jobs unpack it and the script reuses it instead of drawing it again.
+# PF_IMAGES=N; pathfinder-c6-<N>-s<seed> for --pathfinder-contour-length 6): the LRA jobs unpack it and the script
+# reuses it instead of drawing it again.
 # Each job writes its JSON to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
 OUT=${OUT:-benchmarks/results}
