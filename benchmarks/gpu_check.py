@@ -211,6 +211,7 @@ def main() -> None:
     check_decoding(64, 8, 128, torch.float32)
     check_hgrn2(1792, 14, 96, 2, torch.bfloat16, op=small_state_hgrn2)  # hgrn2_vit_tiny's row scans at B = 128
     check_hgrn2(32, 2000, 16, 4, torch.bfloat16, gate="log-uniform[-30,0]", op=small_state_hgrn2)  # ListOps
+    check_hgrn2(4096, 32, 64, 2, torch.bfloat16, op=small_state_hgrn2)  # Pathfinder's row scans at B = 128
     check_hgrn2(16, 197, 24, 8, torch.float32, op=small_state_hgrn2)
     check_gated(4, 4096, 8, 128, torch.bfloat16)
     check_gated(2, 1000, 4, 96, torch.float32)  # ragged T, K = V = 96
