@@ -86,3 +86,8 @@ if __name__ == "__main__":
     for task in (image_task, sequence_task):
         for strategy_name in ("ddp", "fsdp"):
             fit(task, strategy_name, out)
+    # close the process group before the interpreter exits: left to exit-time destructors, its worker threads
+    # are sometimes torn down while still running, which aborts the process after all the fits succeeded
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
