@@ -48,8 +48,6 @@ from datamodules.lra.pathfinder_snakes import (
     with_contour_length,
 )
 
-DIFFICULTY = "curv_contour_length_14"
-
 
 @dataclass
 class PathfinderSample:

@@ -20,8 +20,9 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from datamodules.lra.common import LRADataModule, collate_images, missing_data_error, split_indices
+from datamodules.lra.pathfinder_snakes import DIFFICULTIES
 
-DIFFICULTY = "curv_contour_length_14"
+DIFFICULTY = DIFFICULTIES[14]  # the LRA tasks' difficulty
 
 
 def read_metadata(path: Path) -> list[list[str]]:

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 
 from datamodules.lra import pathfinder_pack
-from datamodules.lra.generate_pathfinder import DIFFICULTY, make_sample, write_pathfinder
-from datamodules.lra.pathfinder import PathfinderDataModule, PathXDataModule
+from datamodules.lra.generate_pathfinder import make_sample, write_pathfinder
+from datamodules.lra.pathfinder import DIFFICULTY, PathfinderDataModule, PathXDataModule
 from datamodules.lra.pathfinder_snakes import PRESETS, difficulty_folder, with_contour_length
 
 
