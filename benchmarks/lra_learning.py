@@ -278,19 +278,13 @@ def load_initial_weights(model: pl.LightningModule, checkpoint: Path) -> dict:
         weights = state["state_dict"]
     except Exception as error:
         raise SystemExit(f"--init-from {checkpoint}: cannot read it ({type(error).__name__}: {error})") from None
-    expected = model.state_dict()
-    missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
-    reshaped = [
-        f"{k} {list(weights[k].shape)} (here {list(v.shape)})"
-        for k, v in expected.items()
-        if k in weights and weights[k].shape != v.shape
-    ]
-    if missing or unexpected or reshaped:
+    try:  # strict: names every missing or unexpected key and every shape that differs
+        model.load_state_dict(weights)
+    except RuntimeError as error:
         raise SystemExit(
-            f"--init-from {checkpoint} holds another architecture: missing {missing[:3]}, unexpected "
-            f"{unexpected[:3]}, other shapes {reshaped[:3]}; start from a checkpoint of the same preset and overrides"
-        )
-    model.load_state_dict(weights)
+            f"--init-from {checkpoint} holds another architecture; start from a checkpoint of the same preset and "
+            f"overrides. {error}"
+        ) from None
     points = state.get("callbacks", {}).get("LearningCurve", {}).get("points", [])
     last = points[-1] if points else None
     return {"checkpoint": str(checkpoint), "steps": state.get("global_step"), "last_val": last}
