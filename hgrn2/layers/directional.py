@@ -44,6 +44,11 @@ class _MultiScanHGRU2(HGRU2):
             o, _ = hgrn2_recurrence(q, value, forget, scale=self.scale, backend=self.backend, check_values=False)
         return o
 
+    def _scan_both_ways(self, gates, lower_bound, fused: bool) -> torch.Tensor:
+        """The scan of ``gates`` ``(q, v, log λ)`` ``[N, T, H, K]`` left to right plus the one right to left."""
+        forward = self._scan(*gates, lower_bound, fused)
+        return forward + self._scan(*(g.flip(1) for g in gates), lower_bound, fused).flip(1)
+
     def step(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} is not causal: it has no recurrent decoding step")
 
@@ -69,9 +74,7 @@ class BidirectionalHGRU2(_MultiScanHGRU2):
             forget_proj = forget_proj.masked_fill(~mask.bool()[..., None, None], 1e4)
         beta = self._head_lower_bound(lower_bound)
         gates, fused = self._scan_inputs(q_proj, value, forget_proj, beta)
-        forward = self._scan(*gates, beta, fused)
-        backward = self._scan(*(g.flip(1) for g in gates), beta, fused).flip(1)
-        return self.finish(forward + backward), None
+        return self.finish(self._scan_both_ways(gates, beta, fused)), None
 
 
 class HGRU2d(_MultiScanHGRU2):
@@ -121,21 +124,13 @@ class HGRU2d(_MultiScanHGRU2):
         scans, then norm and project out."""
         batch, height, width = grid
         gates, fused = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
+        grids = [g.unflatten(1, (height, width)) for g in gates]  # each [B, h, w, H, K]
         total = None
         for axis in axes:
-            if axis == "rows":  # [B, h·w, H, K] -> [B·h, w, H, K]
-                seqs = [g.reshape(batch * height, width, *g.shape[2:]) for g in gates]
-            else:  # -> columns [B·w, h, H, K]
-                seqs = [
-                    g.reshape(batch, height, width, *g.shape[2:])
-                    .transpose(1, 2)
-                    .reshape(batch * width, height, -1, g.shape[-1])
-                    for g in gates
-                ]
-            out = self._scan(*seqs, beta, fused) + self._scan(*(g.flip(1) for g in seqs), beta, fused).flip(1)
-            if axis == "rows":
-                out = out.reshape(batch, height, width, *out.shape[2:])
-            else:
-                out = out.reshape(batch, width, height, *out.shape[2:]).transpose(1, 2)
+            if axis == "rows":  # scan [B·h, w, H, K]
+                out = self._scan_both_ways([g.flatten(0, 1) for g in grids], beta, fused).unflatten(0, (batch, height))
+            else:  # columns: scan [B·w, h, H, K], then back to [B, h, w, H, V]
+                columns = [g.transpose(1, 2).flatten(0, 1) for g in grids]
+                out = self._scan_both_ways(columns, beta, fused).unflatten(0, (batch, width)).transpose(1, 2)
             total = out if total is None else total + out
         return self.finish(total.reshape(batch, height * width, *total.shape[3:]))
