@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from hgrn2.models.lra import LRAClassifier, lra_config  # noqa: E402
 from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
 from hgrn2.ops.recurrent import fused_recurrent_hgrn2, fused_recurrent_hgrn2_step  # noqa: E402
@@ -183,20 +184,41 @@ def check_decoding(batch, heads, dim, dtype, steps=4):
     report(f"recurrent step {str(dtype)[6:]} B={batch} H={heads} K=V={dim} x{steps}", pairs, TOL[dtype], seconds)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-gpu-check.log")
-    args = parser.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("gpu_check.py needs a CUDA device")
-    torch.backends.cuda.matmul.allow_tf32 = False
-    import triton
+def check_lra_encoder(preset: str, batch: int, **overrides) -> None:
+    """A whole LRA encoder (training mode) on the kernels in float32 against the same weights on the PyTorch loop
+    in float64: logits, the gradient of every parameter, and all the gradients as one vector.
 
-    props = torch.cuda.get_device_properties(0)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    LOG_PATH.append(out / f"{props.name.replace(' ', '-')}-gpu-check.log")
-    log(f"device: {props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    Per-parameter errors are reported for the tensors whose gradient holds at least 1e-3 of the whole gradient's
+    norm: a bias added just before a BatchNorm has an exact gradient of zero, so its relative error would only
+    measure rounding."""
+    torch.manual_seed(4)
+    kernels = LRAClassifier(lra_config(preset, backend="auto", **overrides)).cuda()
+    loop = LRAClassifier(lra_config(preset, backend="naive", **overrides)).cuda().double()
+    loop.load_state_dict(kernels.state_dict())
+    length = math.prod(kernels.config.grid_size or (1024,))
+    pixels = torch.randint(0, 256, (batch, length), device="cuda", dtype=torch.uint8)
+    cotangent = torch.randn(batch, kernels.config.num_classes, device="cuda")
+    start = time.time()
+    logits = kernels(pixels)
+    (logits * cotangent).sum().backward()
+    torch.cuda.synchronize()
+    seconds = time.time() - start
+    logits_ref = loop(pixels)
+    (logits_ref * cotangent.double()).sum().backward()
+    grads = {name: p.grad for name, p in kernels.named_parameters()}
+    grads_ref = {name: p.grad for name, p in loop.named_parameters()}
+    whole = torch.cat([g.flatten() for g in grads.values()]), torch.cat([g.flatten() for g in grads_ref.values()])
+    floor = 1e-3 * whole[1].norm()
+    pairs = {"logits": (logits, logits_ref), "all_grads": whole}
+    worst = max((name for name in grads if grads_ref[name].norm() >= floor), key=lambda n: rel(grads[n], grads_ref[n]))
+    pairs[f"worst_param[{worst}]"] = (grads[worst], grads_ref[worst])
+    small = sum(1 for name in grads if grads_ref[name].norm() < floor)
+    settings = " ".join(f"{key}={value}" for key, value in overrides.items())
+    name = f"LRA {preset} {settings} encoder, float32 kernels vs float64 loop, B={batch} ({small} tiny skipped)"
+    report(name, pairs, TOL[torch.float32], seconds)
+
+
+def check_kernels() -> None:
     check_hgrn2(8, 2048, 8, 128, torch.bfloat16)  # 16K tokens
     check_hgrn2(8, 2048, 8, 128, torch.bfloat16, gate="wide")
     check_hgrn2(1, 65536, 4, 128, torch.bfloat16)  # 64K tokens, one sequence
@@ -215,6 +237,27 @@ def main() -> None:
     check_hgrn2(16, 197, 24, 8, torch.float32, op=small_state_hgrn2)
     check_gated(4, 4096, 8, 128, torch.bfloat16)
     check_gated(2, 1000, 4, 96, torch.float32)  # ragged T, K = V = 96
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-gpu-check.log")
+    parser.add_argument("--only", choices=["encoders"], default=None, help="run only these checks")
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("gpu_check.py needs a CUDA device")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    import triton
+
+    props = torch.cuda.get_device_properties(0)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    LOG_PATH.append(out / f"{props.name.replace(' ', '-')}-gpu-check.log")
+    log(f"device: {props.name}, torch {torch.__version__}, triton {triton.__version__}")
+    if args.only != "encoders":
+        check_kernels()
+    check_lra_encoder("pathfinder", 8)
+    check_lra_encoder("pathfinder", 8, grid_scan="series")
     log(f"{len(FAILURES)} of the checks failed" + (": " + "; ".join(FAILURES) if FAILURES else ""))
     sys.exit(1 if FAILURES else 0)
 

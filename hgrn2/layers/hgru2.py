@@ -58,6 +58,18 @@ class HGRU2(nn.Module):
         self.norm = make_norm(norm, hidden_size, groups=self.num_heads if norm_per_head else 1)
         self.o_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
 
+    def init_forget_gate(self, low: float, high: float) -> None:
+        """Sets the forget projection's bias so that, for a zero input, the gate sigmoid(W_f x + b) runs evenly
+        from ``low`` to ``high`` over the channels (before the layer's lower bound lifts it). Gates near 1 make
+        the recurrence remember over long spans from the first step on."""
+        if self.f_proj.bias is None:
+            raise ValueError("init_forget_gate needs a forget projection with a bias; build the mixer with bias=True")
+        if not 0.0 < low <= high < 1.0:
+            raise ValueError(f"need 0 < low <= high < 1 for the initial forget gates, got low={low}, high={high}")
+        gates = torch.linspace(low, high, self.hidden_size, dtype=torch.float64)
+        with torch.no_grad():
+            self.f_proj.bias.copy_(torch.logit(gates).to(self.f_proj.bias.dtype))
+
     @property
     def state_shape(self) -> tuple[int, int, int]:
         """Per-sample recurrent state: ``(H, K, V)``."""

@@ -56,6 +56,7 @@ class LRAConfig:
     bias: bool = True
     scale: float = 1.0
     use_lower_bound: bool = True
+    forget_gate_init: tuple[float, float] | None = None  # (low, high): initial forget gates, even over channels
     positional_encoding: bool = False
     dropout: float = 0.0
     two_d: bool = False  # HGRU2d over a grid_size grid instead of the bidirectional 1-D mixer
@@ -82,6 +83,13 @@ class LRAConfig:
             raise ValueError(f"grid_scan must be one of {GRID_SCANS}, got {self.grid_scan!r}")
         if self.dual and self.two_d:
             raise ValueError("the two-tower (dual) head is for 1-D sequences; set two_d=False")
+        if self.forget_gate_init is not None:
+            self.forget_gate_init = tuple(float(v) for v in self.forget_gate_init)
+            low, high = self.forget_gate_init if len(self.forget_gate_init) == 2 else (0.0, 0.0)
+            if not 0.0 < low <= high < 1.0:
+                raise ValueError(
+                    f"forget_gate_init must be (low, high) with 0 < low <= high < 1, got {self.forget_gate_init}"
+                )
         if self.grid_size is not None:
             self.grid_size = tuple(int(v) for v in self.grid_size)
             if len(self.grid_size) != 2 or min(self.grid_size) < 1:
@@ -174,6 +182,9 @@ class LRAClassifier(nn.Module):
             Block(mixer(c.hidden_size, **mixer_kwargs), c.glu_hidden_size, c.norm, c.glu_activation, bias=c.bias)
             for _ in range(c.num_layers)
         )
+        if c.forget_gate_init is not None:
+            for block in self.blocks:
+                block.mixer.init_forget_gate(*c.forget_gate_init)
         self.lower_bounds = LayerLowerBounds(c.num_layers, c.hidden_size) if c.use_lower_bound else None
         self.dropout = nn.Dropout(c.dropout)
         self.final_norm = make_norm(c.norm, c.hidden_size) if c.prenorm else nn.Identity()

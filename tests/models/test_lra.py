@@ -168,3 +168,17 @@ def test_grid_scan_picks_the_2d_mixer_mode_and_refuses_unknown_ones():
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     with pytest.raises(ValueError, match="grid_scan"):
         lra_config("pathfinder", grid_scan="diagonal")
+
+
+def test_forget_gate_init_spreads_the_initial_gates_evenly_over_the_channels():
+    model = small_model("pathfinder", forget_gate_init=(0.9, 0.99))
+    dim = model.config.hidden_size
+    expected = torch.tensor([0.9 + 0.09 * i / (dim - 1) for i in range(dim)], dtype=torch.float64)
+    for block in model.blocks:
+        gates = torch.sigmoid(block.mixer.f_proj(torch.zeros(1, dim)).double())[0]
+        torch.testing.assert_close(gates, expected, rtol=0, atol=1e-6)
+    default = small_model("pathfinder")
+    assert torch.sigmoid(default.blocks[0].mixer.f_proj.bias).max() < 0.9  # PyTorch's init: gates near 1/2
+    for bad in [(0.0, 0.5), (0.6, 0.5), (0.5, 1.0), (0.5,)]:
+        with pytest.raises(ValueError, match="forget_gate_init"):
+            lra_config("pathfinder", forget_gate_init=bad)
