@@ -5,7 +5,9 @@
 Every check draws fresh random inputs, runs the kernel forward and backward, and compares the output,
 the final state and every gradient with the plain-PyTorch reference (hgrn2.ops.reference) evaluated in
 float64 on the same inputs: relative error ‖kernel − reference‖ / ‖reference‖ against 1e-4 (float32,
-TF32 off) or 2e-2 (bfloat16). Exits with status 1 if any check fails.
+TF32 off) or 2e-2 (bfloat16). Then a whole LRA Pathfinder encoder (both 2-D mixer modes) on the kernels in
+float32 against the same weights on the PyTorch loop in float64 (``--only encoders`` runs just those). Exits with
+status 1 if any check fails.
 """
 
 from __future__ import annotations
