@@ -79,6 +79,17 @@ def generate(
     return texts
 
 
+def close_process_group() -> None:
+    """Close the ``torch.distributed`` process group a run opened (Lightning leaves it open after ``fit``).
+
+    Left to the interpreter's exit-time destructors, gloo's worker threads are sometimes torn down while still
+    running, which aborts the process ("terminate called without an active exception") after the run has
+    finished and written everything. The barrier lets every rank finish its collectives before any closes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
 def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["generate"]:
@@ -93,6 +104,7 @@ def main(args: list[str] | None = None) -> None:
         parser_kwargs={"description": "Train and evaluate HGRN2 models (LM, images, Long Range Arena, MQAR)."},
         args=args,
     )
+    close_process_group()
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from lightning_modules.cli import close_process_group
 from lightning_modules.image_classifier import ImageClassifier
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.sequence_classifier import SequenceClassifier
@@ -86,8 +87,4 @@ if __name__ == "__main__":
     for task in (image_task, sequence_task):
         for strategy_name in ("ddp", "fsdp"):
             fit(task, strategy_name, out)
-    # close the process group before the interpreter exits: left to exit-time destructors, its worker threads
-    # are sometimes torn down while still running, which aborts the process after all the fits succeeded
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    close_process_group()
