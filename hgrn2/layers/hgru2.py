@@ -11,6 +11,12 @@ from hgrn2.ops.gates import activation
 from hgrn2.ops.reference import accumulation_dtype
 
 
+def check_forget_gate_range(low: float, high: float, name: str = "the initial forget gates") -> None:
+    """Raises a ValueError naming ``name`` unless 0 < low <= high < 1 (a range of forget-gate values)."""
+    if not 0.0 < low <= high < 1.0:
+        raise ValueError(f"{name} must be (low, high) with 0 < low <= high < 1, got ({low}, {high})")
+
+
 class HGRU2(nn.Module):
     """The HGRN2 token mixer.
 
@@ -64,8 +70,7 @@ class HGRU2(nn.Module):
         the recurrence remember over long spans from the first step on."""
         if self.f_proj.bias is None:
             raise ValueError("init_forget_gate needs a forget projection with a bias; build the mixer with bias=True")
-        if not 0.0 < low <= high < 1.0:
-            raise ValueError(f"need 0 < low <= high < 1 for the initial forget gates, got low={low}, high={high}")
+        check_forget_gate_range(low, high)
         gates = torch.linspace(low, high, self.hidden_size, dtype=torch.float64)
         with torch.no_grad():
             self.f_proj.bias.copy_(torch.logit(gates).to(self.f_proj.bias.dtype))

@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from hgrn2.layers import BidirectionalHGRU2, Block, HGRU2d, LayerLowerBounds, make_norm
+from hgrn2.layers.hgru2 import check_forget_gate_range
 
 __all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "block_forward", "lra_config", "sinusoidal_positions"]
 
@@ -85,11 +86,9 @@ class LRAConfig:
             raise ValueError("the two-tower (dual) head is for 1-D sequences; set two_d=False")
         if self.forget_gate_init is not None:
             self.forget_gate_init = tuple(float(v) for v in self.forget_gate_init)
-            low, high = self.forget_gate_init if len(self.forget_gate_init) == 2 else (0.0, 0.0)
-            if not 0.0 < low <= high < 1.0:
-                raise ValueError(
-                    f"forget_gate_init must be (low, high) with 0 < low <= high < 1, got {self.forget_gate_init}"
-                )
+            if len(self.forget_gate_init) != 2:
+                raise ValueError(f"forget_gate_init must be (low, high), got {self.forget_gate_init}")
+            check_forget_gate_range(*self.forget_gate_init, name="forget_gate_init")
         if self.grid_size is not None:
             self.grid_size = tuple(int(v) for v in self.grid_size)
             if len(self.grid_size) != 2 or min(self.grid_size) < 1:
