@@ -4,7 +4,9 @@
 # (scaling runs scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt; each can also be named alone; ops, train-8192
 # and vision-chunked are further jobs). LRA_MINUTES, LRA_TOTAL_MINUTES, LRA_BACKEND, LRA_FLAGS (more flags of
 # lra_learning.py), MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
-# lra-variants runs LRA_VARIANTS="tag:flags;..." (Pathfinder runs of lra_learning.py) side by side on one GPU.
+# lra-variants runs LRA_VARIANTS="tag:flags;..." (Pathfinder runs of lra_learning.py) side by side on one GPU;
+# pathfinder-ablation runs PF_ABLATION_VARIANTS="tag:json;..." (benchmarks/pathfinder_ablation.py, flags in
+# PF_ABLATION_FLAGS) likewise.
 # On two GPUs, scaling-2gpu: the 374m LM on one GPU, then on two under DDP and under FSDP, at one global batch.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
@@ -112,6 +114,13 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       grep -h "epoch\|test accuracy" "$OUT/lra-variants.log"
       cp "$RESULTS"/*-lra.json "$OUT/"
       mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
+    pathfinder-ablation)  # PF_ABLATION_VARIANTS="tag:json;tag:json" on PF_IMAGES curv_baseline images, side by side
+      unpack_lra_data
+      IFS=';' read -ra variants <<<"${PF_ABLATION_VARIANTS:?set PF_ABLATION_VARIANTS}"
+      run pathfinder-ablation python benchmarks/pathfinder_ablation.py --difficulty curv_baseline \
+        --data-dir "runs/lra_learning/pathfinder-c6-${PF_IMAGES:-100000}-s0/pathfinder32" --workers "$(nproc)" \
+        --variants "${variants[@]}" ${PF_ABLATION_FLAGS:-} --out "$RESULTS/pathfinder-ablation.json"
+      cp "$RESULTS/pathfinder-ablation.json" "$OUT/" ;;
     lra-listops | lra-pathfinder)
       unpack_lra_data
       # LRA_TOTAL_MINUTES spreads one schedule over several calls: the checkpoint comes back in $OUT/lra-ckpt/;
