@@ -16,6 +16,8 @@ object of changes: any :class:`~hgrn2.models.lra.LRAConfig` field, plus the abla
 * ``stem``: ``"embedding"`` (the config's per-pixel embedding) or ``"conv3"`` (a 3×3 convolution of the pixels);
 * ``pre_pool``: ``"none"``, ``"relu"`` or ``"gelu"``: an activation on the final features before pooling;
 * ``pool``: ``"mean"`` or ``"max"`` over the positions;
+* ``short_conv``: 0 (none) or an odd kernel size k: a depthwise k×k convolution and SiLU on the mixer's input
+  (inside the residual branch), so that the mixer reads local shape as well as its scans;
 * ``lr``, ``batch_size``: the optimiser's peak learning rate and the batch.
 
 ``"cnn"`` as ``mixer`` trains the plain six-layer CNN instead (3×3 stem, per layer a depthwise dilated 3×3
@@ -74,6 +76,22 @@ class DilatedConvMixer(nn.Module):
         return self.pointwise(F.gelu(y)), None
 
 
+class ShortConvThen(nn.Module):
+    """A depthwise k×k convolution of the grid and SiLU, then ``mixer``."""
+
+    def __init__(self, mixer: nn.Module, kernel_size: int):
+        super().__init__()
+        self.hidden_size = dim = mixer.hidden_size
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        self.mixer = mixer
+
+    def forward(self, x: torch.Tensor, lower_bound=None, grid_size=None) -> tuple[torch.Tensor, None]:
+        batch, length, dim = x.shape
+        image = x.transpose(1, 2).reshape(batch, dim, *grid_size)
+        local = F.silu(self.conv(image)).reshape(batch, dim, length).transpose(1, 2)
+        return self.mixer(local, lower_bound=lower_bound, grid_size=grid_size)
+
+
 class ControlCNN(nn.Module):
     """Six depthwise-separable dilated 3×3 convolutions with BatchNorm and ReLU, mean pooling, a linear head."""
 
@@ -109,13 +127,20 @@ class AblatedEncoder(nn.Module):
             if value not in ABLATION_KEYS[key]:
                 raise ValueError(f"{key} must be one of {ABLATION_KEYS[key]}, got {value!r}")
         self.settings = settings
-        fields = {k: v for k, v in changes.items() if k not in ABLATION_KEYS and k not in ("lr", "batch_size")}
+        script_keys = ("lr", "batch_size", "short_conv")
+        fields = {k: v for k, v in changes.items() if k not in ABLATION_KEYS and k not in script_keys}
         self.config = lra_config("pathfinder", **fields)
         self.net = LRAClassifier(self.config)
         width = self.config.hidden_size
         if settings["mixer"] == "dilated_conv":
             for i, block in enumerate(self.net.blocks):
                 block.mixer = DilatedConvMixer(width, DILATIONS[i % len(DILATIONS)])
+        kernel = changes.get("short_conv", 0)
+        if kernel:
+            if kernel < 1 or kernel % 2 == 0:
+                raise ValueError(f"short_conv must be 0 or an odd kernel size, got {kernel}")
+            for block in self.net.blocks:
+                block.mixer = ShortConvThen(block.mixer, kernel)
         self.stem = nn.Conv2d(1, width, 3, padding=1) if settings["stem"] == "conv3" else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
