@@ -17,7 +17,8 @@ object of changes: any :class:`~hgrn2.models.lra.LRAConfig` field, plus the abla
 * ``pre_pool``: ``"none"``, ``"relu"`` or ``"gelu"``: an activation on the final features before pooling;
 * ``pool``: ``"mean"`` or ``"max"`` over the positions;
 * ``short_conv``: 0 (none) or an odd kernel size k: a depthwise k×k convolution and SiLU on the mixer's input
-  (inside the residual branch), so that the mixer reads local shape as well as its scans;
+  (inside the residual branch), so that the mixer reads local shape as well as its scans; ``short_conv_dilated``
+  (true/false) dilates it as ``mixer: "dilated_conv"`` does;
 * ``lr``, ``batch_size``: the optimiser's peak learning rate and the batch.
 
 ``"cnn"`` as ``mixer`` trains the plain six-layer CNN instead (3×3 stem, per layer a depthwise dilated 3×3
@@ -79,10 +80,11 @@ class DilatedConvMixer(nn.Module):
 class ShortConvThen(nn.Module):
     """A depthwise k×k convolution of the grid and SiLU, then ``mixer``."""
 
-    def __init__(self, mixer: nn.Module, kernel_size: int):
+    def __init__(self, mixer: nn.Module, kernel_size: int, dilation: int = 1):
         super().__init__()
         self.hidden_size = dim = mixer.hidden_size
-        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=kernel_size // 2, groups=dim)
+        padding = dilation * (kernel_size // 2)
+        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=padding, dilation=dilation, groups=dim)
         self.mixer = mixer
 
     def forward(self, x: torch.Tensor, lower_bound=None, grid_size=None) -> tuple[torch.Tensor, None]:
@@ -127,7 +129,7 @@ class AblatedEncoder(nn.Module):
             if value not in ABLATION_KEYS[key]:
                 raise ValueError(f"{key} must be one of {ABLATION_KEYS[key]}, got {value!r}")
         self.settings = settings
-        script_keys = ("lr", "batch_size", "short_conv")
+        script_keys = ("lr", "batch_size", "short_conv", "short_conv_dilated")
         fields = {k: v for k, v in changes.items() if k not in ABLATION_KEYS and k not in script_keys}
         self.config = lra_config("pathfinder", **fields)
         self.net = LRAClassifier(self.config)
@@ -139,8 +141,10 @@ class AblatedEncoder(nn.Module):
         if kernel:
             if kernel < 1 or kernel % 2 == 0:
                 raise ValueError(f"short_conv must be 0 or an odd kernel size, got {kernel}")
-            for block in self.net.blocks:
-                block.mixer = ShortConvThen(block.mixer, kernel)
+            dilated = bool(changes.get("short_conv_dilated", False))
+            for i, block in enumerate(self.net.blocks):
+                dilation = DILATIONS[i % len(DILATIONS)] if dilated else 1
+                block.mixer = ShortConvThen(block.mixer, kernel, dilation)
         self.stem = nn.Conv2d(1, width, 3, padding=1) if settings["stem"] == "conv3" else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
