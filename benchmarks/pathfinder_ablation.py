@@ -18,7 +18,8 @@ object of changes: any :class:`~hgrn2.models.lra.LRAConfig` field, plus the abla
 * ``pool``: ``"mean"`` or ``"max"`` over the positions;
 * ``short_conv``: 0 (none) or an odd kernel size k: a depthwise k×k convolution and SiLU on the mixer's input
   (inside the residual branch), so that the mixer reads local shape as well as its scans; ``short_conv_dilated``
-  (true/false) dilates it as ``mixer: "dilated_conv"`` does;
+  (true/false) dilates it as ``mixer: "dilated_conv"`` does. These set the config's ``grid_conv`` and
+  ``grid_conv_dilations``, which may also be given directly;
 * ``lr``, ``batch_size``: the optimiser's peak learning rate and the batch.
 
 ``"cnn"`` as ``mixer`` trains the plain six-layer CNN instead (3×3 stem, per layer a depthwise dilated 3×3
@@ -45,7 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from pathfinder_cnn_control import load_split  # noqa: E402
 
 from datamodules.lra.pathfinder import DIFFICULTY, PathfinderDataModule  # noqa: E402
@@ -75,23 +76,6 @@ class DilatedConvMixer(nn.Module):
         image = x.transpose(1, 2).reshape(batch, dim, height, width)
         y = self.spatial(image).reshape(batch, dim, length).transpose(1, 2)
         return self.pointwise(F.gelu(y)), None
-
-
-class ShortConvThen(nn.Module):
-    """A depthwise k×k convolution of the grid and SiLU, then ``mixer``."""
-
-    def __init__(self, mixer: nn.Module, kernel_size: int, dilation: int = 1):
-        super().__init__()
-        self.hidden_size = dim = mixer.hidden_size
-        padding = dilation * (kernel_size // 2)
-        self.conv = nn.Conv2d(dim, dim, kernel_size, padding=padding, dilation=dilation, groups=dim)
-        self.mixer = mixer
-
-    def forward(self, x: torch.Tensor, lower_bound=None, grid_size=None) -> tuple[torch.Tensor, None]:
-        batch, length, dim = x.shape
-        image = x.transpose(1, 2).reshape(batch, dim, *grid_size)
-        local = F.silu(self.conv(image)).reshape(batch, dim, length).transpose(1, 2)
-        return self.mixer(local, lower_bound=lower_bound, grid_size=grid_size)
 
 
 class ControlCNN(nn.Module):
@@ -131,20 +115,16 @@ class AblatedEncoder(nn.Module):
         self.settings = settings
         script_keys = ("lr", "batch_size", "short_conv", "short_conv_dilated")
         fields = {k: v for k, v in changes.items() if k not in ABLATION_KEYS and k not in script_keys}
+        if changes.get("short_conv"):
+            fields["grid_conv"] = changes["short_conv"]
+            if changes.get("short_conv_dilated"):
+                fields["grid_conv_dilations"] = DILATIONS
         self.config = lra_config("pathfinder", **fields)
         self.net = LRAClassifier(self.config)
         width = self.config.hidden_size
         if settings["mixer"] == "dilated_conv":
             for i, block in enumerate(self.net.blocks):
                 block.mixer = DilatedConvMixer(width, DILATIONS[i % len(DILATIONS)])
-        kernel = changes.get("short_conv", 0)
-        if kernel:
-            if kernel < 1 or kernel % 2 == 0:
-                raise ValueError(f"short_conv must be 0 or an odd kernel size, got {kernel}")
-            dilated = bool(changes.get("short_conv_dilated", False))
-            for i, block in enumerate(self.net.blocks):
-                dilation = DILATIONS[i % len(DILATIONS)] if dilated else 1
-                block.mixer = ShortConvThen(block.mixer, kernel, dilation)
         self.stem = nn.Conv2d(1, width, 3, padding=1) if settings["stem"] == "conv3" else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -155,8 +135,9 @@ class AblatedEncoder(nn.Module):
         else:
             x = net.embed_inputs(pixels)
         bounds = net.lower_bounds().unbind(0) if net.lower_bounds is not None else [None] * len(net.blocks)
-        for block, bound in zip(net.blocks, bounds):
-            x = block_forward(block, x, bound, self.config.prenorm, net.dropout, grid_size=(side, side))
+        convs = net.grid_convs if net.grid_convs is not None else [None] * len(net.blocks)
+        for block, bound, conv in zip(net.blocks, bounds, convs):
+            x = block_forward(block, x, bound, self.config.prenorm, net.dropout, conv, grid_size=(side, side))
         x = net.final_norm(x)
         if self.settings["pre_pool"] != "none":
             x = getattr(F, self.settings["pre_pool"])(x)

@@ -1,5 +1,5 @@
 """HGRN2 building blocks: token mixers, the GLU channel mixer, norms, the lower-bound schedule, the short
-convolution, blocks."""
+convolutions, blocks."""
 
 from hgrn2.layers.block import Block
 from hgrn2.layers.directional import BidirectionalHGRU2, HGRU2d
@@ -8,10 +8,11 @@ from hgrn2.layers.hgru1 import HGRU1
 from hgrn2.layers.hgru2 import HGRU2
 from hgrn2.layers.lower_bound import LayerLowerBounds, lower_bound_schedule
 from hgrn2.layers.norm import NORMS, RMSNorm, make_norm
-from hgrn2.layers.short_conv import ShortConvolution
+from hgrn2.layers.short_conv import GridConvolution, ShortConvolution
 
 __all__ = [
     "GLU",
+    "GridConvolution",
     "HGRU1",
     "HGRU2",
     "NORMS",

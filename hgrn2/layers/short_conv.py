@@ -1,8 +1,10 @@
-"""A short causal depthwise convolution over time, put in front of a token mixer (as in Zoology's MQAR models)."""
+"""Short depthwise convolutions put in front of a token mixer: causal over time (as in Zoology's MQAR models),
+or over the pixel grid of a 2-D model."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -49,3 +51,44 @@ class ShortConvolution(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.hidden_size}, kernel_size={self.kernel_size}"
+
+
+class GridConvolution(nn.Module):
+    """A depthwise k×k convolution over a row-major grid ``[B, h·w, D]``, then SiLU (non-causal, zero padding).
+
+    ``dilation`` spaces the taps that many pixels apart, so that a stack of them with growing dilations sees
+    far across the image at k² weights per channel and layer. In front of a 2-D HGRU2 it gives the mixer the
+    local shape of the image: the mixer's row and column scans are running averages with non-negative weights,
+    which blur the pixels that a thin path is made of.
+    """
+
+    def __init__(self, hidden_size: int, kernel_size: int = 3, dilation: int = 1):
+        super().__init__()
+        if hidden_size < 1 or kernel_size < 1 or kernel_size % 2 == 0 or dilation < 1:
+            raise ValueError(
+                "need hidden_size >= 1, an odd kernel_size and dilation >= 1, got "
+                f"{hidden_size}, {kernel_size} and {dilation}"
+            )
+        self.hidden_size, self.kernel_size, self.dilation = hidden_size, kernel_size, dilation
+        self.conv = nn.Conv2d(
+            hidden_size,
+            hidden_size,
+            kernel_size,
+            padding=dilation * (kernel_size // 2),
+            dilation=dilation,
+            groups=hidden_size,
+        )
+
+    def forward(self, x: torch.Tensor, grid_size: tuple[int, int] | None = None) -> torch.Tensor:
+        """x ``[B, h·w, D]`` with ``grid_size=(h, w)`` (square by default) -> ``[B, h·w, D]``."""
+        if x.dim() != 3 or x.shape[-1] != self.hidden_size:
+            raise ValueError(f"x must have shape [B, h·w, D] with D = {self.hidden_size}, got {list(x.shape)}")
+        batch, length, dim = x.shape
+        height, width = grid_size or (int(round(length**0.5)),) * 2
+        if height * width != length:
+            raise ValueError(f"sequence length {length} is not a {height}×{width} grid; pass grid_size=(h, w)")
+        image = x.transpose(1, 2).reshape(batch, dim, height, width)
+        return F.silu(self.conv(image)).reshape(batch, dim, length).transpose(1, 2)
+
+    def extra_repr(self) -> str:
+        return f"{self.hidden_size}, kernel_size={self.kernel_size}, dilation={self.dilation}"

@@ -6,6 +6,9 @@
   each layer). Both are non-causal.
 * each layer is a :class:`~hgrn2.layers.Block` (mixer + GLU) whose forget gates are lower-bounded by a
   :class:`~hgrn2.layers.LayerLowerBounds` schedule; pre-norm or post-norm, with dropout on both branches.
+* 2-D models can put a depthwise convolution of the grid in front of each mixer (``grid_conv``, dilated per
+  layer by ``grid_conv_dilations``): local shape that the scans, running averages along rows and columns,
+  blur. The paper's encoders have none.
 * tokens are embedded (``embedding="token"``) or pixel levels are mapped linearly from [-1, 1]
   (``embedding="pixel"``); sinusoidal position encodings are optional.
 * Retrieval is a two-tower model: one shared encoder turns the two documents into u and v, and an MLP
@@ -27,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgrn2.layers import BidirectionalHGRU2, Block, HGRU2d, LayerLowerBounds, make_norm
+from hgrn2.layers import BidirectionalHGRU2, Block, GridConvolution, HGRU2d, LayerLowerBounds, make_norm
 from hgrn2.layers.hgru2 import check_forget_gate_range
 
 __all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "block_forward", "lra_config", "sinusoidal_positions"]
@@ -63,6 +66,8 @@ class LRAConfig:
     two_d: bool = False  # HGRU2d over a grid_size grid instead of the bidirectional 1-D mixer
     grid_size: tuple[int, int] | None = None  # (height, width); None = square
     grid_scan: str = "parallel"  # 2-D: "parallel" sums row and column scans; "series" scans rows, then columns
+    grid_conv: int = 0  # 2-D: kernel size of a depthwise convolution (then SiLU) on each mixer's input; 0: none
+    grid_conv_dilations: tuple[int, ...] = (1,)  # layer i's grid convolution has dilation [i % len]
     dual: bool = False  # two-tower retrieval head over [u, v, u·v, u − v]
     backend: str = "auto"
 
@@ -89,6 +94,13 @@ class LRAConfig:
             if len(self.forget_gate_init) != 2:
                 raise ValueError(f"forget_gate_init must be (low, high), got {self.forget_gate_init}")
             check_forget_gate_range(*self.forget_gate_init, name="forget_gate_init")
+        self.grid_conv_dilations = tuple(int(v) for v in self.grid_conv_dilations)
+        if self.grid_conv < 0 or (self.grid_conv and self.grid_conv % 2 == 0):
+            raise ValueError(f"grid_conv must be 0 (none) or an odd kernel size, got {self.grid_conv}")
+        if self.grid_conv and not self.two_d:
+            raise ValueError("grid_conv convolves a pixel grid: it needs a 2-D model (two_d=True)")
+        if not self.grid_conv_dilations or min(self.grid_conv_dilations) < 1:
+            raise ValueError(f"grid_conv_dilations must be one or more dilations >= 1, got {self.grid_conv_dilations}")
         if self.grid_size is not None:
             self.grid_size = tuple(int(v) for v in self.grid_size)
             if len(self.grid_size) != 2 or min(self.grid_size) < 1:
@@ -143,16 +155,23 @@ def block_forward(
     lower_bound: torch.Tensor | None,
     prenorm: bool = True,
     dropout: nn.Module | None = None,
+    grid_conv: GridConvolution | None = None,
     **mixer_kwargs,
 ) -> torch.Tensor:
     """One block with dropout on both residual branches, pre-norm (``x + f(norm(x))``, what ``Block.forward``
-    computes when dropout is off) or post-norm (``norm(x + f(x))``). x ``[B, T, D]``."""
+    computes when dropout and ``grid_conv`` are off) or post-norm (``norm(x + f(x))``). x ``[B, T, D]``.
+    ``grid_conv`` convolves the mixer's input, inside the residual branch: f = mixer ∘ grid_conv."""
     drop = dropout if dropout is not None else nn.Identity()
+
+    def mix(h: torch.Tensor) -> torch.Tensor:
+        if grid_conv is not None:
+            h = grid_conv(h, grid_size=mixer_kwargs.get("grid_size"))
+        return block.mixer(h, lower_bound=lower_bound, **mixer_kwargs)[0]
+
     if prenorm:
-        y, _ = block.mixer(block.mixer_norm(x), lower_bound=lower_bound, **mixer_kwargs)
-        x = x + drop(y)
+        x = x + drop(mix(block.mixer_norm(x)))
         return x if block.glu is None else x + drop(block.glu(block.glu_norm(x)))
-    y, _ = block.mixer(x, lower_bound=lower_bound, **mixer_kwargs)
+    y = mix(x)
     x = block.mixer_norm(x + drop(y))
     return x if block.glu is None else block.glu_norm(x + drop(block.glu(x)))
 
@@ -184,6 +203,12 @@ class LRAClassifier(nn.Module):
         if c.forget_gate_init is not None:
             for block in self.blocks:
                 block.mixer.init_forget_gate(*c.forget_gate_init)
+        self.grid_convs = None
+        if c.grid_conv:
+            dilations = c.grid_conv_dilations
+            self.grid_convs = nn.ModuleList(
+                GridConvolution(c.hidden_size, c.grid_conv, dilations[i % len(dilations)]) for i in range(c.num_layers)
+            )
         self.lower_bounds = LayerLowerBounds(c.num_layers, c.hidden_size) if c.use_lower_bound else None
         self.dropout = nn.Dropout(c.dropout)
         self.final_norm = make_norm(c.norm, c.hidden_size) if c.prenorm else nn.Identity()
@@ -227,8 +252,9 @@ class LRAClassifier(nn.Module):
         kwargs = self._mixer_kwargs(x.shape[1])
         if attention_mask is not None and not self.config.two_d:
             kwargs["mask"] = attention_mask.bool()  # padding must not leak into the right-to-left scan
-        for block, bound in zip(self.blocks, bounds):
-            x = block_forward(block, x, bound, self.config.prenorm, self.dropout, **kwargs)
+        convs = self.grid_convs if self.grid_convs is not None else [None] * len(self.blocks)
+        for block, bound, conv in zip(self.blocks, bounds, convs):
+            x = block_forward(block, x, bound, self.config.prenorm, self.dropout, conv, **kwargs)
         x = self.final_norm(x)
         if attention_mask is None:
             return x.mean(dim=1)

@@ -11,6 +11,7 @@ import yaml
 
 from datamodules.lra.generate_listops import main as generate_listops
 from lightning_modules.cli import HGRN2CLI, main
+from lightning_modules.sequence_classifier import SequenceClassifier
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lra"
 TASKS = ("listops", "text", "retrieval", "image", "pathfinder", "pathx")
@@ -26,14 +27,16 @@ RUN_LRA = {
 }
 
 
-@pytest.mark.parametrize("name", [f"{task}{suffix}" for task in TASKS for suffix in ("", "_tiny")])
+@pytest.mark.parametrize(
+    "name", [f"{task}{suffix}" for task in TASKS for suffix in ("", "_tiny")] + ["pathfinder_grid_conv"]
+)
 def test_every_lra_config_parses_with_print_config(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
         main(["fit", "--config", str(CONFIGS / f"{name}.yaml"), "--print_config"])
     assert exit_info.value.code in (0, None)
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["model"]["class_path"] == "lightning_modules.sequence_classifier.SequenceClassifier"
-    assert printed["model"]["init_args"]["preset"] == name.removesuffix("_tiny")
+    assert printed["model"]["init_args"]["preset"] == name.split("_")[0]
 
 
 @pytest.mark.parametrize("task", TASKS)
@@ -47,6 +50,15 @@ def test_paper_configs_carry_the_authors_run_lra_settings(task):
     assert config["data"]["init_args"]["batch_size"] == batch and trainer["max_epochs"] == epochs
     assert trainer.get("gradient_clip_val") == (clip or None)
     assert trainer["precision"] == "bf16-mixed" and config["model"]["init_args"].get("overrides") is None
+
+
+def test_grid_conv_config_builds_the_measured_encoder():
+    config = yaml.safe_load((CONFIGS / "pathfinder_grid_conv.yaml").read_text())
+    init = config["model"]["init_args"]
+    model = SequenceClassifier(init["preset"], overrides=init["overrides"]).model
+    assert model.blocks[0].glu is None and [conv.dilation for conv in model.grid_convs] == [1, 2, 4, 8, 16, 1]
+    assert (init["optim"]["lr"], init["optim"]["warmup_steps"], init["optim"]["schedule"]) == (2e-3, 100, "constant")
+    assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["init_args"]["batch_size"] == 128
 
 
 def test_tiny_listops_config_trains_validates_and_tests_on_generated_data(tmp_path, monkeypatch):

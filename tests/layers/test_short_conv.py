@@ -1,9 +1,10 @@
-"""The short causal convolution against a float64 loop, and the LM built with it."""
+"""The short convolutions (causal over time, and over a pixel grid) against float64 loops, and the LM built with
+the causal one."""
 
 import pytest
 import torch
 
-from hgrn2.layers import ShortConvolution
+from hgrn2.layers import GridConvolution, ShortConvolution
 from hgrn2.models.lm import HGRN2ForCausalLM, LMConfig, count_parameters
 from tests.helpers import assert_rel_close
 
@@ -98,3 +99,44 @@ def test_lm_with_short_conv_refuses_state_carrying_and_step_decoding():
         model.step(input_ids[:, 0])
     with pytest.raises(ValueError, match=message):
         model.generate(input_ids, max_new_tokens=2)
+
+
+def grid_loop_reference(x, weight, bias, height, width, dilation):
+    """y[b, i·w + j, d] = silu(bias[d] + Σ_{a, c} weight[d, a, c] · x[b, (i + δa)·w + (j + δc), d]) over the taps
+    inside the grid, δa = dilation · (a - k // 2)."""
+    batch, _, dim = x.shape
+    k = weight.shape[-1]
+    y = torch.zeros_like(x)
+    for b in range(batch):
+        for i in range(height):
+            for j in range(width):
+                for d in range(dim):
+                    total = bias[d].clone()
+                    for a in range(k):
+                        for c in range(k):
+                            row, col = i + dilation * (a - k // 2), j + dilation * (c - k // 2)
+                            if 0 <= row < height and 0 <= col < width:
+                                total += weight[d, a, c] * x[b, row * width + col, d]
+                    y[b, i * width + j, d] = total * torch.sigmoid(total)
+    return y
+
+
+@pytest.mark.parametrize("kernel_size, dilation", [(3, 1), (3, 2), (1, 1), (5, 3)])
+def test_grid_convolution_matches_the_loop_on_a_non_square_grid(kernel_size, dilation):
+    torch.manual_seed(3)
+    conv = GridConvolution(3, kernel_size, dilation).double()
+    x = torch.randn(2, 4 * 5, 3, dtype=F64, requires_grad=True)
+    weight, bias = conv.conv.weight.detach()[:, 0], conv.conv.bias.detach()
+    expected = grid_loop_reference(x.detach(), weight, bias, 4, 5, dilation)
+    assert_rel_close(conv(x, grid_size=(4, 5)), expected, 1e-12, "grid conv")
+    assert torch.autograd.gradcheck(lambda t: conv(t, grid_size=(4, 5)), (x,))
+
+
+def test_grid_convolution_names_bad_sizes_and_grids():
+    for bad in [dict(kernel_size=2), dict(kernel_size=0), dict(dilation=0)]:
+        with pytest.raises(ValueError, match="odd kernel_size and dilation >= 1"):
+            GridConvolution(4, **bad)
+    with pytest.raises(ValueError, match="not a 3×3 grid"):
+        GridConvolution(4)(torch.zeros(1, 10, 4), grid_size=(3, 3))
+    with pytest.raises(ValueError, match=r"x must have shape \[B, h·w, D\] with D = 4"):
+        GridConvolution(4)(torch.zeros(1, 9, 5))

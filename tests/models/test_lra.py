@@ -182,3 +182,30 @@ def test_forget_gate_init_spreads_the_initial_gates_evenly_over_the_channels():
     for bad in [(0.0, 0.5), (0.6, 0.5), (0.5, 1.0), (0.5,)]:
         with pytest.raises(ValueError, match="forget_gate_init"):
             lra_config("pathfinder", forget_gate_init=bad)
+
+
+def test_grid_conv_convolves_each_mixers_input_with_the_layers_dilation():
+    model = small_model("pathfinder", num_layers=3, grid_conv=3, grid_conv_dilations=(1, 2)).eval()
+    assert [conv.dilation for conv in model.grid_convs] == [1, 2, 1]  # cycled over the layers
+    block, bound, conv = model.blocks[1], model.lower_bounds()[1], model.grid_convs[1]
+    x = torch.randn(2, 16, 16)
+    mixed = x + block.mixer(conv(block.mixer_norm(x), grid_size=(4, 4)), lower_bound=bound, grid_size=(4, 4))[0]
+    expected = mixed + block.glu(block.glu_norm(mixed))
+    got = block_forward(block, x, bound, True, None, conv, grid_size=(4, 4))
+    torch.testing.assert_close(got, expected)
+    logits = model.train()(**inputs_for(model))
+    logits.logsumexp(-1).sum().backward()
+    assert all(conv.conv.weight.grad.abs().sum() > 0 for conv in model.grid_convs)
+    assert small_model("pathfinder").grid_convs is None  # off by default: the paper's encoders have none
+    assert not any("grid_convs" in name for name in small_model("pathfinder").state_dict())
+
+
+def test_grid_conv_needs_an_odd_kernel_a_2d_model_and_positive_dilations():
+    with pytest.raises(ValueError, match="grid_conv must be 0"):
+        lra_config("pathfinder", grid_conv=4)
+    with pytest.raises(ValueError, match="needs a 2-D model"):
+        lra_config("text", grid_conv=3)
+    with pytest.raises(ValueError, match="grid_conv_dilations"):
+        lra_config("pathfinder", grid_conv=3, grid_conv_dilations=(1, 0))
+    with pytest.raises(ValueError, match="grid_conv_dilations"):
+        lra_config("pathfinder", grid_conv=3, grid_conv_dilations=())

@@ -1,0 +1,61 @@
+"""benchmarks/pathfinder_ablation.py: variants of the LRA encoder trained side by side on the datamodule's split."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from datamodules.lra.generate_pathfinder import write_pathfinder
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = {"hidden_size": 8, "num_layers": 2, "backend": "naive"}
+
+
+@pytest.fixture
+def ablation(monkeypatch):
+    spec = importlib.util.spec_from_file_location("pathfinder_ablation", ROOT / "benchmarks/pathfinder_ablation.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "pathfinder_ablation", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_variants_train_in_their_own_processes_and_are_collected(ablation, tmp_path):
+    data_dir = write_pathfinder(tmp_path / "d", resolution=32, images=40, images_per_batch=20, seed=2, contour_length=6)
+    out = tmp_path / "ablation.json"
+    variants = [f"hgrn:{json.dumps(TINY)}", 'conv:{"mixer": "dilated_conv", "hidden_size": 8, "glu_expand_ratio": 0}']
+    argv = ["--data-dir", str(data_dir), "--difficulty", "curv_baseline", "--variants", *variants]
+    report = ablation.main([*argv, "--steps", "3", "--eval-every", "2", "--batch-size", "4", "--workers", "0",
+                            "--out", str(out)])  # fmt: skip
+    assert json.loads(out.read_text()) == report
+    assert [run["tag"] for run in report["runs"]] == ["hgrn", "conv"]
+    for run in report["runs"]:
+        assert run["exit_code"] == 0 and run["steps"] == 3
+        assert [point["step"] for point in run["curve"]] == [2]
+        assert 0 <= run["test_acc"] <= 100 and 0 <= run["curve"][0]["val_acc"] <= 100
+    splits = torch.load(data_dir / "curv_baseline-splits-s0.pt")
+    assert sum(len(labels) for _, labels in splits.values()) == 40
+
+
+def test_short_conv_keys_build_the_configs_grid_convolutions(ablation):
+    net = ablation.build({**TINY, "glu_expand_ratio": 0, "short_conv": 3, "short_conv_dilated": True})
+    assert (net.net.config.grid_conv, net.net.config.grid_conv_dilations) == (3, (1, 2, 4, 8, 16, 1))
+    assert [conv.dilation for conv in net.net.grid_convs] == [1, 2]
+    logits = net(torch.randint(0, 256, (2, 16), dtype=torch.uint8))
+    assert logits.shape == (2, 2) and torch.isfinite(logits).all()
+    dilated = ablation.build({"mixer": "dilated_conv", "hidden_size": 8, "num_layers": 3})
+    assert [block.mixer.spatial.dilation for block in dilated.net.blocks] == [(1, 1), (2, 2), (4, 4)]
+
+
+def test_bad_variants_fail_before_any_training(ablation, tmp_path):
+    base = ["--data-dir", str(tmp_path), "--out", str(tmp_path / "o.json"), "--variants"]
+    for bad in ["notag", "a:[1]", "a:{bad json", 'a:{"pool": "median"}', 'a:{"hidden": 3}']:
+        with pytest.raises(SystemExit):
+            ablation.parse_args([*base, bad])
+    with pytest.raises(SystemExit):
+        ablation.parse_args([*base, "a:{}", "a:{}"])  # tags must differ
