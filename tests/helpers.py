@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
 import torch
 
 from hgrn2.ops.reference import hgrn2_recurrence_naive
@@ -10,6 +16,20 @@ from hgrn2.ops.reference import hgrn2_recurrence_naive
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # The kernels' relative-error tolerances against float64, by input dtype.
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
+
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """benchmarks/ is a folder of scripts, not a package: load ``benchmarks/<name>.py`` from its path, as module
+    ``name`` (dataclasses look their module up in ``sys.modules``) with its neighbours importable, for one test."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

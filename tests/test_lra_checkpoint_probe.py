@@ -2,27 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
 from datamodules.lra.generate_pathfinder import write_pathfinder
 from lightning_modules.sequence_classifier import SequenceClassifier
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture
 def probe_script(monkeypatch):
-    spec = importlib.util.spec_from_file_location("lra_checkpoint_probe", ROOT / "benchmarks/lra_checkpoint_probe.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "lra_checkpoint_probe", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lra_checkpoint_probe", monkeypatch)
 
 
 def test_probe_reports_the_checkpoints_own_predictions_and_block_scales(probe_script, tmp_path):

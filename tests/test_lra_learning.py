@@ -2,26 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture
 def lra_learning(monkeypatch):
-    """benchmarks/ is a folder of scripts, not a package: load the script from its path."""
-    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # it imports its neighbour gpu_info
-    spec = importlib.util.spec_from_file_location("lra_learning", ROOT / "benchmarks" / "lra_learning.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "lra_learning", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("lra_learning", monkeypatch)
 
 
 def test_schedule_warms_up_then_follows_a_cosine_to_zero(lra_learning):

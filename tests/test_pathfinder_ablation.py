@@ -2,27 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from datamodules.lra.generate_pathfinder import write_pathfinder
+from tests.helpers import load_benchmark
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY = {"hidden_size": 8, "num_layers": 2, "backend": "naive"}
 
 
 @pytest.fixture
 def ablation(monkeypatch):
-    spec = importlib.util.spec_from_file_location("pathfinder_ablation", ROOT / "benchmarks/pathfinder_ablation.py")
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pathfinder_ablation", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pathfinder_ablation", monkeypatch)
 
 
 def test_variants_train_in_their_own_processes_and_are_collected(ablation, tmp_path):

@@ -2,29 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from datamodules.lra.generate_pathfinder import write_pathfinder
 from datamodules.lra.pathfinder import PathfinderDataModule
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import load_benchmark
 
 
 @pytest.fixture
 def control(monkeypatch):
-    spec = importlib.util.spec_from_file_location(
-        "pathfinder_cnn_control", ROOT / "benchmarks/pathfinder_cnn_control.py"
-    )
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "pathfinder_cnn_control", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("pathfinder_cnn_control", monkeypatch)
 
 
 def test_control_trains_on_the_datamodule_split_and_writes_its_curve(control, tmp_path):
