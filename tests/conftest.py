@@ -16,6 +16,15 @@ def _deterministic_seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def pathfinder_baseline_dir(tmp_path_factory):
+    """40 generated Pathfinder-32 images at the release's easiest difficulty (``curv_baseline``), seed 2."""
+    from datamodules.lra.generate_pathfinder import write_pathfinder
+
+    root = tmp_path_factory.mktemp("pathfinder")
+    return write_pathfinder(root, resolution=32, images=40, images_per_batch=20, seed=2, contour_length=6)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from datamodules.lra.generate_pathfinder import write_pathfinder
 from tests.helpers import load_benchmark
 
 TINY = {"hidden_size": 8, "num_layers": 2, "backend": "naive"}
@@ -18,8 +17,8 @@ def ablation(monkeypatch):
     return load_benchmark("pathfinder_ablation", monkeypatch)
 
 
-def test_variants_train_in_their_own_processes_and_are_collected(ablation, tmp_path):
-    data_dir = write_pathfinder(tmp_path / "d", resolution=32, images=40, images_per_batch=20, seed=2, contour_length=6)
+def test_variants_train_in_their_own_processes_and_are_collected(ablation, pathfinder_baseline_dir, tmp_path):
+    data_dir = pathfinder_baseline_dir
     out = tmp_path / "ablation.json"
     variants = [f"hgrn:{json.dumps(TINY)}", 'conv:{"mixer": "dilated_conv", "hidden_size": 8, "glu_expand_ratio": 0}']
     argv = ["--data-dir", str(data_dir), "--difficulty", "curv_baseline", "--variants", *variants]

@@ -7,7 +7,6 @@ import json
 import pytest
 import torch
 
-from datamodules.lra.generate_pathfinder import write_pathfinder
 from datamodules.lra.pathfinder import PathfinderDataModule
 from tests.helpers import load_benchmark
 
@@ -17,8 +16,8 @@ def control(monkeypatch):
     return load_benchmark("pathfinder_cnn_control", monkeypatch)
 
 
-def test_control_trains_on_the_datamodule_split_and_writes_its_curve(control, tmp_path):
-    data_dir = write_pathfinder(tmp_path / "d", resolution=32, images=40, images_per_batch=20, seed=2, contour_length=6)
+def test_control_trains_on_the_datamodule_split_and_writes_its_curve(control, pathfinder_baseline_dir, tmp_path):
+    data_dir = pathfinder_baseline_dir
     out = tmp_path / "control.json"
     argv = ["--data-dir", str(data_dir), "--difficulty", "curv_baseline", "--steps", "3", "--eval-every", "2"]
     report = control.main([*argv, "--batch-size", "8", "--workers", "0", "--out", str(out)])
