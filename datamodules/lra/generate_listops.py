@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import argparse
 import csv
-import os
 import random
 import statistics
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from datamodules.atomic import write_atomically
 from datamodules.lra.common import map_jobs
 
 OPERATORS = ("[MIN", "[MAX", "[MED", "[SM")
@@ -155,17 +154,13 @@ def generate(
 
 def write_tsv(path: Path, rows: list[tuple[str, int]]) -> None:
     """Write ``Source\\tTarget`` rows with a header, atomically (temp file, then rename)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", newline="") as f:
-            writer = csv.writer(f, delimiter="\t")
-            writer.writerow(["Source", "Target"])
-            writer.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    def write(file) -> None:
+        writer = csv.writer(file, delimiter="\t")
+        writer.writerow(["Source", "Target"])
+        writer.writerows(rows)
+
+    write_atomically(path, write, newline="")
 
 
 def write_listops(

@@ -27,15 +27,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from datamodules.atomic import write_atomically
 from datamodules.lra.common import map_jobs
 from datamodules.lra.pathfinder_snakes import (
     FREE_LIMIT,
@@ -192,17 +191,6 @@ def metadata_line(batch: int, index: int, sample: PathfinderSample, params: Path
     return " ".join(str(field) for field in fields)
 
 
-def _atomic_write(path: Path, write) -> None:
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_batch(root: Path, batch: int, count: int, params: PathfinderParams, seed: int) -> list[int]:
     """Draw ``count`` images into ``root/imgs/<batch>`` and their metadata into ``root/metadata/<batch>.npy``.
 
@@ -215,11 +203,11 @@ def write_batch(root: Path, batch: int, count: int, params: PathfinderParams, se
     for index in range(count):
         sample = make_sample(params, rng)
         png = Image.fromarray(sample.image)
-        _atomic_write(image_dir / f"sample_{index}.png", lambda tmp, png=png: png.save(tmp, format="PNG"))
+        write_atomically(image_dir / f"sample_{index}.png", lambda file, png=png: png.save(file, format="PNG"), True)
         lines.append(metadata_line(batch, index, sample, params))
         labels.append(sample.label)
     text = "".join(line + "\n" for line in lines)
-    _atomic_write(root / "metadata" / f"{batch}.npy", lambda tmp: Path(tmp).write_text(text))
+    write_atomically(root / "metadata" / f"{batch}.npy", lambda file: file.write(text))
     return labels
 
 

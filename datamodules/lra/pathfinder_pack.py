@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from datamodules.atomic import write_atomically
 from datamodules.lra.common import map_jobs
 from datamodules.lra.pathfinder import DIFFICULTY, index_images
 
@@ -46,15 +47,13 @@ def pack(data_dir: str | Path, out: str | Path, difficulty: str = DIFFICULTY) ->
     header = json.dumps(
         {"difficulty": difficulty, "metadata": metadata, "paths": paths, "empty": empty, "shape": list(pixels.shape)}
     ).encode()
-    out = Path(out)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with lzma.open(tmp, "wb", preset=6) as stream:
+
+    def write(file) -> None:
+        with lzma.open(file, "wb", preset=6) as stream:
             stream.write(MAGIC + len(header).to_bytes(8, "little") + header)
             stream.write(pixels.tobytes())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+
+    write_atomically(out, write, binary=True)
     return len(paths)
 
 
@@ -89,9 +88,7 @@ def unpack(pack_file: str | Path, data_dir: str | Path, workers: int = 1) -> int
         (root / relative).write_bytes(b"")
     (root / "metadata").mkdir(parents=True, exist_ok=True)
     for name, text in header["metadata"].items():  # last: a batch with metadata is complete
-        tmp = root / "metadata" / f".{name}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, root / "metadata" / name)
+        write_atomically(root / "metadata" / name, lambda file, text=text: file.write(text))
     return len(paths)
 
 

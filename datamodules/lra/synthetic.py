@@ -14,27 +14,19 @@ hundred steps, so a run that learns nothing is a bug:
 from __future__ import annotations
 
 import argparse
-import os
 import pickle
 import string
-import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from datamodules.atomic import write_atomically
 
 TASKS = ("text", "retrieval", "image")
 
 
 def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda file: file.write(data), binary=True)
 
 
 def _words(rng: np.random.Generator, count: int) -> list[str]:
