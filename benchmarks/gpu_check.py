@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -24,6 +23,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from datamodules.atomic import write_atomically
 from hgrn2.models.lra import LRAClassifier, lra_config  # noqa: E402
 from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
@@ -46,9 +46,8 @@ def log(line: str) -> None:
     print(line, flush=True)
     LINES.append(line)
     if LOG_PATH:
-        tmp = LOG_PATH[0].with_suffix(".tmp")
-        tmp.write_text("\n".join(LINES) + "\n")
-        os.replace(tmp, LOG_PATH[0])
+        text = "\n".join(LINES) + "\n"
+        write_atomically(LOG_PATH[0], lambda file: file.write(text))
 
 
 def rel(actual: torch.Tensor, expected: torch.Tensor) -> float:

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from gpu_info import gpu_name
 
+from datamodules.atomic import write_json_atomically
 from datamodules.lra import ListOpsDataModule, PathfinderDataModule
 from datamodules.lra.generate_listops import ListOpsSpec, write_listops
 from datamodules.lra.generate_pathfinder import write_pathfinder
@@ -527,9 +528,7 @@ def write_report(report: dict, path: Path) -> None:
         if path.exists():
             previous = json.loads(path.read_text())
             report = {**report, "tasks": {**previous.get("tasks", {}), **report["tasks"]}}
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-        os.replace(tmp, path)
+        write_json_atomically(path, report)
     print(f"wrote {path}", flush=True)
 
 

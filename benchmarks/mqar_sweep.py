@@ -35,10 +35,11 @@ import os
 import platform
 import signal
 import statistics
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+from datamodules.atomic import write_atomically
 
 RESULTS_NAME, PLOT_NAME = "mqar_sweep.json", "mqar_sweep.png"
 MIXERS = {"hgrn1": "hgru1", "hgrn2": "hgru2"}
@@ -287,21 +288,8 @@ def plot(best: list[dict], path: Path) -> None:
     axes.flat[0].set_ylim(-0.02, 1.02)
     axes.flat[0].legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    _atomic_write(path, lambda handle: fig.savefig(handle, format="png", dpi=120), binary=True)
+    write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=120), binary=True)
     plt.close(fig)
-
-
-def _atomic_write(path: Path, write, binary: bool = False) -> None:
-    """Write through a temporary file in the same folder and rename it over ``path``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb" if binary else "w") as handle:
-            write(handle)
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
 
 
 def _environment(args: argparse.Namespace) -> dict:
@@ -328,7 +316,7 @@ def write_results(args, runs, skipped, path: Path, elapsed_s: float) -> list[dic
         skipped=skipped,
         failed=sorted(failed, key=lambda r: r["key"]),
     )
-    _atomic_write(path, lambda handle: json.dump(document, handle, indent=1))
+    write_atomically(path, lambda handle: json.dump(document, handle, indent=1))
     return best
 
 

@@ -24,7 +24,6 @@ _CALLERS_CACHE = os.environ.get("TRITON_CACHE_DIR")
 os.environ["TRITON_CACHE_DIR"] = tempfile.mkdtemp(prefix="hgrn2-triton-cache-")
 
 import argparse  # noqa: E402
-import json  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -38,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gpu_info import triton_cache_state  # noqa: E402
 
+from datamodules.atomic import write_json_atomically  # noqa: E402
 from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
 from hgrn2.ops.recurrent import fused_recurrent_hgrn2_step  # noqa: E402
@@ -330,10 +330,7 @@ def time_fla(result: dict, path: Path, budget_s: float) -> None:
 
 
 def save(result: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(tmp, path)
+    write_json_atomically(path, result, indent=1)
 
 
 if __name__ == "__main__":

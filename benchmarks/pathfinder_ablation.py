@@ -49,6 +49,7 @@ from torch import nn
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from pathfinder_cnn_control import load_split  # noqa: E402
 
+from datamodules.atomic import write_atomically, write_json_atomically  # noqa: E402
 from datamodules.lra.pathfinder import DIFFICULTY, PathfinderDataModule  # noqa: E402
 from hgrn2.models.lra import LRAClassifier, block_forward, lra_config  # noqa: E402
 
@@ -175,13 +176,6 @@ def accuracy(net: nn.Module, pixels: torch.Tensor, labels: torch.Tensor, device:
     return correct / len(labels)
 
 
-def write_json(path: Path, report: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n")
-    os.replace(tmp, path)
-
-
 def train_variant(tag: str, changes: dict, splits: Path, args, out: Path) -> dict:
     """Trains one variant; writes its report to ``out`` after every measurement and returns it."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -234,12 +228,12 @@ def train_variant(tag: str, changes: dict, splits: Path, args, out: Path) -> dic
             losses_since = 0
             report["curve"].append(point)
             print(tag, " ".join(f"{k} {v}" for k, v in point.items()), flush=True)
-            write_json(out, report)
+            write_json_atomically(out, report)
     report["steps"] = step
     report["seconds"] = round(time.perf_counter() - start, 1)
     report["test_acc"] = round(100 * accuracy(net, test_x, test_y, device), 2)
     print(tag, f"test_acc {report['test_acc']} after {step} steps, {report['seconds']} s", flush=True)
-    write_json(out, report)
+    write_json_atomically(out, report)
     return report
 
 
@@ -251,9 +245,7 @@ def cache_splits(args) -> Path:
         data.setup("fit")
         data.setup("test")
         splits = {name: load_split(data.splits[name], args.workers) for name in ("train", "val", "test")}
-        tmp = path.with_suffix(".pt.tmp")
-        torch.save(splits, tmp)
-        os.replace(tmp, path)
+        write_atomically(path, lambda file: torch.save(splits, file), binary=True)
     return path
 
 
@@ -308,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         run = json.loads(part.read_text()) if part.exists() else {"tag": tag, "changes": changes}
         run["exit_code"] = code
         report["runs"].append(run)
-    write_json(args.out, report)
+    write_json_atomically(args.out, report)
     return report
 
 

@@ -16,7 +16,6 @@ keeps what it measured).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
+from datamodules.atomic import write_json_atomically
 from datamodules.lra.pathfinder import DIFFICULTY, PathfinderDataModule
 
 
@@ -125,10 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
             loss_sum = 0.0
             print(" ".join(f"{k} {v}" for k, v in point.items()), flush=True)
             if args.out is not None:
-                args.out.parent.mkdir(parents=True, exist_ok=True)
-                tmp = args.out.with_suffix(".json.tmp")
-                tmp.write_text(json.dumps(report, indent=2) + "\n")
-                os.replace(tmp, args.out)
+                write_json_atomically(args.out, report)
     return report
 
 

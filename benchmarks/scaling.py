@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import sys
 import time
@@ -49,6 +48,7 @@ import lightning.pytorch as pl
 import torch
 from gpu_info import gpu_name
 
+from datamodules.atomic import write_json_atomically
 from datamodules.text import TextDataModule
 from lightning_modules.causal_lm import CausalLM
 from lightning_modules.optim import OptimizerConfig
@@ -245,10 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
     if trainer.is_global_zero:
         ranks = trainer.world_size
         path = result_path(args.out_dir, args.preset, result["gpu"], ranks, args.strategy, args.checkpointing)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=1) + "\n")
-        os.replace(tmp, path)
+        write_json_atomically(path, result, indent=1)
         brief = {k: result[k] for k in ("tokens_per_s_per_gpu", "peak_memory_gib", "first_step_s", "final_loss")}
         print(f"{path}: {json.dumps(brief)}", flush=True)
     return result

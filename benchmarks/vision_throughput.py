@@ -12,11 +12,8 @@ synchronisations. Results go to ``benchmarks/results/<gpu>-vision.json``.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -25,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
+from datamodules.atomic import write_json_atomically
 from hgrn2.ops import auto_backend, triton_available
 
 HGRN2 = "hgrn2_vit_tiny_patch16_224"
@@ -150,10 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             print(f"{run['model']:28s} {kwargs:16s} {run['images_per_s']:10.1f} img/s  {run['step_ms']:8.2f} ms/step")
     out = args.out or Path(__file__).parent / "results" / f"{device_slug(device)}-vision.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=out.parent, suffix=".tmp", delete=False) as tmp:
-        json.dump(result, tmp, indent=2)
-    os.replace(tmp.name, out)
+    write_json_atomically(out, result)
     print(f"wrote {out}")
     return result
 
