@@ -47,11 +47,11 @@ import torch.nn.functional as F
 from torch import nn
 
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from pathfinder_cnn_control import load_split  # noqa: E402
+from pathfinder_cnn_control import load_split, scale  # noqa: E402
 
 from datamodules.atomic import write_atomically, write_json_atomically  # noqa: E402
 from datamodules.lra.pathfinder import DIFFICULTY, PathfinderDataModule  # noqa: E402
-from hgrn2.models.lra import LRAClassifier, block_forward, lra_config  # noqa: E402
+from hgrn2.models.lra import LRAClassifier, lra_config  # noqa: E402
 
 ABLATION_KEYS = {
     "mixer": ("hgrn2", "dilated_conv", "cnn"),
@@ -100,8 +100,7 @@ class ControlCNN(nn.Module):
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
         side = int(round(pixels.shape[1] ** 0.5))
-        image = (pixels.float() / 127.5 - 1.0).reshape(-1, 1, side, side)
-        return self.head(self.layers(self.stem(image)).mean((2, 3)))
+        return self.head(self.layers(self.stem(scale(pixels.reshape(-1, side, side)))).mean((2, 3)))
 
 
 class AblatedEncoder(nn.Module):
@@ -129,20 +128,15 @@ class AblatedEncoder(nn.Module):
         self.stem = nn.Conv2d(1, width, 3, padding=1) if settings["stem"] == "conv3" else None
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        net, side = self.net, int(round(pixels.shape[1] ** 0.5))
+        side = int(round(pixels.shape[1] ** 0.5))
         if self.stem is not None:
-            image = (pixels.float() / 127.5 - 1.0).reshape(-1, 1, side, side)
-            x = self.stem(image).flatten(2).transpose(1, 2)
+            x = self.stem(scale(pixels.reshape(-1, side, side))).flatten(2).transpose(1, 2)
         else:
-            x = net.embed_inputs(pixels)
-        bounds = net.lower_bounds().unbind(0) if net.lower_bounds is not None else [None] * len(net.blocks)
-        convs = net.grid_convs if net.grid_convs is not None else [None] * len(net.blocks)
-        for block, bound, conv in zip(net.blocks, bounds, convs):
-            x = block_forward(block, x, bound, self.config.prenorm, net.dropout, conv, grid_size=(side, side))
-        x = net.final_norm(x)
+            x = self.net.embed_inputs(pixels)
+        x = self.net.hidden_states(x, grid_size=(side, side))
         if self.settings["pre_pool"] != "none":
             x = getattr(F, self.settings["pre_pool"])(x)
-        return net.head(x.amax(1) if self.settings["pool"] == "max" else x.mean(1))
+        return self.net.head(x.amax(1) if self.settings["pool"] == "max" else x.mean(1))
 
 
 def build(changes: dict) -> nn.Module:

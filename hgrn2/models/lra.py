@@ -245,17 +245,22 @@ class LRAClassifier(nn.Module):
             raise ValueError(f"a 2-D model needs height·width = sequence length; grid {grid} vs length {length}")
         return {"grid_size": grid}
 
+    def hidden_states(self, x: torch.Tensor, **mixer_kwargs) -> torch.Tensor:
+        """Embedded inputs ``[B, T, D]`` through every block and the final norm, before pooling; ``mixer_kwargs``
+        (``grid_size``, ``mask``) go to each mixer."""
+        bounds = self.lower_bounds().unbind(0) if self.lower_bounds is not None else [None] * len(self.blocks)
+        convs = self.grid_convs if self.grid_convs is not None else [None] * len(self.blocks)
+        for block, bound, conv in zip(self.blocks, bounds, convs):
+            x = block_forward(block, x, bound, self.config.prenorm, self.dropout, conv, **mixer_kwargs)
+        return self.final_norm(x)
+
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features ``[B, D]``: the mean over the positions where ``attention_mask`` is True (all when None)."""
         x = self.embed_inputs(input_ids)  # [B, T, D]
-        bounds = self.lower_bounds().unbind(0) if self.lower_bounds is not None else [None] * len(self.blocks)
         kwargs = self._mixer_kwargs(x.shape[1])
         if attention_mask is not None and not self.config.two_d:
             kwargs["mask"] = attention_mask.bool()  # padding must not leak into the right-to-left scan
-        convs = self.grid_convs if self.grid_convs is not None else [None] * len(self.blocks)
-        for block, bound, conv in zip(self.blocks, bounds, convs):
-            x = block_forward(block, x, bound, self.config.prenorm, self.dropout, conv, **kwargs)
-        x = self.final_norm(x)
+        x = self.hidden_states(x, **kwargs)
         if attention_mask is None:
             return x.mean(dim=1)
         mask = attention_mask.to(x.dtype).unsqueeze(-1)  # [B, T, 1]
