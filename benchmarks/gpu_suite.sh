@@ -6,7 +6,9 @@
 # lra_learning.py), MQAR_FLAGS and FLA_BUDGET_S tune the jobs.
 # lra-variants runs LRA_VARIANTS="tag:flags;..." (Pathfinder runs of lra_learning.py) side by side on one GPU;
 # pathfinder-ablation runs PF_ABLATION_VARIANTS="tag:json;..." (benchmarks/pathfinder_ablation.py, flags in
-# PF_ABLATION_FLAGS) likewise.
+# PF_ABLATION_FLAGS) likewise. config-seeds fits CONFIG (default configs/lra/pathfinder_grid_conv.yaml) at
+# CONFIG_SEEDS (default "0 1") side by side through the hgrn2 CLI with CONFIG_FLAGS, then tests each
+# (benchmarks/config_seeds.py); the report and each seed's log and last checkpoint come back in $OUT.
 # On two GPUs, scaling-2gpu: the 374m LM on one GPU, then on two under DDP and under FSDP, at one global batch.
 # Wheels the machine lacks (jsonargparse, datasets, fla, ...) are installed from .wheels/ when it exists.
 # LRA data drawn beforehand (benchmarks/lra_learning.py's runs/lra_learning/<name>/) can be carried packed as
@@ -121,6 +123,18 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
         --data-dir "runs/lra_learning/pathfinder-c6-${PF_IMAGES:-100000}-s0/pathfinder32" --workers "$(nproc)" \
         --variants "${variants[@]}" ${PF_ABLATION_FLAGS:-} --out "$RESULTS/pathfinder-ablation.json"
       cp "$RESULTS/pathfinder-ablation.json" "$OUT/" ;;
+    config-seeds)  # CONFIG (an hgrn2 YAML) fit at CONFIG_SEEDS side by side, each tested; CONFIG_FLAGS: more CLI flags
+      unpack_lra_data
+      config=${CONFIG:-configs/lra/pathfinder_grid_conv.yaml}
+      run config-seeds python benchmarks/config_seeds.py --config "$config" --seeds ${CONFIG_SEEDS:-0 1} \
+        --run-dir runs/config_seeds -- ${CONFIG_FLAGS:-}
+      cp "$RESULTS"/*-"$(basename "${config%.yaml}")"-seeds.json "$OUT/"
+      mkdir -p "$OUT/config-seeds"
+      for seed_dir in runs/config_seeds/s*/; do  # each seed's log and last checkpoint, as config-seeds/s<seed>.*
+        cp "${seed_dir}run.log" "$OUT/config-seeds/$(basename "$seed_dir").log"
+        checkpoint=$(ls -t "$seed_dir"fit/version_*/checkpoints/*.ckpt 2>/dev/null | head -1)
+        [ -n "$checkpoint" ] && cp "$checkpoint" "$OUT/config-seeds/$(basename "$seed_dir").ckpt"
+      done ;;
     lra-listops | lra-pathfinder)
       unpack_lra_data
       # LRA_TOTAL_MINUTES spreads one schedule over several calls: the checkpoint comes back in $OUT/lra-ckpt/;
