@@ -117,7 +117,6 @@ def result_file_or_error(path: Path, seed: int, code: int) -> dict:
     return {"seed": seed, "error": f"the seed's process exited with {code} and wrote no result"}
 
 
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     argv = sys.argv[1:] if argv is None else list(argv)
     flags = argv[argv.index("--") + 1 :] if "--" in argv else []
@@ -125,7 +124,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", type=Path, required=True, help="an hgrn2 YAML config")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="one run per seed, side by side")
-    parser.add_argument("--out", type=Path, help="the JSON report (default: benchmarks/results/<gpu>-<config>-seeds.json)")
+    parser.add_argument("--out", type=Path, help="the JSON report (default: results/<gpu>-<config>-seeds.json)")
     parser.add_argument("--run-dir", type=Path, default=Path("runs/config_seeds"), help="logs and checkpoints")
     parser.add_argument("--only", type=int, help=argparse.SUPPRESS)  # one seed, in a child process
     args = parser.parse_args(own)
