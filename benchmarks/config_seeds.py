@@ -14,7 +14,8 @@ ends, ``python -m hgrn2 test`` scores the checkpoint it saved last. The JSON at 
 * ``fit_s`` / ``test_s``: wall-clock seconds of the two commands, and their exit codes;
 
 with the command lines, the config's text, and the device. A run that fails keeps its exit code and the tail of
-its log in the JSON; the other seeds go on.
+its log in the JSON; the other seeds go on. ``{seed}`` in the flags becomes each run's seed:
+``--model.init_args.init_from ckpt/s{seed}.ckpt`` starts each seed from its own checkpoint.
 """
 
 from __future__ import annotations
@@ -89,7 +90,8 @@ def run_seed(seed: int, args) -> dict:
     run_dir = args.run_dir / f"s{seed}"
     run_dir.mkdir(parents=True, exist_ok=True)
     log = run_dir / "run.log"
-    fit = cli_command("fit", args.config, seed, run_dir, "fit", args.flags)
+    flags = [flag.replace("{seed}", str(seed)) for flag in args.flags]
+    fit = cli_command("fit", args.config, seed, run_dir, "fit", flags)
     fit_code, fit_s = run_logged(fit, log)
     result = {"seed": seed, "fit_command": fit, "fit_exit": fit_code, "fit_s": round(fit_s, 1)}
     result["val_curve"] = validation_curve(read_metrics(run_dir / "fit"))
@@ -100,7 +102,7 @@ def run_seed(seed: int, args) -> dict:
         return result
     result["checkpoint"] = str(checkpoint.relative_to(args.run_dir))
     result["checkpoint_step"] = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
-    test = cli_command("test", args.config, seed, run_dir, "test", [*args.flags, "--ckpt_path", str(checkpoint)])
+    test = cli_command("test", args.config, seed, run_dir, "test", [*flags, "--ckpt_path", str(checkpoint)])
     test_code, test_s = run_logged(test, log)
     result.update(test_command=test, test_exit=test_code, test_s=round(test_s, 1))
     rows = read_metrics(run_dir / "test")

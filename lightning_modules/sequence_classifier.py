@@ -21,10 +21,12 @@ import re
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from hgrn2.models.lra import LRAClassifier, lra_config
+from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
 from lightning_modules.sharding import checkpoint_modules, clip_gradients, shard_modules
 
@@ -44,6 +46,9 @@ class SequenceClassifier(pl.LightningModule):
         optim: AdamW and schedule settings (defaults of :class:`OptimizerConfig` when None).
         label_smoothing: of the cross-entropy.
         gradient_checkpointing: recompute each mixer's and GLU's activations in the backward pass (less memory).
+        init_from: a checkpoint of the same preset and overrides whose weights a fit starts from, with a fresh
+            optimiser and schedule (e.g. Pathfinder's easiest difficulty before the LRA one); read only by a fit
+            that does not resume (:mod:`lightning_modules.init_from`).
     """
 
     def __init__(
@@ -53,6 +58,7 @@ class SequenceClassifier(pl.LightningModule):
         optim: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
         gradient_checkpointing: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -64,6 +70,7 @@ class SequenceClassifier(pl.LightningModule):
             checkpoint_modules(self.model, _is_mixer_or_glu)
         self.optim = optim if optim is not None else OptimizerConfig()
         self.label_smoothing = label_smoothing
+        self.init_from = init_from
         # keyed "<stage>_acc": a ModuleDict key may not shadow an nn.Module attribute such as `train`
         self.accuracy = nn.ModuleDict(
             {
@@ -71,6 +78,11 @@ class SequenceClassifier(pl.LightningModule):
                 for stage in STAGES
             }
         )
+
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.init_from is not None and self.trainer.ckpt_path is None:
+            source = load_model_weights(self, self.init_from)
+            rank_zero_info(f"Weights from {source['checkpoint']} (saved at step {source['global_step']})")
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for a batch dict (``labels``, if present, is ignored)."""
