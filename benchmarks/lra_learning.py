@@ -59,6 +59,7 @@ from datamodules.lra import ListOpsDataModule, PathfinderDataModule
 from datamodules.lra.generate_listops import ListOpsSpec, write_listops
 from datamodules.lra.generate_pathfinder import write_pathfinder
 from datamodules.lra.pathfinder_snakes import difficulty_folder
+from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.sequence_classifier import SequenceClassifier
 
@@ -275,20 +276,12 @@ def load_initial_weights(model: pl.LightningModule, checkpoint: Path) -> dict:
     """Load the model weights of another run's checkpoint into ``model`` (a fresh optimiser and schedule follow);
     returns where they came from. Refuses a checkpoint of a different architecture, naming the mismatch."""
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-        weights = state["state_dict"]
-    except Exception as error:
-        raise SystemExit(f"--init-from {checkpoint}: cannot read it ({type(error).__name__}: {error})") from None
-    try:  # strict: names every missing or unexpected key and every shape that differs
-        model.load_state_dict(weights)
-    except RuntimeError as error:
-        raise SystemExit(
-            f"--init-from {checkpoint} holds another architecture; start from a checkpoint of the same preset and "
-            f"overrides. {error}"
-        ) from None
+        source = load_model_weights(model, checkpoint)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"--init-from: {error}") from None
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     points = state.get("callbacks", {}).get("LearningCurve", {}).get("points", [])
-    last = points[-1] if points else None
-    return {"checkpoint": str(checkpoint), "steps": state.get("global_step"), "last_val": last}
+    return {"checkpoint": str(checkpoint), "steps": source["global_step"], "last_val": points[-1] if points else None}
 
 
 def run_label(task: str, tag: str | None) -> str:

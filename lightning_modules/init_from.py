@@ -1,9 +1,10 @@
 """Start a fit from the model weights of another run's checkpoint (a curriculum, or fine-tuning).
 
-A LightningModule with an ``init_from`` argument loads that checkpoint's ``state_dict`` in its ``setup("fit")``
-when the fit does not resume (no ``--ckpt_path``): the optimiser, schedule and step count start fresh, and a
-resumed run carries on from its own weights. ``validate``, ``test``, ``predict`` and ``load_from_checkpoint``
-never read the file, so a checkpoint trained this way loads after the first one is gone::
+A LightningModule with an ``init_from`` argument loads that checkpoint's ``state_dict`` in its ``setup("fit")``:
+the optimiser, schedule and step count start fresh. A fit that resumes (``--ckpt_path``) restores its own
+weights over them, and needs the file only where the strategy restores after wrapping the model (FSDP).
+``validate``, ``test``, ``predict`` and ``load_from_checkpoint`` never read it, so a checkpoint trained this way
+loads after the first one is gone::
 
     hgrn2 fit --config configs/lra/pathfinder_grid_conv_c14.yaml \\
         --model.init_args.init_from runs/pathfinder_c6/checkpoints/last.ckpt

@@ -17,6 +17,7 @@ device unless ``--trainer.sync_batchnorm true`` (DDP only).
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -71,6 +72,7 @@ class SequenceClassifier(pl.LightningModule):
         self.optim = optim if optim is not None else OptimizerConfig()
         self.label_smoothing = label_smoothing
         self.init_from = init_from
+        self._init_pending = False  # set by setup("fit") while init_from is still to be loaded
         # keyed "<stage>_acc": a ModuleDict key may not shadow an nn.Module attribute such as `train`
         self.accuracy = nn.ModuleDict(
             {
@@ -80,9 +82,17 @@ class SequenceClassifier(pl.LightningModule):
         )
 
     def setup(self, stage: str) -> None:
-        if stage == "fit" and self.init_from is not None and self.trainer.ckpt_path is None:
+        # init_from loads here, before configure_model may shard the model; a resumed fit restores its own
+        # weights after this hook. A missing file is left to on_fit_start, where a resumed run no longer needs it.
+        self._init_pending = stage == "fit" and self.init_from is not None
+        if self._init_pending and Path(self.init_from).is_file():
             source = load_model_weights(self, self.init_from)
             rank_zero_info(f"Weights from {source['checkpoint']} (saved at step {source['global_step']})")
+            self._init_pending = False
+
+    def on_fit_start(self) -> None:
+        if self._init_pending and self.trainer.ckpt_path is None:
+            load_model_weights(self, self.init_from)  # raises FileNotFoundError naming the file
 
     def forward(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Logits ``[B, num_classes]`` for a batch dict (``labels``, if present, is ignored)."""

@@ -28,7 +28,9 @@ RUN_LRA = {
 
 
 @pytest.mark.parametrize(
-    "name", [f"{task}{suffix}" for task in TASKS for suffix in ("", "_tiny")] + ["pathfinder_grid_conv"]
+    "name",
+    [f"{task}{suffix}" for task in TASKS for suffix in ("", "_tiny")]
+    + ["pathfinder_grid_conv", "pathfinder_grid_conv_c14"],
 )
 def test_every_lra_config_parses_with_print_config(name, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -59,6 +61,22 @@ def test_grid_conv_config_builds_the_measured_encoder():
     assert model.blocks[0].glu is None and [conv.dilation for conv in model.grid_convs] == [1, 2, 4, 8, 16, 1]
     assert (init["optim"]["lr"], init["optim"]["warmup_steps"], init["optim"]["schedule"]) == (2e-3, 100, "constant")
     assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["init_args"]["batch_size"] == 128
+
+
+def test_grid_conv_length_14_config_continues_the_curv_baseline_encoder():
+    easy, hard = (
+        yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
+        for name in ("pathfinder_grid_conv", "pathfinder_grid_conv_c14")
+    )
+    assert hard["model"]["init_args"]["overrides"] == easy["model"]["init_args"]["overrides"]
+    assert hard["model"]["init_args"]["init_from"].endswith(".ckpt")
+    assert (easy["data"]["init_args"]["difficulty"], hard["data"]["init_args"]["difficulty"]) == (
+        "curv_baseline",
+        "curv_contour_length_14",
+    )
+    optim = hard["model"]["init_args"]["optim"]
+    assert (optim["lr"], optim["warmup_steps"], optim["schedule"], optim["min_lr_ratio"]) == (2e-3, 100, "cosine", 0)
+    assert hard["trainer"]["max_steps"] == 3600 and hard["trainer"]["gradient_clip_val"] == 1.0
 
 
 def test_tiny_listops_config_trains_validates_and_tests_on_generated_data(tmp_path, monkeypatch):
