@@ -18,15 +18,14 @@ position is saved in checkpoints, so a run resumed from a mid-epoch checkpoint c
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from pathlib import Path
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
-from torch.utils.data import DataLoader, Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import ordered_loader
 from datamodules.text_cache import (
     build_token_cache,
     cache_key,
@@ -78,49 +77,6 @@ class StreamDataset(_TokenWindows):
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         segment, stream = divmod(index, self.num_streams)
         return self._window(stream * self.stream_len + segment * self.seq_len)
-
-
-class ResumableSampler(DistributedSampler):
-    """``DistributedSampler``'s order for one rank (a function of seed and epoch), able to start mid-epoch.
-
-    Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it. ``start`` items are
-    skipped by the next iteration only (a run resumed from a mid-epoch checkpoint).
-    """
-
-    def __init__(self, dataset: Dataset, *, num_replicas: int = 1, rank: int = 0, shuffle: bool, seed: int = 0):
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
-        self.start = 0
-
-    def __iter__(self):
-        start, self.start = self.start, 0
-        return iter(list(super().__iter__())[start:])
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader over a :class:`ResumableSampler` whose position Lightning saves in checkpoints.
-
-    ``state_dict`` records the epoch and the number of batches trained in it (from ``progress``, the
-    trainer's count, which unlike a count of fetched batches does not run ahead by the prefetched ones);
-    ``load_state_dict`` makes the next iteration start right after them.
-    """
-
-    def __init__(self, *args, progress: Callable[[], tuple[int, int]], **kwargs):
-        super().__init__(*args, **kwargs)
-        self.progress = progress
-
-    def state_dict(self) -> dict:
-        epoch, batches = self.progress()
-        return {"epoch": epoch, "batches": batches, "seed": self.sampler.seed, "num_samples": len(self.dataset)}
-
-    def load_state_dict(self, state: dict) -> None:
-        if (state["seed"], state["num_samples"]) != (self.sampler.seed, len(self.dataset)):
-            rank_zero_warn(
-                f"the checkpoint's data order (seed {state['seed']}, {state['num_samples']} samples) is not this "
-                f"run's (seed {self.sampler.seed}, {len(self.dataset)} samples): its epoch starts from the beginning"
-            )
-            return
-        self.sampler.set_epoch(state["epoch"])
-        self.sampler.start = state["batches"] * self.batch_size
 
 
 class TextDataModule(pl.LightningDataModule):
@@ -242,26 +198,17 @@ class TextDataModule(pl.LightningDataModule):
         trainer = self.trainer
         return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
 
-    def _progress(self) -> tuple[int, int]:
-        """(epoch, batches of it trained so far): the training position a checkpoint records."""
-        trainer = self.trainer
-        return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
-
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, resumable: bool = False) -> DataLoader:
-        world, rank = self._replicas()
-        sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=self.seed)
-        if self.trainer is not None:
-            sampler.set_epoch(self.trainer.current_epoch)
-        loader_class = ResumableDataLoader if resumable and self.trainer is not None else DataLoader
-        extra = {"progress": self._progress} if loader_class is ResumableDataLoader else {}
-        return loader_class(
+        return ordered_loader(
             dataset,
+            self.trainer,
             batch_size=batch_size,
-            sampler=sampler,
+            shuffle=shuffle,
+            seed=self.seed,
+            resumable=resumable,
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            **extra,
         )
 
     def _streams(self, split: str, batch_size: int) -> StreamDataset:

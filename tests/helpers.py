@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import lightning.pytorch as pl
 import pytest
 import torch
 
@@ -95,3 +96,16 @@ def check_hgrn2_kernel(op, q, v, log_forget, *, scale=1.0, initial_state=None, c
 
     names = ("dq", "dv", "dlog_forget", "dinitial_state")
     check_against_float64(run, reference, [q, v, log_forget, initial_state], names, tol)
+
+
+class LossRecorder(pl.Callback):
+    """Records each training step's loss; ``stop_at`` ends the fit after that global step (an interruption)."""
+
+    def __init__(self, stop_at: int | None = None):
+        self.losses, self.stop_at = [], stop_at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self.losses.append(loss.item())
+        if self.stop_at is not None and trainer.global_step >= self.stop_at:
+            trainer.should_stop = True  # an interruption: the run ends here, its last checkpoint is at this step

@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.resumable import ordered_loader
+
 T, R = TypeVar("T"), TypeVar("R")
 
 PAD_ID = 0
@@ -124,7 +126,11 @@ def split_indices(count: int, fractions: Sequence[float], seed: int) -> list[np.
 
 
 class LRADataModule(pl.LightningDataModule):
-    """Loaders over ``self.splits`` (``train``/``val``/``test`` datasets that :meth:`load_splits` builds)."""
+    """Loaders over ``self.splits`` (``train``/``val``/``test`` datasets that :meth:`load_splits` builds).
+
+    The training order is a function of ``seed``, epoch and rank, and its position goes into checkpoints
+    (:mod:`datamodules.resumable`): a fit resumed from a mid-epoch checkpoint sees the batches an uninterrupted
+    one would have seen."""
 
     num_classes: int = 2
     collate_fn = staticmethod(collate_sequences)
@@ -171,15 +177,22 @@ class LRADataModule(pl.LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__}.setup() must run before its {split} loader is requested")
         dataset = self.splits[split]
-        return DataLoader(
-            dataset,
+        options = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
-            generator=torch.Generator().manual_seed(self.seed) if shuffle else None,
             collate_fn=type(self).collate_fn,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+        )
+        if not shuffle:  # evaluation: in order (Lightning gives each rank its share)
+            return DataLoader(dataset, shuffle=False, **options)
+        return ordered_loader(  # training: an order of (seed, epoch, rank) that checkpoints resume mid-epoch
+            dataset,
+            self.trainer,
+            shuffle=True,
+            seed=self.seed,
+            resumable=True,
+            drop_last=len(dataset) >= self.batch_size,
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
 import datamodules.text as text_module
-from datamodules.text import BlockDataset, ResumableSampler, StreamDataset, TextDataModule
+from datamodules.resumable import ResumableSampler
+from datamodules.text import BlockDataset, StreamDataset, TextDataModule
 from datamodules.text_sources import LocalFilesSource, StdlibSource, holdout_split
 from datamodules.tokenizer import ByteTokenizer
 
@@ -237,19 +238,6 @@ def test_streams_are_shared_between_ranks_without_overlap():
         assert all((row[1:] - row[:-1] == 1).all() for row in rows)  # each row continues itself
         per_rank.append(set(rows.flatten().tolist()))
     assert not per_rank[0] & per_rank[1]
-
-
-def test_resumable_sampler_matches_distributed_sampler_and_skips_once():
-    data = list(range(37))
-    sampler = ResumableSampler(data, shuffle=True, seed=3)
-    sampler.set_epoch(2)
-    reference = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
-    reference.set_epoch(2)
-    full = list(reference)
-    assert list(sampler) == full
-    sampler.start = 10
-    assert list(sampler) == full[10:]
-    assert list(sampler) == full
 
 
 def test_unigram_baseline_is_the_add_one_cross_entropy_of_val_under_train(corpus, tmp_path):

@@ -17,6 +17,7 @@ from hgrn2.models.lm import LMConfig
 from lightning_modules.causal_lm import CausalLM, LMSummary
 from lightning_modules.cli import main
 from lightning_modules.optim import OptimizerConfig
+from tests.helpers import LossRecorder
 
 CONFIGS = sorted(Path(__file__).resolve().parents[2].joinpath("configs", "lm").glob("*.yaml"))
 
@@ -50,17 +51,6 @@ def make_trainer(max_steps: int, callbacks=(), **kwargs) -> pl.Trainer:
         limit_val_batches=0,
     )
     return pl.Trainer(callbacks=list(callbacks), **{**options, **kwargs})
-
-
-class LossRecorder(pl.Callback):
-    def __init__(self, stop_at: int | None = None):
-        self.losses, self.stop_at = [], stop_at
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self.losses.append(loss.item())
-        if self.stop_at is not None and trainer.global_step >= self.stop_at:
-            trainer.should_stop = True  # an interruption: the run ends here, its last checkpoint is at this step
 
 
 def tiny_lm(seed: int = 0, **kwargs) -> CausalLM:

@@ -1,0 +1,74 @@
+"""datamodules.resumable: DistributedSampler's order that starts mid-epoch, and fits that resume exactly from it."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DistributedSampler
+
+from datamodules.lra import PathfinderDataModule
+from datamodules.resumable import ResumableDataLoader, ResumableSampler
+from lightning_modules.optim import OptimizerConfig
+from lightning_modules.sequence_classifier import SequenceClassifier
+from tests.helpers import LossRecorder
+
+
+def test_resumable_sampler_matches_distributed_sampler_and_skips_once():
+    data = list(range(37))
+    sampler = ResumableSampler(data, shuffle=True, seed=3)
+    sampler.set_epoch(2)
+    reference = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
+    reference.set_epoch(2)
+    full = list(reference)
+    assert list(sampler) == full
+    sampler.start = 10
+    assert list(sampler) == full[10:]
+    assert list(sampler) == full
+
+
+def tiny_classifier(seed: int) -> SequenceClassifier:
+    torch.manual_seed(seed)
+    optim = OptimizerConfig(lr=3e-3, weight_decay=0.0, warmup_steps=2, schedule="cosine", total_steps=12)
+    return SequenceClassifier("pathfinder", overrides={"hidden_size": 8, "num_layers": 2}, optim=optim)
+
+
+def fit(data_dir, max_steps: int, callbacks, seed: int = 0, **kwargs) -> pl.Trainer:
+    trainer = pl.Trainer(
+        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
+    )  # fmt: skip
+    data = PathfinderDataModule(data_dir, difficulty="curv_baseline", batch_size=6, num_workers=0, seed=4)
+    trainer.fit(tiny_classifier(seed), datamodule=data, **kwargs)
+    return trainer
+
+
+def test_an_lra_fit_resumed_mid_epoch_continues_the_loss_curve_of_an_uninterrupted_one(
+    pathfinder_baseline_dir, tmp_path
+):
+    # 32 training images in batches of 6: 5 batches an epoch, so the interruption at step 7 is mid-epoch
+    straight = LossRecorder()
+    fit(pathfinder_baseline_dir, 12, [straight])
+    first = LossRecorder(stop_at=7)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=7, save_top_k=0)
+    fit(pathfinder_baseline_dir, 12, [first, checkpoint])
+    state = torch.load(tmp_path / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
+    assert state["combined_loader"][0] == {"epoch": 1, "batches": 2, "seed": 4, "num_samples": 32}
+    resumed = LossRecorder()
+    fit(pathfinder_baseline_dir, 12, [resumed], seed=1, ckpt_path=tmp_path / "last.ckpt")
+    assert len(straight.losses) == 12 and len(first.losses) == 7 and len(resumed.losses) == 5
+    assert first.losses == pytest.approx(straight.losses[:7], rel=1e-6)
+    assert resumed.losses == pytest.approx(straight.losses[7:], rel=1e-5)
+
+
+def test_the_lra_training_loader_is_resumable_and_evaluation_keeps_every_sample(pathfinder_baseline_dir):
+    data = PathfinderDataModule(pathfinder_baseline_dir, difficulty="curv_baseline", batch_size=3, num_workers=0)
+    data.setup("fit")
+    trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    data.trainer = trainer
+    train = data.train_dataloader()
+    assert isinstance(train, ResumableDataLoader) and train.drop_last
+    assert sorted(train.sampler) == list(range(32))  # one epoch visits every training image once
+    assert sum(len(batch["labels"]) for batch in data.val_dataloader()) == len(data.splits["val"]) == 4
