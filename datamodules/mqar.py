@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
+from datamodules.resumable import ordered_loader
+
 IGNORE_INDEX = -100
 
 
@@ -216,16 +218,22 @@ class MQARDataModule(pl.LightningDataModule):
     def _loader(self, dataset: MQARDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise ValueError("MQARDataModule.setup() must run before its dataloaders are requested")
-        generator = torch.Generator().manual_seed(self.seed) if shuffle else None
-        return DataLoader(
-            dataset,
+        options = dict(
             batch_size=self.batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(dataset) >= self.batch_size,
-            generator=generator,
             collate_fn=collate_batch,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+        )
+        if not shuffle:
+            return DataLoader(dataset, shuffle=False, **options)
+        return ordered_loader(  # an order of (seed, epoch, rank) that checkpoints resume mid-epoch
+            dataset,
+            self.trainer,
+            shuffle=True,
+            seed=self.seed,
+            resumable=True,
+            drop_last=len(dataset) >= self.batch_size,
+            **options,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -9,6 +9,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from torch.utils.data import DistributedSampler
 
 from datamodules.lra import PathfinderDataModule
+from datamodules.mqar import MQARDataModule
 from datamodules.resumable import ResumableDataLoader, ResumableSampler
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.sequence_classifier import SequenceClassifier
@@ -72,3 +73,14 @@ def test_the_lra_training_loader_is_resumable_and_evaluation_keeps_every_sample(
     assert isinstance(train, ResumableDataLoader) and train.drop_last
     assert sorted(train.sampler) == list(range(32))  # one epoch visits every training image once
     assert sum(len(batch["labels"]) for batch in data.val_dataloader()) == len(data.splits["val"]) == 4
+
+
+def test_the_mqar_training_loader_is_resumable_in_an_order_of_seed_and_epoch():
+    data = MQARDataModule(seq_len=64, num_pairs=8, vocab_size=256, num_train=40, num_val=24, batch_size=16, seed=3)
+    data.setup("fit")
+    data.trainer = pl.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False)
+    train = data.train_dataloader()
+    reference = DistributedSampler(list(range(40)), num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
+    assert isinstance(train, ResumableDataLoader) and list(train.sampler) == list(reference)
+    assert sum(len(batch["labels"]) for batch in train) == 32  # two full batches: the remainder is dropped
+    assert sum(len(batch["labels"]) for batch in data.val_dataloader()) == 24
