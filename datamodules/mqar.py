@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-from datamodules.resumable import ordered_loader
+from datamodules.resumable import split_loader
 
 IGNORE_INDEX = -100
 
@@ -218,22 +218,14 @@ class MQARDataModule(pl.LightningDataModule):
     def _loader(self, dataset: MQARDataset | None, shuffle: bool) -> DataLoader:
         if dataset is None:
             raise ValueError("MQARDataModule.setup() must run before its dataloaders are requested")
-        options = dict(
-            batch_size=self.batch_size,
-            collate_fn=collate_batch,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-        if not shuffle:
-            return DataLoader(dataset, shuffle=False, **options)
-        return ordered_loader(  # an order of (seed, epoch, rank) that checkpoints resume mid-epoch
+        return split_loader(
             dataset,
             self.trainer,
-            shuffle=True,
+            train=shuffle,
             seed=self.seed,
-            resumable=True,
-            drop_last=len(dataset) >= self.batch_size,
-            **options,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=collate_batch,
         )
 
     def train_dataloader(self) -> DataLoader:

@@ -85,3 +85,25 @@ def ordered_loader(
         progress = partial(training_position, trainer)
         return ResumableDataLoader(dataset, batch_size=batch_size, sampler=sampler, progress=progress, **loader_kwargs)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, **loader_kwargs)
+
+
+def split_loader(
+    dataset: Dataset,
+    trainer: pl.Trainer | None,
+    *,
+    train: bool,
+    seed: int,
+    batch_size: int,
+    num_workers: int,
+    collate_fn=None,
+) -> DataLoader:
+    """A split's loader for a classification datamodule. Training: :func:`ordered_loader`'s resumable order,
+    dropping the last partial batch when there is a full one. Evaluation: every sample in order (Lightning
+    gives each rank its share)."""
+    options = dict(
+        batch_size=batch_size, collate_fn=collate_fn, num_workers=num_workers, persistent_workers=num_workers > 0
+    )
+    if not train:
+        return DataLoader(dataset, shuffle=False, **options)
+    drop_last = len(dataset) >= batch_size
+    return ordered_loader(dataset, trainer, shuffle=True, seed=seed, resumable=True, drop_last=drop_last, **options)

@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.resumable import ordered_loader
+from datamodules.resumable import split_loader
 
 T, R = TypeVar("T"), TypeVar("R")
 
@@ -177,22 +177,14 @@ class LRADataModule(pl.LightningDataModule):
         if split not in self.splits:
             raise ValueError(f"{type(self).__name__}.setup() must run before its {split} loader is requested")
         dataset = self.splits[split]
-        options = dict(
-            batch_size=self.batch_size,
-            collate_fn=type(self).collate_fn,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
-        if not shuffle:  # evaluation: in order (Lightning gives each rank its share)
-            return DataLoader(dataset, shuffle=False, **options)
-        return ordered_loader(  # training: an order of (seed, epoch, rank) that checkpoints resume mid-epoch
+        return split_loader(
             dataset,
             self.trainer,
-            shuffle=True,
+            train=shuffle,
             seed=self.seed,
-            resumable=True,
-            drop_last=len(dataset) >= self.batch_size,
-            **options,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            collate_fn=type(self).collate_fn,
         )
 
     def train_dataloader(self) -> DataLoader:
