@@ -276,12 +276,12 @@ def load_initial_weights(model: pl.LightningModule, checkpoint: Path) -> dict:
     """Load the model weights of another run's checkpoint into ``model`` (a fresh optimiser and schedule follow);
     returns where they came from. Refuses a checkpoint of a different architecture, naming the mismatch."""
     try:
-        source = load_model_weights(model, checkpoint)
+        state = load_model_weights(model, checkpoint)
     except (FileNotFoundError, ValueError) as error:
         raise SystemExit(f"--init-from: {error}") from None
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     points = state.get("callbacks", {}).get("LearningCurve", {}).get("points", [])
-    return {"checkpoint": str(checkpoint), "steps": source["global_step"], "last_val": points[-1] if points else None}
+    last = points[-1] if points else None
+    return {"checkpoint": str(checkpoint), "steps": state.get("global_step"), "last_val": last}
 
 
 def run_label(task: str, tag: str | None) -> str:

@@ -21,7 +21,7 @@ from torch import nn
 def load_model_weights(module: nn.Module, checkpoint: str | Path) -> dict:
     """Load the ``state_dict`` of a Lightning checkpoint into ``module``, every key and shape matching.
 
-    Returns ``{"checkpoint": path, "global_step": step the weights were saved at (None if unknown)}``.
+    Returns the whole checkpoint (``global_step``, callback states, ...), so that callers read it once.
 
     Raises:
         FileNotFoundError: no file at ``checkpoint``.
@@ -49,4 +49,4 @@ def load_model_weights(module: nn.Module, checkpoint: str | Path) -> dict:
             f"init_from {path}: its weights are another architecture's; start from a checkpoint of the same "
             f"preset and overrides. {error}"
         ) from None
-    return {"checkpoint": str(path), "global_step": state.get("global_step")}
+    return state

@@ -48,8 +48,8 @@ class SequenceClassifier(pl.LightningModule):
         label_smoothing: of the cross-entropy.
         gradient_checkpointing: recompute each mixer's and GLU's activations in the backward pass (less memory).
         init_from: a checkpoint of the same preset and overrides whose weights a fit starts from, with a fresh
-            optimiser and schedule (e.g. Pathfinder's easiest difficulty before the LRA one); read only by a fit
-            that does not resume (:mod:`lightning_modules.init_from`).
+            optimiser and schedule (e.g. Pathfinder's easiest difficulty before the LRA one); read only by ``fit``,
+            and a resumed fit restores its own weights over them (:mod:`lightning_modules.init_from`).
     """
 
     def __init__(
@@ -86,8 +86,8 @@ class SequenceClassifier(pl.LightningModule):
         # weights after this hook. A missing file is left to on_fit_start, where a resumed run no longer needs it.
         self._init_pending = stage == "fit" and self.init_from is not None
         if self._init_pending and Path(self.init_from).is_file():
-            source = load_model_weights(self, self.init_from)
-            rank_zero_info(f"Weights from {source['checkpoint']} (saved at step {source['global_step']})")
+            state = load_model_weights(self, self.init_from)
+            rank_zero_info(f"Weights from {self.init_from} (saved at step {state.get('global_step')})")
             self._init_pending = False
 
     def on_fit_start(self) -> None:
