@@ -20,7 +20,9 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_info import gpu_name, triton_cache_state, write_json
+from gpu_info import gpu_name, triton_cache_state
+
+from datamodules.atomic import write_json_atomically
 
 TRITON_CACHE_AT_START = triton_cache_state()  # before any kernel compiles: 0 files means a cold start
 
@@ -150,7 +152,8 @@ def write_results(out: Path, results) -> Path:
     path = out / f"{gpu_name()}-decode.json"
     meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     meta["triton_cache_at_start"] = TRITON_CACHE_AT_START
-    return write_json(path, {"meta": meta, "results": results})
+    write_json_atomically(path, {"meta": meta, "results": results})
+    return path
 
 
 if __name__ == "__main__":

@@ -1,11 +1,10 @@
 """Helpers shared by the benchmark scripts (run as ``python benchmarks/<script>.py``, which puts this folder
-on ``sys.path``): the short GPU name used in result file names, atomic JSON writes, and the state of Triton's
-cache when the script started (first-call and first-step times include compilation and autotuning only when
-it was empty)."""
+on ``sys.path``): the short GPU name used in result file names and the state of Triton's cache when the script
+started (first-call and first-step times include compilation and autotuning only when it was empty). Reports
+are written with :func:`datamodules.atomic.write_json_atomically`."""
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -18,15 +17,6 @@ def gpu_name() -> str:
         return "cpu"
     name = torch.cuda.get_device_name()
     return "H200" if "H200" in name else "H100" if "H100" in name else name.replace(" ", "_")
-
-
-def write_json(path: Path, payload: dict) -> Path:
-    """Write ``payload`` to ``path`` through a temporary file, so that a killed run never leaves half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(path)
-    return path
 
 
 def triton_cache_state() -> dict:

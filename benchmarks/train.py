@@ -26,7 +26,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from gpu_info import gpu_name, triton_cache_state, write_json
+from gpu_info import gpu_name, triton_cache_state
+
+from datamodules.atomic import write_json_atomically
 
 TRITON_CACHE_AT_START = triton_cache_state()  # before any kernel compiles: 0 files means a cold start
 
@@ -258,7 +260,8 @@ def write_results(args, results) -> Path:
         meta["triton"] = triton.__version__
     except ImportError:
         pass
-    return write_json(path, {"meta": meta, "results": results})
+    write_json_atomically(path, {"meta": meta, "results": results})
+    return path
 
 
 if __name__ == "__main__":
