@@ -59,6 +59,11 @@ class ResumableDataLoader(DataLoader):
         self.sampler.start = state["batches"] * self.batch_size
 
 
+def replicas(trainer: pl.Trainer | None) -> tuple[int, int]:
+    """(world size, rank) of ``trainer``'s process; (1, 0) without a trainer."""
+    return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+
+
 def training_position(trainer: pl.Trainer) -> tuple[int, int]:
     """(epoch, batches of it trained so far): the training position a checkpoint records."""
     return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
@@ -77,7 +82,7 @@ def ordered_loader(
     """A DataLoader over a :class:`ResumableSampler` for ``trainer``'s rank (one replica without a trainer),
     at the trainer's current epoch; with ``resumable`` and a trainer, a :class:`ResumableDataLoader` whose
     position goes into checkpoints. ``loader_kwargs`` go to the DataLoader (``drop_last``, ``num_workers``, ...)."""
-    world, rank = (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
+    world, rank = replicas(trainer)
     sampler = ResumableSampler(dataset, num_replicas=world, rank=rank, shuffle=shuffle, seed=seed)
     if trainer is not None:
         sampler.set_epoch(trainer.current_epoch)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from datamodules.resumable import ordered_loader
+from datamodules.resumable import ordered_loader, replicas
 from datamodules.text_cache import (
     build_token_cache,
     cache_key,
@@ -194,10 +194,6 @@ class TextDataModule(pl.LightningDataModule):
             self.tokens[split], self.meta[split] = open_tokens(stem, meta), meta
 
     # ------------------------------------------------------------------ loaders
-    def _replicas(self) -> tuple[int, int]:
-        trainer = self.trainer
-        return (1, 0) if trainer is None else (trainer.world_size, trainer.global_rank)
-
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool, resumable: bool = False) -> DataLoader:
         return ordered_loader(
             dataset,
@@ -212,7 +208,7 @@ class TextDataModule(pl.LightningDataModule):
         )
 
     def _streams(self, split: str, batch_size: int) -> StreamDataset:
-        world, _ = self._replicas()
+        world, _ = replicas(self.trainer)
         dataset = StreamDataset(self.tokens[split], self.seq_len, batch_size * world)
         if len(dataset) == 0:
             raise ValueError(
