@@ -112,6 +112,11 @@ def run_seed(seed: int, args) -> dict:
     return result
 
 
+def seed_result_path(run_dir: Path, seed: int) -> Path:
+    """Where the process of ``seed`` leaves its result for the parent to collect."""
+    return run_dir / f"seed-{seed}.json"
+
+
 def result_file_or_error(path: Path, seed: int, code: int) -> dict:
     """A seed's result, or an error entry when its process wrote none."""
     if path.exists():
@@ -134,7 +139,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--config {args.config}: no such file")
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds must differ, got {args.seeds}")
-    args.flags = flags
+    args.argv, args.flags = argv, flags
     if args.out is None:
         args.out = REPO / "benchmarks" / "results" / f"{gpu_name()}-{args.config.stem}-seeds.json"
     args.config, args.run_dir, args.out = args.config.resolve(), args.run_dir.resolve(), args.out.resolve()
@@ -143,21 +148,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    result_file = args.run_dir / "seed-{}.json"
     if args.only is not None:
-        write_json_atomically(Path(str(result_file).format(args.only)), run_seed(args.only, args))
+        write_json_atomically(seed_result_path(args.run_dir, args.only), run_seed(args.only, args))
         return {}
-    argv = sys.argv[1:] if argv is None else list(argv)
     for seed in args.seeds:
-        Path(str(result_file).format(seed)).unlink(missing_ok=True)
+        seed_result_path(args.run_dir, seed).unlink(missing_ok=True)
     start = time.perf_counter()
-    children = [subprocess.Popen([sys.executable, __file__, "--only", str(seed), *argv]) for seed in args.seeds]
+    children = [subprocess.Popen([sys.executable, __file__, "--only", str(seed), *args.argv]) for seed in args.seeds]
     for child in children:
         child.wait()
-    runs = []
-    for seed, child in zip(args.seeds, children):
-        path = Path(str(result_file).format(seed))
-        runs.append(result_file_or_error(path, seed, child.returncode))
+    runs = [
+        result_file_or_error(seed_result_path(args.run_dir, seed), seed, child.returncode)
+        for seed, child in zip(args.seeds, children)
+    ]
     report = {
         "benchmark": "config_seeds",
         "config": str(args.config.relative_to(REPO)) if args.config.is_relative_to(REPO) else str(args.config),
