@@ -80,7 +80,8 @@ class _Launch:
 
     def deltas(self, q, g, x, scale, backward: bool, precise: bool):
         """Every chunk's Δ (float32 [chunks, H, K, V]) and decay exp(b_C) (float32 [chunks, H, K])."""
-        delta = torch.empty(self.n_chunks, self.heads, self.key_dim, self.value_dim, dtype=torch.float32, device=g.device)
+        shape = (self.n_chunks, self.heads, self.key_dim, self.value_dim)
+        delta = torch.empty(shape, dtype=torch.float32, device=g.device)
         decay = torch.empty(self.n_chunks, self.heads, self.key_dim, dtype=torch.float32, device=g.device)
         tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, self.bv)
         flags = self.flags | (self.precise_flags if precise else {})

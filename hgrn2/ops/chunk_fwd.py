@@ -93,7 +93,8 @@ def chunk_delta_kernel(
         w = q * tl.exp(b) * scale
     else:
         w = one_minus_exp(g) * tl.exp(b_end[None, :] - b)
-    x = tl.load(x_ptr + row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :], mask=m_t[:, None] & m_v[None, :], other=0.0)
+    v_tile = o_t[:, None] * (H * V) + o_v[None, :]
+    x = tl.load(x_ptr + row0 * (H * V) + i_h * V + v_tile, mask=m_t[:, None] & m_v[None, :], other=0.0)
     delta = matmul(tl.trans(w), x, DT, PRECISION, INTERPRET)  # [BK, BV]
     base = i_c.to(tl.int64) * H + i_h
     tl.store(delta_ptr + base * K * V + o_k[:, None] * V + o_v[None, :], delta, mask=m_k[:, None] & m_v[None, :])
