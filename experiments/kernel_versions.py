@@ -26,6 +26,16 @@ from hgrn2.ops.reference import hgrn2_recurrence_chunked  # noqa: E402
 
 HEADS, DIM = 8, 128
 SHAPES = ((16384, 1024), (16384, 4096), (16384, 16384), (65536, 4096))
+# --variants: launch settings (hgrn2.ops.chunk.LAUNCH overrides) timed against each other
+VARIANTS = {
+    "w4": dict(delta_warps=4, dqk_warps=4, dv_warps=4),
+    "w8": {},
+    "w8-bv128": dict(delta_warps=8, dqk_warps=8, dv_warps=8, delta_bv=128, dv_bv=128),
+    "w8-out64": dict(delta_warps=8, dqk_warps=8, dv_warps=8, output_bv=64, output_warps=4),
+    "w8-dqk128": dict(delta_warps=8, dqk_warps=8, dv_warps=8, dqk_bv=128),
+    "w8-scan64": dict(delta_warps=8, dqk_warps=8, dv_warps=8, scan_tile=64, scan_warps=4),
+}
+VARIANT_SHAPES = ((16384, 4096), (16384, 16384), (65536, 4096))
 
 
 def ms(fn) -> float:
@@ -100,8 +110,12 @@ def main() -> None:
     parser.add_argument("--old-root", help="folder holding the package hgrn2_v2 (an earlier version)")
     parser.add_argument("--fla", action="store_true", help="time fla's chunk_gla too")
     parser.add_argument("--profile", action="store_true", help="one gated forward+backward per version and exit")
+    parser.add_argument("--variants", action="store_true", help="time the launch settings of VARIANTS and exit")
     parser.add_argument("--out", help="JSON report")
     args = parser.parse_args()
+    if args.variants:
+        time_variants(args.out)
+        return
     versions = {"new": new}
     if args.old_root:
         sys.path.insert(0, args.old_root)
@@ -136,6 +150,28 @@ def main() -> None:
         print(f"{row['tokens']:6d} {row['T']:5d} | " + " | ".join(cells))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+def time_variants(out: str | None) -> None:
+    defaults = dict(new.LAUNCH)
+    report = {"device": torch.cuda.get_device_name(0), "defaults": defaults, "variants": {}}
+    for name, overrides in VARIANTS.items():
+        new.LAUNCH.clear()
+        new.LAUNCH.update(defaults | overrides)
+        rows = []
+        for tokens, seq_len in VARIANT_SHAPES:
+            row = {"tokens": tokens, "T": seq_len, **timing(new, tokens, seq_len)}
+            rows.append(row)
+            print(name, json.dumps(row), flush=True)
+        report["variants"][name] = {"launch": dict(new.LAUNCH), "rows": rows}
+        if out:
+            Path(out).write_text(json.dumps(report, indent=1))
+    new.LAUNCH.clear()
+    new.LAUNCH.update(defaults)
+    print("\nvariant      | " + " | ".join(f"{t // 1024}K T={s:5d} fwd  f+b gated" for t, s in VARIANT_SHAPES))
+    for name, entry in report["variants"].items():
+        cells = [f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f} {r['gated_fwdbwd']:6.3f}" for r in entry["rows"]]
+        print(f"{name:12s} | " + " | ".join(cells))
 
 
 if __name__ == "__main__":

@@ -38,6 +38,13 @@ PRECISE_BOUND_GRAD = True  # default: float32 states and TF32 matmuls where the 
 # Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
 # operands in TF32, since d log λ cancels these terms against one another.
 INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
+# Tiles and warps of each kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
+# [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
+# share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants).
+LAUNCH = dict(
+    delta_bv=64, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
+    dqk_warps=8, dv_bv=64, dv_warps=8,
+)  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
 
@@ -62,9 +69,11 @@ class _Launch:
         # K and V tiles: 64 for the chunk-parallel kernels (the output kernel holds up to 128 values), 32 for the
         # elementwise walk over chunks, which runs one program per tile of every (sequence, head)
         self.bk = min(64, _pow2(self.key_dim))
-        self.bv = min(64, _pow2(self.value_dim))
-        self.bv_out = min(128, _pow2(self.value_dim))
-        self.scan_bk, self.scan_bv = min(32, _pow2(self.key_dim)), min(32, _pow2(self.value_dim))
+        self.value_tile = {
+            name: min(LAUNCH[f"{name}_bv"], _pow2(self.value_dim)) for name in ("delta", "output", "dqk", "dv")
+        }
+        tile = LAUNCH["scan_tile"]
+        self.scan_bk, self.scan_bv = min(tile, _pow2(self.key_dim)), min(tile, _pow2(self.value_dim))
         dot_dtype, precision = dot_config(q.dtype)
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, C=CHUNK, IS_VARLEN=cu_seqlens is not None,
@@ -84,11 +93,12 @@ class _Launch:
         shape = (self.n_chunks, self.heads, self.key_dim, self.value_dim)
         delta = torch.empty(shape, dtype=torch.float32, device=g.device)
         decay = torch.empty(self.n_chunks, self.heads, self.key_dim, dtype=torch.float32, device=g.device)
-        tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, self.bv)
+        bv = self.value_tile["delta"]
+        tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, bv)
         flags = self.flags | (self.precise_flags if precise else {})
         chunk_delta_kernel[(self.n_chunks * tiles, self.heads)](
             q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, self.bound[0], self.bound[1], scale,
-            self.seq_len, BK=self.bk, BV=self.bv, BACKWARD=backward, ACT=self.act, num_warps=4, **flags,
+            self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=LAUNCH["delta_warps"], **flags,
         )  # fmt: skip
         return delta, decay
 
@@ -103,7 +113,7 @@ class _Launch:
             delta, decay, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
             self.seq_len, H=self.heads, K=self.key_dim, V=self.value_dim, C=CHUNK, BK=self.scan_bk,
             BV=self.scan_bv, HAS_S0=s0 is not None, STORE_HT=store_last, REVERSE=reverse,
-            IS_VARLEN=self.flags["IS_VARLEN"], num_warps=2,
+            IS_VARLEN=self.flags["IS_VARLEN"], num_warps=LAUNCH["scan_warps"],
         )  # fmt: skip
 
 
@@ -117,10 +127,11 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     del delta
     o = torch.empty_like(v)
     scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * CHUNK if keep_scores else 1, device=q.device)
-    grid = (triton.cdiv(L.value_dim, L.bv_out) * L.n_chunks, L.heads)
+    bv = L.value_tile["output"]
+    grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, L.bound[0], L.bound[1], scale, L.seq_len,
-        BK=L.bk, BV=L.bv_out, ACT=L.act, STORE_SCORES=keep_scores, num_warps=8 if L.bv_out >= 128 else 4,
+        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, num_warps=LAUNCH["output_warps"],
         **L.flags, **L.intra,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
@@ -140,12 +151,14 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     log_beta, log1m_beta, inv_beta, inv_1m_beta = L.bound
     dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, d_beta, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta,
-        inv_beta, inv_1m_beta, scale, L.seq_len, BK=L.bk, BV=L.bv, ACT=L.act, num_warps=4,
+        inv_beta, inv_1m_beta, scale, L.seq_len, BK=L.bk, BV=L.value_tile["dqk"], ACT=L.act,
+        num_warps=LAUNCH["dqk_warps"],
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
-    dv_bwd_kernel[(triton.cdiv(L.value_dim, L.bv) * L.n_chunks, L.heads)](
+    bv = L.value_tile["dv"]
+    dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
-        BK=L.bk, BV=L.bv, num_warps=4, **_only(L.flags, *_DV_FLAGS),
+        BK=L.bk, BV=bv, num_warps=LAUNCH["dv_warps"], **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
     d_beta = d_beta.view(-1, L.heads, L.key_dim).sum(0) if has_bound else None
     return dq, dv, dg, (d_initial if need_d_initial else None), d_beta
