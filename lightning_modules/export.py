@@ -11,6 +11,7 @@ LM trained with; ``convert`` turns fla's or the authors' HGRN2 folders into such
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from pathlib import Path
 
@@ -28,8 +29,17 @@ TASKS = (CausalLM, SequenceClassifier, ImageClassifier)
 
 
 def task_of(checkpoint: dict, path: str) -> type:
-    """The LightningModule whose constructor arguments a checkpoint's ``hyper_parameters`` are."""
-    names = set(checkpoint.get("hyper_parameters") or {})
+    """The LightningModule class of a checkpoint: the ``_class_path`` LightningCLI records in its
+    ``hyper_parameters``, else the one task whose constructor takes every hyper-parameter."""
+    hparams = checkpoint.get("hyper_parameters") or {}
+    class_path = hparams.get("_class_path")
+    if class_path is not None:
+        module_name, _, name = class_path.rpartition(".")
+        task = getattr(importlib.import_module(module_name), name, None)
+        if task not in TASKS:
+            raise ValueError(f"{path}: a {class_path} checkpoint; export reads those of {[t.__name__ for t in TASKS]}")
+        return task
+    names = {name for name in hparams if not name.startswith("_")}
     matches = [task for task in TASKS if names and names <= set(inspect.signature(task.__init__).parameters)]
     if len(matches) != 1:
         raise ValueError(

@@ -114,22 +114,22 @@ def test_export_writes_a_folder_that_generates_what_the_checkpoint_generates(tmp
     assert outputs[0] == outputs[1] and outputs[0].startswith("the ")
 
 
-def lightning_checkpoint(module: pl.LightningModule, path) -> str:
-    """What ``Trainer.save_checkpoint`` writes that ``load_from_checkpoint`` reads: weights and hyper-parameters."""
-    torch.save(
-        {
-            "state_dict": module.state_dict(),
-            "hyper_parameters": dict(module.hparams),
-            "pytorch-lightning_version": pl.__version__,
-        },
-        path,
-    )
+def lightning_checkpoint(module: pl.LightningModule, path, cli: bool = False) -> str:
+    """What ``Trainer.save_checkpoint`` writes that ``load_from_checkpoint`` reads: weights and hyper-parameters;
+    ``cli``: with the class path and instantiator that ``hgrn2 fit`` (LightningCLI) adds to them."""
+    hparams = dict(module.hparams)
+    if cli:
+        hparams["_class_path"] = f"{type(module).__module__}.{type(module).__name__}"
+        hparams["_instantiator"] = "lightning.pytorch.cli.instantiate_module"
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": hparams}
+    torch.save({**checkpoint, "pytorch-lightning_version": pl.__version__}, path)
     return str(path)
 
 
-def test_export_writes_the_model_of_a_sequence_classifier_checkpoint(tmp_path):
+@pytest.mark.parametrize("cli", [False, True], ids=["python-fit", "hgrn2-fit"])
+def test_export_writes_the_model_of_a_sequence_classifier_checkpoint(tmp_path, cli):
     module = SequenceClassifier("listops", overrides={"hidden_size": 16, "num_layers": 2})
-    ckpt = lightning_checkpoint(module, tmp_path / "lra.ckpt")
+    ckpt = lightning_checkpoint(module, tmp_path / "lra.ckpt", cli=cli)
     main(["export", "--ckpt_path", ckpt, "--out", str(tmp_path / "lra")])
     ids = torch.randint(1, 16, (3, 20))
     assert torch.equal(LRAClassifier.from_pretrained(tmp_path / "lra")(ids), module.model.eval()(ids))
