@@ -1,8 +1,11 @@
 """Weights in and out of the hgrn2 models: a folder holding ``config.json``, ``model.safetensors`` and, for the
 language model, the tokenizer, so that the folder is all a user needs to run the model::
 
-    model.save_pretrained("runs/lm_demo/export", tokenizer="byte")
-    model = HGRN2ForCausalLM.from_pretrained("runs/lm_demo/export")  # a local folder, or a Hugging Face Hub id
+    model.save_pretrained("runs/lm_demo/model", tokenizer="byte")
+    model = HGRN2ForCausalLM.from_pretrained("runs/lm_demo/model")  # a local folder, or a Hugging Face Hub id
+    tokenizer = datamodules.tokenizer.build_tokenizer(tokenizer_spec("runs/lm_demo/model"))
+    ids = model.generate(torch.tensor([tokenizer.encode("def ")]), 100, temperature=0.8, top_k=20)
+    print(tokenizer.decode(ids[0]))
 
 ``config.json`` names the architecture (the class), its configuration (the ``LMConfig`` / ``LRAConfig`` fields,
 or the constructor arguments of ``HGRN2Vision``), the tokenizer kind and the SHA-256 of the weights file. The
