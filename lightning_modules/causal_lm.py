@@ -21,14 +21,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import time
+from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torchmetrics import MeanMetric
 
 from hgrn2.layers import Block
 from hgrn2.models.lm import IGNORE_INDEX, HGRN2ForCausalLM, LMConfig, lm_loss
+from lightning_modules.init_from import load_lm_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
 from lightning_modules.sharding import clip_gradients, fsdp_roots, full_state_dict, shard_modules
 
@@ -45,6 +48,9 @@ class CausalLM(pl.LightningModule):
         optim: AdamW and learning-rate schedule (``lightning_modules.optim.OptimizerConfig``).
         carry_state: carry the recurrent state across consecutive training batches (detached).
         eval_carry_state: also evaluate with the state carried across consecutive validation/test batches.
+        init_from: weights a fit starts from, with a fresh optimiser and schedule (fine-tuning): a ``.ckpt`` of
+            this module, a model folder (``hgrn2 export``, ``save_pretrained``) or an fla / authors' HGRN2 folder
+            or Hub id, whose config must match this one's; read only by ``fit`` (:mod:`lightning_modules.init_from`).
     """
 
     def __init__(
@@ -55,6 +61,7 @@ class CausalLM(pl.LightningModule):
         optim: OptimizerConfig | None = None,
         carry_state: bool = False,
         eval_carry_state: bool = False,
+        init_from: str | None = None,
     ):
         super().__init__()
         if isinstance(optim, dict):  # how it is stored in checkpoints
@@ -73,6 +80,8 @@ class CausalLM(pl.LightningModule):
         self.config = LMConfig.from_name(preset, **overrides)
         self.model = HGRN2ForCausalLM(self.config)
         self.carry_state, self.eval_carry_state = carry_state, eval_carry_state
+        self.init_from = init_from
+        self._init_pending = False  # set by setup("fit") while init_from is still to be loaded
         metric_names = ["nll", "accuracy"] + (["nll_carry"] if eval_carry_state else [])
         self.eval_metrics = torch.nn.ModuleDict(
             {f"{stage}_{name}": MeanMetric() for stage in STAGES for name in metric_names}
@@ -99,6 +108,16 @@ class CausalLM(pl.LightningModule):
                 "carry_state needs consecutive training batches to continue each other: set the datamodule's "
                 "train_layout: streams (or turn carry_state off)"
             )
+        # init_from loads here, before configure_model may shard the model; a resumed fit restores its own weights
+        # after this hook. A source not found here is left to on_fit_start, which a resumed run skips.
+        self._init_pending = stage == "fit" and self.init_from is not None
+        if self._init_pending and Path(self.init_from).exists():
+            rank_zero_info(f"Weights from {load_lm_weights(self, self.init_from)}")
+            self._init_pending = False
+
+    def on_fit_start(self) -> None:
+        if self._init_pending and self.trainer.ckpt_path is None:
+            rank_zero_info(f"Weights from {load_lm_weights(self, self.init_from)}")  # a Hub id, or a clear error
 
     # ------------------------------------------------------------------ training
     @staticmethod

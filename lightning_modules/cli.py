@@ -5,12 +5,14 @@ LightningDataModule classes by name, e.g. ``model: CausalLM``; ``fit``, ``valida
 ``predict`` come from Lightning, and multi-GPU from ``--trainer.strategy`` / ``--trainer.devices``.
 
 ``hgrn2 generate --ckpt_path runs/.../last.ckpt --prompt "def "`` continues a prompt with a trained
-``CausalLM`` (see :func:`generate`).
+``CausalLM`` or a model folder (see :func:`generate`); ``hgrn2 export`` and ``hgrn2 convert`` write model folders
+(:mod:`lightning_modules.export`).
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 import lightning.pytorch as pl
 import torch
@@ -38,10 +40,11 @@ def generate(
     tokenizer: str | None = None,
     device: str = "cpu",
 ) -> list[str]:
-    """Load a ``CausalLM`` checkpoint and print continuations of ``prompt``.
+    """Load a ``CausalLM`` checkpoint or a model folder and print continuations of ``prompt``.
 
     Args:
-        ckpt_path: a checkpoint saved by ``hgrn2 fit`` with ``CausalLM``.
+        ckpt_path: a checkpoint saved by ``hgrn2 fit`` with ``CausalLM``, or a model folder (or Hugging Face Hub id):
+            one ``hgrn2 export`` or ``save_pretrained`` wrote, or an HGRN2 checkpoint of fla or of the authors.
         prompt: the text to continue (empty: start after an end-of-document token).
         max_new_tokens: tokens to generate per sample.
         temperature: 0 is greedy decoding; otherwise sampling at this temperature.
@@ -50,22 +53,32 @@ def generate(
         seed: seed of the sampler.
         num_samples: continuations to generate (in one batch).
         stop_at_eos: end a sample at the end-of-document token.
-        tokenizer: the tokenizer (``byte`` or a Hugging Face path); default: the one the checkpoint trained with.
+        tokenizer: the tokenizer (``byte`` or a Hugging Face path); default: the one the checkpoint trained with
+            (or the folder holds).
         device: where to run (``cpu``, ``cuda``).
     """
     from datamodules.tokenizer import build_tokenizer
     from lightning_modules.causal_lm import CausalLM
 
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-    spec = tokenizer or checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer")
+    if Path(ckpt_path).is_file():
+        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        spec = tokenizer or checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer")
+        model = CausalLM.load_from_checkpoint(ckpt_path, map_location=device).model
+    else:
+        from hgrn2.models.convert import load_lm
+        from hgrn2.models.pretrained import resolve_folder, tokenizer_spec
+
+        folder = resolve_folder(ckpt_path)
+        spec = tokenizer or tokenizer_spec(folder)
+        model = load_lm(folder).to(device)
     if spec is None:
         raise ValueError(f"{ckpt_path} does not record its tokenizer; pass --tokenizer byte or a tokenizer path")
     tok = build_tokenizer(spec)
-    module = CausalLM.load_from_checkpoint(ckpt_path, map_location=device).eval()
+    model.eval()
     ids = tok.encode(prompt) or [tok.eos_id]
     input_ids = torch.tensor([ids] * num_samples, device=device)  # [N, T]
     stops = [tok.eos_id] if stop_at_eos else []
-    out = module.model.generate(
+    out = model.generate(
         input_ids, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p, stop_tokens=stops, seed=seed
     )
     texts = []
@@ -94,6 +107,16 @@ def main(args: list[str] | None = None) -> None:
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["generate"]:
         auto_cli(generate, args=argv[1:], as_positional=False, prog="hgrn2 generate")
+        return
+    if argv[:1] == ["export"]:
+        from lightning_modules.export import export
+
+        auto_cli(export, args=argv[1:], as_positional=False, prog="hgrn2 export")
+        return
+    if argv[:1] == ["convert"]:
+        from lightning_modules.export import convert_command
+
+        convert_command(argv[1:])
         return
     HGRN2CLI(
         pl.LightningModule,

@@ -8,14 +8,21 @@ loads after the first one is gone::
 
     hgrn2 fit --config configs/lra/pathfinder_grid_conv_c14.yaml \\
         --model.init_args.init_from runs/pathfinder_c6/checkpoints/last.ckpt
+
+``CausalLM`` also starts from a model folder (:func:`load_lm_weights`): one that ``hgrn2 export`` or
+``save_pretrained`` wrote, or an HGRN2 checkpoint of fla or of the authors (``hgrn2.models.convert``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from hgrn2.models.convert import load_lm
+from hgrn2.models.pretrained import architecture_differences
 
 
 def load_model_weights(module: nn.Module, checkpoint: str | Path) -> dict:
@@ -50,3 +57,27 @@ def load_model_weights(module: nn.Module, checkpoint: str | Path) -> dict:
             f"preset and overrides. {error}"
         ) from None
     return state
+
+
+def load_lm_weights(module: nn.Module, source: str | Path) -> str:
+    """Load the weights of ``source`` into a ``CausalLM`` (``module.model``, its ``module.config``).
+
+    ``source``: a Lightning checkpoint file (:func:`load_model_weights`), or a model folder or Hub id in any layout
+    :func:`hgrn2.models.convert.load_lm` reads. A folder's model must compute what ``module``'s does: the config
+    fields in which they differ (other than runtime fields) are a ValueError that gives the overrides to set.
+    Returns what was loaded, for the log.
+    """
+    if Path(source).is_file() or str(source).endswith(".ckpt"):
+        state = load_model_weights(module, source)
+        return f"{source} (saved at step {state.get('global_step')})"
+    donor = load_lm(source)
+    differences = architecture_differences(donor.config, module.config)
+    if differences:
+        listed = ", ".join(f"{name}: {theirs!r} there, {ours!r} here" for name, (theirs, ours) in differences.items())
+        fix = json.dumps({name: theirs for name, (theirs, _) in differences.items()})
+        raise ValueError(
+            f"init_from {source}: its model differs from this one in {listed}; build the same model with "
+            f"--model.init_args.overrides '{fix}' (merged with the preset's fields)"
+        )
+    module.model.load_state_dict(donor.state_dict())
+    return f"{source} ({type(donor).__name__} folder)"

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, ShortConvolution, make_norm
+from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, RMSNorm, ShortConvolution, make_norm
+from hgrn2.models import convert, pretrained
 from hgrn2.models.decoding import generate_tokens
 from hgrn2.ops import TRITON_BACKENDS, hgrn2_gated_recurrence, triton_available
 from hgrn2.ops.fused_cross_entropy import fused_linear_cross_entropy
@@ -78,8 +79,11 @@ class LMConfig:
     fused: bool = True
     short_conv: int = 0
     precise_bound_grad: bool = True
+    norm_eps: float = 1e-6
 
     def __post_init__(self):
+        if not self.norm_eps > 0:
+            raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -204,6 +208,9 @@ class HGRN2ForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
+        for module in self.modules():
+            if isinstance(module, RMSNorm):
+                module.eps = config.norm_eps
         self.reset_parameters()
 
     @staticmethod
@@ -370,6 +377,13 @@ class HGRN2ForCausalLM(nn.Module):
             )
         finally:
             self.train(was_training)
+
+    # weights in and out: this project's folders (hgrn2.models.pretrained), fla's and the authors' (convert)
+    save_pretrained = pretrained.save_pretrained
+    from_pretrained = classmethod(pretrained.from_pretrained)
+    from_fla = classmethod(convert.from_fla)
+    from_authors = classmethod(convert.from_authors)
+    to_fla = convert.to_fla
 
 
 def _run_block(block: LMBlock, x, branch, beta, state, output_state: bool, fused: bool):

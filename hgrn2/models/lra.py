@@ -32,6 +32,7 @@ from torch import nn
 
 from hgrn2.layers import BidirectionalHGRU2, Block, GridConvolution, HGRU2d, LayerLowerBounds, make_norm
 from hgrn2.layers.hgru2 import check_forget_gate_range
+from hgrn2.models import pretrained
 
 __all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "block_forward", "lra_config", "sinusoidal_positions"]
 
@@ -291,3 +292,7 @@ class LRAClassifier(nn.Module):
         mask = torch.cat([F.pad(m, (0, length - m.shape[1])) for m in (attention_mask, attention_mask_2)])
         u, v = self.encode(ids, mask).split(batch)  # [B, D] each
         return self.head(torch.cat([u, v, u * v, u - v], dim=-1))
+
+    # weights in and out (hgrn2.models.pretrained)
+    save_pretrained = pretrained.save_pretrained
+    from_pretrained = classmethod(pretrained.from_pretrained)

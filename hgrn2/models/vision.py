@@ -24,12 +24,14 @@ from timm.models import build_model_with_cfg, generate_default_cfgs, register_mo
 from torch import nn
 
 from hgrn2.layers import Block, HGRU2d, LayerLowerBounds, make_norm
+from hgrn2.models import pretrained
 
 __all__ = ["HGRN2Vision", "count_flops", "count_parameters", "recurrence_flops"]
 
 GLOBAL_POOLS = ("avg", "")
 
 
+@pretrained.records_init_arguments
 class HGRN2Vision(nn.Module):
     """Patch embedding -> ``depth`` blocks of the 2-D HGRU2 mixer and a GLU -> mean pool -> norm -> linear head.
 
@@ -189,6 +191,10 @@ class HGRN2Vision(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # weights in and out (hgrn2.models.pretrained); config.json holds the constructor's arguments
+    save_pretrained = pretrained.save_pretrained
+    from_pretrained = classmethod(pretrained.from_pretrained)
 
 
 # ------------------------------------------------------------------------------------------ registry
