@@ -63,13 +63,14 @@ def rel(a, b) -> float:
     return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
-def accuracy(op, dtype, gate_shift) -> dict:
-    """Relative errors of o and every gradient against the float64 chunked reference (B = 2, T = 2048)."""
+def accuracy(op, dtype, gate_shift, batch=2, seq_len=2048, precise=None) -> dict:
+    """Relative errors of o and every gradient against the float64 chunked reference."""
     torch.manual_seed(1)
-    q, v, g = inputs(2, 2048, gate_shift, dtype)
+    q, v, g = inputs(batch, seq_len, gate_shift, dtype)
     beta = torch.rand(HEADS, DIM, device="cuda", dtype=torch.float32, requires_grad=True)
     do = torch.randn_like(v)
-    o = op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu")[0]
+    kwargs = {} if precise is None else {"precise_bound_grad": precise}
+    o = op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu", **kwargs)[0]
     grads = torch.autograd.grad(o, [q, v, g, beta], do)
     ref_leaves = [t.detach().double().requires_grad_() for t in (q, v, g, beta)]
     from hgrn2.ops.gates import lower_bounded_log_forget
@@ -168,6 +169,12 @@ def time_variants(out: str | None) -> None:
             Path(out).write_text(json.dumps(report, indent=1))
     new.LAUNCH.clear()
     new.LAUNCH.update(defaults)
+    for precise in (True, False):  # the lower bound's gradient with and without the float32 path, B = 4, T = 4096
+        errors = accuracy(new, torch.bfloat16, 2.0, batch=4, seq_len=4096, precise=precise)
+        report[f"accuracy precise={precise}"] = errors
+        print(f"precise={precise}", {k: f"{e:.2e}" for k, e in errors.items()}, flush=True)
+    if out:
+        Path(out).write_text(json.dumps(report, indent=1))
     print("\nvariant      | " + " | ".join(f"{t // 1024}K T={s:5d} fwd  f+b gated" for t, s in VARIANT_SHAPES))
     for name, entry in report["variants"].items():
         cells = [f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f} {r['gated_fwdbwd']:6.3f}" for r in entry["rows"]]
