@@ -1,4 +1,4 @@
-"""benchmarks/config_seeds.py: one hgrn2 config fitted at several seeds side by side, each tested, in one report."""
+"""experiments/config_seeds.py: one hgrn2 config fitted at several seeds side by side, each tested, in one report."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lra"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lra"
 TINY = '{"glu_expand_ratio": 0, "grid_conv": 3, "hidden_size": 8, "num_layers": 2}'
 
 
 @pytest.fixture
 def config_seeds(monkeypatch):
-    return load_benchmark("config_seeds", monkeypatch)
+    return load_experiment("config_seeds", monkeypatch)
 
 
 def tiny_flags(data_dir: Path, steps: int) -> list[str]:

@@ -1,13 +1,13 @@
 """Train one ``hgrn2`` config at several seeds side by side, then score each run's checkpoint on the test split.
 
-    PYTHONPATH=$PWD python benchmarks/config_seeds.py --config configs/lra/pathfinder_grid_conv.yaml \\
+    PYTHONPATH=$PWD python experiments/config_seeds.py --config configs/lra/pathfinder_grid_conv.yaml \\
         --seeds 0 1 -- \\
         --data.init_args.data_dir data/lra/pathfinder32 --trainer.max_time 00:00:07:00
 
 For each seed the script runs ``python -m hgrn2 fit --config C --seed_everything S <flags after -->`` in its own
 process (all seeds at once, sharing the machine), with a CSV logger under ``--run-dir``/``s<seed>``; once a fit
 ends, ``python -m hgrn2 test`` scores the checkpoint it saved last. The JSON at ``--out`` (default
-``benchmarks/results/<gpu>-<config name>-seeds.json``) gathers, per seed:
+``experiments/results/<gpu>-<config name>-seeds.json``) gathers, per seed:
 
 * ``val_curve``: every validation of the fit as ``[step, val/acc, val/loss]``;
 * ``checkpoint_step`` and ``test``: the step of the checkpoint that was tested and its ``test/*`` metrics;
@@ -30,8 +30,8 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_info import gpu_name
 
+from benchmarks.gpu_info import gpu_name
 from datamodules.atomic import write_json_atomically
 
 REPO = Path(__file__).resolve().parent.parent
@@ -141,7 +141,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds must differ, got {args.seeds}")
     args.argv, args.flags = argv, flags
     if args.out is None:
-        args.out = REPO / "benchmarks" / "results" / f"{gpu_name()}-{args.config.stem}-seeds.json"
+        args.out = REPO / "experiments" / "results" / f"{gpu_name()}-{args.config.stem}-seeds.json"
     args.config, args.run_dir, args.out = args.config.resolve(), args.run_dir.resolve(), args.out.resolve()
     return args
 
