@@ -58,7 +58,8 @@ def triton_available(device: torch.device | str) -> bool:
     return device.type == "cpu" and os.environ.get("TRITON_INTERPRET") == "1"
 
 
-# Up to this many steps the loop beats the chunked form on the CPU (no padding, no pairwise decay tensors).
+# Up to this many steps the loop beats the chunked form on the CPU (no padding, no pairwise decay tensors), and on
+# a GPU a scan that needs no gradient runs on the step-by-step kernel (one launch instead of the chunked four).
 SHORT_SCAN = 16
 # Up to this many state elements per head (K·V) the step-by-step kernels beat the chunked ones on the GPU, which
 # pad every head to 16-wide tiles; above it the chunked ones win (timings: benchmarks/results/ops-notes.md,
@@ -156,9 +157,19 @@ def _state_elements(q: torch.Tensor, v: torch.Tensor) -> int:
     return q.shape[-1] * v.shape[-1]
 
 
+def _short_inference(q: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """Whether a scan is at most ``SHORT_SCAN`` steps long and needs no gradient: the step-by-step kernel then
+    runs it in one launch, where the chunked kernels take several."""
+    if q.shape[1] > SHORT_SCAN:
+        return False
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, *tensors))
+
+
 def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, **kwargs):
     """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ."""
     if resolved == "triton":
+        if _short_inference(q, v, log_forget, kwargs["initial_state"]):
+            return _kernel_module("recurrent").fused_recurrent_hgrn2(q, v, log_forget, **kwargs)
         return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "recurrent":
         return _kernel_module("small_state").small_state_hgrn2(q, v, log_forget, **kwargs)
@@ -195,7 +206,8 @@ def hgrn2_gated_recurrence(
     )
     resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
     chunk = _kernel_module("chunk")
-    if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated"):
+    short = _short_inference(q_proj, v, forget_proj, lower_bound, initial_state)
+    if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated") and not short:
         return chunk.chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,
             **kwargs,

@@ -1,16 +1,17 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
-Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. The forward stores the
-state entering every chunk (bfloat16 for bfloat16 inputs, else float32) and the backward reuses it; the
-key 1 - λ is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd``
-and ``hgrn2.ops.chunk_bwd``.
+Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64
+steps: every chunk's state delta (all chunks at once), an elementwise walk over the chunks that stores the state
+entering each (bfloat16 for bfloat16 inputs, else float32), then every chunk's output; the backward runs the
+same two state kernels backwards for the state gradients, then dq/d log λ and dv chunk by chunk. The key 1 - λ
+is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and
+``hgrn2.ops.chunk_bwd``.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, and the
 terms of d log λ cancel against one another, so it magnifies the rounding of half-precision states and matmul
-operands (relative error 2.5e-2 at T = 1024 in bfloat16). When that gradient is asked for, the state kernels
-keep the chunk states in float32 and the forward state and dq/dk kernels multiply in TF32 (1e-3 through the
-interpreter, which multiplies in float32). ``precise_bound_grad=False`` (per call) or
-``PRECISE_BOUND_GRAD = False`` (the default of every call) turns this off: the LM then trains 7.4% faster.
+operands. When that gradient is asked for, the chunk states are kept in float32 and the forward state deltas
+and the dq/d log λ kernel multiply float32 operands in TF32. ``precise_bound_grad=False`` (per call) or
+``PRECISE_BOUND_GRAD = False`` (the default of every call) keeps half-precision states and operands there.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel, state_bwd_kernel
-from hgrn2.ops.chunk_fwd import output_fwd_kernel, state_fwd_kernel
+from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
+from hgrn2.ops.chunk_fwd import chunk_delta_kernel, output_fwd_kernel, state_scan_kernel
 from hgrn2.ops.gates import activation
 from hgrn2.ops.kernel_utils import (
     FUSED_ACTIVATIONS,
@@ -32,9 +33,11 @@ from hgrn2.ops.kernel_utils import (
     state_dtype,
 )
 
-CHUNK = 64  # steps per chunk
-SUB_CHUNK = 16  # steps per sub-block inside a chunk (the smallest tile a matmul takes)
+CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
 PRECISE_BOUND_GRAD = True  # default: float32 states and TF32 matmuls where the lower bound's gradient is computed
+# Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
+# operands in TF32, since d log λ cancels these terms against one another.
+INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
 
@@ -43,22 +46,8 @@ def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _state_tiles(n_heads_total: int, key_dim: int, value_dim: int, device: torch.device) -> tuple[int, int]:
-    """K and V tiles of the sequential state kernels: 64, or 32 when that leaves the GPU half idle."""
-    bk, bv = min(64, _pow2(key_dim)), min(64, _pow2(value_dim))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-    if n_heads_total * triton.cdiv(key_dim, bk) * triton.cdiv(value_dim, bv) < 2 * sms:
-        bk, bv = min(32, bk), min(32, bv)
-    return bk, bv
-
-
-def _value_tile(key_dim: int, value_dim: int) -> int:
-    """V tile of the chunk-parallel kernels, which hold all K channels: a [K, V] state tile of <= 128 x 128."""
-    return min(_pow2(value_dim), 128 if _pow2(key_dim) <= 128 else 64)
-
-
 class _Launch:
-    """Shapes, chunk layout and compile-time flags shared by the four kernels of one call."""
+    """Shapes, chunk layout, tiles and compile-time flags shared by the kernels of one call."""
 
     def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise):
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
@@ -70,10 +59,12 @@ class _Launch:
         self.cu_seqlens = cu_seqlens if cu_seqlens is not None else dummy
         self.chunk_offsets = self.chunk_offsets if self.chunk_offsets is not None else dummy
         self.chunk_indices = self.chunk_indices if self.chunk_indices is not None else dummy
-        self.bk, self.bv = _state_tiles(self.n_seqs * self.heads, self.key_dim, self.value_dim, q.device)
-        self.state_warps = 8 if self.bk * self.bv >= 64 * 64 else 4
-        self.bk_full = _pow2(self.key_dim)
-        self.bv_out = _value_tile(self.key_dim, self.value_dim)
+        # K and V tiles: 64 for the chunk-parallel kernels (the output kernel holds up to 128 values), 32 for the
+        # elementwise walk over chunks, which runs one program per tile of every (sequence, head)
+        self.bk = min(64, _pow2(self.key_dim))
+        self.bv = min(64, _pow2(self.value_dim))
+        self.bv_out = min(128, _pow2(self.value_dim))
+        self.scan_bk, self.scan_bv = min(32, _pow2(self.key_dim)), min(32, _pow2(self.value_dim))
         dot_dtype, precision = dot_config(q.dtype)
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, C=CHUNK, IS_VARLEN=cu_seqlens is not None,
@@ -86,62 +77,81 @@ class _Launch:
         self.state_dtype = torch.float32 if precise else state_dtype(q.dtype)
         # matmul settings of the two kernels whose rounding the lower bound's gradient magnifies
         self.precise_flags = dict(DT=tl.float32, PRECISION="tf32") if precise else {}
+        self.intra = INTRA_DOT if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
+
+    def deltas(self, q, g, x, scale, backward: bool, precise: bool):
+        """Every chunk's Δ (float32 [chunks, H, K, V]) and decay exp(b_C) (float32 [chunks, H, K])."""
+        shape = (self.n_chunks, self.heads, self.key_dim, self.value_dim)
+        delta = torch.empty(shape, dtype=torch.float32, device=g.device)
+        decay = torch.empty(self.n_chunks, self.heads, self.key_dim, dtype=torch.float32, device=g.device)
+        tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, self.bv)
+        flags = self.flags | (self.precise_flags if precise else {})
+        chunk_delta_kernel[(self.n_chunks * tiles, self.heads)](
+            q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, self.bound[0], self.bound[1], scale,
+            self.seq_len, BK=self.bk, BV=self.bv, BACKWARD=backward, ACT=self.act, num_warps=4, **flags,
+        )  # fmt: skip
+        return delta, decay
+
+    def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
+        """Walk the chunks of every sequence (backwards with ``reverse``), see ``state_scan_kernel``."""
+        grid = (
+            self.n_seqs * self.heads,
+            triton.cdiv(self.key_dim, self.scan_bk),
+            triton.cdiv(self.value_dim, self.scan_bv),
+        )
+        state_scan_kernel[grid](
+            delta, decay, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
+            self.seq_len, H=self.heads, K=self.key_dim, V=self.value_dim, C=CHUNK, BK=self.scan_bk,
+            BV=self.scan_bv, HAS_S0=s0 is not None, STORE_HT=store_last, REVERSE=reverse,
+            IS_VARLEN=self.flags["IS_VARLEN"], num_warps=2,
+        )  # fmt: skip
 
 
 def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state, keep_scores):
     L = launch
+    delta, decay = L.deltas(q, g, v, scale, backward=False, precise=True)
     h = torch.empty(L.n_chunks + L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=L.state_dtype, device=q.device)
     final_state = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
-    h0 = initial_state.contiguous() if initial_state is not None else final_state
-    log_beta, log1m_beta, _, _ = L.bound
-    grid = (L.n_seqs * L.heads, triton.cdiv(L.key_dim, L.bk), triton.cdiv(L.value_dim, L.bv))
-    state_fwd_kernel[grid](
-        g, v, h0, h, final_state, L.cu_seqlens, L.chunk_offsets, log_beta, log1m_beta, L.seq_len,
-        BK=L.bk, BV=L.bv, HAS_H0=initial_state is not None, STORE_HT=output_final_state, num_warps=L.state_warps,
-        **(_only(L.flags, *_STATE_FLAGS) | L.precise_flags),
-    )  # fmt: skip
+    h0 = initial_state.contiguous() if initial_state is not None else None
+    L.scan(delta, decay, h0, h, final_state, reverse=False, store_last=output_final_state)
+    del delta
     o = torch.empty_like(v)
-    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * SUB_CHUNK if keep_scores else 1, device=q.device)
+    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * CHUNK if keep_scores else 1, device=q.device)
     grid = (triton.cdiv(L.value_dim, L.bv_out) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
-        q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
-        BC=SUB_CHUNK, BK=L.bk_full, BV=L.bv_out, ACT=L.act, STORE_SCORES=keep_scores,
-        num_warps=8 if L.bk_full * L.bv_out >= 128 * 64 else 4, **L.flags,
+        q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, L.bound[0], L.bound[1], scale, L.seq_len,
+        BK=L.bk, BV=L.bv_out, ACT=L.act, STORE_SCORES=keep_scores, num_warps=8 if L.bv_out >= 128 else 4,
+        **L.flags, **L.intra,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
 
 
 def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial):
     L = launch
+    delta, decay = L.deltas(q, g, do, scale, backward=True, precise=False)
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
-    dht = d_final.contiguous() if d_final is not None else d_initial
-    log_beta, log1m_beta, inv_beta, inv_1m_beta = L.bound
-    grid = (L.n_seqs * L.heads, triton.cdiv(L.key_dim, L.bk), triton.cdiv(L.value_dim, L.bv))
-    state_bwd_kernel[grid](
-        q, g, do, dht, d_states, d_initial, L.cu_seqlens, L.chunk_offsets, log_beta, log1m_beta, scale,
-        L.seq_len, BK=L.bk, BV=L.bv, HAS_DHT=d_final is not None, STORE_DH0=need_d_initial, ACT=L.act,
-        num_warps=L.state_warps, **_only(L.flags, *_STATE_FLAGS),
-    )  # fmt: skip
+    dht = d_final.contiguous() if d_final is not None else None
+    L.scan(delta, decay, dht, d_states, d_initial, reverse=True, store_last=need_d_initial)
+    del delta
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     has_bound = L.flags["HAS_BOUND"]
     d_beta = torch.empty(L.n_chunks * L.heads * L.key_dim if has_bound else 1, device=q.device)
-    bk = min(32, L.bk_full)
-    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)](
+    log_beta, log1m_beta, inv_beta, inv_1m_beta = L.bound
+    dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, d_beta, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta,
-        inv_beta, inv_1m_beta, scale, L.seq_len, BC=SUB_CHUNK, BK=bk, BV=_pow2(L.value_dim), ACT=L.act,
-        num_warps=4 if L.value_dim <= 128 else 8, **(L.flags | L.precise_flags),
+        inv_beta, inv_1m_beta, scale, L.seq_len, BK=L.bk, BV=L.bv, ACT=L.act, num_warps=4,
+        **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
-    bv = min(64, _pow2(L.value_dim))
-    dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
-        q, g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
-        BC=SUB_CHUNK, BK=L.bk_full, BV=bv, ACT=L.act, num_warps=4 if L.key_dim <= 128 else 8, **L.flags,
+    dv_bwd_kernel[(triton.cdiv(L.value_dim, L.bv) * L.n_chunks, L.heads)](
+        g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
+        BK=L.bk, BV=L.bv, num_warps=4, **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
     d_beta = d_beta.view(-1, L.heads, L.key_dim).sum(0) if has_bound else None
     return dq, dv, dg, (d_initial if need_d_initial else None), d_beta
 
 
-_STATE_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "GATED", "HAS_BOUND", "DT", "PRECISION", "INTERPRET")
+_DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "GATED", "HAS_BOUND", "DT", "PRECISION", "INTERPRET")
 
 
 def _only(flags: dict, *names: str) -> dict:

@@ -1,22 +1,23 @@
 """Forward Triton kernels of the chunked HGRN2 recurrence (the op is ``hgrn2.ops.chunk``).
 
-Per head, with chunks of C steps split into sub-blocks of BC steps, g = log λ and b its running sum:
+Per head, with chunks of C steps, g = log λ and b its running sum inside a chunk (b_C its last value):
 
-* ``state_fwd_kernel``: one program per (sequence, head, K tile, V tile) walks the chunks in order and stores
-  the state entering each chunk, then the final one: S ← exp(b_C) S + (k · exp(b_C - b))^T v.
-* ``output_fwd_kernel``: one program per (V tile, chunk, head): o = q·exp(b) S_in + (intra-chunk part);
-  it can also keep the diagonal sub-block scores for the backward.
+* ``chunk_delta_kernel``: one program per (chunk, head, K tile, V tile), all chunks at once: what the chunk
+  adds to the state, Δ = (k · exp(b_C - b))^T v, and its decay exp(b_C). Run backwards it gives the chunk's
+  share of the state gradient instead, scale · (q · exp(b))^T do.
+* ``state_scan_kernel``: one program per (sequence, head, K tile, V tile) walks the chunks in order,
+  S ← exp(b_C) ⊙ S + Δ, an elementwise update, and stores the state entering each chunk and the final one
+  (backwards: the state gradient leaving each chunk, and the initial state's gradient).
+* ``output_fwd_kernel``: one program per (V tile, chunk, head): o = (q · exp(b)) S_in + A v with the chunk's
+  causal scores A = (q ⊙ exp(b_t - b_s)) k^T, s <= t, which it can keep for the backward.
 
-Every exponent is a sum of log gates over a span of steps, so it is <= 0 and nothing overflows: on
-diagonal sub-blocks the decays are formed pairwise (exp(b_t - b_s), s <= t); between sub-blocks j < i the
-reference point is the start of sub-block i, where the output kernel keeps the running state
-(q·exp(b_t - b_ref) against S_ref, and k·exp(b_ref - b_s) folded into S_ref); a diagonal sub-block whose
-channels all decay by less than e^-60 is one matmul of q·exp(b) and k·exp(-b). The key
-k = 1 - exp(g) is derived in registers. With ``GATED`` the kernels read the raw projections and compute
-q = act(q_proj) and log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves.
-
-Addresses: a scalar int64 base per block of rows plus a loop-invariant int32 tile of offsets, so no 64-bit
-per-element offsets stay live in registers.
+The chunk-parallel kernels work on whole [C, ·] tiles. The scores use one reference point per chunk, its middle
+row m: A = (q · exp(b - b_m)) (k · exp(b_m - b))^T, exact for causal entries and finite while every channel's
+running sum stays within ``SPREAD`` of its middle value; a K tile where it does not (gates near 0) forms its
+scores one key column at a time from non-positive exponents (``intra_scores``). Log gates are clamped at
+``LOG_FORGET_MIN``, where exp() is already 0 in float32, so that λ = 0 (log λ = -inf) stays exact.
+The key k = 1 - exp(g) is derived in registers. With ``GATED`` the kernels read the raw projections and
+compute q = act(q_proj) and log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves.
 """
 
 from __future__ import annotations
@@ -29,54 +30,116 @@ from hgrn2.ops.kernel_utils import (
     load_bound,
     load_log_forget,
     load_query,
-    log_forget_of,
     matmul,
     one_minus_exp,
     sequence_bounds,
 )
 
+# Largest |b_t - b_m| for which the scores are one matmul of q·exp(b - b_m) and k·exp(b_m - b): each factor is at
+# most e^40 and even the masked (non-causal) products, at most e^80, stay finite in float32 and bfloat16.
+SPREAD = tl.constexpr(40.0)
+
 
 @triton.jit
-def state_fwd_kernel(
-    g_ptr, v_ptr, h0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, log_beta_ptr, log1m_beta_ptr,
+def intra_scores(q, k, b, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
+    """Σ over this K tile of q_t ⊙ k_s ⊙ exp(b_t - b_s), [C, C]; entries with s > t are not meaningful."""
+    b_mid = tl.sum(tl.where(o_t[:, None] == C // 2 - 1, b, 0.0), 0)
+    spread = b - b_mid[None, :]
+    if tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD:
+        scores = matmul(q * tl.exp(spread), tl.trans(k * tl.exp(-spread)), DT, PRECISION, INTERPRET)
+    else:
+        scores = tl.zeros([C, C], dtype=tl.float32)
+        for s in range(C):
+            row = o_t[:, None] == s
+            b_s = tl.sum(tl.where(row, b, 0.0), 0)
+            k_s = tl.sum(tl.where(row, k, 0.0), 0)
+            decay = tl.exp(tl.where(o_t[:, None] >= s, b - b_s[None, :], float("-inf")))  # [C, BK]
+            column = tl.sum(q * k_s[None, :] * decay, 1)
+            scores = tl.where(o_t[None, :] == s, column[:, None], scores)
+    return scores
+
+
+@triton.jit
+def chunk_delta_kernel(
+    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr,
-    HAS_BOUND: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
+    ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
+    # forward: x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD: x = do, Δ = scale · (q · exp(b))^T do.
+    # Δ float32 [chunks, H, K, V]; the chunk's decay exp(b_C) float32 [chunks, H, K] (written by the first V tile)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v = tl.program_id(0) % NV
+    i_k = (tl.program_id(0) // NV) % NK
+    i_c, i_h = tl.program_id(0) // (NV * NK), tl.program_id(1)
+    _, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
+    o_t = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_t = c * C + o_t < length
+    m_tk = m_t[:, None] & m_k[None, :]
+    row0 = bos + c * C
+    k_tile = o_t[:, None] * (H * K) + o_k[None, :]
+    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
+    g = load_log_forget(
+        g_ptr + row0 * (H * K) + i_h * K + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
+    )  # fmt: skip
+    b = tl.cumsum(g, 0)
+    b_end = tl.sum(g, 0)  # [BK]
+    if BACKWARD:
+        q = load_query(q_ptr + row0 * (H * K) + i_h * K + k_tile, m_tk, ACT)
+        w = q * tl.exp(b) * scale
+    else:
+        w = one_minus_exp(g) * tl.exp(b_end[None, :] - b)
+    v_tile = o_t[:, None] * (H * V) + o_v[None, :]
+    x = tl.load(x_ptr + row0 * (H * V) + i_h * V + v_tile, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    delta = matmul(tl.trans(w), x, DT, PRECISION, INTERPRET)  # [BK, BV]
+    base = i_c.to(tl.int64) * H + i_h
+    tl.store(delta_ptr + base * K * V + o_k[:, None] * V + o_v[None, :], delta, mask=m_k[:, None] & m_v[None, :])
+    tl.store(decay_ptr + base * K + o_k, tl.exp(b_end), mask=m_k & (i_v == 0))
+
+
+@triton.jit
+def state_scan_kernel(
+    delta_ptr, decay_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, T, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+    STORE_HT: tl.constexpr, REVERSE: tl.constexpr, IS_VARLEN: tl.constexpr,
+):  # fmt: skip
+    # forward: h[first chunk + n + c] = the state entering chunk c, and one more slot per sequence for the state
+    # after its last chunk; REVERSE: h[first chunk + c] = the state gradient leaving chunk c, and ht the gradient
+    # of the state entering the sequence. s0 is the initial state (or the final state's gradient).
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
-    bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
+    _, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
     n_chunks = tl.cdiv(length, C)
-    o_t = tl.arange(0, C)
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv_tile = o_k[:, None] * V + o_v[None, :]
-    k_tile = o_t[:, None] * (H * K) + o_k[None, :]
-    v_tile = o_t[:, None] * (H * V) + o_v[None, :]
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_H0:
-        state += tl.load(h0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-    slot0 = first_chunk + i_n  # each sequence keeps one extra slot, for the state after its last chunk
-    # the next chunk's tiles are loaded before this chunk is computed, so their latency overlaps the work
-    m_next = o_t < length
-    g_next = tl.load(g_ptr + (bos * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
-    v_next = tl.load(v_ptr + (bos * H + i_h) * V + v_tile, mask=m_next[:, None] & m_v[None, :], other=0.0)
-    for c in range(n_chunks):
+    if HAS_S0:
+        state += tl.load(s0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
+    slot0 = first_chunk if REVERSE else first_chunk + i_n
+    # the next chunk's Δ and decay are loaded before this chunk's update, so their latency overlaps it
+    c = n_chunks - 1 if REVERSE else 0
+    base = (first_chunk + c) * H + i_h
+    delta_next = tl.load(delta_ptr + base * K * V + kv_tile, mask=m_kv & (n_chunks > 0), other=0.0)
+    decay_next = tl.load(decay_ptr + base * K + o_k, mask=m_k & (n_chunks > 0), other=1.0)
+    for step in range(n_chunks):
+        c = n_chunks - 1 - step if REVERSE else step
         tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        m_tk = m_next[:, None] & m_k[None, :]
-        g_raw, v = g_next, v_next
-        row1 = bos + (c + 1) * C
-        m_next = (c + 1) * C + o_t < length
-        g_next = tl.load(g_ptr + (row1 * H + i_h) * K + k_tile, mask=m_next[:, None] & m_k[None, :], other=0.0)
-        v_next = tl.load(v_ptr + (row1 * H + i_h) * V + v_tile, mask=m_next[:, None] & m_v[None, :], other=0.0)
-        g = log_forget_of(g_raw, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
-        to_end = tl.cumsum(g, 0, reverse=True) - g  # b_C - b_t: a sum of the gates after t
-        k_end = one_minus_exp(g) * tl.exp(to_end)  # [C, BK]
-        state = state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(k_end), v, DT, PRECISION, INTERPRET)
-    tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+        delta, decay = delta_next, decay_next
+        c_next = c - 1 if REVERSE else c + 1
+        has_next = step + 1 < n_chunks
+        base = (first_chunk + c_next) * H + i_h
+        delta_next = tl.load(delta_ptr + base * K * V + kv_tile, mask=m_kv & has_next, other=0.0)
+        decay_next = tl.load(decay_ptr + base * K + o_k, mask=m_k & has_next, other=1.0)
+        state = state * decay[:, None] + delta
+    if not REVERSE:
+        tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
     if STORE_HT:
         tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, state, mask=m_kv)
 
@@ -84,68 +147,45 @@ def state_fwd_kernel(
 @triton.jit
 def output_fwd_kernel(
     q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BC: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
-    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
+    STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # With STORE_SCORES the first V tile also writes the diagonal sub-block scores (without scale) to a_ptr,
-    # float32 [B * T, H, BC], for the backward.
+    # With STORE_SCORES the first V tile also writes the causal scores A (without scale), float32 [B * T, H, C].
     NV: tl.constexpr = (V + BV - 1) // BV
+    NK: tl.constexpr = (K + BK - 1) // BK
     i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
-    NC: tl.constexpr = C // BC
-    o_r = tl.arange(0, BC)
-    o_k = tl.arange(0, BK)
+    o_t = tl.arange(0, C)
     o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    k_tile = o_r[:, None] * (H * K) + o_k[None, :]
-    v_tile = o_r[:, None] * (H * V) + o_v[None, :]
-    q_head, g_head = q_ptr + i_h * K, g_ptr + i_h * K
-    v_head, o_head = v_ptr + i_h * V, o_ptr + i_h * V
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
+    m_v = o_v < V
+    m_t = c * C + o_t < length
+    row0 = bos + c * C
     slot = i_c.to(tl.int64) + i_n
-    # the state entering sub-block i (the chunk's entering state and the keys of sub-blocks before i, decayed
-    # to the start of i), carried in registers
-    state = tl.load(
-        h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :], other=0.0
-    ).to(tl.float32)  # fmt: skip
-    t0 = c * C
-    for i in range(NC):
-        row0 = bos + t0 + i * BC
-        m_t = t0 + i * BC + o_r < length
+    acc = tl.zeros([C, BV], dtype=tl.float32)
+    scores = tl.zeros([C, C], dtype=tl.float32)
+    for i_k in range(NK):
+        o_k = i_k * BK + tl.arange(0, BK)
+        m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        q = load_query(q_head + row0 * (H * K) + k_tile, m_tk, ACT)
-        g = load_log_forget(
-            g_head + row0 * (H * K) + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
-        )  # fmt: skip
-        b = tl.cumsum(g, 0)  # decay from the start of sub-block i, inclusive
-        q_local = q * tl.exp(b)
-        acc = matmul(q_local, state, DT, PRECISION, INTERPRET)  # [BC, BV]
-        # diagonal sub-block: when every channel decays by less than e^-60 across it, one matmul of q·exp(b) and
-        # k·exp(-b) (both <= e^60, causal entries exact); otherwise pairwise decays, one key row at a time
-        if tl.min(tl.sum(g, 0)) > -60.0:
-            scores = matmul(q_local, tl.trans(one_minus_exp(g) * tl.exp(-b)), tl.float32, "ieee", INTERPRET)
-            scores = tl.where(o_r[:, None] >= o_r[None, :], scores, 0.0)
-        else:
-            scores = tl.zeros([BC, BC], dtype=tl.float32)
-            b_s = tl.zeros([BK], dtype=tl.float32)
-            for s in range(BC):
-                g_s = load_log_forget(
-                    g_head + (row0 + s) * (H * K) + o_k, m_k & (t0 + i * BC + s < length),
-                    log_beta, log1m_beta, GATED, HAS_BOUND,
-                )  # fmt: skip
-                b_s += g_s
-                decay = tl.exp(tl.where(o_r[:, None] >= s, b - b_s[None, :], float("-inf")))
-                column = tl.sum(q * one_minus_exp(g_s)[None, :] * decay, 1)
-                scores = tl.where(o_r[None, :] == s, column[:, None], scores)
-        if STORE_SCORES:
-            a_offs = (row0 * H + i_h) * BC + o_r[:, None] * (H * BC) + o_r[None, :]
-            tl.store(a_ptr + a_offs, scores, mask=m_t[:, None] & (i_v == 0))
-        v = tl.load(v_head + row0 * (H * V) + v_tile, mask=m_tv, other=0.0)
-        acc += matmul(scores, v, DT, PRECISION, INTERPRET)
-        tl.store(o_head + row0 * (H * V) + v_tile, (acc * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
-        # advance the state past sub-block i
-        k_end = one_minus_exp(g) * tl.exp(tl.cumsum(g, 0, reverse=True) - g)
-        state = state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(k_end), v, DT, PRECISION, INTERPRET)
+        k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
+        log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
+        q = load_query(q_ptr + k_offs, m_tk, ACT)
+        g = load_log_forget(g_ptr + k_offs, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
+        b = tl.cumsum(g, 0)
+        s_in = tl.load(
+            h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+            other=0.0,
+        ).to(tl.float32)  # fmt: skip
+        acc += matmul(q * tl.exp(b), s_in, DT, PRECISION, INTERPRET)
+        scores += intra_scores(q, one_minus_exp(g), b, o_t, C, IDT, IPRECISION, INTERPRET)
+    scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
+    if STORE_SCORES:
+        a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
+        tl.store(a_ptr + a_offs, scores, mask=m_t[:, None] & (i_v == 0))
+    v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
+    m_tv = m_t[:, None] & m_v[None, :]
+    v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
+    acc += matmul(scores, v, DT, PRECISION, INTERPRET)
+    tl.store(o_ptr + v_offs, (acc * scale).to(o_ptr.dtype.element_ty), mask=m_tv)

@@ -14,6 +14,9 @@ import triton.language as tl
 
 # Output-gate activations the kernels fuse; any other name falls back to the unfused path.
 FUSED_ACTIVATIONS = {"identity": 0, "silu": 1, "swish": 1, "sigmoid": 2}
+# Log gates are clamped here: exp() of it is 0 in float32 already, so λ = 0 (log λ = -inf, a full reset) stays
+# exact and every running sum of log gates stays finite. No gradient flows below it.
+LOG_FORGET_MIN = tl.constexpr(-200.0)
 
 
 @triton.jit
@@ -204,12 +207,13 @@ def load_bound(log_beta_ptr, log1m_beta_ptr, offs, mask, BK: tl.constexpr, HAS_B
 
 @triton.jit
 def log_forget_of(x, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log λ (float32, 0 where masked) from loaded log_forget, or from the raw forget projection when GATED."""
+    """log λ (float32, 0 where masked, at least ``LOG_FORGET_MIN``) from loaded log_forget, or from the raw
+    forget projection when GATED."""
     x = x.to(tl.float32)
     if GATED:
         g, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
         x = tl.where(mask, g, 0.0)
-    return x
+    return tl.maximum(x, LOG_FORGET_MIN)
 
 
 @triton.jit

@@ -232,3 +232,37 @@ def test_gated_recurrence_uses_the_fused_gated_kernel_under_the_triton_backend(m
         F.silu(q_proj).double().cpu(), v.double().cpu(), lower_bounded_log_forget(forget_proj, beta).double().cpu()
     )
     assert_rel_close(o, expected, 1e-4, "o")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_short_scans_without_gradients_run_on_the_step_kernel_in_one_launch(monkeypatch, gated):
+    from hgrn2.ops import hgrn2_gated_recurrence, hgrn2_recurrence, recurrent
+
+    steps = _spy(monkeypatch, recurrent, "fused_recurrent_hgrn2")
+    chunked = _spy(monkeypatch, chunk, "chunk_hgrn2_gated" if gated else "chunk_hgrn2")
+    q_proj, v, forget_proj = (torch.randn(2, 1, 2, 16, device=DEVICE) for _ in range(3))
+    h0 = torch.randn(2, 2, 16, 16, device=DEVICE)
+    beta = torch.rand(2, 16, device=DEVICE)
+    log_forget = lower_bounded_log_forget(forget_proj, beta if gated else None)
+    expected, expected_state = hgrn2_recurrence_naive(
+        F.silu(q_proj).double().cpu(), v.double().cpu(), log_forget.double().cpu(), scale=0.5,
+        initial_state=h0.double().cpu(), output_final_state=True,
+    )  # fmt: skip
+
+    def run():
+        if gated:
+            return hgrn2_gated_recurrence(
+                q_proj, v, forget_proj, beta, scale=0.5, initial_state=h0, output_final_state=True, backend="triton"
+            )
+        return hgrn2_recurrence(
+            F.silu(q_proj), v, log_forget, scale=0.5, initial_state=h0, output_final_state=True, backend="triton"
+        )
+
+    with torch.no_grad():
+        o, state = run()
+    assert steps == ["fused_recurrent_hgrn2"] and chunked == []
+    assert_rel_close(o, expected, 1e-5, "o")
+    assert_rel_close(state, expected_state, 1e-5, "final state")
+    q_proj.requires_grad_()  # a gradient is wanted: the chunked kernels, which have a backward
+    run()
+    assert steps == ["fused_recurrent_hgrn2"] and len(chunked) == 1

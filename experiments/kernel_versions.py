@@ -1,0 +1,142 @@
+"""Two versions of the chunked HGRN2 kernels side by side on one CUDA GPU: accuracy against a float64 reference
+and time of each kernel version (bf16, H = 8, K = V = 128), optionally fla's chunk_gla in the same process.
+
+    python experiments/kernel_versions.py --old-root DIR [--fla] [--out report.json]
+    python experiments/kernel_versions.py --profile          # one forward+backward per version, for ncu
+
+DIR holds a copy of an earlier ``hgrn2.ops`` chunk package, importable as ``hgrn2_v2.ops.chunk``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from triton.testing import do_bench
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hgrn2.ops import chunk as new  # noqa: E402
+from hgrn2.ops.reference import hgrn2_recurrence_chunked  # noqa: E402
+
+HEADS, DIM = 8, 128
+SHAPES = ((16384, 1024), (16384, 4096), (16384, 16384), (65536, 4096))
+
+
+def ms(fn) -> float:
+    return do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def inputs(batch, seq_len, gate_shift=2.0, dtype=torch.bfloat16):
+    shape = (batch, seq_len, HEADS, DIM)
+    q = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    v = torch.randn(shape, device="cuda", dtype=dtype, requires_grad=True)
+    g = F.logsigmoid(torch.randn(shape, device="cuda") + gate_shift).to(dtype).requires_grad_()
+    return q, v, g
+
+
+def fwd_bwd(fn, leaves):
+    def run():
+        out = fn()
+        torch.autograd.grad(out, leaves, torch.ones_like(out))
+
+    return run
+
+
+def rel(a, b) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def accuracy(op, dtype, gate_shift) -> dict:
+    """Relative errors of o and every gradient against the float64 chunked reference (B = 2, T = 2048)."""
+    torch.manual_seed(1)
+    q, v, g = inputs(2, 2048, gate_shift, dtype)
+    beta = torch.rand(HEADS, DIM, device="cuda", dtype=torch.float32, requires_grad=True)
+    do = torch.randn_like(v)
+    o = op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu")[0]
+    grads = torch.autograd.grad(o, [q, v, g, beta], do)
+    ref_leaves = [t.detach().double().requires_grad_() for t in (q, v, g, beta)]
+    from hgrn2.ops.gates import lower_bounded_log_forget
+
+    qd, vd, fd, bd = ref_leaves
+    ref = hgrn2_recurrence_chunked(F.silu(qd), vd, lower_bounded_log_forget(fd, bd), chunk_size=64)[0]
+    ref_grads = torch.autograd.grad(ref, ref_leaves, do.double())
+    out = {"o": rel(o, ref)}
+    for name, a, b in zip(("dq", "dv", "df", "dbeta"), grads, ref_grads):
+        out[name] = rel(a, b)
+    return out
+
+
+def timing(op, tokens, seq_len) -> dict:
+    q, v, g = inputs(tokens // seq_len, seq_len)
+    beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
+    plain = lambda: op.chunk_hgrn2(q, v, g)[0]  # noqa: E731
+    gated = lambda: op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu")[0]  # noqa: E731
+    return {
+        "fwd": ms(plain),
+        "fwdbwd": ms(fwd_bwd(plain, [q, v, g])),
+        "gated_fwd": ms(gated),
+        "gated_fwdbwd": ms(fwd_bwd(gated, [q, v, g, beta])),
+    }
+
+
+def fla_timing(tokens, seq_len) -> dict:
+    from fla.ops.gla import chunk_gla
+
+    q, v, g = inputs(tokens // seq_len, seq_len)
+    k = (-torch.expm1(g.float())).to(torch.bfloat16).detach().requires_grad_()
+    run = lambda: chunk_gla(q, k, v, g, scale=1.0)[0]  # noqa: E731
+    return {"fwd": ms(run), "fwdbwd": ms(fwd_bwd(run, [q, k, v, g]))}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--old-root", help="folder holding the package hgrn2_v2 (an earlier version)")
+    parser.add_argument("--fla", action="store_true", help="time fla's chunk_gla too")
+    parser.add_argument("--profile", action="store_true", help="one gated forward+backward per version and exit")
+    parser.add_argument("--out", help="JSON report")
+    args = parser.parse_args()
+    versions = {"new": new}
+    if args.old_root:
+        sys.path.insert(0, args.old_root)
+        versions["old"] = importlib.import_module("hgrn2_v2.ops.chunk")
+    if args.profile:
+        q, v, g = inputs(4, 4096)
+        beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
+        for op in versions.values():
+            fwd_bwd(lambda op=op: op.chunk_hgrn2_gated(q, v, g, beta)[0], [q, v, g, beta])()
+            torch.cuda.synchronize()
+        return
+    report = {"device": torch.cuda.get_device_name(0), "accuracy": {}, "timing": []}
+    for name, op in versions.items():
+        for dtype, shift in ((torch.bfloat16, 2.0), (torch.bfloat16, -1.0), (torch.float32, 2.0)):
+            key = f"{name} {str(dtype)[6:]} shift {shift}"
+            report["accuracy"][key] = accuracy(op, dtype, shift)
+            print(key, {k: f"{e:.2e}" for k, e in report["accuracy"][key].items()}, flush=True)
+    for tokens, seq_len in SHAPES:
+        row = {"tokens": tokens, "T": seq_len}
+        for name, op in versions.items():
+            row[name] = timing(op, tokens, seq_len)
+        if args.fla:
+            row["fla"] = fla_timing(tokens, seq_len)
+        report["timing"].append(row)
+        print(json.dumps(row), flush=True)
+    header = " | ".join(f"{n} fwd  f+b  gated f+b" for n in versions) + (" | fla fwd f+b" if args.fla else "")
+    print("\ntokens     T | " + header)
+    for row in report["timing"]:
+        cells = [f"{row[n]['fwd']:6.3f} {row[n]['fwdbwd']:6.3f} {row[n]['gated_fwdbwd']:6.3f}" for n in versions]
+        if args.fla:
+            cells.append(f"{row['fla']['fwd']:6.3f} {row['fla']['fwdbwd']:6.3f}")
+        print(f"{row['tokens']:6d} {row['T']:5d} | " + " | ".join(cells))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
