@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test lint format bench clean
+.PHONY: setup demo test test-gpu lint format bench clean
 
 setup: $(STAMP)
 
@@ -26,6 +26,11 @@ format: setup
 
 test: lint
 	$(BIN)/python -m pytest
+
+# On a GPU machine: the gpu-marked tests on the compiled kernels (the kernels at full size against float64, the LRA
+# encoder, the fused LM and CUDA-graph decoding); -rP prints every error each case measured.
+test-gpu: setup
+	HGRN2_TEST_GPU=1 $(BIN)/python -m pytest -m gpu -rP tests
 
 # One thread: on 2 cores the demo's small matrices run faster without intra-op threading.
 demo: setup

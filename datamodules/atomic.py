@@ -16,17 +16,26 @@ from typing import IO, Any
 
 
 def write_atomically(
-    path: str | Path, write: Callable[[IO], Any], binary: bool = False, newline: str | None = None
+    path: str | Path,
+    write: Callable[[IO], Any],
+    binary: bool = False,
+    newline: str | None = None,
+    durable: bool = False,
 ) -> None:
     """Calls ``write(handle)`` on a temporary file beside ``path`` (opened ``"wb"`` or ``"w"`` with ``newline``),
     then renames it over ``path``. On any error the temporary file is removed, ``path`` is left untouched and
-    the error propagates. Missing parent folders are created."""
+    the error propagates. Missing parent folders are created. ``durable`` flushes the content to disk before the
+    rename, so that a machine crash cannot leave ``path`` renamed but empty (worth it for large caches, not for
+    thousands of small files)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb" if binary else "w", newline=None if binary else newline) as file:
             write(file)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -18,7 +18,11 @@ DIGITS_MAX = 16.0  # pixel values in load_digits are integers 0..16
 
 def load_digit_tensors(image_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """All digits as images ``[1797, 1, image_size, image_size]`` in [0, 1] and labels ``[1797]`` (int64)."""
-    from sklearn.datasets import load_digits
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError as error:
+        message = "the digits demo needs scikit-learn, which ships its images: pip install -e '.[demo]'"
+        raise ImportError(message) from error
 
     digits = load_digits()
     images = torch.from_numpy(digits.images.astype(np.float32) / DIGITS_MAX)[:, None]  # [N, 1, 8, 8]

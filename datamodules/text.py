@@ -83,8 +83,9 @@ class TextDataModule(pl.LightningDataModule):
     """Packed next-token batches from the standard library, local files or a Hugging Face dataset.
 
     Args:
-        dataset: a Hugging Face dataset name (``"wikitext"``), ``"stdlib"`` for the embedded corpus, or None:
-            ``data_files`` if given, else the embedded corpus.
+        dataset: a Hugging Face dataset name (``"wikitext"``), or ``"stdlib"`` / None for the embedded corpus, the
+            default, which ``data_files`` replaces when given (so ``--data.init_args.data_files`` works on a config
+            that trains on the embedded corpus).
         dataset_config: the Hugging Face config name (``"wikitext-103-raw-v1"``).
         data_files: local files per split ``{"train": ..., "val": ..., "test": ...}``; each a file, folder,
             glob or list of them (txt/raw/tokens, jsonl, parquet).
@@ -128,8 +129,11 @@ class TextDataModule(pl.LightningDataModule):
             raise ValueError(f"seq_len, batch_size and eval_batch_size must be >= 1, got {seq_len}, {batch_size}")
         if not 0 < holdout_permille < 500:
             raise ValueError(f"holdout_permille must be in (0, 500), got {holdout_permille}")
-        if data_files is not None and dataset is not None:
-            raise ValueError(f"give either dataset ({dataset!r}) or data_files, not both")
+        if data_files is not None and dataset not in (None, "stdlib"):
+            raise ValueError(
+                f"give either dataset ({dataset!r}) or data_files, not both; to train on local files with a config "
+                "that names a Hugging Face dataset, add --data.init_args.dataset null"
+            )
         self.seq_len, self.batch_size = seq_len, batch_size
         self.eval_batch_size = eval_batch_size or batch_size
         self.train_layout, self.num_workers, self.seed = train_layout, num_workers, seed

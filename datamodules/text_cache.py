@@ -1,9 +1,9 @@
 """The on-disk token cache: one flat, memory-mapped array of token ids per (dataset, tokenizer, split).
 
 A cache is two files, ``<name>.bin`` (the ids, documents separated by EOS) and ``<name>.json`` (dtype,
-length and what was tokenized). Both are written under a temporary name and renamed into place, the
-``.json`` last, so a reader sees either a complete cache or none: an interrupted build leaves at most a
-stray temporary file, never a truncated cache.
+length and what was tokenized). Both are written with :func:`datamodules.atomic.write_atomically` (a temporary
+file renamed into place), the ``.json`` last, so a reader sees either a complete cache or none: an interrupted
+build leaves neither a truncated cache nor a temporary file. Building shows a progress bar on a terminal.
 """
 
 from __future__ import annotations
@@ -12,12 +12,14 @@ import hashlib
 import json
 import os
 import re
-import uuid
 from collections.abc import Iterable
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+from tqdm import tqdm
 
+from datamodules.atomic import write_atomically
 from datamodules.tokenizer import Tokenizer
 
 FORMAT_VERSION = 1
@@ -53,12 +55,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, final)
-
-
 def build_token_cache(
     stem: Path,
     documents: Iterable[str],
@@ -68,25 +64,24 @@ def build_token_cache(
     batch_documents: int = 512,
 ) -> dict:
     """Tokenize ``documents`` (EOS after each) into ``stem.bin`` + ``stem.json``; returns the metadata."""
-    stem.parent.mkdir(parents=True, exist_ok=True)
     dtype = token_dtype(tokenizer.vocab_size)
     eos = np.array([tokenizer.eos_id], dtype=dtype).tobytes()
-    suffix = f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp_bin = stem.with_name(stem.name + ".bin" + suffix)
-    tmp_meta = stem.with_name(stem.name + ".json" + suffix)
-    num_tokens = num_documents = num_bytes = 0
-    try:
-        with open(tmp_bin, "wb") as out:
+    counts = {"tokens": 0, "documents": 0, "bytes": 0}
+
+    def write_tokens(out: IO[bytes]) -> None:
+        # the number of documents is unknown until the source is read: the bar counts them and shows the tokens
+        with tqdm(desc=f"tokenizing {stem.name}", unit=" docs", disable=None, leave=False) as bar:
             batch: list[str] = []
 
             def flush() -> None:
-                nonlocal num_tokens, num_documents, num_bytes
                 for text, ids in zip(batch, tokenizer.encode_batch(batch)):
                     out.write(np.asarray(ids).astype(dtype, copy=False).tobytes())
                     out.write(eos)
-                    num_tokens += len(ids) + 1
-                    num_bytes += len(text.encode("utf-8"))
-                num_documents += len(batch)
+                    counts["tokens"] += len(ids) + 1
+                    counts["bytes"] += len(text.encode("utf-8"))
+                counts["documents"] += len(batch)
+                bar.update(len(batch))
+                bar.set_postfix(tokens=counts["tokens"], refresh=False)
                 batch.clear()
 
             for text in documents:
@@ -94,24 +89,22 @@ def build_token_cache(
                 if len(batch) == batch_documents:
                     flush()
             flush()
-        meta = {
-            "format": FORMAT_VERSION,
-            "key": key,
-            "dtype": dtype.name,
-            "num_tokens": num_tokens,
-            "num_documents": num_documents,
-            "num_text_bytes": num_bytes,
-            "vocab_size": tokenizer.vocab_size,
-            "eos_id": tokenizer.eos_id,
-            "tokenizer": tokenizer.name,
-            "description": description,
-        }
-        tmp_meta.write_text(json.dumps(meta, indent=1))
-        _replace_atomically(tmp_bin, bin_path(stem))
-        _replace_atomically(tmp_meta, meta_path(stem))
-    finally:
-        for tmp in (tmp_bin, tmp_meta):
-            tmp.unlink(missing_ok=True)
+
+    write_atomically(bin_path(stem), write_tokens, binary=True, durable=True)
+    meta = {
+        "format": FORMAT_VERSION,
+        "key": key,
+        "dtype": dtype.name,
+        "num_tokens": counts["tokens"],
+        "num_documents": counts["documents"],
+        "num_text_bytes": counts["bytes"],
+        "vocab_size": tokenizer.vocab_size,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer": tokenizer.name,
+        "description": description,
+    }
+    text = json.dumps(meta, indent=1)
+    write_atomically(meta_path(stem), lambda file: file.write(text), durable=True)
     return meta
 
 

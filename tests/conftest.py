@@ -25,6 +25,16 @@ def pathfinder_baseline_dir(tmp_path_factory):
     return write_pathfinder(root, resolution=32, images=40, images_per_batch=20, seed=2, contour_length=6)
 
 
+@pytest.fixture
+def no_tf32():
+    """float32 matmuls in full float32 for one test: the 1e-4 tolerances against float64 exclude TF32's 10-bit
+    mantissa."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -19,14 +19,14 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 
 
-def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """benchmarks/ is a folder of scripts, not a package: load ``benchmarks/<name>.py`` from its path, as module
+def load_experiment(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """experiments/ is a folder of scripts, not a package: load ``experiments/<name>.py`` from its path, as module
     ``name`` (dataclasses look their module up in ``sys.modules``) with its neighbours importable, for one test."""
-    monkeypatch.syspath_prepend(str(BENCHMARKS))
-    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    monkeypatch.syspath_prepend(str(EXPERIMENTS))
+    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)

@@ -16,6 +16,7 @@ import lightning.pytorch as pl
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
 
 from datamodules.resumable import split_loader
 
@@ -26,13 +27,35 @@ BYTE_VOCAB_SIZE = 257  # byte b is token b + 1; 0 is padding (tfds ByteTextEncod
 LRA_RELEASE_URL = "https://storage.googleapis.com/long-range-arena/lra_release.gz"
 
 
-def map_jobs(function: Callable[[T], R], jobs: Sequence[T], workers: int) -> list[R]:
+def map_jobs(
+    function: Callable[[T], R],
+    jobs: Sequence[T],
+    workers: int,
+    progress: str | None = None,
+    sizes: Sequence[int] | None = None,
+    unit: str = " jobs",
+) -> list[R]:
     """``[function(job) for job in jobs]``, over up to ``workers`` spawned processes when there are several
-    jobs (``function`` must then be a module-level function). The results keep the jobs' order."""
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            return pool.map(function, jobs, chunksize=1)
-    return [function(job) for job in jobs]
+    jobs (``function`` must then be a module-level function). The results keep the jobs' order.
+
+    ``progress`` titles a progress bar, shown on a terminal only, that advances by ``sizes[i]`` (default 1, in
+    ``unit``) as job i finishes."""
+    if sizes is not None and len(sizes) != len(jobs):
+        raise ValueError(f"sizes must give one size per job: {len(sizes)} sizes for {len(jobs)} jobs")
+    steps = list(sizes) if sizes is not None else [1] * len(jobs)
+    with tqdm(total=sum(steps), desc=progress, unit=unit, disable=None if progress else True) as bar:
+        if workers > 1 and len(jobs) > 1:
+            with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                results = []
+                for result, step in zip(pool.imap(function, jobs, chunksize=1), steps):
+                    results.append(result)
+                    bar.update(step)
+                return results
+        results = []
+        for job, step in zip(jobs, steps):
+            results.append(function(job))
+            bar.update(step)
+        return results
 
 
 def missing_data_error(task: str, expected: Sequence[Path], how_to_get: str) -> FileNotFoundError:

@@ -138,7 +138,7 @@ def generate(
         chunks = -(-missing // CHUNK_EXAMPLES)
         sizes_left = [min(CHUNK_EXAMPLES, missing - i * CHUNK_EXAMPLES) for i in range(chunks)]
         jobs = [(spec, size, seed * 1_000_003 + round_index * 1009 + i) for i, size in enumerate(sizes_left)]
-        results = map_jobs(_sample_chunk, jobs, workers)
+        results = map_jobs(_sample_chunk, jobs, workers, "ListOps expressions", sizes_left, unit=" expressions")
         for chunk in results:
             for source, target in chunk:
                 examples.setdefault(source, target)

@@ -254,7 +254,8 @@ def write_pathfinder(
     jobs = [
         (root, batch, count, params, seed) for batch, count in enumerate(counts) if not _complete(root, batch, count)
     ]
-    map_jobs(_write_batch_job, jobs, workers)
+    sizes = [job[2] for job in jobs]  # images per batch
+    map_jobs(_write_batch_job, jobs, workers, f"Pathfinder-{params.window_size} images", sizes, unit=" images")
     return data_dir
 
 

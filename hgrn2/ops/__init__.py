@@ -61,10 +61,9 @@ def triton_available(device: torch.device | str) -> bool:
 # Up to this many steps the loop beats the chunked form on the CPU (no padding, no pairwise decay tensors), and on
 # a GPU a scan that needs no gradient runs on the step-by-step kernel (one launch instead of the chunked four).
 SHORT_SCAN = 16
-# Up to this many state elements per head (K·V) the step-by-step kernels beat the chunked ones on the GPU:
-# at K = V = 2 (the image model's expand ratio 2) they took 0.61 ms for forward + backward where the chunked
-# kernels, padding every head to 16-wide tiles, took 18.6 ms; at K = V = 4 and 16 the chunked ones were faster
-# (2.1 vs 2.9 ms and 0.79 vs 0.97 ms; H100, benchmarks/ops.py).
+# Up to this many state elements per head (K·V) the step-by-step kernels beat the chunked ones on the GPU, which
+# pad every head to 16-wide tiles; above it the chunked ones win (timings: benchmarks/results/ops-notes.md,
+# "Step-by-step kernels for small states").
 SMALL_STATE = 4
 
 

@@ -36,3 +36,18 @@ def test_a_failed_write_keeps_the_old_file_and_removes_the_temporary(tmp_path):
 def test_newline_is_passed_to_text_files(tmp_path):
     write_atomically(tmp_path / "a.txt", lambda f: f.write("x\r\ny\n"), newline="")
     assert (tmp_path / "a.txt").read_bytes() == b"x\r\ny\n"
+
+
+def test_a_durable_write_syncs_the_content_before_the_rename(tmp_path, monkeypatch):
+    import os
+
+    import datamodules.atomic as atomic
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(atomic.os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(atomic.os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    write_atomically(tmp_path / "cache.bin", lambda f: f.write(b"\x01" * 10), binary=True, durable=True)
+    write_atomically(tmp_path / "small.txt", lambda f: f.write("x"))
+    assert events == ["fsync", "replace", "replace"]  # the second, not durable, is only renamed
+    assert (tmp_path / "cache.bin").read_bytes() == b"\x01" * 10

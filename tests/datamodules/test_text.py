@@ -89,6 +89,15 @@ def test_local_text_files_are_cached_once_and_reused(corpus, tmp_path, monkeypat
     assert np.array_equal(again.tokens["val"], dm.tokens["val"])
 
 
+def test_data_files_replace_the_embedded_corpus_a_config_names(corpus, tmp_path):
+    """The demo config says dataset: stdlib; --data.init_args.data_files on top of it trains on the files."""
+    dm = TextDataModule(dataset="stdlib", data_files=corpus, seq_len=16, batch_size=2, cache_dir=str(tmp_path))
+    assert isinstance(dm.source, LocalFilesSource) and dm.label == "files"
+    dm.prepare_data()
+    dm.setup("fit")
+    assert dm.tokens["train"].tolist() == expected_bytes(DOCS)
+
+
 def test_interrupted_build_leaves_no_cache_and_the_next_build_succeeds(corpus, tmp_path, monkeypatch):
     cache = tmp_path / "cache"
     real_documents = LocalFilesSource.documents
@@ -253,7 +262,7 @@ def test_unigram_baseline_is_the_add_one_cross_entropy_of_val_under_train(corpus
 def test_bad_arguments_raise_clear_errors(corpus):
     with pytest.raises(ValueError, match="train_layout"):
         TextDataModule(train_layout="random")
-    with pytest.raises(ValueError, match="either dataset"):
+    with pytest.raises(ValueError, match=r"either dataset \('wikitext'\) or data_files.*dataset null"):
         TextDataModule(dataset="wikitext", data_files=corpus)
     with pytest.raises(ValueError, match="data_files keys"):
         TextDataModule(data_files={"validation": corpus["val"]})

@@ -27,12 +27,7 @@ from tests.helpers import (
 chunk = pytest.importorskip("hgrn2.ops.chunk")
 
 
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    previous = torch.backends.cuda.matmul.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32 = previous
+pytestmark = pytest.mark.usefixtures("no_tf32")
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""benchmarks/pathfinder_ablation.py: variants of the LRA encoder trained side by side on the datamodule's split."""
+"""experiments/pathfinder_ablation.py: variants of the LRA encoder trained side by side on the datamodule's split."""
 
 from __future__ import annotations
 
@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 TINY = {"hidden_size": 8, "num_layers": 2, "backend": "naive"}
 
 
 @pytest.fixture
 def ablation(monkeypatch):
-    return load_benchmark("pathfinder_ablation", monkeypatch)
+    return load_experiment("pathfinder_ablation", monkeypatch)
 
 
 def test_variants_train_in_their_own_processes_and_are_collected(ablation, pathfinder_baseline_dir, tmp_path):

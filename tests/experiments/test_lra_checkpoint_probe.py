@@ -1,4 +1,4 @@
-"""benchmarks/lra_checkpoint_probe.py: reading a classifier checkpoint and what it reports."""
+"""experiments/lra_checkpoint_probe.py: reading a classifier checkpoint and what it reports."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import torch
 
 from datamodules.lra.generate_pathfinder import write_pathfinder
 from lightning_modules.sequence_classifier import SequenceClassifier
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 
 @pytest.fixture
 def probe_script(monkeypatch):
-    return load_benchmark("lra_checkpoint_probe", monkeypatch)
+    return load_experiment("lra_checkpoint_probe", monkeypatch)
 
 
 def test_probe_reports_the_checkpoints_own_predictions_and_block_scales(probe_script, tmp_path):

@@ -1,13 +1,13 @@
 """Train one ``hgrn2`` config at several seeds side by side, then score each run's checkpoint on the test split.
 
-    PYTHONPATH=$PWD python benchmarks/config_seeds.py --config configs/lra/pathfinder_grid_conv.yaml \\
+    PYTHONPATH=$PWD python experiments/config_seeds.py --config configs/lra/pathfinder_grid_conv.yaml \\
         --seeds 0 1 -- \\
         --data.init_args.data_dir data/lra/pathfinder32 --trainer.max_time 00:00:07:00
 
 For each seed the script runs ``python -m hgrn2 fit --config C --seed_everything S <flags after -->`` in its own
 process (all seeds at once, sharing the machine), with a CSV logger under ``--run-dir``/``s<seed>``; once a fit
 ends, ``python -m hgrn2 test`` scores the checkpoint it saved last. The JSON at ``--out`` (default
-``benchmarks/results/<gpu>-<config name>-seeds.json``) gathers, per seed:
+``experiments/results/<gpu>-<config name>-seeds.json``) gathers, per seed:
 
 * ``val_curve``: every validation of the fit as ``[step, val/acc, val/loss]``;
 * ``checkpoint_step`` and ``test``: the step of the checkpoint that was tested and its ``test/*`` metrics;
@@ -30,18 +30,24 @@ import time
 from pathlib import Path
 
 import torch
-from gpu_info import gpu_name
 
+from benchmarks.gpu_info import gpu_name
 from datamodules.atomic import write_json_atomically
 
 REPO = Path(__file__).resolve().parent.parent
 
 
+def repo_relative(path: Path) -> str:
+    """``path`` relative to the repository when it lies inside it (the CLI runs there), else as it is; reports
+    then name files as a checkout does, wherever the checkout is."""
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
+
+
 def cli_command(subcommand: str, config: Path, seed: int, run_dir: Path, name: str, flags: list[str]) -> list[str]:
     """The ``python -m hgrn2`` command line of one fit or test, logging to ``run_dir/name`` as CSV."""
     return [
-        sys.executable, "-m", "hgrn2", subcommand, "--config", str(config), "--seed_everything", str(seed),
-        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(run_dir),
+        sys.executable, "-m", "hgrn2", subcommand, "--config", repo_relative(config), "--seed_everything", str(seed),
+        "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", repo_relative(run_dir),
         "--trainer.logger.name", name, "--trainer.enable_progress_bar", "false", *flags,
     ]  # fmt: skip
 
@@ -102,7 +108,7 @@ def run_seed(seed: int, args) -> dict:
         return result
     result["checkpoint"] = str(checkpoint.relative_to(args.run_dir))
     result["checkpoint_step"] = int(torch.load(checkpoint, map_location="cpu", weights_only=False)["global_step"])
-    test = cli_command("test", args.config, seed, run_dir, "test", [*flags, "--ckpt_path", str(checkpoint)])
+    test = cli_command("test", args.config, seed, run_dir, "test", [*flags, "--ckpt_path", repo_relative(checkpoint)])
     test_code, test_s = run_logged(test, log)
     result.update(test_command=test, test_exit=test_code, test_s=round(test_s, 1))
     rows = read_metrics(run_dir / "test")
@@ -141,7 +147,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"--seeds must differ, got {args.seeds}")
     args.argv, args.flags = argv, flags
     if args.out is None:
-        args.out = REPO / "benchmarks" / "results" / f"{gpu_name()}-{args.config.stem}-seeds.json"
+        args.out = REPO / "experiments" / "results" / f"{gpu_name()}-{args.config.stem}-seeds.json"
     args.config, args.run_dir, args.out = args.config.resolve(), args.run_dir.resolve(), args.out.resolve()
     return args
 
@@ -163,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
     ]
     report = {
         "benchmark": "config_seeds",
-        "config": str(args.config.relative_to(REPO)) if args.config.is_relative_to(REPO) else str(args.config),
+        "config": repo_relative(args.config),
         "config_text": args.config.read_text(),
         "flags": args.flags,
         "seeds": args.seeds,

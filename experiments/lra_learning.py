@@ -1,7 +1,7 @@
 """Does the LRA model learn? ListOps and Pathfinder-32 drawn by the real generators, a few minutes of training each.
 
-    PYTHONPATH=$PWD python benchmarks/lra_learning.py --out benchmarks/results --tasks listops     # ~5 minutes
-    PYTHONPATH=$PWD python benchmarks/lra_learning.py --out benchmarks/results --tasks pathfinder  # ~7 minutes
+    PYTHONPATH=$PWD python experiments/lra_learning.py --out experiments/results --tasks listops     # ~5 minutes
+    PYTHONPATH=$PWD python experiments/lra_learning.py --out experiments/results --tasks pathfinder  # ~7 minutes
 
 1. generates ListOps with the LRA algorithm (20,000 train, 2,000 validation, 2,000 held-out test expressions of
    500-2,000 tokens) and Pathfinder-32 with the Linsley et al. algorithm (40,000 images, split 80/10/10);
@@ -17,7 +17,7 @@ Training longer than one call allows: ``--checkpoint-dir D --total-minutes M`` l
 of training and saves ``D/<task>.ckpt`` (model, optimiser, schedule position, elapsed time) at the end of every
 call; the next call with the same arguments resumes from it and trains ``--minutes`` more, until M is reached::
 
-    python benchmarks/lra_learning.py --tasks pathfinder --minutes 8 --total-minutes 24 --checkpoint-dir ckpt  # x3
+    python experiments/lra_learning.py --tasks pathfinder --minutes 8 --total-minutes 24 --checkpoint-dir ckpt  # x3
 
 Validation accuracy is printed after every epoch and kept (across calls) in the JSON's ``curve``. ``--batch-size``
 and ``--lr`` change the paper's batch and peak learning rate (``--clip`` adds gradient-norm clipping,
@@ -29,8 +29,8 @@ variant, so that two variants (one per GPU) keep their own checkpoint ``<task>-T
 A curriculum: ``--pathfinder-contour-length 6`` trains on the release's easiest difficulty (``curv_baseline``),
 and ``--init-from <its checkpoint>`` starts a length-14 run from those weights with a fresh optimiser and schedule::
 
-    python benchmarks/lra_learning.py --tasks pathfinder --pathfinder-contour-length 6 --tag c6 --checkpoint-dir ckpt
-    python benchmarks/lra_learning.py --tasks pathfinder --tag from-c6 --init-from ckpt/pathfinder-c6.ckpt
+    python experiments/lra_learning.py --tasks pathfinder --pathfinder-contour-length 6 --tag c6 --checkpoint-dir ckpt
+    python experiments/lra_learning.py --tasks pathfinder --tag from-c6 --init-from ckpt/pathfinder-c6.ckpt
 
 Needs only torch, lightning, torchmetrics, numpy and PIL (no jsonargparse). ``--tiny`` checks the whole path on
 the CPU in about a minute with small data and a small model.
@@ -52,8 +52,8 @@ from pathlib import Path
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from gpu_info import gpu_name
 
+from benchmarks.gpu_info import gpu_name
 from datamodules.atomic import write_json_atomically
 from datamodules.lra import ListOpsDataModule, PathfinderDataModule
 from datamodules.lra.generate_listops import ListOpsSpec, write_listops
@@ -400,7 +400,7 @@ def apply_settings(args) -> tuple[ListOpsSpec, dict[str, dict]]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="folder for <gpu>-lra.json")
+    parser.add_argument("--out", type=Path, default=Path("experiments/results"), help="folder for <gpu>-lra.json")
     parser.add_argument("--data-dir", type=Path, default=Path("runs/lra_learning"), help="generated data go here")
     parser.add_argument("--tasks", nargs="+", default=["listops", "pathfinder"], choices=["listops", "pathfinder"])
     parser.add_argument("--minutes", type=float, default=4.0, help="training time per task in this call")

@@ -1,10 +1,10 @@
 """Pathfinder-32 ablations: which part of the LRA encoder decides whether it leaves chance?
 
-    PYTHONPATH=$PWD python benchmarks/pathfinder_ablation.py \
+    PYTHONPATH=$PWD python experiments/pathfinder_ablation.py \
         --data-dir runs/lra_learning/pathfinder-c6-100000-s0/pathfinder32 --difficulty curv_baseline \
         --variants 'paper:{}' 'conv:{"mixer": "dilated_conv"}' \
                    'conv-relu:{"mixer": "dilated_conv", "pre_pool": "relu"}' \
-        --steps 3000 --out benchmarks/results/pathfinder-ablation.json
+        --steps 3000 --out experiments/results/pathfinder-ablation.json
 
 Each variant is the Pathfinder encoder of :func:`hgrn2.models.lra.lra_config` (``"pathfinder"``) with a JSON
 object of changes: any :class:`~hgrn2.models.lra.LRAConfig` field, plus the ablation keys of

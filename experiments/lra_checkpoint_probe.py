@@ -1,7 +1,7 @@
 """What an LRA classifier checkpoint computes: does its prediction depend on the input, and how large are its
 blocks' outputs? Runs the checkpoint forward on the CPU on the first test images of a Pathfinder folder.
 
-    PYTHONPATH=$PWD python benchmarks/lra_checkpoint_probe.py runs/lra_learning/ckpt/pathfinder-c6.ckpt \
+    PYTHONPATH=$PWD python experiments/lra_checkpoint_probe.py runs/lra_learning/ckpt/pathfinder-c6.ckpt \
         --data-dir runs/lra_learning/pathfinder-c6-100000-s0/pathfinder32 --difficulty curv_baseline
 
 Prints, in training mode (batch statistics) and in evaluation mode (running statistics): the mean and the spread

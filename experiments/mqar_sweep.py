@@ -15,11 +15,11 @@ HGRN2 with expand ratio e has D / e heads of size e, so e must divide D; other p
 Both mixers project with four D×D matrices, so at one width every model has the same parameter count.
 ``--short-conv k`` puts a causal convolution of k taps before every mixer, as Zoology's MQAR models do (they use
 3); the default, 0, is the paper's HGRN2. On the CPU it did not change whether a 2-layer HGRN2 learned the task
-(``benchmarks/results/learning-notes.md``).
+(``experiments/results/learning-notes.md``).
 
 Example (a CPU smoke run)::
 
-    PYTHONPATH=. python benchmarks/mqar_sweep.py --d-models 32 --expand-ratios 1 4 --settings 64:4 \\
+    PYTHONPATH=. python experiments/mqar_sweep.py --d-models 32 --expand-ratios 1 4 --settings 64:4 \\
         --workers 1 --steps 20 --vocab-size 128 --num-train 256 --num-val 64 --batch-tokens 2048 \\
         --accelerator cpu --precision 32-true --out /tmp/mqar_smoke
 """
@@ -330,7 +330,7 @@ def _setting(text: str) -> tuple[int, int]:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"), help="output folder")
+    p.add_argument("--out", type=Path, default=Path("experiments/results"), help="output folder")
     p.add_argument("--models", nargs="+", choices=sorted(MIXERS), default=["hgrn1", "hgrn2"])
     p.add_argument("--d-models", nargs="+", type=int, default=[64, 128])
     p.add_argument("--expand-ratios", nargs="+", type=int, default=[1, 2, 4, 8, 16, 32, 64])

@@ -1,4 +1,4 @@
-"""benchmarks/pathfinder_cnn_control.py: the convolutional control on the Pathfinder datamodule's split."""
+"""experiments/pathfinder_cnn_control.py: the convolutional control on the Pathfinder datamodule's split."""
 
 from __future__ import annotations
 
@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from datamodules.lra.pathfinder import PathfinderDataModule
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 
 @pytest.fixture
 def control(monkeypatch):
-    return load_benchmark("pathfinder_cnn_control", monkeypatch)
+    return load_experiment("pathfinder_cnn_control", monkeypatch)
 
 
 def test_control_trains_on_the_datamodule_split_and_writes_its_curve(control, pathfinder_baseline_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""benchmarks/lra_learning.py: the wall-clock schedule and training across several calls from a checkpoint."""
+"""experiments/lra_learning.py: the wall-clock schedule and training across several calls from a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,12 +7,12 @@ import math
 
 import pytest
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
 
 @pytest.fixture
 def lra_learning(monkeypatch):
-    return load_benchmark("lra_learning", monkeypatch)
+    return load_experiment("lra_learning", monkeypatch)
 
 
 def test_schedule_warms_up_then_follows_a_cosine_to_zero(lra_learning):

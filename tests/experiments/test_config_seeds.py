@@ -1,4 +1,4 @@
-"""benchmarks/config_seeds.py: one hgrn2 config fitted at several seeds side by side, each tested, in one report."""
+"""experiments/config_seeds.py: one hgrn2 config fitted at several seeds side by side, each tested, in one report."""
 
 from __future__ import annotations
 
@@ -9,15 +9,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import load_benchmark
+from tests.helpers import load_experiment
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "lra"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lra"
 TINY = '{"glu_expand_ratio": 0, "grid_conv": 3, "hidden_size": 8, "num_layers": 2}'
 
 
 @pytest.fixture
 def config_seeds(monkeypatch):
-    return load_benchmark("config_seeds", monkeypatch)
+    return load_experiment("config_seeds", monkeypatch)
 
 
 def tiny_flags(data_dir: Path, steps: int) -> list[str]:
@@ -37,6 +37,7 @@ def test_each_seed_is_fitted_tested_and_reported(config_seeds, pathfinder_baseli
         assert run["seed"] == seed and run["fit_exit"] == 0 and run["test_exit"] == 0
         assert run["checkpoint_step"] == 5 and run["checkpoint"].startswith(f"s{seed}/fit/")
         assert run["fit_command"][run["fit_command"].index("--seed_everything") + 1] == str(seed)
+        assert run["fit_command"][run["fit_command"].index("--config") + 1] == report["config"]  # repo-relative
         assert [step for step, _, _ in run["val_curve"]] == [3]  # after the 4 batches of the first epoch
         assert 0.0 <= run["test"]["test/acc"] <= 1.0 and run["test"]["test/loss"] > 0
     first, second = (torch.load(run_dir / run["checkpoint"], weights_only=False) for run in report["runs"])

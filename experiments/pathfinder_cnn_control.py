@@ -1,8 +1,8 @@
 """A control for the Pathfinder data: can a small convolutional network learn them? Runs on the CPU.
 
-    PYTHONPATH=$PWD python benchmarks/pathfinder_cnn_control.py \
+    PYTHONPATH=$PWD python experiments/pathfinder_cnn_control.py \
         --data-dir runs/lra_learning/pathfinder-c6-100000-s0/pathfinder32 --difficulty curv_baseline \
-        --steps 6000 --out benchmarks/results/pathfinder-cnn-control.json
+        --steps 6000 --out experiments/results/pathfinder-cnn-control.json
 
 The images and the train/test split are the Pathfinder datamodule's (the same seeded 80/10/10 split the HGRN2
 runs of ``lra_learning.py`` use). The network is six 3×3 convolutions (24, 24, 48, 48, 48, 48 channels, each

@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# Runs the research jobs named on the command line, one after another, on a GPU machine, from the repository root:
+#   OUT=/some/dir bash experiments/gpu_suite.sh lra-listops lra-pathfinder mqar
+# Jobs and their settings:
+# - lra-listops, lra-pathfinder: experiments/lra_learning.py for LRA_MINUTES (default 3); LRA_TOTAL_MINUTES spreads
+#   one schedule over several suites (the checkpoint comes back in $OUT/lra-ckpt/; put back as
+#   runs/lra_learning/ckpt/<task>.ckpt, training resumes from it; LRA_RESUME=1 stops when it is missing);
+#   LRA_BACKEND, PF_IMAGES (Pathfinder images, default 40000) and LRA_FLAGS (more flags of lra_learning.py).
+# - lra-variants: LRA_VARIANTS="tag:flags;..." (Pathfinder runs of lra_learning.py) side by side on one GPU.
+# - pathfinder-ablation: PF_ABLATION_VARIANTS="tag:json;..." (experiments/pathfinder_ablation.py, flags in
+#   PF_ABLATION_FLAGS) side by side on PF_IMAGES curv_baseline images.
+# - config-seeds: CONFIG (default configs/lra/pathfinder_grid_conv.yaml) fitted at CONFIG_SEEDS (default "0 1") side
+#   by side through the hgrn2 CLI with CONFIG_FLAGS, then each tested (experiments/config_seeds.py); the report and
+#   each seed's log and last checkpoint come back in $OUT.
+# - mqar: experiments/mqar_sweep.py with MQAR_FLAGS.
+# LRA data drawn beforehand (experiments/lra_learning.py's runs/lra_learning/<name>/) can be brought packed as
+# runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
+# PF_IMAGES=N; pathfinder-c6-<N>-s<seed> for --pathfinder-contour-length 6): the LRA jobs unpack it and the script
+# reuses it instead of drawing it again.
+# Each job writes its JSON to experiments/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
+set -uo pipefail
+RESULTS=experiments/results
+source "$(dirname "$0")/../benchmarks/suite_setup.sh"
+
+unpack_lra_data() {
+  # data generated beforehand as runs/lra_learning/<name>.tar.gz are unpacked where the script looks
+  for archive in runs/lra_learning/*.tar.gz; do
+    [ -f "$archive" ] && [ ! -d "${archive%.tar.gz}" ] && tar -xzf "$archive" -C runs/lra_learning
+  done
+  for pack in runs/lra_learning/*.pfpack.xz; do  # Pathfinder-32 packed by datamodules.lra.pathfinder_pack
+    [ -f "$pack" ] && [ ! -d "${pack%.pfpack.xz}" ] &&
+      python -m datamodules.lra.pathfinder_pack unpack "$pack" "${pack%.pfpack.xz}/pathfinder32"
+  done
+  return 0
+}
+
+for job in "$@"; do
+  case $job in
+    lra-variants)
+      unpack_lra_data
+      IFS=';' read -ra variants <<<"${LRA_VARIANTS:?set LRA_VARIANTS}"
+      for variant in "${variants[@]}"; do
+        python experiments/lra_learning.py --out "$RESULTS" --tasks pathfinder --minutes "${LRA_MINUTES:-3}" \
+          --total-minutes "${LRA_TOTAL_MINUTES:-${LRA_MINUTES:-3}}" --checkpoint-dir runs/lra_learning/ckpt \
+          --pathfinder-images "${PF_IMAGES:-40000}" --workers $(($(nproc) / ${#variants[@]})) \
+          --tag "${variant%%:*}" ${variant#*:} 2>&1 | grep --line-buffered -v -i "warn" >>"$OUT/lra-variants.log" &
+      done
+      wait
+      grep -h "epoch\|test accuracy" "$OUT/lra-variants.log"
+      cp "$RESULTS"/*-lra.json "$OUT/"
+      mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
+    pathfinder-ablation)
+      unpack_lra_data
+      IFS=';' read -ra variants <<<"${PF_ABLATION_VARIANTS:?set PF_ABLATION_VARIANTS}"
+      run pathfinder-ablation python experiments/pathfinder_ablation.py --difficulty curv_baseline \
+        --data-dir "runs/lra_learning/pathfinder-c6-${PF_IMAGES:-100000}-s0/pathfinder32" --workers "$(nproc)" \
+        --variants "${variants[@]}" ${PF_ABLATION_FLAGS:-} --out "$RESULTS/pathfinder-ablation.json"
+      cp "$RESULTS/pathfinder-ablation.json" "$OUT/" ;;
+    config-seeds)
+      unpack_lra_data
+      config=${CONFIG:-configs/lra/pathfinder_grid_conv.yaml}
+      run config-seeds python experiments/config_seeds.py --config "$config" --seeds ${CONFIG_SEEDS:-0 1} \
+        --run-dir runs/config_seeds -- ${CONFIG_FLAGS:-}
+      cp "$RESULTS"/*-"$(basename "${config%.yaml}")"-seeds.json "$OUT/"
+      mkdir -p "$OUT/config-seeds"
+      for seed_dir in runs/config_seeds/s*/; do  # each seed's log and last checkpoint, as config-seeds/s<seed>.*
+        cp "${seed_dir}run.log" "$OUT/config-seeds/$(basename "$seed_dir").log"
+        checkpoint=$(ls -t "$seed_dir"fit/version_*/checkpoints/*.ckpt 2>/dev/null | head -1)
+        [ -n "$checkpoint" ] && cp "$checkpoint" "$OUT/config-seeds/$(basename "$seed_dir").ckpt"
+      done ;;
+    lra-listops | lra-pathfinder)
+      unpack_lra_data
+      resume=()
+      [ -n "${LRA_TOTAL_MINUTES:-}" ] && resume=(--total-minutes "$LRA_TOTAL_MINUTES" --checkpoint-dir runs/lra_learning/ckpt)
+      if [ -n "${LRA_RESUME:-}" ] && [ ! -f "runs/lra_learning/ckpt/${job#lra-}.ckpt" ]; then
+        echo "=== $job: no runs/lra_learning/ckpt/${job#lra-}.ckpt to resume from; put it there first"; continue
+      fi
+      run "$job" python experiments/lra_learning.py --out "$RESULTS" --tasks "${job#lra-}" --minutes "${LRA_MINUTES:-3}" \
+        --backend "${LRA_BACKEND:-auto}" --pathfinder-images "${PF_IMAGES:-40000}" "${resume[@]}" ${LRA_FLAGS:-}
+      cp "$RESULTS"/*-lra.json "$OUT/"
+      [ -n "${LRA_TOTAL_MINUTES:-}" ] && mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
+    mqar)
+      run mqar python experiments/mqar_sweep.py --out "$RESULTS/mqar" ${MQAR_FLAGS:-}
+      cp "$RESULTS"/mqar/* "$OUT/" 2>/dev/null ;;
+    *) echo "unknown job $job (benchmarks/gpu_suite.sh runs the benchmarks and the GPU tests)" ;;
+  esac
+done
