@@ -290,7 +290,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None, api: FlaApi | None = None, shapes: dict[str, dict] | None = None) -> int:
     args = parse_args(argv)
     report = run_parity(args, api or fla_api(), shapes)
-    print(f"{'PASSED' if report['passed'] else 'FAILED'}: {len(report['results'])} cases; report in {args.out}")
+    failed = sum(not case["passed"] for case in report["results"])
+    verdict = "PASSED" if report["passed"] else "FAILED"
+    print(f"{verdict}: {failed} of {len(report['results'])} cases failed; report in {args.out}")
     return 0 if report["passed"] else 1
 
 

@@ -20,13 +20,25 @@ TOL = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
 
 
 def load_experiment(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """experiments/ is a folder of scripts, not a package: load ``experiments/<name>.py`` from its path, as module
-    ``name`` (dataclasses look their module up in ``sys.modules``) with its neighbours importable, for one test."""
-    monkeypatch.syspath_prepend(str(EXPERIMENTS))
-    spec = importlib.util.spec_from_file_location(name, EXPERIMENTS / f"{name}.py")
+    """Load the script ``experiments/<name>.py`` (see :func:`load_script`)."""
+    return load_script(EXPERIMENTS, name, monkeypatch)
+
+
+def load_benchmark(name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """Load the script ``benchmarks/<name>.py`` (see :func:`load_script`)."""
+    return load_script(BENCHMARKS, name, monkeypatch)
+
+
+def load_script(folder: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """experiments/ and benchmarks/ are folders of scripts, not packages: load ``<folder>/<name>.py`` from its path,
+    as module ``name`` (dataclasses look their module up in ``sys.modules``) with its neighbours importable, for one
+    test."""
+    monkeypatch.syspath_prepend(str(folder))
+    spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)

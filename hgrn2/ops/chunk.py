@@ -42,8 +42,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
 # share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants).
 LAUNCH = dict(
-    delta_bv=64, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
-    dqk_warps=8, dv_bv=64, dv_warps=8,
+    delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
+    dqk_warps=8, dv_bv=128, dv_warps=8,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
