@@ -255,8 +255,8 @@ def chunk_hgrn2_gated(
 
     ``precise_bound_grad`` (None: ``PRECISE_BOUND_GRAD``, True by default): with half-precision inputs and a
     lower bound that needs its gradient, keep the chunk states in float32 and multiply in TF32 where that
-    gradient is formed (see the module docstring); False keeps half-precision states, about 17-21% faster
-    forward + backward on an H100 at K = V = 128.
+    gradient is formed (see the module docstring); False keeps half-precision states there: faster, with that
+    gradient less exact (benchmarks/results/ops-notes.md has the measurements).
     """
     check_kernel_dtype(q_proj, v, forget_proj)
     heads, key_dim = q_proj.shape[2], q_proj.shape[3]
