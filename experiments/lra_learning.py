@@ -387,8 +387,8 @@ def apply_settings(args) -> tuple[ListOpsSpec, dict[str, dict]]:
         args.listops_train, args.listops_val, args.listops_test = 400, 50, 100
         args.pathfinder_images, args.minutes = 150, min(args.minutes, 0.3)
         args.batch_sizes.update(listops=32, pathfinder=32)
-        overrides["listops"] = {"hidden_size": 32, "num_layers": 2}
-        overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2}
+        overrides["listops"] = {"hidden_size": 32, "num_layers": 2, "glu_hidden_size": 32}
+        overrides["pathfinder"] = {"hidden_size": 16, "num_layers": 2, "glu_hidden_size": 16}
     if args.batch_size is not None:
         args.batch_sizes = dict.fromkeys(args.batch_sizes, args.batch_size)
     if args.lr is not None:

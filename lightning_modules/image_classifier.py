@@ -63,12 +63,14 @@ class ImageClassifier(pl.LightningModule):
     Args:
         model_name: any ``timm.create_model`` name, e.g. ``hgrn2_vit_tiny_patch16_224`` or ``deit_tiny_patch16_224``.
         num_classes: classifier width (must match the datamodule).
-        model_kwargs: extra keywords for ``timm.create_model`` (``drop_path_rate``, ``img_size``, ``in_chans``, ...).
+        model_kwargs: extra keywords for ``timm.create_model`` (``drop_path_rate``, ``img_size``, ``in_chans``, ...;
+            for the HGRN2 models any :class:`~hgrn2.models.vision.VisionConfig` field, e.g. ``dropout``).
         optim: AdamW and schedule settings; ``None`` uses :class:`OptimizerConfig` defaults.
         warmup_epochs: if set, overrides ``optim.warmup_steps`` with this many epochs of optimizer steps.
         label_smoothing: for batches with hard labels (mixed batches carry their own smoothing).
         ema_decay: keep an EMA of the weights with this decay (e.g. 0.99996) and validate it too; None: off.
-        gradient_checkpointing: recompute each block's activations in the backward pass (less memory).
+        gradient_checkpointing: recompute each block's activations in the backward pass (less memory), for any
+            timm model (``set_grad_checkpointing``); for the HGRN2 models it sets the config's field of that name.
     """
 
     def __init__(

@@ -8,15 +8,14 @@ set ``betas: [0.9, 0.999]``, ``min_lr_ratio: 0`` and the per-task warm-up and st
 Batches are the LRA datamodules' dicts: ``labels`` plus the model inputs (``input_ids``, ``attention_mask``
 and, for retrieval, ``input_ids_2``/``attention_mask_2``). Logged: ``{train,val,test}/loss`` and ``/acc``.
 
-Multi-device: ``--trainer.strategy ddp`` or ``fsdp``. The encoder calls each block's mixer and GLU itself
-(``hgrn2.models.lra.block_forward``), so under FSDP those are the units (:mod:`lightning_modules.sharding`);
-``gradient_checkpointing`` recomputes their activations in the backward pass. BatchNorm statistics stay per
-device unless ``--trainer.sync_batchnorm true`` (DDP only).
+Multi-device: ``--trainer.strategy ddp`` or ``fsdp``; under FSDP each ``hgrn2.layers.Block`` is a unit
+(:mod:`lightning_modules.sharding`). ``overrides: {gradient_checkpointing: true}`` recomputes each block's
+activations in the backward pass. BatchNorm statistics stay per device unless ``--trainer.sync_batchnorm true``
+(DDP only).
 """
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -26,16 +25,13 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from hgrn2.models.lra import LRAClassifier, lra_config
+from hgrn2.layers import Block
+from hgrn2.models.lra import LRAClassifier, LRAConfig
 from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
-from lightning_modules.sharding import checkpoint_modules, clip_gradients, shard_modules
+from lightning_modules.sharding import clip_gradients, shard_modules
 
 STAGES = ("train", "val", "test")
-
-
-def _is_mixer_or_glu(name: str, module: nn.Module) -> bool:
-    return re.fullmatch(r"blocks\.\d+\.(mixer|glu)", name) is not None
 
 
 class SequenceClassifier(pl.LightningModule):
@@ -43,10 +39,10 @@ class SequenceClassifier(pl.LightningModule):
 
     Args:
         preset: task preset of the encoder: listops, text, retrieval, image, pathfinder or pathx.
-        overrides: :class:`~hgrn2.models.lra.LRAConfig` fields to change, e.g. ``{"num_layers": 2}``.
+        overrides: :class:`~hgrn2.models.lra.LRAConfig` fields to change, e.g. ``{"num_layers": 2}`` or
+            ``{"gradient_checkpointing": true}`` (each block's activations recomputed in the backward pass).
         optim: AdamW and schedule settings (defaults of :class:`OptimizerConfig` when None).
         label_smoothing: of the cross-entropy.
-        gradient_checkpointing: recompute each mixer's and GLU's activations in the backward pass (less memory).
         init_from: a checkpoint of the same preset and overrides whose weights a fit starts from, with a fresh
             optimiser and schedule (e.g. Pathfinder's easiest difficulty before the LRA one); read only by ``fit``,
             and a resumed fit restores its own weights over them (:mod:`lightning_modules.init_from`).
@@ -58,17 +54,14 @@ class SequenceClassifier(pl.LightningModule):
         overrides: dict | None = None,
         optim: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
-        gradient_checkpointing: bool = False,
         init_from: str | None = None,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
-        self.config = lra_config(preset, **(overrides or {}))
+        self.config = LRAConfig.from_name(preset, **(overrides or {}))
         self.model = LRAClassifier(self.config)
-        if gradient_checkpointing:
-            checkpoint_modules(self.model, _is_mixer_or_glu)
         self.optim = optim if optim is not None else OptimizerConfig()
         self.label_smoothing = label_smoothing
         self.init_from = init_from
@@ -128,7 +121,8 @@ class SequenceClassifier(pl.LightningModule):
         self._shared_step(batch, "test")
 
     def configure_model(self) -> None:
-        self.model = shard_modules(self.model, _is_mixer_or_glu)
+        # under FSDP: one unit per block plus the root (embedding, final norm, head); elsewhere a no-op
+        self.model = shard_modules(self.model, lambda name, module: isinstance(module, Block))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -1,5 +1,5 @@
-"""FSDP support shared by the LightningModules: one FSDP unit per block, gradient clipping over shards,
-the full weights gathered on demand, and activation checkpointing of chosen submodules.
+"""FSDP support shared by the LightningModules: one FSDP unit per block, gradient clipping over shards, and
+the full weights gathered on demand.
 
 Lightning's ``FSDPStrategy`` calls ``LightningModule.configure_model`` inside
 ``torch.distributed.fsdp.wrap.enable_wrap``, so ``wrap(module)`` there turns ``module`` into its own FSDP unit
@@ -20,7 +20,6 @@ from collections.abc import Callable
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import CheckpointWrapper, checkpoint_wrapper
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 from torch.distributed.fsdp.wrap import wrap
@@ -50,18 +49,6 @@ def shard_modules(backbone: nn.Module, is_unit: UnitFilter) -> nn.Module:
     for name in _selected(backbone, is_unit):
         backbone.set_submodule(name, wrap(backbone.get_submodule(name)))
     return wrap(backbone)
-
-
-def checkpoint_modules(backbone: nn.Module, is_unit: UnitFilter) -> None:
-    """Recompute each selected submodule's activations in the backward pass instead of storing them.
-
-    Uses PyTorch's ``checkpoint_wrapper`` (non-reentrant), whose state-dict hooks keep parameter names as they
-    were, so checkpoints load with activation checkpointing on or off. Calling it again is a no-op.
-    """
-    if any(isinstance(module, CheckpointWrapper) for module in backbone.modules()):
-        return
-    for name in _selected(backbone, is_unit):
-        backbone.set_submodule(name, checkpoint_wrapper(backbone.get_submodule(name)))
 
 
 def fsdp_roots(module: nn.Module) -> list[FSDP]:

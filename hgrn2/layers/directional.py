@@ -13,13 +13,13 @@ from __future__ import annotations
 import torch
 
 from hgrn2.layers.hgru2 import HGRU2
-from hgrn2.ops import fuses_gates, hgrn2_gated_recurrence, hgrn2_recurrence, lower_bounded_log_forget
+from hgrn2.ops import fuses_gates, hgrn2_recurrence, lower_bounded_log_forget
 from hgrn2.ops.gates import activation
 
 
 class _MultiScanHGRU2(HGRU2):
     def _scan_inputs(self, q_proj, value, forget_proj, lower_bound):
-        """``(inputs, fused)``: what each scan takes. With ``fused`` the inputs are the raw projections and the
+        """``(inputs, gated)``: what each scan takes. With ``gated`` the inputs are the raw projections and the
         kernels compute the gates; otherwise they are the gates themselves, ``(q, v, log λ)``, computed here
         once for every scan."""
         if fuses_gates(self.backend, q_proj, value):
@@ -27,27 +27,18 @@ class _MultiScanHGRU2(HGRU2):
         q = activation(q_proj, self.output_gate)
         return (q, value, lower_bounded_log_forget(forget_proj, lower_bound)), False
 
-    def _scan(self, q, value, forget, lower_bound, fused: bool):
+    def _scan(self, q, value, forget, lower_bound, gated: bool):
         """One causal scan of :meth:`_scan_inputs`' tensors (reordered as the caller needs)."""
-        if fused:
-            o, _ = hgrn2_gated_recurrence(
-                q,
-                value,
-                forget,
-                lower_bound,
-                output_gate=self.output_gate,
-                scale=self.scale,
-                backend=self.backend,
-                precise_bound_grad=self.precise_bound_grad,
-            )
+        if gated:
+            o, _ = self.gated_recurrence(q, value, forget, lower_bound)
         else:
             o, _ = hgrn2_recurrence(q, value, forget, scale=self.scale, backend=self.backend, check_values=False)
         return o
 
-    def _scan_both_ways(self, gates, lower_bound, fused: bool) -> torch.Tensor:
+    def _scan_both_ways(self, gates, lower_bound, gated: bool) -> torch.Tensor:
         """The scan of ``gates`` ``(q, v, log λ)`` ``[N, T, H, K]`` left to right plus the one right to left."""
-        forward = self._scan(*gates, lower_bound, fused)
-        return forward + self._scan(*(g.flip(1) for g in gates), lower_bound, fused).flip(1)
+        forward = self._scan(*gates, lower_bound, gated)
+        return forward + self._scan(*(g.flip(1) for g in gates), lower_bound, gated).flip(1)
 
     def step(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} is not causal: it has no recurrent decoding step")
@@ -73,8 +64,8 @@ class BidirectionalHGRU2(_MultiScanHGRU2):
             # logsigmoid(1e4) = 0 in every float dtype: λ = 1 whatever the lower bound
             forget_proj = forget_proj.masked_fill(~mask.bool()[..., None, None], 1e4)
         beta = self._head_lower_bound(lower_bound)
-        gates, fused = self._scan_inputs(q_proj, value, forget_proj, beta)
-        return self.finish(self._scan_both_ways(gates, beta, fused)), None
+        gates, gated = self._scan_inputs(q_proj, value, forget_proj, beta)
+        return self.finish(self._scan_both_ways(gates, beta, gated), self.runs_fused(x)), None
 
 
 class HGRU2d(_MultiScanHGRU2):
@@ -123,14 +114,14 @@ class HGRU2d(_MultiScanHGRU2):
         """Project ``x`` ``[B, h·w, D]`` once, scan both ways along each of ``axes`` ("rows", "columns"), sum the
         scans, then norm and project out."""
         batch, height, width = grid
-        gates, fused = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
+        gates, gated = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
         grids = [g.unflatten(1, (height, width)) for g in gates]  # each [B, h, w, H, K]
         total = None
         for axis in axes:
             if axis == "rows":  # scan [B·h, w, H, K]
-                out = self._scan_both_ways([g.flatten(0, 1) for g in grids], beta, fused).unflatten(0, (batch, height))
+                out = self._scan_both_ways([g.flatten(0, 1) for g in grids], beta, gated).unflatten(0, (batch, height))
             else:  # columns: scan [B·w, h, H, K], then back to [B, h, w, H, V]
                 columns = [g.transpose(1, 2).flatten(0, 1) for g in grids]
-                out = self._scan_both_ways(columns, beta, fused).unflatten(0, (batch, width)).transpose(1, 2)
+                out = self._scan_both_ways(columns, beta, gated).unflatten(0, (batch, width)).transpose(1, 2)
             total = out if total is None else total + out
-        return self.finish(total.reshape(batch, height * width, *total.shape[3:]))
+        return self.finish(total.reshape(batch, height * width, *total.shape[3:]), self.runs_fused(x))

@@ -18,5 +18,14 @@ class GLU(nn.Module):
         self.up_proj = nn.Linear(dim, hidden_dim, bias=bias)  # W_2
         self.down_proj = nn.Linear(hidden_dim, dim, bias=bias)  # W_3
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """x ``[..., D]`` -> ``[..., D]``. ``fused`` runs :func:`hgrn2.ops.fused_glu.fused_glu` (the same function,
+        keeping only W_1 x and W_2 x for the backward; output in the autocast dtype) for the activations it has."""
+        if fused:
+            from hgrn2.ops.fused_glu import FUSED_GLU_ACTIVATIONS, fused_glu  # imports triton: where kernels run
+
+            if self.activation in FUSED_GLU_ACTIVATIONS:
+                weights = (self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+                biases = (self.gate_proj.bias, self.up_proj.bias, self.down_proj.bias)
+                return fused_glu(x, *weights, *biases, act=self.activation, backend="triton")
         return self.down_proj(activation(self.gate_proj(x), self.activation) * self.up_proj(x))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hgrn2.layers.norm import make_norm
+from hgrn2.layers.norm import add_and_norm, make_norm, runs_fused_kernels
 from hgrn2.ops import hgrn1_recurrence, lower_bounded_log_forget
 from hgrn2.ops.gates import activation
 from hgrn2.ops.reference import accumulation_dtype
@@ -15,7 +15,8 @@ class HGRU1(nn.Module):
     """h_t = λ_t ⊙ h_{t-1} + (1 - λ_t) ⊙ i_t with λ lower-bounded by β; y = W_o norm(o ⊙ h).
 
     o = output_gate(W_q x), i = input_activation(W_i x), λ = β + (1 - β) σ(W_f x). Its state is ``[B, D]``.
-    HGRU2 with ``expand_ratio=1`` computes the same function with the same weights.
+    HGRU2 with ``expand_ratio=1`` computes the same function with the same weights. ``fused`` as in
+    :class:`~hgrn2.layers.HGRU2`: an RMS output norm on the fused kernel wherever the recurrence runs on Triton.
     """
 
     def __init__(
@@ -26,12 +27,14 @@ class HGRU1(nn.Module):
         norm: str = "simple_rmsnorm",
         bias: bool = False,
         backend: str = "auto",
+        fused: bool = False,
     ):
         super().__init__()
         self.hidden_size = hidden_size
         self.output_gate = output_gate
         self.input_activation = input_activation
         self.backend = backend
+        self.fused = fused
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.f_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
         self.i_proj = nn.Linear(hidden_size, hidden_size, bias=bias)
@@ -41,6 +44,10 @@ class HGRU1(nn.Module):
     @property
     def state_shape(self) -> tuple[int]:
         return (self.hidden_size,)
+
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this layer's norm runs on the fused kernel for ``x`` (``fused`` and a Triton recurrence)."""
+        return self.fused and runs_fused_kernels(self.backend, x.device)
 
     def _gates(self, x: torch.Tensor, lower_bound: torch.Tensor | None):
         if x.shape[-1] != self.hidden_size:
@@ -72,7 +79,8 @@ class HGRU1(nn.Module):
             cu_seqlens=cu_seqlens,
             backend=self.backend,
         )
-        return self.o_proj(self.norm(output_gate * h)), state
+        normed, _ = add_and_norm(self.norm, output_gate * h, fused=self.runs_fused(x))
+        return self.o_proj(normed), state
 
     def step(
         self, x: torch.Tensor, state: torch.Tensor | None = None, lower_bound: torch.Tensor | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hgrn2.layers.norm import make_norm
+from hgrn2.layers.norm import add_and_norm, make_norm, runs_fused_kernels
 from hgrn2.ops import hgrn2_gated_recurrence, hgrn2_step, lower_bounded_log_forget
 from hgrn2.ops.gates import activation
 from hgrn2.ops.reference import accumulation_dtype
@@ -28,7 +28,8 @@ class HGRU2(nn.Module):
     Defaults are the paper's LM: SiLU output gate, identity input, SimpleRMSNorm, no biases, scale 1.
     ``scale=None`` means ``K ** -0.5`` (fla's choice). ``precise_bound_grad=False`` lets the chunked kernels
     keep half-precision states where β's gradient is formed (faster, that gradient less exact; see
-    :func:`hgrn2.ops.chunk.chunk_hgrn2_gated`).
+    :func:`hgrn2.ops.chunk.chunk_hgrn2_gated`). ``fused=True`` runs an RMS output norm as one Triton kernel
+    wherever the recurrence runs on Triton (:func:`hgrn2.layers.norm.add_and_norm`); the math is the same.
     """
 
     def __init__(
@@ -43,6 +44,7 @@ class HGRU2(nn.Module):
         scale: float | None = 1.0,
         backend: str = "auto",
         precise_bound_grad: bool = True,
+        fused: bool = False,
     ):
         super().__init__()
         if expand_ratio < 1 or hidden_size % expand_ratio:
@@ -58,6 +60,7 @@ class HGRU2(nn.Module):
         self.scale = expand_ratio**-0.5 if scale is None else float(scale)
         self.backend = backend
         self.precise_bound_grad = precise_bound_grad
+        self.fused = fused
         self.q_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # output gate o
         self.f_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # forget gate f
         self.i_proj = nn.Linear(hidden_size, hidden_size, bias=bias)  # input i
@@ -98,9 +101,37 @@ class HGRU2(nn.Module):
         value = self._heads(activation(self.i_proj(x), self.input_activation))
         return q_proj, value, forget_proj
 
-    def finish(self, o: torch.Tensor) -> torch.Tensor:
-        """Merge heads, normalise and project out."""
-        return self.o_proj(self.norm(o.flatten(-2)))
+    def runs_fused(self, x: torch.Tensor) -> bool:
+        """Whether this layer's norm runs on the fused kernel for ``x`` (``fused`` and a Triton recurrence)."""
+        return self.fused and runs_fused_kernels(self.backend, x.device)
+
+    def gated_recurrence(
+        self,
+        q_proj: torch.Tensor,
+        value: torch.Tensor,
+        forget_proj: torch.Tensor,
+        lower_bound: torch.Tensor | None,
+        **kwargs,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The recurrence from the raw projections ``[B, T, H, K]`` and β ``[H, K]`` with this layer's output
+        gate, scale, backend and ``precise_bound_grad``; ``kwargs`` (initial_state, output_final_state,
+        cu_seqlens) go to :func:`hgrn2.ops.hgrn2_gated_recurrence`."""
+        return hgrn2_gated_recurrence(
+            q_proj,
+            value,
+            forget_proj,
+            lower_bound,
+            output_gate=self.output_gate,
+            scale=self.scale,
+            backend=self.backend,
+            precise_bound_grad=self.precise_bound_grad,
+            **kwargs,
+        )
+
+    def finish(self, o: torch.Tensor, fused: bool = False) -> torch.Tensor:
+        """Merge heads ``[..., H, V]`` -> ``[..., D]``, normalise (on the fused kernel with ``fused``), project out."""
+        normed, _ = add_and_norm(self.norm, o.flatten(-2), fused=fused)
+        return self.o_proj(normed)
 
     def _head_lower_bound(self, lower_bound: torch.Tensor | None) -> torch.Tensor | None:
         if lower_bound is None:
@@ -119,21 +150,17 @@ class HGRU2(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """x ``[B, T, D]`` -> ``(y [B, T, D], final state [B, H, K, V] or None)``."""
         self._check_input(x, 3)
-        q_proj, value, forget_proj = self.project(x)
-        o, state = hgrn2_gated_recurrence(
+        q_proj, value, forget_proj = self.project(x)  # [B, T, H, K] each
+        o, state = self.gated_recurrence(
             q_proj,
             value,
             forget_proj,
             self._head_lower_bound(lower_bound),
-            output_gate=self.output_gate,
-            scale=self.scale,
             initial_state=initial_state,
             output_final_state=output_final_state,
             cu_seqlens=cu_seqlens,
-            backend=self.backend,
-            precise_bound_grad=self.precise_bound_grad,
         )
-        return self.finish(o), state
+        return self.finish(o, self.runs_fused(x)), state
 
     def step(
         self, x: torch.Tensor, state: torch.Tensor | None = None, lower_bound: torch.Tensor | None = None

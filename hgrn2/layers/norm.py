@@ -1,10 +1,12 @@
-"""Normalisations used inside HGRN2 layers and blocks, built by name from a config string."""
+"""Normalisations used inside HGRN2 layers and blocks, built by name from a config string, and the residual add
+folded into the norm that follows it (one Triton kernel for the RMS norms, :func:`add_and_norm`)."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
+from hgrn2.ops import TRITON_BACKENDS, triton_available
 from hgrn2.ops.reference import accumulation_dtype
 
 NORMS = ("simple_rmsnorm", "rmsnorm", "layernorm", "batchnorm", "identity")
@@ -70,3 +72,38 @@ def make_norm(name: str, dim: int, groups: int = 1) -> nn.Module:
     if name == "identity":
         return nn.Identity()
     raise ValueError(f"unknown norm {name!r}; expected one of {NORMS}")
+
+
+def runs_fused_kernels(backend: str, device: torch.device) -> bool:
+    """Whether a layer whose recurrence runs on ``backend`` takes its fused norm and GLU kernels for inputs on
+    ``device``: always on the Triton backends (on the CPU through the interpreter), on a CUDA device with Triton
+    for ``"auto"``, never on the PyTorch backends."""
+    if backend in TRITON_BACKENDS:
+        return True
+    return backend == "auto" and device.type == "cuda" and triton_available(device)
+
+
+def add_and_norm(
+    norm: nn.Module,
+    x: torch.Tensor,
+    branch: torch.Tensor | None = None,
+    *,
+    fused: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(norm(r), r)`` with ``r = x + branch`` (``r = x`` when branch is None).
+
+    ``fused`` runs an :class:`RMSNorm` and the add as one Triton kernel
+    (:func:`hgrn2.ops.fused_norm.fused_add_rmsnorm`), which keeps only r and 1/rms for the backward and writes the
+    normalised output in the autocast dtype, the dtype the next projection reads (``out_dtype`` sets another);
+    other norms, or ``fused=False``, run the module.
+    """
+    if fused and isinstance(norm, RMSNorm):
+        from hgrn2.ops.fused_norm import fused_add_rmsnorm  # imports triton: only where the kernels run
+
+        return fused_add_rmsnorm(
+            x, branch, norm.weight, groups=norm.groups, eps=norm.eps, out_dtype=out_dtype, backend="triton"
+        )
+    residual = x if branch is None else x + branch
+    normed = norm(residual)
+    return (normed if out_dtype is None else normed.to(out_dtype)), residual

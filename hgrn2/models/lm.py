@@ -7,9 +7,10 @@ token at a time with the recurrent step, so memory stays constant in the number 
 (``hgrn2.models.decoding``: static buffers, replayed from a CUDA graph on CUDA).
 
 Where the recurrence runs on the Triton kernels (CUDA, or ``backend="triton"``) and ``fused`` is on, the blocks
-run on fused kernels with the same math: each residual add is folded into the next RMSNorm, which emits the
-autocast dtype directly; the GLU keeps only its two projections for the backward; and the training loss
-(``return_logits=False``) is a blockwise linear cross-entropy that never forms the full logits.
+(``hgrn2.layers.Block`` with ``fused=True``) run on fused kernels with the same math: each residual add is folded
+into the next RMSNorm, which emits the autocast dtype directly; the GLU keeps only its two projections for the
+backward; and the training loss (``return_logits=False``) is a blockwise linear cross-entropy that never forms
+the full logits.
 
 Initialisation follows the authors' standalone code (Doraemonzzz/hgru2-pytorch, ``Hgrn2PreTrainedModel``):
 every Linear and Embedding weight ~ N(0, 0.02²), biases zero, the lower-bound logits Γ equal across layers
@@ -20,7 +21,6 @@ projection (``o_proj``, ``down_proj``) by sqrt(2 L).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -28,15 +28,22 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from hgrn2.layers import HGRU1, HGRU2, Block, LayerLowerBounds, RMSNorm, ShortConvolution, make_norm
+from hgrn2.layers import (
+    HGRU1,
+    HGRU2,
+    Block,
+    LayerLowerBounds,
+    RMSNorm,
+    add_and_norm,
+    make_norm,
+    run_blocks,
+    runs_fused_kernels,
+)
 from hgrn2.models import convert, pretrained
+from hgrn2.models.config import from_preset
 from hgrn2.models.decoding import generate_tokens
-from hgrn2.ops import TRITON_BACKENDS, hgrn2_gated_recurrence, triton_available
 from hgrn2.ops.fused_cross_entropy import fused_linear_cross_entropy
-from hgrn2.ops.fused_glu import FUSED_GLU_ACTIVATIONS, fused_glu
-from hgrn2.ops.fused_norm import fused_add_rmsnorm
 
 IGNORE_INDEX = -100
 MIXERS = ("hgru2", "hgru1")
@@ -51,10 +58,12 @@ class LMConfig:
     ``glu_hidden_size=0`` drops the channel mixer. ``short_conv=k`` puts a causal depthwise convolution of k
     taps in front of every token mixer (0: none, the paper's models; Zoology's MQAR models have one); such
     a model runs whole sequences only: it carries no state across segments and does not decode step by step.
-    ``fused`` runs RMSNorm-based blocks on the fused kernels (``hgrn2.ops.fused_*``) wherever the recurrence
-    runs on Triton. ``precise_bound_grad=False`` keeps the chunked kernels' states in half precision where the
-    lower bounds' gradient is formed: 7.4% more tokens/s for the 374M model on an H100 (T = 2048), with that
-    gradient about 2e-2 from exact instead of 4e-3 (``hgrn2.ops.chunk``).
+    ``fused`` runs the blocks' norms and GLUs on the fused kernels (``hgrn2.ops.fused_*``) wherever the
+    recurrence runs on Triton. ``precise_bound_grad=False`` keeps the chunked kernels' states in half precision
+    where the lower bounds' gradient is formed: faster, with that gradient less exact (``hgrn2.ops.chunk``;
+    measurements in benchmarks/results/ops-notes.md). ``norm_eps`` is the ε of every RMS norm. ``dropout``
+    applies to the embeddings and to each residual branch's output; the presets have none (the authors train
+    their LMs with 0.1), so a small model on a small corpus that starts to memorise it wants some.
     """
 
     vocab_size: int = 50272
@@ -80,6 +89,7 @@ class LMConfig:
     short_conv: int = 0
     precise_bound_grad: bool = True
     norm_eps: float = 1e-6
+    dropout: float = 0.0
 
     def __post_init__(self):
         if not self.norm_eps > 0:
@@ -87,6 +97,8 @@ class LMConfig:
         for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.short_conv < 0:
             raise ValueError(f"short_conv must be >= 0 (0: no convolution), got {self.short_conv}")
         if self.glu_hidden_size < 0:
@@ -105,13 +117,7 @@ class LMConfig:
     @classmethod
     def from_name(cls, name: str, **overrides) -> LMConfig:
         """The preset ``name`` (a key of ``PRESETS``) with ``overrides`` applied, e.g. ``vocab_size=257``."""
-        if name not in PRESETS:
-            raise ValueError(f"unknown LM preset {name!r}; expected one of {sorted(PRESETS)}")
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(overrides) - known)
-        if unknown:
-            raise ValueError(f"unknown LMConfig field(s) {unknown}; valid fields are {sorted(known)}")
-        return cls(**{**PRESETS[name], **overrides})
+        return from_preset(cls, PRESETS, name, overrides, family="LM")
 
     @property
     def num_heads(self) -> int:
@@ -192,14 +198,17 @@ class HGRN2ForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.embed = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.dropout = nn.Dropout(config.dropout) if config.dropout else nn.Identity()
         self.blocks = nn.ModuleList(
-            LMBlock(
+            Block(
                 self._make_mixer(config),
                 config.glu_hidden_size,
                 norm=config.norm,
                 glu_activation=config.glu_activation,
                 bias=config.bias,
+                dropout=config.dropout,
                 short_conv=config.short_conv,
+                fused=config.fused,
             )
             for _ in range(config.num_layers)
         )
@@ -221,6 +230,7 @@ class HGRN2ForCausalLM(nn.Module):
             norm=config.norm,
             bias=config.bias,
             backend=config.backend,
+            fused=config.fused,
         )
         if config.mixer == "hgru1":
             return HGRU1(config.hidden_size, **common)
@@ -257,13 +267,8 @@ class HGRN2ForCausalLM(nn.Module):
         return list(self.lower_bounds().unbind(0))
 
     def uses_fused_kernels(self, device: torch.device) -> bool:
-        """Whether the blocks run on the fused kernels for inputs on ``device`` (see the module docstring)."""
-        c = self.config
-        if not c.fused or c.norm not in ("simple_rmsnorm", "rmsnorm") or c.glu_activation not in FUSED_GLU_ACTIVATIONS:
-            return False
-        if c.backend in TRITON_BACKENDS:
-            return True
-        return c.backend == "auto" and device.type == "cuda" and triton_available(device)
+        """Whether the model runs on the fused kernels for inputs on ``device`` (see the module docstring)."""
+        return self.config.fused and runs_fused_kernels(self.config.backend, device)
 
     def hidden_states(
         self,
@@ -276,20 +281,12 @@ class HGRN2ForCausalLM(nn.Module):
             raise ValueError(f"input_ids must have shape [B, T], got {list(input_ids.shape)}")
         if state is not None and len(state) != self.config.num_layers:
             raise ValueError(f"state must hold one tensor per layer ({self.config.num_layers}), got {len(state)}")
-        x = self.embed(input_ids)  # [B, T, D]
-        fused = self.uses_fused_kernels(input_ids.device)
-        branch, new_state = None, []  # fused: the last branch output, not yet added to the residual x
-        for i, (block, beta) in enumerate(zip(self.blocks, self.layer_lower_bounds())):
-            args = (block, x, branch, beta, None if state is None else state[i], output_state, fused)
-            if self.config.gradient_checkpointing and self.training:
-                x, branch, layer_state = checkpoint(_run_block, *args, use_reentrant=False)
-            else:
-                x, branch, layer_state = _run_block(*args)
-            new_state.append(layer_state)
-        if fused:
-            hidden, _ = _add_norm(self.norm, x, branch)
-        else:
-            hidden = self.norm(x)
+        x = self.dropout(self.embed(input_ids))  # [B, T, D]
+        x, pending, new_state = run_blocks(
+            self.blocks, x, self.layer_lower_bounds(), checkpointing=self.config.gradient_checkpointing,
+            states=state, output_final_state=output_state,
+        )  # fmt: skip
+        hidden, _ = add_and_norm(self.norm, x, pending, fused=self.uses_fused_kernels(input_ids.device))
         return hidden, (new_state if output_state else None)
 
     def forward(
@@ -384,82 +381,3 @@ class HGRN2ForCausalLM(nn.Module):
     from_fla = classmethod(convert.from_fla)
     from_authors = classmethod(convert.from_authors)
     to_fla = convert.to_fla
-
-
-def _run_block(block: LMBlock, x, branch, beta, state, output_state: bool, fused: bool):
-    """One block through its ``__call__`` (so module hooks, e.g. FSDP's, run): returns (x', branch, state)."""
-    kwargs = dict(initial_state=state, output_final_state=output_state)
-    if fused:
-        return block(x, beta, branch, fused=True, **kwargs)
-    x, state = block(x, beta, **kwargs)
-    return x, None, state
-
-
-def _add_norm(norm: nn.Module, x: torch.Tensor, branch: torch.Tensor | None):
-    return fused_add_rmsnorm(x, branch, norm.weight, groups=norm.groups, eps=norm.eps, backend="triton")
-
-
-class LMBlock(Block):
-    """A ``Block`` that can also run on the fused kernels (``fused=True``; RMS norms only).
-
-    Fused, ``x`` is the residual stream without the previous block's last branch output ``branch``, which is
-    added inside this block's first norm, and the result is ``(x', this block's last branch output, state)``;
-    unfused it is ``Block``'s ``(x', state)``. ``short_conv=k`` convolves the mixer's input over the last k
-    positions (``ShortConvolution``).
-    """
-
-    def __init__(self, mixer: nn.Module, glu_hidden_size: int, short_conv: int = 0, **block_kwargs):
-        super().__init__(mixer, glu_hidden_size, **block_kwargs)
-        self.short_conv = ShortConvolution(mixer.hidden_size, short_conv) if short_conv else None
-
-    def mixer_input(self, x: torch.Tensor, cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-        return self._convolve(self.mixer_norm(x), cu_seqlens)
-
-    def _convolve(self, normed: torch.Tensor, cu_seqlens: torch.Tensor | None) -> torch.Tensor:
-        return normed if self.short_conv is None else self.short_conv(normed, cu_seqlens)
-
-    def _check_whole_sequences(self, carries_state: bool) -> None:
-        if self.short_conv is not None and carries_state:
-            raise ValueError(
-                "a model with short_conv > 0 runs whole sequences only: its recurrent state does not hold the "
-                "convolution's last inputs, so it cannot be carried across segments or decoded step by step; "
-                "use short_conv=0 for state carrying and generation"
-            )
-
-    def step(self, x, state=None, lower_bound=None):
-        self._check_whole_sequences(carries_state=True)
-        return super().step(x, state, lower_bound=lower_bound)
-
-    def forward(self, x, lower_bound=None, branch=None, fused: bool = False, **mixer_kwargs):
-        carries_state = mixer_kwargs.get("initial_state") is not None or bool(mixer_kwargs.get("output_final_state"))
-        self._check_whole_sequences(carries_state)
-        if not fused:
-            if branch is not None:
-                raise ValueError("a pending branch output is only taken with fused=True")
-            return super().forward(x, lower_bound=lower_bound, **mixer_kwargs)
-        normed, x = _add_norm(self.mixer_norm, x, branch)  # [B, T, D] in the autocast dtype
-        normed = self._convolve(normed, mixer_kwargs.get("cu_seqlens"))
-        mixer = self.mixer
-        if isinstance(mixer, HGRU2):
-            q_proj, value, forget_proj = mixer.project(normed)  # [B, T, H, K] each
-            beta = None if lower_bound is None else lower_bound.unflatten(-1, (mixer.num_heads, mixer.expand_ratio))
-            o, state = hgrn2_gated_recurrence(
-                q_proj,
-                value,
-                forget_proj,
-                beta,
-                output_gate=mixer.output_gate,
-                scale=mixer.scale,
-                backend=mixer.backend,
-                **mixer_kwargs,  # initial_state, output_final_state, cu_seqlens
-            )
-            y = mixer.o_proj(_add_norm(mixer.norm, o.flatten(-2), None)[0])
-        else:
-            y, state = mixer(normed, lower_bound=lower_bound, **mixer_kwargs)
-        glu = self.glu
-        if glu is None:
-            return x, y, state
-        normed, x = _add_norm(self.glu_norm, x, y)
-        weights = (glu.gate_proj.weight, glu.up_proj.weight, glu.down_proj.weight)
-        biases = (glu.gate_proj.bias, glu.up_proj.bias, glu.down_proj.bias)
-        return x, fused_glu(normed, *weights, *biases, act=glu.activation, backend="triton"), state

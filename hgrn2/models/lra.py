@@ -7,8 +7,8 @@
 * each layer is a :class:`~hgrn2.layers.Block` (mixer + GLU) whose forget gates are lower-bounded by a
   :class:`~hgrn2.layers.LayerLowerBounds` schedule; pre-norm or post-norm, with dropout on both branches.
 * 2-D models can put a depthwise convolution of the grid in front of each mixer (``grid_conv``, dilated per
-  layer by ``grid_conv_dilations``): local shape that the scans, running averages along rows and columns,
-  blur. The paper's encoders have none.
+  layer by ``grid_conv_dilations``; the block's ``grid_conv`` option): local shape that the scans, running
+  averages along rows and columns, blur. The paper's encoders have none.
 * tokens are embedded (``embedding="token"``) or pixel levels are mapped linearly from [-1, 1]
   (``embedding="pixel"``); sinusoidal position encodings are optional.
 * Retrieval is a two-tower model: one shared encoder turns the two documents into u and v, and an MLP
@@ -24,17 +24,27 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hgrn2.layers import BidirectionalHGRU2, Block, GridConvolution, HGRU2d, LayerLowerBounds, make_norm
+from hgrn2.layers import (
+    BidirectionalHGRU2,
+    Block,
+    HGRU2d,
+    LayerLowerBounds,
+    add_and_norm,
+    make_norm,
+    run_blocks,
+    runs_fused_kernels,
+)
 from hgrn2.layers.hgru2 import check_forget_gate_range
 from hgrn2.models import pretrained
+from hgrn2.models.config import from_preset
 
-__all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "block_forward", "lra_config", "sinusoidal_positions"]
+__all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "lra_config", "sinusoidal_positions"]
 
 EMBEDDINGS = ("token", "pixel")
 GRID_SCANS = ("parallel", "series")  # HGRU2d(series=False / True)
@@ -42,7 +52,13 @@ GRID_SCANS = ("parallel", "series")  # HGRU2d(series=False / True)
 
 @dataclass
 class LRAConfig:
-    """Everything that shapes an LRA classifier; :func:`lra_config` starts from a task preset."""
+    """Everything that shapes an LRA classifier; :meth:`from_name` starts from a task preset.
+
+    The fields that every family has are named as in :class:`~hgrn2.models.lm.LMConfig`: ``glu_hidden_size``
+    (0 drops the GLU), ``lower_bound``, ``dropout`` (embeddings and each residual branch), ``gradient_checkpointing``,
+    ``backend``, ``fused`` (norms and GLU on the fused kernels where the recurrence runs on Triton; RMS norms only
+    for the norm kernel) and ``precise_bound_grad``.
+    """
 
     num_classes: int = 10
     vocab_size: int = 16  # token embedding rows (token ids < vocab_size; id 0 pads)
@@ -51,7 +67,7 @@ class LRAConfig:
     hidden_size: int = 64
     num_layers: int = 5
     expand_ratio: int = 4  # per-head state is expand_ratio × expand_ratio; heads = hidden_size / expand_ratio
-    glu_expand_ratio: float = 1.0  # GLU width / hidden_size; 0 drops the GLU
+    glu_hidden_size: int = 64  # GLU width; 0 drops the GLU
     glu_activation: str = "silu"
     norm: str = "batchnorm"  # block norms and the final norm
     mixer_norm: str = "layernorm"  # the HGRU2 output norm
@@ -60,7 +76,7 @@ class LRAConfig:
     input_activation: str = "silu"
     bias: bool = True
     scale: float = 1.0
-    use_lower_bound: bool = True
+    lower_bound: bool = True
     forget_gate_init: tuple[float, float] | None = None  # (low, high): initial forget gates, even over channels
     positional_encoding: bool = False
     dropout: float = 0.0
@@ -70,7 +86,10 @@ class LRAConfig:
     grid_conv: int = 0  # 2-D: kernel size of a depthwise convolution (then SiLU) on each mixer's input; 0: none
     grid_conv_dilations: tuple[int, ...] = (1,)  # layer i's grid convolution has dilation [i % len]
     dual: bool = False  # two-tower retrieval head over [u, v, u·v, u − v]
+    gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     backend: str = "auto"
+    fused: bool = False
+    precise_bound_grad: bool = True
 
     def __post_init__(self):
         if self.embedding not in EMBEDDINGS:
@@ -82,9 +101,9 @@ class LRAConfig:
             raise ValueError(
                 f"hidden_size ({self.hidden_size}) must be a multiple of expand_ratio ({self.expand_ratio})"
             )
-        if self.glu_expand_ratio < 0 or not 0.0 <= self.dropout < 1.0:
+        if self.glu_hidden_size < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(
-                f"need glu_expand_ratio >= 0 and 0 <= dropout < 1, got {self.glu_expand_ratio}, {self.dropout}"
+                f"need glu_hidden_size >= 0 and 0 <= dropout < 1, got {self.glu_hidden_size}, {self.dropout}"
             )
         if self.grid_scan not in GRID_SCANS:
             raise ValueError(f"grid_scan must be one of {GRID_SCANS}, got {self.grid_scan!r}")
@@ -107,37 +126,41 @@ class LRAConfig:
             if len(self.grid_size) != 2 or min(self.grid_size) < 1:
                 raise ValueError(f"grid_size must be (height, width), got {self.grid_size}")
 
-    @property
-    def glu_hidden_size(self) -> int:
-        return int(round(self.glu_expand_ratio * self.hidden_size))
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> LRAConfig:
+        """The task preset ``name`` (a key of ``PRESETS``) with ``overrides`` applied, e.g. ``num_layers=2``."""
+        return from_preset(cls, PRESETS, name, overrides, family="LRA", renamed=RENAMED)
 
 
+# Fields that had other names; configs that use the old ones are told what to write instead.
+RENAMED = {
+    "use_lower_bound": "lower_bound",
+    "glu_expand_ratio": "glu_hidden_size, the GLU width itself (glu_expand_ratio × hidden_size; 0 drops the GLU)",
+}
+
+# GLU widths: the authors' glu ratio (1, or 2 for Retrieval) times the width.
 _ONE_D = dict(embedding="token", two_d=False, vocab_size=257, num_classes=2)
-_TWO_D = dict(embedding="pixel", two_d=True, glu_expand_ratio=1.0, norm="batchnorm")
+_TWO_D = dict(embedding="pixel", two_d=True, norm="batchnorm")
 PRESETS: dict[str, dict] = {
     "listops": dict(_ONE_D, vocab_size=16, num_classes=10, hidden_size=64, num_layers=5, expand_ratio=4,
-                    glu_expand_ratio=1.0, norm="batchnorm", positional_encoding=True),
-    "text": dict(_ONE_D, hidden_size=128, num_layers=4, expand_ratio=8, glu_expand_ratio=1.0, norm="layernorm",
+                    glu_hidden_size=64, norm="batchnorm", positional_encoding=True),
+    "text": dict(_ONE_D, hidden_size=128, num_layers=4, expand_ratio=8, glu_hidden_size=128, norm="layernorm",
                  dropout=0.1),
-    "retrieval": dict(_ONE_D, hidden_size=256, num_layers=2, expand_ratio=2, glu_expand_ratio=2.0, norm="batchnorm",
+    "retrieval": dict(_ONE_D, hidden_size=256, num_layers=2, expand_ratio=2, glu_hidden_size=512, norm="batchnorm",
                       positional_encoding=True, dual=True),
-    "image": dict(_TWO_D, num_classes=10, hidden_size=512, num_layers=6, expand_ratio=2, positional_encoding=True,
-                  grid_size=(32, 32)),
-    "pathfinder": dict(_TWO_D, num_classes=2, hidden_size=128, num_layers=6, expand_ratio=2, grid_size=(32, 32)),
-    "pathx": dict(_TWO_D, num_classes=2, hidden_size=32, num_layers=6, expand_ratio=1, positional_encoding=True,
-                  grid_size=(128, 128)),
+    "image": dict(_TWO_D, num_classes=10, hidden_size=512, num_layers=6, expand_ratio=2, glu_hidden_size=512,
+                  positional_encoding=True, grid_size=(32, 32)),
+    "pathfinder": dict(_TWO_D, num_classes=2, hidden_size=128, num_layers=6, expand_ratio=2, glu_hidden_size=128,
+                       grid_size=(32, 32)),
+    "pathx": dict(_TWO_D, num_classes=2, hidden_size=32, num_layers=6, expand_ratio=1, glu_hidden_size=32,
+                  positional_encoding=True, grid_size=(128, 128)),
 }  # fmt: skip
 
 
 def lra_config(preset: str, **overrides) -> LRAConfig:
-    """The preset's config with ``overrides`` applied, e.g. ``lra_config("listops", num_layers=2)``."""
-    if preset not in PRESETS:
-        raise ValueError(f"unknown LRA preset {preset!r}; expected one of {sorted(PRESETS)}")
-    known = {f.name for f in fields(LRAConfig)}
-    unknown = sorted(set(overrides) - known)
-    if unknown:
-        raise ValueError(f"unknown LRAConfig field(s) {unknown}; the fields are {sorted(known)}")
-    return LRAConfig(**{**PRESETS[preset], **overrides})
+    """The preset's config with ``overrides`` applied, e.g. ``lra_config("listops", num_layers=2)``
+    (:meth:`LRAConfig.from_name`)."""
+    return LRAConfig.from_name(preset, **overrides)
 
 
 def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32) -> torch.Tensor:
@@ -148,33 +171,6 @@ def sinusoidal_positions(length: int, dim: int, device=None, dtype=torch.float32
     table[:, 0::2] = torch.sin(position * frequency)
     table[:, 1::2] = torch.cos(position * frequency[: dim // 2])
     return table.to(dtype)
-
-
-def block_forward(
-    block: Block,
-    x: torch.Tensor,
-    lower_bound: torch.Tensor | None,
-    prenorm: bool = True,
-    dropout: nn.Module | None = None,
-    grid_conv: GridConvolution | None = None,
-    **mixer_kwargs,
-) -> torch.Tensor:
-    """One block with dropout on both residual branches, pre-norm (``x + f(norm(x))``, what ``Block.forward``
-    computes when dropout and ``grid_conv`` are off) or post-norm (``norm(x + f(x))``). x ``[B, T, D]``.
-    ``grid_conv`` convolves the mixer's input, inside the residual branch: f = mixer ∘ grid_conv."""
-    drop = dropout if dropout is not None else nn.Identity()
-
-    def mix(h: torch.Tensor) -> torch.Tensor:
-        if grid_conv is not None:
-            h = grid_conv(h, grid_size=mixer_kwargs.get("grid_size"))
-        return block.mixer(h, lower_bound=lower_bound, **mixer_kwargs)[0]
-
-    if prenorm:
-        x = x + drop(mix(block.mixer_norm(x)))
-        return x if block.glu is None else x + drop(block.glu(block.glu_norm(x)))
-    y = mix(x)
-    x = block.mixer_norm(x + drop(y))
-    return x if block.glu is None else block.glu_norm(x + drop(block.glu(x)))
 
 
 class LRAClassifier(nn.Module):
@@ -196,22 +192,30 @@ class LRAClassifier(nn.Module):
             bias=c.bias,
             scale=c.scale,
             backend=c.backend,
+            precise_bound_grad=c.precise_bound_grad,
+            fused=c.fused,
         )
+        dilations = c.grid_conv_dilations  # layer i's grid convolution: dilations[i % len]
         self.blocks = nn.ModuleList(
-            Block(mixer(c.hidden_size, **mixer_kwargs), c.glu_hidden_size, c.norm, c.glu_activation, bias=c.bias)
-            for _ in range(c.num_layers)
+            Block(
+                mixer(c.hidden_size, **mixer_kwargs),
+                c.glu_hidden_size,
+                c.norm,
+                c.glu_activation,
+                bias=c.bias,
+                prenorm=c.prenorm,
+                dropout=c.dropout,
+                grid_conv=c.grid_conv,
+                grid_conv_dilation=dilations[i % len(dilations)],
+                fused=c.fused,
+            )
+            for i in range(c.num_layers)
         )
         if c.forget_gate_init is not None:
             for block in self.blocks:
                 block.mixer.init_forget_gate(*c.forget_gate_init)
-        self.grid_convs = None
-        if c.grid_conv:
-            dilations = c.grid_conv_dilations
-            self.grid_convs = nn.ModuleList(
-                GridConvolution(c.hidden_size, c.grid_conv, dilations[i % len(dilations)]) for i in range(c.num_layers)
-            )
-        self.lower_bounds = LayerLowerBounds(c.num_layers, c.hidden_size) if c.use_lower_bound else None
-        self.dropout = nn.Dropout(c.dropout)
+        self.lower_bounds = LayerLowerBounds(c.num_layers, c.hidden_size) if c.lower_bound else None
+        self.dropout = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
         self.final_norm = make_norm(c.norm, c.hidden_size) if c.prenorm else nn.Identity()
         if c.dual:
             self.head = nn.Sequential(
@@ -219,6 +223,7 @@ class LRAClassifier(nn.Module):
             )
         else:
             self.head = nn.Linear(c.hidden_size, c.num_classes)
+        self.register_load_state_dict_pre_hook(_moved_grid_convolutions)
 
     def embed_inputs(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token ids ``[B, T]``, or pixel levels ``[B, T]`` / ``[B, T, C]`` (0-255) -> ``[B, T, D]``."""
@@ -246,14 +251,19 @@ class LRAClassifier(nn.Module):
             raise ValueError(f"a 2-D model needs height·width = sequence length; grid {grid} vs length {length}")
         return {"grid_size": grid}
 
+    def uses_fused_kernels(self, device: torch.device) -> bool:
+        """Whether the blocks and the final norm run on the fused kernels for inputs on ``device``."""
+        return self.config.fused and runs_fused_kernels(self.config.backend, device)
+
     def hidden_states(self, x: torch.Tensor, **mixer_kwargs) -> torch.Tensor:
         """Embedded inputs ``[B, T, D]`` through every block and the final norm, before pooling; ``mixer_kwargs``
         (``grid_size``, ``mask``) go to each mixer."""
         bounds = self.lower_bounds().unbind(0) if self.lower_bounds is not None else [None] * len(self.blocks)
-        convs = self.grid_convs if self.grid_convs is not None else [None] * len(self.blocks)
-        for block, bound, conv in zip(self.blocks, bounds, convs):
-            x = block_forward(block, x, bound, self.config.prenorm, self.dropout, conv, **mixer_kwargs)
-        return self.final_norm(x)
+        x, pending, _ = run_blocks(
+            self.blocks, x, bounds, checkpointing=self.config.gradient_checkpointing, **mixer_kwargs
+        )
+        normed, _ = add_and_norm(self.final_norm, x, pending, fused=self.uses_fused_kernels(x.device))
+        return normed
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Pooled features ``[B, D]``: the mean over the positions where ``attention_mask`` is True (all when None)."""
@@ -296,3 +306,12 @@ class LRAClassifier(nn.Module):
     # weights in and out (hgrn2.models.pretrained)
     save_pretrained = pretrained.save_pretrained
     from_pretrained = classmethod(pretrained.from_pretrained)
+
+
+def _moved_grid_convolutions(module, state_dict, prefix, *args) -> None:
+    """Checkpoints from before the grid convolutions moved into the blocks hold layer i's as ``grid_convs.i.*``;
+    they load as ``blocks.i.grid_conv.*``."""
+    old = f"{prefix}grid_convs."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        layer, rest = key[len(old) :].split(".", 1)
+        state_dict[f"{prefix}blocks.{layer}.grid_conv.{rest}"] = state_dict.pop(key)

@@ -7,8 +7,8 @@ language model, the tokenizer, so that the folder is all a user needs to run the
     ids = model.generate(torch.tensor([tokenizer.encode("def ")]), 100, temperature=0.8, top_k=20)
     print(tokenizer.decode(ids[0]))
 
-``config.json`` names the architecture (the class), its configuration (the ``LMConfig`` / ``LRAConfig`` fields,
-or the constructor arguments of ``HGRN2Vision``), the tokenizer kind and the SHA-256 of the weights file. The
+``config.json`` names the architecture (the class), its configuration (the ``LMConfig`` / ``LRAConfig`` /
+``VisionConfig`` fields), the tokenizer kind and the SHA-256 of the weights file. The
 weights are a safetensors file, read without unpickling anything; weights that are tied (the LM's embedding and
 output head) are stored once. Checkpoints of flash-linear-attention and of the authors' code are read by
 :mod:`hgrn2.models.convert`.
@@ -17,10 +17,8 @@ output head) are stored once. Checkpoints of flash-linear-attention and of the a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import importlib
-import inspect
 import json
 import re
 from pathlib import Path
@@ -38,11 +36,11 @@ WEIGHTS_FILE = "model.safetensors"
 # Files a Hugging Face tokenizer folder holds (any one of them marks the folder as holding a tokenizer).
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
-# architecture (class name) -> (module, config dataclass; None: the config is the constructor's arguments)
-ARCHITECTURES: dict[str, tuple[str, str | None]] = {
+# architecture (class name) -> (module, config dataclass)
+ARCHITECTURES: dict[str, tuple[str, str]] = {
     "HGRN2ForCausalLM": ("hgrn2.models.lm", "LMConfig"),
     "LRAClassifier": ("hgrn2.models.lra", "LRAConfig"),
-    "HGRN2Vision": ("hgrn2.models.vision", None),
+    "HGRN2Vision": ("hgrn2.models.vision", "VisionConfig"),
 }
 # LMConfig fields that change how a model runs or trains, not what it computes: a checkpoint fits a model that
 # differs from it only in these (and in any dropout rate).
@@ -54,38 +52,12 @@ RUNTIME_FIELDS = frozenset(
 # ------------------------------------------------------------------------------------------ configuration
 
 
-def records_init_arguments(cls: type[nn.Module]) -> type[nn.Module]:
-    """Class decorator: every instance keeps the arguments it was built with (defaults filled in) in
-    ``init_arguments``; for a model without a config dataclass these are what ``config.json`` stores."""
-    init = cls.__init__
-    signature = inspect.signature(init)
-
-    @functools.wraps(init)
-    def recording_init(self, *args, **kwargs):
-        bound = signature.bind(self, *args, **kwargs)
-        bound.apply_defaults()
-        init(self, *args, **kwargs)
-        if type(self) is cls:  # a subclass records its own arguments
-            self.init_arguments = {name: value for name, value in list(bound.arguments.items())[1:]}
-
-    cls.__init__ = recording_init
-    return cls
-
-
 def model_config(model: nn.Module) -> tuple[str, dict[str, Any]]:
     """(architecture, configuration) of ``model``, as ``config.json`` stores them."""
     architecture = type(model).__name__
     if architecture not in ARCHITECTURES:
         raise ValueError(f"save_pretrained saves the models {sorted(ARCHITECTURES)}, not a {architecture}")
-    config = getattr(model, "config", None)
-    if dataclasses.is_dataclass(config):
-        values = dataclasses.asdict(config)
-    else:
-        values = dict(model.init_arguments)
-        # timm's reset_classifier changes these after construction; the model's current values are the truth
-        for name in ("num_classes", "global_pool"):
-            if name in values:
-                values[name] = getattr(model, name)
+    values = dataclasses.asdict(model.config)
     for name, value in values.items():
         try:
             json.dumps(value)
@@ -104,10 +76,6 @@ def build_model(architecture: str, config: dict[str, Any], source: str = "the co
     module_name, config_name = ARCHITECTURES[architecture]
     module = importlib.import_module(module_name)
     cls = getattr(module, architecture)
-    if config_name is None:
-        known = set(inspect.signature(cls.__init__).parameters) - {"self"}
-        _check_fields(config, known, architecture, source)
-        return cls(**config)
     config_cls = getattr(module, config_name)
     _check_fields(config, {f.name for f in dataclasses.fields(config_cls)}, config_name, source)
     return cls(config_cls(**config))

@@ -11,117 +11,167 @@ Image defaults, checked against the authors' 2-D module: input i = SiLU, output 
 Tiny (width 192) and Small (width 384), depth 12, ``expand_ratio=2`` (the authors' 2-D default, also used for
 the LRA 2-D tasks) and GLU width 3·D, which gives the paper's 6.1M / 23.8M parameters.
 
+A :class:`VisionConfig` holds the settings, with the presets of the registered variants
+(``VisionConfig.from_name``); the model takes one, or its fields as keywords (what ``timm.create_model`` passes).
+Fields follow timm's names where timm has them (``embed_dim``, ``depth``, ``drop_rate`` for the head's dropout,
+``drop_path_rate``) and :class:`~hgrn2.models.lm.LMConfig`'s for the rest (``glu_hidden_size``, ``lower_bound``,
+``dropout``, ``gradient_checkpointing``, ``fused``, ``precise_bound_grad``).
+
 ``python -m hgrn2.models.vision`` prints parameter counts and FLOPs of the registered variants.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
+
 import torch
-import torch.utils.checkpoint
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, PatchEmbed, resample_abs_pos_embed, trunc_normal_
+from timm.layers import PatchEmbed, resample_abs_pos_embed, trunc_normal_
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from torch import nn
 
-from hgrn2.layers import Block, HGRU2d, LayerLowerBounds, make_norm
+from hgrn2.layers import Block, HGRU2d, LayerLowerBounds, make_norm, run_blocks
 from hgrn2.models import pretrained
+from hgrn2.models.config import check_fields, from_preset
 
-__all__ = ["HGRN2Vision", "count_flops", "count_parameters", "recurrence_flops"]
+__all__ = ["HGRN2Vision", "VisionConfig", "count_flops", "count_parameters", "recurrence_flops"]
 
 GLOBAL_POOLS = ("avg", "")
 
 
-@pretrained.records_init_arguments
+@dataclass
+class VisionConfig:
+    """Everything that shapes an :class:`HGRN2Vision`; :meth:`from_name` starts from a registered variant.
+
+    ``dropout`` applies to the patch embeddings and to each residual branch's output, ``drop_rate`` to the pooled
+    features before the head (timm's meaning), ``drop_path_rate`` is the stochastic depth of the last block,
+    rising linearly from 0 at the first (DeiT). ``fused`` runs the GLUs (and RMS norms) on the fused kernels
+    where the recurrence runs on Triton.
+    """
+
+    img_size: int | tuple[int, int] = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    num_classes: int = 1000
+    global_pool: str = "avg"
+    embed_dim: int = 192
+    depth: int = 12
+    expand_ratio: int = 2
+    glu_hidden_size: int = 576  # 3 · embed_dim; 0 drops the GLU
+    glu_activation: str = "silu"
+    output_gate: str = "sigmoid"
+    input_activation: str = "silu"
+    norm: str = "layernorm"
+    head_norm: str = "simple_rmsnorm"
+    bias: bool = True
+    scale: float = 1.0
+    lower_bound: bool = True
+    pos_embed: bool = False
+    dynamic_img_size: bool = False
+    dropout: float = 0.0
+    drop_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    gradient_checkpointing: bool = False
+    backend: str = "auto"
+    fused: bool = False
+    precise_bound_grad: bool = True
+
+    def __post_init__(self):
+        if self.global_pool not in GLOBAL_POOLS:
+            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
+        for name in ("depth", "embed_dim", "expand_ratio", "patch_size", "in_chans"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.embed_dim % self.expand_ratio:
+            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of expand_ratio ({self.expand_ratio})")
+        if self.glu_hidden_size < 0:
+            raise ValueError(f"glu_hidden_size must be >= 0 (0 drops the GLU), got {self.glu_hidden_size}")
+        if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.drop_rate < 1.0 and 0.0 <= self.drop_path_rate <= 1.0):
+            raise ValueError(
+                "need 0 <= dropout < 1, 0 <= drop_rate < 1 and 0 <= drop_path_rate <= 1, got "
+                f"{self.dropout}, {self.drop_rate} and {self.drop_path_rate}"
+            )
+
+    @classmethod
+    def from_name(cls, name: str, **overrides) -> VisionConfig:
+        """The registered variant ``name`` (a key of ``VARIANTS``) with ``overrides``, e.g. ``num_classes=10``."""
+        return from_preset(cls, VARIANTS, name, overrides, family="vision", renamed=RENAMED)
+
+
+# Fields that had other names; code that uses the old ones is told what to write instead.
+RENAMED = {
+    "use_lower_bound": "lower_bound",
+    "glu_ratio": "glu_hidden_size, the GLU width itself (glu_ratio × embed_dim)",
+}
+
+
 class HGRN2Vision(nn.Module):
     """Patch embedding -> ``depth`` blocks of the 2-D HGRU2 mixer and a GLU -> mean pool -> norm -> linear head.
 
+    ``HGRN2Vision(config)``, ``HGRN2Vision(**fields)`` or both (the keywords override the config's fields).
     ``forward_features`` returns the patch tokens ``[B, h·w, D]``; ``forward_head`` pools them and classifies.
     """
 
-    def __init__(
-        self,
-        img_size: int | tuple[int, int] = 224,
-        patch_size: int = 16,
-        in_chans: int = 3,
-        num_classes: int = 1000,
-        global_pool: str = "avg",
-        embed_dim: int = 192,
-        depth: int = 12,
-        expand_ratio: int = 2,
-        glu_ratio: float = 3.0,
-        glu_activation: str = "silu",
-        output_gate: str = "sigmoid",
-        input_activation: str = "silu",
-        norm: str = "layernorm",
-        head_norm: str = "simple_rmsnorm",
-        bias: bool = True,
-        scale: float = 1.0,
-        use_lower_bound: bool = True,
-        pos_embed: bool = False,
-        dynamic_img_size: bool = False,
-        drop_rate: float = 0.0,
-        drop_path_rate: float = 0.0,
-        backend: str = "auto",
-    ):
+    def __init__(self, config: VisionConfig | None = None, **fields):
         super().__init__()
-        if global_pool not in GLOBAL_POOLS:
-            raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
-        if depth < 1:
-            raise ValueError(f"depth must be >= 1, got {depth}")
-        self.num_classes = num_classes
-        self.global_pool = global_pool
-        self.num_features = self.head_hidden_size = self.embed_dim = embed_dim
-        self.dynamic_img_size = dynamic_img_size
-        self.grad_checkpointing = False
+        check_fields(VisionConfig, fields, RENAMED)
+        self.config = c = dataclasses.replace(config or VisionConfig(), **fields)
+        self.num_classes = c.num_classes
+        self.global_pool = c.global_pool
+        self.num_features = self.head_hidden_size = self.embed_dim = c.embed_dim
+        self.dynamic_img_size = c.dynamic_img_size
 
         # NHWC output keeps the grid shape, which the 2-D mixer needs.
         self.patch_embed = PatchEmbed(
-            img_size=img_size,
-            patch_size=patch_size,
-            in_chans=in_chans,
-            embed_dim=embed_dim,
+            img_size=c.img_size,
+            patch_size=c.patch_size,
+            in_chans=c.in_chans,
+            embed_dim=c.embed_dim,
             output_fmt="NHWC",
-            strict_img_size=not dynamic_img_size,
+            strict_img_size=not c.dynamic_img_size,
         )
         grid = self.patch_embed.grid_size
-        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], embed_dim)) if pos_embed else None
+        self.pos_embed = nn.Parameter(torch.zeros(1, grid[0] * grid[1], c.embed_dim)) if c.pos_embed else None
         if self.pos_embed is not None:
             trunc_normal_(self.pos_embed, std=0.02)
-        self.pos_drop = nn.Dropout(drop_rate)
+        self.pos_drop = nn.Dropout(c.dropout) if c.dropout else nn.Identity()
 
-        glu_hidden_size = int(round(glu_ratio * embed_dim))
+        # stochastic depth rising linearly with depth, as in DeiT
+        rates = torch.linspace(0, c.drop_path_rate, c.depth).tolist()
         self.blocks = nn.ModuleList(
             Block(
                 HGRU2d(
-                    embed_dim,
-                    expand_ratio=expand_ratio,
-                    output_gate=output_gate,
-                    input_activation=input_activation,
-                    norm=norm,
-                    bias=bias,
-                    scale=scale,
-                    backend=backend,
+                    c.embed_dim,
+                    expand_ratio=c.expand_ratio,
+                    output_gate=c.output_gate,
+                    input_activation=c.input_activation,
+                    norm=c.norm,
+                    bias=c.bias,
+                    scale=c.scale,
+                    backend=c.backend,
+                    precise_bound_grad=c.precise_bound_grad,
+                    fused=c.fused,
                 ),
-                glu_hidden_size,
-                norm=norm,
-                glu_activation=glu_activation,
-                bias=bias,
+                c.glu_hidden_size,
+                norm=c.norm,
+                glu_activation=c.glu_activation,
+                bias=c.bias,
+                dropout=c.dropout,
+                drop_path=rate,
+                fused=c.fused,
             )
-            for _ in range(depth)
+            for rate in rates
         )
-        # Stochastic depth per block (both residual branches of a block are dropped together), rate rising
-        # linearly with depth as in DeiT.
-        rates = torch.linspace(0, drop_path_rate, depth).tolist()
-        self.drop_paths = nn.ModuleList(DropPath(r) if r > 0 else nn.Identity() for r in rates)
-        self.lower_bounds = LayerLowerBounds(depth, embed_dim) if use_lower_bound else None
+        self.lower_bounds = LayerLowerBounds(c.depth, c.embed_dim) if c.lower_bound else None
         self.feature_info = [
-            dict(num_chs=embed_dim, reduction=self.patch_embed.patch_size[0], module=f"blocks.{i}")
-            for i in range(depth)
+            dict(num_chs=c.embed_dim, reduction=self.patch_embed.patch_size[0], module=f"blocks.{i}")
+            for i in range(c.depth)
         ]
 
-        self.head_norm = make_norm(head_norm, embed_dim)
-        self.head_drop = nn.Dropout(drop_rate)
-        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_norm = make_norm(c.head_norm, c.embed_dim)
+        self.head_drop = nn.Dropout(c.drop_rate) if c.drop_rate else nn.Identity()
+        self.head = nn.Linear(c.embed_dim, c.num_classes) if c.num_classes > 0 else nn.Identity()
 
     # --------------------------------------------------------------------------------- timm model API
 
@@ -137,7 +187,13 @@ class HGRN2Vision(nn.Module):
 
     @torch.jit.ignore
     def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.grad_checkpointing = enable
+        """timm's switch for ``config.gradient_checkpointing``."""
+        self.config = dataclasses.replace(self.config, gradient_checkpointing=enable)
+
+    @property
+    def grad_checkpointing(self) -> bool:
+        """timm's name for ``config.gradient_checkpointing``."""
+        return self.config.gradient_checkpointing
 
     @torch.jit.ignore
     def get_classifier(self) -> nn.Module:
@@ -150,6 +206,7 @@ class HGRN2Vision(nn.Module):
                 raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {global_pool!r}")
             self.global_pool = global_pool
         self.num_classes = num_classes
+        self.config = dataclasses.replace(self.config, num_classes=num_classes, global_pool=self.global_pool)
         self.head = nn.Linear(self.embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
     # --------------------------------------------------------------------------------- forward
@@ -165,22 +222,14 @@ class HGRN2Vision(nn.Module):
             x = x + pos
         return self.pos_drop(x), (height, width)
 
-    def _block(self, index: int, x: torch.Tensor, beta: torch.Tensor | None, grid: tuple[int, int]) -> torch.Tensor:
-        y, _ = self.blocks[index](x, lower_bound=beta, grid_size=grid)
-        drop_path = self.drop_paths[index]
-        return y if isinstance(drop_path, nn.Identity) else x + drop_path(y - x)
-
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Images ``[B, C, H, W]`` -> patch tokens ``[B, h·w, D]`` (before pooling and the head norm)."""
         x, grid = self._embed(x)
-        betas = self.lower_bounds() if self.lower_bounds is not None else None  # [L, D]
-        for i in range(len(self.blocks)):
-            beta = None if betas is None else betas[i]
-            if self.grad_checkpointing and torch.is_grad_enabled():
-                x = torch.utils.checkpoint.checkpoint(self._block, i, x, beta, grid, use_reentrant=False)
-            else:
-                x = self._block(i, x, beta, grid)
-        return x
+        betas = self.lower_bounds().unbind(0) if self.lower_bounds is not None else [None] * len(self.blocks)
+        x, pending, _ = run_blocks(
+            self.blocks, x, betas, checkpointing=self.config.gradient_checkpointing, grid_size=grid
+        )
+        return x if pending is None else x + pending
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         """Tokens ``[B, N, D]`` -> logits ``[B, num_classes]`` (``pre_logits``: the normed pooled features)."""
@@ -192,7 +241,7 @@ class HGRN2Vision(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_head(self.forward_features(x))
 
-    # weights in and out (hgrn2.models.pretrained); config.json holds the constructor's arguments
+    # weights in and out (hgrn2.models.pretrained); config.json holds the VisionConfig
     save_pretrained = pretrained.save_pretrained
     from_pretrained = classmethod(pretrained.from_pretrained)
 
@@ -200,8 +249,8 @@ class HGRN2Vision(nn.Module):
 # ------------------------------------------------------------------------------------------ registry
 
 VARIANTS: dict[str, dict] = {
-    "hgrn2_vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, expand_ratio=2, glu_ratio=3.0),
-    "hgrn2_vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, expand_ratio=2, glu_ratio=3.0),
+    "hgrn2_vit_tiny_patch16_224": dict(patch_size=16, embed_dim=192, depth=12, expand_ratio=2, glu_hidden_size=576),
+    "hgrn2_vit_small_patch16_224": dict(patch_size=16, embed_dim=384, depth=12, expand_ratio=2, glu_hidden_size=1152),
 }
 
 

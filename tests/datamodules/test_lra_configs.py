@@ -58,7 +58,7 @@ def test_grid_conv_config_builds_the_measured_encoder():
     config = yaml.safe_load((CONFIGS / "pathfinder_grid_conv.yaml").read_text())
     init = config["model"]["init_args"]
     model = SequenceClassifier(init["preset"], overrides=init["overrides"]).model
-    assert model.blocks[0].glu is None and [conv.dilation for conv in model.grid_convs] == [1, 2, 4, 8, 16, 1]
+    assert model.blocks[0].glu is None and [block.grid_conv.dilation for block in model.blocks] == [1, 2, 4, 8, 16, 1]
     assert (init["optim"]["lr"], init["optim"]["warmup_steps"], init["optim"]["schedule"]) == (2e-3, 100, "constant")
     assert config["trainer"]["gradient_clip_val"] == 1.0 and config["data"]["init_args"]["batch_size"] == 128
 

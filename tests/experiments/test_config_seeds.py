@@ -12,7 +12,7 @@ import torch
 from tests.helpers import load_experiment
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "lra"
-TINY = '{"glu_expand_ratio": 0, "grid_conv": 3, "hidden_size": 8, "num_layers": 2}'
+TINY = '{"glu_hidden_size": 0, "grid_conv": 3, "hidden_size": 8, "num_layers": 2}'
 
 
 @pytest.fixture

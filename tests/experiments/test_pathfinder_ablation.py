@@ -20,7 +20,7 @@ def ablation(monkeypatch):
 def test_variants_train_in_their_own_processes_and_are_collected(ablation, pathfinder_baseline_dir, tmp_path):
     data_dir = pathfinder_baseline_dir
     out = tmp_path / "ablation.json"
-    variants = [f"hgrn:{json.dumps(TINY)}", 'conv:{"mixer": "dilated_conv", "hidden_size": 8, "glu_expand_ratio": 0}']
+    variants = [f"hgrn:{json.dumps(TINY)}", 'conv:{"mixer": "dilated_conv", "hidden_size": 8, "glu_hidden_size": 0}']
     argv = ["--data-dir", str(data_dir), "--difficulty", "curv_baseline", "--variants", *variants]
     report = ablation.main([*argv, "--steps", "3", "--eval-every", "2", "--batch-size", "4", "--workers", "0",
                             "--out", str(out)])  # fmt: skip
@@ -35,9 +35,9 @@ def test_variants_train_in_their_own_processes_and_are_collected(ablation, pathf
 
 
 def test_short_conv_keys_build_the_configs_grid_convolutions(ablation):
-    net = ablation.build({**TINY, "glu_expand_ratio": 0, "short_conv": 3, "short_conv_dilated": True})
+    net = ablation.build({**TINY, "glu_hidden_size": 0, "short_conv": 3, "short_conv_dilated": True})
     assert (net.net.config.grid_conv, net.net.config.grid_conv_dilations) == (3, (1, 2, 4, 8, 16, 1))
-    assert [conv.dilation for conv in net.net.grid_convs] == [1, 2]
+    assert [block.grid_conv.dilation for block in net.net.blocks] == [1, 2]
     logits = net(torch.randint(0, 256, (2, 16), dtype=torch.uint8))
     assert logits.shape == (2, 2) and torch.isfinite(logits).all()
     dilated = ablation.build({"mixer": "dilated_conv", "hidden_size": 8, "num_layers": 3})

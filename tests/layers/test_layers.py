@@ -4,7 +4,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hgrn2.layers import GLU, HGRU1, HGRU2, BidirectionalHGRU2, Block, LayerLowerBounds, lower_bound_schedule
+from hgrn2.layers import (
+    GLU,
+    HGRU1,
+    HGRU2,
+    BidirectionalHGRU2,
+    Block,
+    LayerLowerBounds,
+    lower_bound_schedule,
+    run_blocks,
+)
 from hgrn2.ops import lower_bounded_log_forget
 from hgrn2.ops.reference import hgrn2_recurrence_naive
 from tests.helpers import assert_rel_close
@@ -154,3 +163,83 @@ def test_sequence_batchnorm_normalises_features_and_survives_sync_conversion():
     synced = torch.nn.SyncBatchNorm.convert_sync_batchnorm(torch.nn.Sequential(norm))
     assert isinstance(synced[0].norm, torch.nn.SyncBatchNorm)
     assert synced[0].norm.num_features == 3  # still normalising D, not T
+
+
+def _block(**options) -> Block:
+    return Block(HGRU2(8, expand_ratio=4), glu_hidden_size=16, glu_activation="silu", **options).double()
+
+
+def test_block_drops_each_branch_output_in_training():
+    block = _block(dropout=0.3).train()
+    x, beta = torch.randn(2, 7, 8, dtype=F64), torch.rand(8, dtype=F64) * 0.5
+    torch.manual_seed(5)
+    out, _ = block(x, lower_bound=beta)
+    torch.manual_seed(5)  # the same masks, drawn in the same order: mixer branch, then GLU branch
+    mid = x + F.dropout(block.mixer(block.mixer_norm(x), lower_bound=beta)[0], 0.3)
+    expected = mid + F.dropout(block.glu(block.glu_norm(mid)), 0.3)
+    assert_rel_close(out, expected, 1e-12, "pre-norm block with dropout")
+    eval_out, _ = block.eval()(x, lower_bound=beta)
+    mid = x + block.mixer(block.mixer_norm(x), lower_bound=beta)[0]
+    assert_rel_close(eval_out, mid + block.glu(block.glu_norm(mid)), 1e-12, "eval: no dropout")
+
+
+def test_postnorm_block_normalises_after_each_residual_sum():
+    block = Block(BidirectionalHGRU2(8, expand_ratio=4), 16, norm="layernorm", prenorm=False).double()
+    x, beta = torch.randn(2, 7, 8, dtype=F64), torch.rand(8, dtype=F64) * 0.5
+    mixed = block.mixer_norm(x + block.mixer(x, lower_bound=beta)[0])
+    expected = block.glu_norm(mixed + block.glu(mixed))
+    out, _ = block(x, lower_bound=beta)
+    assert_rel_close(out, expected, 1e-12, "post-norm block")
+
+
+def test_drop_path_skips_whole_blocks_per_sample_and_scales_the_kept_ones():
+    block = _block(drop_path=0.5).train()
+    x = torch.randn(64, 3, 8, dtype=F64)
+    out, _ = block(x)
+    full, _ = block.eval()(x)  # eval: every sample keeps the block
+    skipped = (out - x).flatten(1).abs().amax(1) == 0
+    kept = torch.isclose(out, x + 2 * (full - x), rtol=0, atol=1e-12).flatten(1).all(1)
+    assert bool((skipped ^ kept).all()), "each sample either skips the block or keeps both branches, scaled by 2"
+    assert 10 < int(skipped.sum()) < 54  # about half of 64
+    block.drop_path.drop_prob = 1.0
+    torch.testing.assert_close(block.train()(x)[0], x)
+
+
+def test_pending_branch_is_the_residual_add_left_to_the_next_block():
+    first, second = _block(), _block()
+    x, beta = torch.randn(2, 5, 8, dtype=F64), torch.rand(8, dtype=F64) * 0.5
+    rest, pending, _ = first(x, lower_bound=beta, return_pending=True)
+    out, _ = first(x, lower_bound=beta)
+    assert_rel_close(rest + pending, out, 1e-12, "x' + pending'")
+    folded, _ = second(rest, lower_bound=beta, pending=pending)
+    assert_rel_close(folded, second(out, lower_bound=beta)[0], 1e-12, "pending folded into the next block's norm")
+
+
+def test_block_options_that_exclude_each_other_are_named():
+    with pytest.raises(ValueError, match="drop_path skips a pre-norm block's residual branches"):
+        _block(prenorm=False, drop_path=0.1)
+    with pytest.raises(ValueError, match="short_conv .* and grid_conv .* exclude each other"):
+        _block(short_conv=3, grid_conv=3)
+    with pytest.raises(ValueError, match="0 <= dropout < 1"):
+        _block(dropout=1.0)
+
+
+def test_checkpointed_blocks_give_the_same_outputs_gradients_and_batchnorm_statistics():
+    torch.manual_seed(3)
+    blocks = [Block(BidirectionalHGRU2(8, expand_ratio=4), 16, norm="batchnorm").double() for _ in range(2)]
+    copies = [Block(BidirectionalHGRU2(8, expand_ratio=4), 16, norm="batchnorm").double() for _ in range(2)]
+    for block, copy in zip(blocks, copies):
+        copy.load_state_dict(block.state_dict())
+    x, betas = torch.randn(3, 6, 8, dtype=F64), [None, torch.rand(8, dtype=F64) * 0.5]
+    results = []
+    for stack, checkpointing in ((blocks, False), (copies, True)):
+        out, pending, _ = run_blocks(stack, x, betas, checkpointing=checkpointing)
+        (out + pending).square().sum().backward()
+        results.append(out + pending)
+    assert_rel_close(results[1], results[0], 1e-12, "output")
+    for block, copy in zip(blocks, copies):
+        for (name, p), q in zip(block.named_parameters(), copy.parameters()):
+            assert_rel_close(q.grad, p.grad, 1e-10, name)
+        # the recomputed forward does not count the batch again
+        for (name, buffer), other in zip(block.named_buffers(), copy.buffers()):
+            assert torch.equal(other, buffer), name

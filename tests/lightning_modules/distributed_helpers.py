@@ -48,6 +48,11 @@ def _append(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
 
 
+def _checkpoints(module: torch.nn.Module) -> bool:
+    """Whether ``module`` is an HGRN2 model that recomputes its blocks' activations (its config's field)."""
+    return getattr(getattr(module, "config", None), "gradient_checkpointing", False) is True
+
+
 class StepRecorder(pl.Callback):
     """Per rank in ``out_dir``: ``setup-rank<r>.jsonl`` (FSDP units and checkpoint wrappers in the module),
     ``train-rank<r>.jsonl`` (step, loss, the input rows) and ``val-rank<r>.jsonl`` (step and every logged
@@ -66,7 +71,7 @@ class StepRecorder(pl.Callback):
             "world_size": trainer.world_size,
             "fsdp_units": sum(isinstance(m, FullyShardedDataParallel) for m in modules),
             "checkpoint_wrappers": sum(isinstance(m, CheckpointWrapper) for m in modules),
-            "grad_checkpointing": any(getattr(m, "grad_checkpointing", False) is True for m in modules),
+            "grad_checkpointing": any(_checkpoints(m) for m in modules),
         }
         _append(self._path(trainer, "setup"), record)
 

@@ -53,7 +53,7 @@ def sequence_task(checkpointing: bool) -> tuple[pl.LightningModule, Dataset]:
     # LayerNorm: FSDP keeps BatchNorm running statistics per rank where DDP broadcasts rank 0's, so with BatchNorm
     # the two would evaluate differently (not a fault of either)
     overrides = {"hidden_size": 16, "num_layers": 2, "num_classes": NUM_CLASSES, "norm": "layernorm"}
-    module = SequenceClassifier("listops", overrides, OPTIM, gradient_checkpointing=checkpointing)
+    module = SequenceClassifier("listops", {**overrides, "gradient_checkpointing": checkpointing}, OPTIM)
     generator = torch.Generator().manual_seed(2)
     tokens = torch.randint(1, 16, (16, 24), generator=generator)  # [N, T]
     return module, _TokenDicts(tokens, torch.randint(0, NUM_CLASSES, (16,), generator=generator))

@@ -17,7 +17,7 @@ from lightning_modules.image_classifier import ImageClassifier, classification_l
 from lightning_modules.optim import OptimizerConfig
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "imagenet"
-TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, expand_ratio=4, glu_ratio=2.0)
+TINY = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, expand_ratio=4, glu_hidden_size=32)
 
 
 def _trainer(**kwargs) -> pl.Trainer:

@@ -11,7 +11,7 @@ from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig
 from lightning_modules.sequence_classifier import SequenceClassifier
 
-TINY = {"hidden_size": 8, "num_layers": 2, "glu_expand_ratio": 0, "grid_conv": 3}
+TINY = {"hidden_size": 8, "num_layers": 2, "glu_hidden_size": 0, "grid_conv": 3}
 
 
 def classifier(**kwargs) -> SequenceClassifier:

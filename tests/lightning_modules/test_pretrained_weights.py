@@ -136,7 +136,7 @@ def test_export_writes_the_model_of_a_sequence_classifier_checkpoint(tmp_path, c
 
 
 def test_export_writes_the_raw_or_the_ema_weights_of_an_image_classifier_checkpoint(tmp_path):
-    tiny = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, expand_ratio=4, glu_ratio=2.0)
+    tiny = dict(img_size=16, patch_size=4, embed_dim=16, depth=2, expand_ratio=4, glu_hidden_size=32)
     module = ImageClassifier("hgrn2_vit_tiny_patch16_224", num_classes=4, model_kwargs=tiny, ema_decay=0.5)
     with torch.no_grad():
         for parameter in module.ema.module.parameters():

@@ -202,23 +202,20 @@ def test_invalid_configs_raise_clear_errors():
         tiny_model()(torch.zeros(5, dtype=torch.long))
 
 
-@pytest.mark.parametrize("precise", [True, False])
-def test_precise_bound_grad_reaches_the_chunked_kernels(monkeypatch, precise):
-    """``LMConfig.precise_bound_grad`` is what every layer's gated kernel call receives (interpreter on CPU)."""
-    chunk = pytest.importorskip("hgrn2.ops.chunk")
-    received = []
-    real = chunk.chunk_hgrn2_gated
-
-    def recording(*args, **kwargs):
-        received.append(kwargs["precise_bound_grad"])
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(chunk, "chunk_hgrn2_gated", recording)
-    config = LMConfig.from_name(
-        "tiny", vocab_size=37, backend="triton", fused=False, precise_bound_grad=precise, expand_ratio=16
-    )
-    model = HGRN2ForCausalLM(config)
-    tokens = torch.randint(0, 37, (1, 20))
-    model(tokens, labels=tokens).loss.backward()
-    assert received == [precise] * config.num_layers
-    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+def test_dropout_acts_in_training_only_on_the_embeddings_and_every_residual_branch():
+    plain = tiny_model()
+    dropped = HGRN2ForCausalLM(LMConfig.from_name("tiny", vocab_size=37, dropout=0.5)).double()
+    dropped.load_state_dict(plain.state_dict())
+    input_ids = torch.randint(0, 37, (2, 9))
+    torch.testing.assert_close(dropped.eval()(input_ids).logits, plain(input_ids).logits)
+    dropped.train()
+    runs = []
+    for seed in (0, 0, 1):
+        torch.manual_seed(seed)
+        runs.append(dropped(input_ids).logits)
+    assert torch.equal(runs[0], runs[1]) and not torch.allclose(runs[0], runs[2])
+    assert not torch.allclose(runs[0], plain(input_ids).logits)
+    assert isinstance(dropped.dropout, torch.nn.Dropout)
+    assert all(block.dropout.p == 0.5 for block in dropped.blocks)
+    with pytest.raises(ValueError, match=r"dropout must be in \[0, 1\), got 1.0"):
+        LMConfig.from_name("tiny", dropout=1.0)

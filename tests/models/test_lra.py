@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from hgrn2.layers import Block
-from hgrn2.models.lra import PRESETS, LRAClassifier, block_forward, lra_config, sinusoidal_positions
+from hgrn2.models.lra import PRESETS, LRAClassifier, LRAConfig, lra_config, sinusoidal_positions
 from lightning_modules.optim import OptimizerConfig, build_optimizer
 from lightning_modules.sequence_classifier import SequenceClassifier
 from tests.helpers import assert_rel_close
@@ -53,36 +53,50 @@ def test_every_preset_gives_logits_and_gradients_for_all_parameters(preset):
 
 
 def test_presets_carry_the_authors_lra_settings():
-    table = {name: (c["hidden_size"], c["num_layers"], c["expand_ratio"], c["glu_expand_ratio"], c["norm"])
+    table = {name: (c["hidden_size"], c["num_layers"], c["expand_ratio"], c["glu_hidden_size"], c["norm"])
              for name, c in PRESETS.items()}  # fmt: skip
-    assert table == {
-        "listops": (64, 5, 4, 1.0, "batchnorm"),
-        "text": (128, 4, 8, 1.0, "layernorm"),
-        "retrieval": (256, 2, 2, 2.0, "batchnorm"),
-        "image": (512, 6, 2, 1.0, "batchnorm"),
-        "pathfinder": (128, 6, 2, 1.0, "batchnorm"),
-        "pathx": (32, 6, 1, 1.0, "batchnorm"),
+    assert table == {  # GLU widths: the authors' ratio 1 (2 for Retrieval) times the width
+        "listops": (64, 5, 4, 64, "batchnorm"),
+        "text": (128, 4, 8, 128, "layernorm"),
+        "retrieval": (256, 2, 2, 512, "batchnorm"),
+        "image": (512, 6, 2, 512, "batchnorm"),
+        "pathfinder": (128, 6, 2, 128, "batchnorm"),
+        "pathx": (32, 6, 1, 32, "batchnorm"),
     }
     config = lra_config("pathfinder")
     assert (config.input_activation, config.output_gate, config.bias, config.prenorm) == ("silu", "sigmoid", True, True)
     assert config.two_d and not lra_config("text").two_d and lra_config("retrieval").dual
 
 
-def test_prenorm_wiring_without_dropout_is_exactly_the_block_module():
-    model = small_model("text", norm="layernorm").eval()
-    block, bound = model.blocks[1], model.lower_bounds()[1]
-    x = torch.randn(2, 9, 16)
-    torch.testing.assert_close(block_forward(block, x, bound, prenorm=True), block(x, lower_bound=bound)[0])
+def test_encoder_is_its_blocks_in_order_then_the_final_norm():
+    for prenorm in (True, False):
+        model = small_model("listops", prenorm=prenorm).eval()
+        x, bounds = torch.randn(2, 7, 16), model.lower_bounds()
+        expected = x
+        for block, bound in zip(model.blocks, bounds):
+            assert block.prenorm == prenorm
+            expected, _ = block(expected, lower_bound=bound)
+        assert_rel_close(model.hidden_states(x), model.final_norm(expected), 1e-6, f"prenorm={prenorm}")
+    assert isinstance(model.final_norm, torch.nn.Identity)  # post-norm blocks end in a norm already
 
 
-def test_postnorm_wiring_normalises_after_each_residual_sum():
-    model = small_model("listops", prenorm=False).eval()
-    block, bound = model.blocks[0], model.lower_bounds()[0]
-    x = torch.randn(2, 7, 16)
-    mixed = block.mixer_norm(x + block.mixer(x, lower_bound=bound)[0])
-    expected = block.glu_norm(mixed + block.glu(mixed))
-    torch.testing.assert_close(block_forward(block, x, bound, prenorm=False), expected)
-    assert isinstance(model.final_norm, torch.nn.Identity)
+def test_dropout_is_each_blocks_and_the_embeddings():
+    model = small_model("text", dropout=0.3)
+    assert model.dropout.p == 0.3 and all(block.dropout.p == 0.3 for block in model.blocks)
+    assert isinstance(small_model("listops").blocks[0].dropout, torch.nn.Identity)  # the preset has none
+
+
+def test_gradient_checkpointing_keeps_gradients_and_batchnorm_statistics():
+    inputs = None
+    models = [small_model("listops", backend="naive", gradient_checkpointing=on) for on in (False, True)]
+    models[1].load_state_dict(models[0].state_dict())
+    for model in models:
+        inputs = inputs or inputs_for(model)
+        model(**inputs).logsumexp(-1).sum().backward()
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        assert_rel_close(q.grad, p.grad, 1e-5, name)
+    for (name, buffer), other in zip(models[0].named_buffers(), models[1].buffers()):
+        assert torch.equal(other, buffer), name  # the recomputed forward does not count the batch twice
 
 
 def test_two_tower_head_classifies_u_v_their_product_and_difference():
@@ -127,6 +141,10 @@ def test_bad_configs_and_inputs_raise_value_errors():
         lra_config("listopz")
     with pytest.raises(ValueError, match=r"unknown LRAConfig field\(s\) \['hidden'\]"):
         lra_config("listops", hidden=3)
+    with pytest.raises(ValueError, match="glu_expand_ratio is now glu_hidden_size, the GLU width itself"):
+        LRAConfig.from_name("listops", glu_expand_ratio=1.0)
+    with pytest.raises(ValueError, match="use_lower_bound is now lower_bound"):
+        LRAConfig.from_name("listops", use_lower_bound=False)
     with pytest.raises(ValueError, match="multiple of expand_ratio"):
         lra_config("listops", hidden_size=18)
     with pytest.raises(ValueError, match="height·width = sequence length"):
@@ -186,18 +204,35 @@ def test_forget_gate_init_spreads_the_initial_gates_evenly_over_the_channels():
 
 def test_grid_conv_convolves_each_mixers_input_with_the_layers_dilation():
     model = small_model("pathfinder", num_layers=3, grid_conv=3, grid_conv_dilations=(1, 2)).eval()
-    assert [conv.dilation for conv in model.grid_convs] == [1, 2, 1]  # cycled over the layers
-    block, bound, conv = model.blocks[1], model.lower_bounds()[1], model.grid_convs[1]
+    assert [block.grid_conv.dilation for block in model.blocks] == [1, 2, 1]  # cycled over the layers
+    block, bound = model.blocks[1], model.lower_bounds()[1]
     x = torch.randn(2, 16, 16)
-    mixed = x + block.mixer(conv(block.mixer_norm(x), grid_size=(4, 4)), lower_bound=bound, grid_size=(4, 4))[0]
+    convolved = block.grid_conv(block.mixer_norm(x), grid_size=(4, 4))
+    mixed = x + block.mixer(convolved, lower_bound=bound, grid_size=(4, 4))[0]
     expected = mixed + block.glu(block.glu_norm(mixed))
-    got = block_forward(block, x, bound, True, None, conv, grid_size=(4, 4))
+    got, _ = block(x, lower_bound=bound, grid_size=(4, 4))
     torch.testing.assert_close(got, expected)
     logits = model.train()(**inputs_for(model))
     logits.logsumexp(-1).sum().backward()
-    assert all(conv.conv.weight.grad.abs().sum() > 0 for conv in model.grid_convs)
-    assert small_model("pathfinder").grid_convs is None  # off by default: the paper's encoders have none
-    assert not any("grid_convs" in name for name in small_model("pathfinder").state_dict())
+    assert all(block.grid_conv.conv.weight.grad.abs().sum() > 0 for block in model.blocks)
+    assert small_model("pathfinder").blocks[0].grid_conv is None  # off by default: the paper's encoders have none
+    assert not any("grid_conv" in name for name in small_model("pathfinder").state_dict())
+
+
+def test_checkpoints_with_the_grid_convolutions_outside_the_blocks_still_load():
+    model = small_model("pathfinder", grid_conv=3, grid_conv_dilations=(1, 2))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_()
+    old = {}  # how checkpoints written before the blocks held the convolutions name them
+    for key, value in model.state_dict().items():
+        layer, dot, rest = key.removeprefix("blocks.").partition(".grid_conv.")
+        old[f"grid_convs.{layer}.{rest}" if dot else key] = value
+    assert "grid_convs.1.conv.weight" in old
+    fresh = small_model("pathfinder", grid_conv=3, grid_conv_dilations=(1, 2))
+    fresh.load_state_dict(old)  # strict: every key placed
+    for (name, p), q in zip(model.state_dict().items(), fresh.state_dict().values()):
+        assert torch.equal(p, q), name
 
 
 def test_grid_conv_needs_an_odd_kernel_a_2d_model_and_positive_dilations():

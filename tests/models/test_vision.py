@@ -10,10 +10,10 @@ from torch import nn
 
 import hgrn2  # noqa: F401  (registers the timm models)
 from hgrn2.layers import HGRU2d
-from hgrn2.models.vision import HGRN2Vision, count_flops, count_parameters, recurrence_flops
+from hgrn2.models.vision import HGRN2Vision, VisionConfig, count_flops, count_parameters, recurrence_flops
 from tests.helpers import assert_rel_close
 
-SMALL = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, expand_ratio=4, glu_ratio=2.0)
+SMALL = dict(img_size=32, patch_size=8, embed_dim=16, depth=2, expand_ratio=4, glu_hidden_size=32)
 
 
 def _small_model(**kwargs) -> HGRN2Vision:
@@ -108,6 +108,40 @@ def test_registered_variants_have_paper_widths_and_parameter_counts():
     assert {"hgrn2_vit_tiny_patch16_224", "hgrn2_vit_small_patch16_224"} <= set(timm.list_models("hgrn2*"))
 
 
+def test_config_presets_build_the_registered_models_and_name_bad_fields():
+    config = VisionConfig.from_name("hgrn2_vit_tiny_patch16_224", num_classes=10, depth=2)
+    torch.manual_seed(0)
+    model = HGRN2Vision(config)
+    torch.manual_seed(0)
+    registered = timm.create_model("hgrn2_vit_tiny_patch16_224", num_classes=10, depth=2)
+    assert registered.config == model.config and registered.config.glu_hidden_size == 576
+    for (name, p), q in zip(model.state_dict().items(), registered.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert HGRN2Vision(config, embed_dim=64, glu_hidden_size=128).config.embed_dim == 64  # keywords override
+    with pytest.raises(ValueError, match="glu_ratio is now glu_hidden_size, the GLU width itself"):
+        timm.create_model("hgrn2_vit_tiny_patch16_224", glu_ratio=2.0)
+    with pytest.raises(ValueError, match="use_lower_bound is now lower_bound"):
+        VisionConfig.from_name("hgrn2_vit_small_patch16_224", use_lower_bound=False)
+    with pytest.raises(ValueError, match="unknown vision preset"):
+        VisionConfig.from_name("hgrn2_vit_huge")
+    with pytest.raises(ValueError, match="global_pool must be one of"):
+        VisionConfig(global_pool="max")
+
+
+def test_dropout_acts_on_the_patch_embeddings_and_every_branch_in_training_only():
+    model = _small_model(dropout=0.5)
+    plain = _small_model()
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.eval()(x), plain.eval()(x))
+    model.train()
+    torch.manual_seed(0)
+    first = model(x)
+    torch.manual_seed(1)
+    assert not torch.allclose(first, model(x)) and not torch.allclose(first, plain(x))
+    assert model.pos_drop.p == 0.5 and all(block.dropout.p == 0.5 for block in model.blocks)
+
+
 def test_image_defaults_follow_the_authors_2d_module():
     mixer = timm.create_model("hgrn2_vit_tiny_patch16_224").blocks[0].mixer
     assert (mixer.output_gate, mixer.input_activation, mixer.scale) == ("sigmoid", "silu", 1.0)
@@ -169,10 +203,12 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(x).square().sum().backward()
     plain = [p.grad.clone() for p in model.parameters()]
     model.zero_grad()
-    model.set_grad_checkpointing(True)
+    model.set_grad_checkpointing(True)  # timm's switch for the config field
+    assert model.grad_checkpointing and model.config.gradient_checkpointing
     model(x).square().sum().backward()
     for p, g in zip(model.parameters(), plain):
         torch.testing.assert_close(p.grad, g)
+    assert _small_model(gradient_checkpointing=True).grad_checkpointing
 
 
 def test_dynamic_img_size_accepts_other_resolutions_and_strict_size_rejects_them():
