@@ -73,8 +73,10 @@ def randomise_(model: nn.Module, seed: int) -> nn.Module:
     return model
 
 
-def fla_api() -> FlaApi:
-    """The real fla; a missing install ends the script with status 2 (never a silent pass)."""
+def fla_api(attn_mode: str = "chunk") -> FlaApi:
+    """The real fla, its HGRN2 layers in ``attn_mode`` ("chunk": its chunked kernels, fla's default;
+    "fused_recurrent": its step-by-step kernel); a missing install ends the script with status 2 (never a silent
+    pass)."""
     try:
         import fla  # noqa: F401  (registers HGRN2 with transformers' Auto classes)
         from fla.models import HGRN2Config
@@ -86,13 +88,13 @@ def fla_api() -> FlaApi:
 
     def random_model(shape: dict, seed: int) -> nn.Module:
         torch.manual_seed(seed)
-        return randomise_(FlaHGRN2(HGRN2Config(**shape)), seed)
+        return randomise_(FlaHGRN2(HGRN2Config(**shape, attn_mode=attn_mode)), seed)
 
     return FlaApi(
         version=getattr(fla, "__version__", "unknown"),
         random_model=random_model,
         save=lambda model, folder: model.save_pretrained(folder),
-        load=lambda folder: AutoModelForCausalLM.from_pretrained(folder),
+        load=lambda folder: AutoModelForCausalLM.from_pretrained(folder, attn_mode=attn_mode),
     )
 
 
@@ -278,6 +280,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tolerance", type=float, default=1e-3)
     parser.add_argument("--strict", action="store_true", help="greedy continuations must be identical (no ties)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--fla-attn-mode", default="chunk", choices=("chunk", "fused_recurrent"), help="fla's HGRN2 kernels"
+    )
     args = parser.parse_args(argv)
     unknown = sorted(set(args.shapes.split(",")) - set(SHAPES))
     if unknown:
@@ -289,7 +294,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None, api: FlaApi | None = None, shapes: dict[str, dict] | None = None) -> int:
     args = parse_args(argv)
-    report = run_parity(args, api or fla_api(), shapes)
+    report = run_parity(args, api or fla_api(args.fla_attn_mode), shapes)
     failed = sum(not case["passed"] for case in report["results"])
     verdict = "PASSED" if report["passed"] else "FAILED"
     print(f"{verdict}: {failed} of {len(report['results'])} cases failed; report in {args.out}")
