@@ -178,9 +178,9 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _load_sweep():
-    """benchmarks/ is a folder of scripts, not a package: load the sweep from its path."""
+    """experiments/ is a folder of scripts, not a package: load the sweep from its path."""
     if "mqar_sweep" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("mqar_sweep", ROOT / "benchmarks" / "mqar_sweep.py")
+        spec = importlib.util.spec_from_file_location("mqar_sweep", ROOT / "experiments" / "mqar_sweep.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["mqar_sweep"] = module  # dataclasses look their module up there
         spec.loader.exec_module(module)
