@@ -31,10 +31,11 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.gpu_info import gpu_name
-from datamodules.atomic import write_json_atomically
-
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run as a script (each seed's process is one), the repository's packages import
+
+from benchmarks.gpu_info import gpu_name  # noqa: E402
+from datamodules.atomic import write_json_atomically  # noqa: E402
 
 
 def repo_relative(path: Path) -> str:
