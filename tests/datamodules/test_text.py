@@ -257,3 +257,36 @@ def test_bad_arguments_raise_clear_errors(corpus):
         TextDataModule(dataset="wikitext", data_files=corpus)
     with pytest.raises(ValueError, match="data_files keys"):
         TextDataModule(data_files={"validation": corpus["val"]})
+
+
+# ------------------------------------------------------------------------------------------ bad input files
+
+
+def test_a_broken_jsonl_line_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"docs\.jsonl:3: not valid JSON .*one record like .*fix or remove that line"):
+        list(LocalFilesSource({"train": str(path)})._keyed("train"))
+
+
+@pytest.mark.parametrize("value, shown", [(12345, "int 12345"), (["a"], "list \\['a'\\]")])
+def test_a_jsonl_record_whose_text_is_not_a_string_is_an_error_naming_the_line(tmp_path, value, shown):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"docs\.jsonl:2: field 'text' holds {shown}, not a string; .*text_field"):
+        list(LocalFilesSource({"train": str(path)})._keyed("train"))
+
+
+def test_a_binary_file_given_as_text_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(bytes(range(256)) * 20)  # NUL bytes and 128 undecodable bytes in every 256
+    with pytest.raises(ValueError, match=r"weights\.txt, line \d+: not UTF-8 text \(.*undecodable bytes.*convert it"):
+        list(LocalFilesSource({"train": str(path)})._keyed("train"))
+
+
+def test_a_few_undecodable_bytes_are_replaced_with_a_warning_that_counts_them(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(("plain line\n" * 300).encode() + b"caf\xe9 au lait\n")
+    with pytest.warns(UserWarning, match=r"latin\.txt, line 301: 1 bytes that are not UTF-8 .*replaced by U\+FFFD"):
+        docs = [text for _, text in LocalFilesSource({"train": str(path)})._keyed("train")]
+    assert docs[-1] == "caf\ufffd au lait\n" and docs[0] == "plain line\n"
