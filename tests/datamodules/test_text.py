@@ -290,3 +290,22 @@ def test_a_few_undecodable_bytes_are_replaced_with_a_warning_that_counts_them(tm
     with pytest.warns(UserWarning, match=r"latin\.txt, line 301: 1 bytes that are not UTF-8 .*replaced by U\+FFFD"):
         docs = [text for _, text in LocalFilesSource({"train": str(path)})._keyed("train")]
     assert docs[-1] == "caf\ufffd au lait\n" and docs[0] == "plain line\n"
+
+
+def test_a_truncated_cache_metadata_file_is_an_error_naming_it_and_the_fix(corpus, tmp_path):
+    dm = TextDataModule(data_files=corpus, seq_len=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    stem, _, _ = dm.cache_location("train")
+    meta = stem.with_name(stem.name + ".json")
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(ValueError, match=r"metadata .*\.json is not valid JSON .*Delete .*\.json and .*\.bin"):
+        TextDataModule(data_files=corpus, seq_len=16, batch_size=2, cache_dir=str(tmp_path / "cache")).prepare_data()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_an_error_before_tokenizing(corpus, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    dm = TextDataModule(data_files=corpus, seq_len=16, cache_dir=str(blocker / "cache"))
+    monkeypatch.setattr(dm.source, "documents", lambda split: pytest.fail("tokenized before the check"))
+    with pytest.raises(ValueError, match=r"token cache folder .*a_file/cache cannot be written .*cache_dir"):
+        dm.prepare_data()
