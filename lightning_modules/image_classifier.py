@@ -15,7 +15,6 @@ full weights on every rank, so it works with DDP only. ``gradient_checkpointing`
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import lightning.pytorch as pl
@@ -25,7 +24,12 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
-from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.optim import (
+    OptimizerConfig,
+    build_optimizer,
+    deferred_total_steps,
+    training_steps_per_epoch,
+)
 from lightning_modules.sharding import clip_gradients, fsdp_roots, shard_modules
 
 
@@ -142,16 +146,11 @@ class ImageClassifier(pl.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.model(images).softmax(dim=-1)
 
-    def _optimizer_config(self, total_steps: int) -> OptimizerConfig:
+    def _optimizer_config(self) -> OptimizerConfig:
         if self.hparams.warmup_epochs is None:
             return self.optim
-        trainer = self.trainer
-        batches = getattr(trainer, "num_training_batches", math.inf)
-        if math.isfinite(batches) and batches > 0:
-            per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-        elif trainer.max_epochs and trainer.max_epochs > 0:
-            per_epoch = max(1, total_steps // trainer.max_epochs)
-        else:
+        per_epoch = training_steps_per_epoch(self.trainer)
+        if per_epoch is None:
             raise ValueError("warmup_epochs needs a known epoch length: set optim.warmup_steps instead")
         return dataclasses.replace(self.optim, warmup_steps=round(self.hparams.warmup_epochs * per_epoch))
 
@@ -168,9 +167,7 @@ class ImageClassifier(pl.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        total_steps = estimated_total_steps(self.trainer)
-        config = self._optimizer_config(total_steps)
-        schedule = build_optimizer(self.model, config, total_steps)
+        schedule = build_optimizer(self.model, self._optimizer_config(), deferred_total_steps(self.trainer))
         named = dict(self.model.named_parameters())
         skip = getattr(self.model, "no_weight_decay", lambda: set())()
         move_to_no_decay(schedule["optimizer"], [named[n] for n in skip if n in named])

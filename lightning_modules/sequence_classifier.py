@@ -28,7 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hgrn2.models.lra import LRAClassifier, lra_config
 from lightning_modules.init_from import load_model_weights
-from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
 from lightning_modules.sharding import checkpoint_modules, clip_gradients, shard_modules
 
 STAGES = ("train", "val", "test")
@@ -134,4 +134,4 @@ class SequenceClassifier(pl.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))
+        return build_optimizer(self.model, self.optim, deferred_total_steps(self.trainer))
