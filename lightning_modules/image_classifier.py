@@ -47,6 +47,18 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
+def check_data_classes(trainer: pl.Trainer | None, num_classes: int, setting: str) -> None:
+    """The model's ``num_classes`` must cover the datamodule's classes: a label past the last logit would fail deep
+    in the loss (an IndexError, or a device assert on a GPU). ``setting`` names the config key to change."""
+    datamodule = getattr(trainer, "datamodule", None)
+    classes = getattr(datamodule, "num_classes", None)
+    if isinstance(classes, int) and classes > num_classes:
+        raise ValueError(
+            f"{type(datamodule).__name__} has {classes} classes (labels 0..{classes - 1}) but the model has "
+            f"num_classes = {num_classes} outputs; set {setting} to {classes}"
+        )
+
+
 def move_to_no_decay(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
     """Move ``params`` into the optimizer's group with weight decay 0 (a model's ``no_weight_decay`` list)."""
     ids = {id(p) for p in params}
@@ -105,6 +117,9 @@ class ImageClassifier(pl.LightningModule):
         self.train_acc1, self.val_acc1, self.val_acc5 = accuracy(1), accuracy(1), accuracy(5)
         if self.ema is not None:
             self.ema_acc1, self.ema_acc5 = accuracy(1), accuracy(5)
+
+    def setup(self, stage: str) -> None:
+        check_data_classes(self.trainer, self.hparams.num_classes, "model.init_args.num_classes")
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)

@@ -27,6 +27,7 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from hgrn2.models.lra import LRAClassifier, lra_config
+from lightning_modules.image_classifier import check_data_classes
 from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
 from lightning_modules.sharding import checkpoint_modules, clip_gradients, shard_modules
@@ -84,6 +85,7 @@ class SequenceClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # init_from loads here, before configure_model may shard the model; a resumed fit restores its own
         # weights after this hook. A missing file is left to on_fit_start, where a resumed run no longer needs it.
+        check_data_classes(self.trainer, self.config.num_classes, "model.init_args.overrides.num_classes")
         self._init_pending = stage == "fit" and self.init_from is not None
         if self._init_pending and Path(self.init_from).is_file():
             state = load_model_weights(self, self.init_from)
