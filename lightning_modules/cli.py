@@ -97,9 +97,9 @@ def generate(
 
 def check_ckpt_path(ckpt_path) -> None:
     """A ``--ckpt_path`` that names a local file must name a complete checkpoint: an empty or truncated one is an
-    error naming the flag before the run starts (Lightning's own names, ``last``, ``best``, ..., and URLs pass)."""
-    special = str(ckpt_path) in ("last", "best", "hpc", "registry") or "://" in str(ckpt_path)  # or a URL
-    if isinstance(ckpt_path, (str, Path)) and not special:
+    error naming the flag before the run starts."""
+    # a folder (a sharded checkpoint), a URL, Lightning's names ("last", ...) and missing files are Lightning's
+    if isinstance(ckpt_path, (str, Path)) and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
         check_checkpoint_file(ckpt_path, "--ckpt_path")
 
 
