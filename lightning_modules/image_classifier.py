@@ -135,9 +135,13 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the EMA follows every optimizer step here, before any callback's on_train_batch_end, so that a
+        # checkpoint saved there holds the EMA of the weights it holds (a resumed fit continues it exactly);
+        # the step counter counts this step from the next hook on
         if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
+            self.ema.update(self.model, step=self.global_step + 1)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch

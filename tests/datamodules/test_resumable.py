@@ -87,3 +87,40 @@ def test_the_mqar_training_loader_is_resumable_in_an_order_of_seed_and_epoch():
     assert isinstance(train, ResumableDataLoader) and list(train.sampler) == list(reference)
     assert sum(len(batch["labels"]) for batch in train) == 32  # two full batches: the remainder is dropped
     assert sum(len(batch["labels"]) for batch in data.val_dataloader()) == 24
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Items that draw from Python's, NumPy's and torch's global generators, as augmentations do."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        import random
+
+        import numpy as np
+
+        return (index, random.random(), float(np.random.rand()), torch.rand(()).item())
+
+
+def test_seeded_items_are_a_function_of_seed_epoch_and_index_and_leave_the_global_generators_alone():
+    from datamodules.resumable import SeededItems
+
+    items = SeededItems(_Draws(), seed=3)
+    before = torch.get_rng_state()
+    first = items[(2, 5)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator did not move
+    torch.rand(10)  # whatever the global generator's state, the same key gives the same draws
+    assert items[(2, 5)] == first and first[0] == 5
+    assert items[(3, 5)] != first and items[(2, 6)][1:] != first[1:]
+    assert SeededItems(_Draws(), seed=4)[(2, 5)] != first
+
+
+def test_training_and_evaluation_loaders_take_no_number_from_the_global_generator():
+    from datamodules.resumable import ordered_loader, split_loader
+
+    before = torch.get_rng_state()
+    train = ordered_loader(_Draws(), None, batch_size=4, shuffle=True, seed=1, resumable=False, augmented=True)
+    evaluation = split_loader(list(range(8)), None, train=False, seed=1, batch_size=4, num_workers=0)
+    assert len([*train, *evaluation]) == 4
+    assert torch.equal(torch.get_rng_state(), before)  # no base seed drawn, no augmentation drawn from it
