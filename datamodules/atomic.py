@@ -46,3 +46,16 @@ def write_json_atomically(path: str | Path, value: Any, indent: int = 2) -> None
     """``value`` as indented JSON with a final newline, written atomically."""
     text = json.dumps(value, indent=indent) + "\n"
     write_atomically(path, lambda file: file.write(text))
+
+
+def check_writable_folder(folder: str | Path, what: str, fix: str) -> Path:
+    """Create ``folder`` if needed and write (then remove) a file in it, so that a folder a run cannot write is
+    found before the work that would go there. Raises ValueError naming ``what`` the folder is for and ``fix``."""
+    folder = Path(folder).expanduser()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".write-test-"):
+            pass
+    except OSError as error:
+        raise ValueError(f"the {what} folder {folder} cannot be written ({error.strerror or error}); {fix}") from None
+    return folder

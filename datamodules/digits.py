@@ -2,7 +2,8 @@
 
 The images ship with scikit-learn (``sklearn.datasets.load_digits``), so nothing is downloaded. They are
 upsampled to ``image_size`` (bilinear), scaled to [0, 1], normalised, and split into train / validation with a
-fixed seed, stratified by class.
+fixed seed, stratified by class. The training order and each image's random shift are functions of the seed and
+the epoch (``datamodules.resumable``), so a fit resumed mid-epoch continues exactly.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from datamodules.resumable import loader_generator, ordered_loader
 
 DIGITS_MAX = 16.0  # pixel values in load_digits are integers 0..16
 
@@ -98,13 +101,12 @@ class DigitsDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         h = self.hparams
-        return DataLoader(
-            dataset,
-            batch_size=h.batch_size,
-            shuffle=train,
-            drop_last=train,
-            num_workers=h.num_workers,
-            persistent_workers=h.num_workers > 0,
+        options = dict(batch_size=h.batch_size, num_workers=h.num_workers, persistent_workers=h.num_workers > 0)
+        if not train:
+            return DataLoader(dataset, generator=loader_generator(h.seed), **options)
+        # the resumable order; each image's shift a function of (seed, epoch, image)
+        return ordered_loader(
+            dataset, self.trainer, shuffle=True, seed=h.seed, resumable=True, augmented=True, drop_last=True, **options
         )
 
     def train_dataloader(self) -> DataLoader:

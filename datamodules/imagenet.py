@@ -21,6 +21,8 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
+from datamodules.resumable import loader_generator, ordered_loader, seeded_generators
+
 SPLITS = ("train", "val")
 LAYOUT = (
     "expected an ImageNet-style folder:\n"
@@ -130,6 +132,10 @@ class ImageNetDataModule(pl.LightningDataModule):
     Give ``root`` (a folder in the layout above) or ``hf_name`` (a hub name, or a ``save_to_disk`` directory).
     ``batch_size`` is per device. ``mixup_label_smoothing`` smooths the mixed targets; Mixup/CutMix is off
     when both alphas are 0, and label smoothing is then the LightningModule's ``label_smoothing``.
+
+    The training order, each image's augmentation and each batch's Mixup are functions of ``seed``, the epoch and
+    the position (``datamodules.resumable``; the count of mixed batches is in the datamodule's checkpoint state),
+    so a fit resumed mid-epoch continues exactly.
     """
 
     def __init__(
@@ -158,6 +164,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         mixup_switch_prob: float = 0.5,
         mixup_mode: str = "batch",
         mixup_label_smoothing: float = 0.1,
+        seed: int = 0,
     ):
         super().__init__()
         if (root is None) == (hf_name is None):
@@ -171,6 +178,7 @@ class ImageNetDataModule(pl.LightningDataModule):
         self.classes: list[str] | None = None
         self.train_set = self.val_set = None
         self.mixup: Mixup | None = None
+        self.mixed_batches = 0  # Mixup's draws for batch n are seeded by (seed, n)
 
     def transforms(self):
         """The (train, eval) transforms: DeiT's RandAugment / erasing recipe and resize + centre crop."""
@@ -223,16 +231,18 @@ class ImageNetDataModule(pl.LightningDataModule):
 
     def _loader(self, dataset, train: bool) -> DataLoader:
         h = self.hparams
-        workers = h.num_workers
-        return DataLoader(
-            dataset,
-            batch_size=h.batch_size if train else (h.eval_batch_size or h.batch_size),
-            shuffle=train,
-            drop_last=train,  # Mixup pairs need full, even batches
-            num_workers=workers,
+        options = dict(
+            num_workers=h.num_workers,
             pin_memory=h.pin_memory and torch.cuda.is_available(),
-            persistent_workers=workers > 0,
+            persistent_workers=h.num_workers > 0,
         )
+        if not train:
+            batch_size = h.eval_batch_size or h.batch_size
+            return DataLoader(dataset, batch_size=batch_size, generator=loader_generator(h.seed), **options)
+        return ordered_loader(
+            dataset, self.trainer, batch_size=h.batch_size, shuffle=True, seed=h.seed, resumable=True, augmented=True,
+            drop_last=True, **options,  # Mixup pairs need full, even batches
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, train=True)
@@ -247,8 +257,16 @@ class ImageNetDataModule(pl.LightningDataModule):
         """Mix training batches on the device: images stay ``[B, C, H, W]``, targets become ``[B, classes]``."""
         if self.mixup is not None and self.trainer is not None and self.trainer.training:
             images, targets = batch
-            batch = self.mixup(images, targets)
+            with seeded_generators(self.hparams.seed * 1_000_003 + self.mixed_batches):  # Mixup draws from NumPy's
+                batch = self.mixup(images, targets)
+            self.mixed_batches += 1
         return batch
+
+    def state_dict(self) -> dict:
+        return {"mixed_batches": self.mixed_batches}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.mixed_batches = state_dict["mixed_batches"]
 
 
 def write_synthetic_image_folder(

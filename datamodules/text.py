@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from datamodules.atomic import check_writable_folder
 from datamodules.resumable import ordered_loader, replicas
 from datamodules.text_cache import (
     build_token_cache,
@@ -172,10 +173,16 @@ class TextDataModule(pl.LightningDataModule):
 
     def prepare_data(self) -> None:
         """Tokenize every split that has no complete cache yet (rank 0; runs once per cache)."""
-        for split in SPLITS:
-            stem, key, description = self.cache_location(split)
-            if read_cache_meta(stem, key) is None:
-                build_token_cache(stem, self.source.documents(split), self.tokenizer, description, key)
+        missing = [(split, *self.cache_location(split)) for split in SPLITS]
+        missing = [m for m in missing if read_cache_meta(m[1], m[2]) is None]
+        if missing:  # before tokenizing, which may take minutes
+            check_writable_folder(
+                self.cache_dir,
+                "token cache",
+                "set data.init_args.cache_dir (or $HGRN2_DATA_CACHE) to a folder you can write",
+            )
+        for split, stem, key, description in missing:
+            build_token_cache(stem, self.source.documents(split), self.tokenizer, description, key)
 
     def setup(self, stage: str | None = None) -> None:
         needed = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",)}.get(stage or "", SPLITS)

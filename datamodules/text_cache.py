@@ -113,8 +113,14 @@ def read_cache_meta(stem: Path, key: str) -> dict | None:
     ids, info = bin_path(stem), meta_path(stem)
     if not info.is_file() or not ids.is_file():
         return None
-    meta = json.loads(info.read_text())
-    if meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
+    try:
+        meta = json.loads(info.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(
+            f"token cache metadata {info} is not valid JSON ({error}): the file was truncated or changed after the "
+            f"cache was written. Delete {info} and {ids} to rebuild the cache"
+        ) from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT_VERSION or meta.get("key") != key:
         return None
     if ids.stat().st_size != meta["num_tokens"] * np.dtype(meta["dtype"]).itemsize:
         raise ValueError(

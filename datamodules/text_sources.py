@@ -14,7 +14,9 @@ import hashlib
 import json
 import os
 import platform
+import re
 import sysconfig
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -121,6 +123,91 @@ class StdlibSource(_Source):
         }
 
 
+# A text file with more undecodable bytes than this share of its characters is not text (a binary file, or
+# another encoding): an error. Fewer are replaced by U+FFFD with a warning that counts them.
+MAX_UNDECODABLE = 0.01
+# the lone surrogates that errors="surrogateescape" decodes each undecodable byte to
+_ESCAPED_BYTE = re.compile("[\udc80-\udcff]")
+
+
+class TextDecoding:
+    """Opens a file as UTF-8 text and keeps count of the bytes that are not UTF-8, which become U+FFFD.
+
+    A context manager around reading one file: on exit a file with NUL characters or with more than
+    ``MAX_UNDECODABLE`` of its characters undecodable is a ValueError naming the file and its first bad line;
+    fewer undecodable bytes are a warning with their count."""
+
+    def __init__(self, path: Path):
+        self.path, self.chars, self.replaced, self.first_bad, self.nul = path, 0, 0, None, False
+        self.file = None
+
+    def __enter__(self) -> TextDecoding:
+        # text mode keeps the universal newlines; each undecodable byte becomes one lone surrogate, counted below
+        self.file = self.path.open(encoding="utf-8", errors="surrogateescape")
+        return self
+
+    def clean(self, text: str, line_no: int) -> str:
+        """``text`` (read from the file at ``line_no``) with its undecodable bytes replaced by U+FFFD."""
+        self.chars += len(text)
+        self.nul = self.nul or "\x00" in text
+        text, replaced = _ESCAPED_BYTE.subn("\ufffd", text)
+        if replaced:
+            self.replaced += replaced
+            self.first_bad = self.first_bad or line_no
+        return text
+
+    def __exit__(self, error_type, error, traceback) -> None:
+        self.file.close()
+        if error_type is not None:
+            return
+        where = f"{self.path}, line {self.first_bad}" if self.first_bad else str(self.path)
+        if self.nul or self.replaced > MAX_UNDECODABLE * max(1, self.chars):
+            found = f"{self.replaced} undecodable bytes" if self.replaced else "NUL characters"
+            raise ValueError(
+                f"{where}: not UTF-8 text ({found} in {self.chars} characters): a binary file or another encoding. "
+                "Remove it from data_files, or convert it to UTF-8 (e.g. iconv -f latin1 -t utf-8)"
+            )
+        if self.replaced:
+            warnings.warn(
+                f"{where}: {self.replaced} bytes that are not UTF-8 (in {self.chars} characters) were replaced by "
+                "U+FFFD; convert the file to UTF-8 to train on its real characters",
+                stacklevel=2,
+            )
+
+
+def read_text_documents(path: Path, whole_file: bool) -> Iterator[str]:
+    """The documents of a text file: each line (its newline kept), or the whole file as one."""
+    with TextDecoding(path) as decoding:
+        if whole_file:
+            yield decoding.clean(decoding.file.read(), 1)
+        else:
+            for line_no, line in enumerate(decoding.file, 1):
+                yield decoding.clean(line, line_no)
+
+
+def _json_record(line: str, path: Path, line_no: int):
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as error:
+        raise ValueError(
+            f"{path}:{line_no}: not valid JSON ({error.msg}, column {error.colno}); each line of a .jsonl file must "
+            'be one record like {"text": "..."}: fix or remove that line'
+        ) from None
+
+
+def _text_value(value, where: str, field: str) -> str:
+    """A record's text: a string, or None/missing for an empty document; anything else is an error."""
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        shown = repr(value) if len(repr(value)) <= 40 else repr(value)[:40] + "..."
+        raise ValueError(
+            f"{where}: field {field!r} holds {type(value).__name__} {shown}, not a string; store the document's text "
+            "there, or set text_field to the field that holds it"
+        )
+    return value
+
+
 def _expand(spec: str | list[str]) -> list[Path]:
     paths: list[Path] = []
     for item in [spec] if isinstance(spec, str) else spec:
@@ -173,27 +260,30 @@ class LocalFilesSource(_Source):
 
     def _read(self, path: Path) -> Iterator[str]:
         if path.suffix in TEXT_SUFFIXES:
-            with path.open(encoding="utf-8", errors="replace") as f:
-                yield from ([f.read()] if self.txt_document == "file" else f)
+            yield from read_text_documents(path, whole_file=self.txt_document == "file")
         elif path.suffix in JSONL_SUFFIXES:
-            with path.open(encoding="utf-8") as f:
-                for line_no, line in enumerate(f, 1):
+            with TextDecoding(path) as decoding:
+                for line_no, line in enumerate(decoding.file, 1):
+                    line = decoding.clean(line, line_no)
                     if line.strip():
-                        yield self._field(json.loads(line), f"{path}:{line_no}")
+                        yield self._field(_json_record(line, path, line_no), f"{path}:{line_no}")
         else:
             import pyarrow.parquet as pq
 
             parquet = pq.ParquetFile(path)
             if self.text_field not in parquet.schema_arrow.names:
                 raise ValueError(f"{path} has no column {self.text_field!r}; columns: {parquet.schema_arrow.names}")
+            row = 0
             for batch in parquet.iter_batches(columns=[self.text_field]):
-                yield from (text or "" for text in batch.column(0).to_pylist())
+                for text in batch.column(0).to_pylist():
+                    row += 1
+                    yield _text_value(text, f"{path}, row {row}", self.text_field)
 
     def _field(self, record: dict, where: str) -> str:
         if not isinstance(record, dict) or self.text_field not in record:
             keys = sorted(record) if isinstance(record, dict) else type(record).__name__
             raise ValueError(f"{where}: record has no field {self.text_field!r} (has {keys}); set text_field")
-        return record[self.text_field] or ""
+        return _text_value(record[self.text_field], where, self.text_field)
 
     def describe(self, split: str) -> dict:
         base = split if split in self.files else "train"
@@ -249,7 +339,8 @@ class HubSource(_Source):
         for batch in rows.select_columns([self.text_field]).iter(batch_size=4096):  # never the whole column at once
             for text in batch[self.text_field]:
                 if keep is None or keep(f"{source_split}:{i}"):
-                    yield f"{source_split}:{i}", text or ""
+                    where = f"dataset {self.name!r}, split {source_split!r}, row {i}"
+                    yield f"{source_split}:{i}", _text_value(text, where, self.text_field)
                 i += 1
 
     def describe(self, split: str) -> dict:

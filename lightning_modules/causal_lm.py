@@ -32,7 +32,7 @@ from torchmetrics import MeanMetric
 from hgrn2.layers import Block
 from hgrn2.models.lm import IGNORE_INDEX, HGRN2ForCausalLM, LMConfig, lm_loss
 from lightning_modules.init_from import load_lm_weights
-from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
 from lightning_modules.sharding import clip_gradients, fsdp_roots, full_state_dict, shard_modules
 
 STAGES = ("val", "test")
@@ -181,7 +181,7 @@ class CausalLM(pl.LightningModule):
         return model.to(self.device)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))
+        return build_optimizer(self.model, self.optim, deferred_total_steps(self.trainer))
 
     # ------------------------------------------------------------------ evaluation
     def _update(self, stage: str, name: str, value: torch.Tensor, count: torch.Tensor) -> None:

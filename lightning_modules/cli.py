@@ -21,10 +21,23 @@ from lightning.pytorch.cli import LightningCLI
 
 import datamodules  # noqa: F401  (imported so that config files can name its classes)
 import lightning_modules  # noqa: F401
+from lightning_modules.init_from import check_checkpoint_file, read_checkpoint
+from lightning_modules.outputs import OutputFolderCheck, check_output_folders
+from lightning_modules.resume import RNGStates
 
 
 class HGRN2CLI(LightningCLI):
     """LightningCLI with the project's defaults; see ``hgrn2 --help``."""
+
+    def parse_arguments(self, parser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        if subcommand:  # before LightningCLI itself reads the checkpoint for its hyper-parameters
+            check_ckpt_path(self.config[subcommand].get("ckpt_path"))
+
+    def before_fit(self) -> None:
+        if self.trainer.is_global_zero:  # before Lightning creates the log folder in its setup
+            check_output_folders(self.trainer)
 
 
 def generate(
@@ -60,8 +73,11 @@ def generate(
     from datamodules.tokenizer import build_tokenizer
     from lightning_modules.causal_lm import CausalLM
 
+    for name, value, low in (("num_samples", num_samples, 1), ("max_new_tokens", max_new_tokens, 0)):
+        if value < low:
+            raise ValueError(f"--{name} must be at least {low}, got {value}")
     if Path(ckpt_path).is_file():
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(ckpt_path, "--ckpt_path")
         spec = tokenizer or checkpoint.get("datamodule_hyper_parameters", {}).get("tokenizer")
         model = CausalLM.load_from_checkpoint(ckpt_path, map_location=device).model
     else:
@@ -90,6 +106,14 @@ def generate(
     for i, text in enumerate(texts):
         print(f"--- sample {i} ---\n{text}" if num_samples > 1 else text, flush=True)
     return texts
+
+
+def check_ckpt_path(ckpt_path) -> None:
+    """A ``--ckpt_path`` that names a local file must name a complete checkpoint: an empty or truncated one is an
+    error naming the flag before the run starts."""
+    # a folder (a sharded checkpoint), a URL, Lightning's names ("last", ...) and missing files are Lightning's
+    if isinstance(ckpt_path, (str, Path)) and "://" not in str(ckpt_path) and Path(ckpt_path).is_file():
+        check_checkpoint_file(ckpt_path, "--ckpt_path")
 
 
 def close_process_group() -> None:
@@ -124,6 +148,7 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
+        trainer_defaults={"callbacks": [OutputFolderCheck(), RNGStates()]},
         parser_kwargs={"description": "Train and evaluate HGRN2 models (LM, images, Long Range Arena, MQAR)."},
         args=args,
     )

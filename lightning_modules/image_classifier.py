@@ -15,7 +15,6 @@ full weights on every rank, so it works with DDP only. ``gradient_checkpointing`
 from __future__ import annotations
 
 import dataclasses
-import math
 import re
 
 import lightning.pytorch as pl
@@ -25,7 +24,12 @@ import torch.nn.functional as F
 from torchmetrics.classification import MulticlassAccuracy
 
 import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
-from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.optim import (
+    OptimizerConfig,
+    build_optimizer,
+    deferred_total_steps,
+    training_steps_per_epoch,
+)
 from lightning_modules.sharding import clip_gradients, fsdp_roots, shard_modules
 
 
@@ -41,6 +45,18 @@ def classification_loss(logits: torch.Tensor, targets: torch.Tensor, label_smoot
             raise ValueError(f"soft targets {list(targets.shape)} must match logits {list(logits.shape)}")
         return soft_target_cross_entropy(logits, targets)
     return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
+
+
+def check_data_classes(trainer: pl.Trainer | None, num_classes: int, setting: str) -> None:
+    """The model's ``num_classes`` must cover the datamodule's classes: a label past the last logit would fail deep
+    in the loss (an IndexError, or a device assert on a GPU). ``setting`` names the config key to change."""
+    datamodule = getattr(trainer, "datamodule", None)
+    classes = getattr(datamodule, "num_classes", None)
+    if isinstance(classes, int) and classes > num_classes:
+        raise ValueError(
+            f"{type(datamodule).__name__} has {classes} classes (labels 0..{classes - 1}) but the model has "
+            f"num_classes = {num_classes} outputs; set {setting} to {classes}"
+        )
 
 
 def move_to_no_decay(optimizer: torch.optim.Optimizer, params: list[torch.nn.Parameter]) -> None:
@@ -104,6 +120,9 @@ class ImageClassifier(pl.LightningModule):
         if self.ema is not None:
             self.ema_acc1, self.ema_acc5 = accuracy(1), accuracy(5)
 
+    def setup(self, stage: str) -> None:
+        check_data_classes(self.trainer, self.hparams.num_classes, "model.init_args.num_classes")
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(images)
 
@@ -118,9 +137,13 @@ class ImageClassifier(pl.LightningModule):
         self.log("train/lr", self.optimizers().param_groups[0]["lr"], on_step=True, prog_bar=False)
         return loss
 
-    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+    def optimizer_step(self, *args, **kwargs) -> None:
+        super().optimizer_step(*args, **kwargs)
+        # the EMA follows every optimizer step here, before any callback's on_train_batch_end, so that a
+        # checkpoint saved there holds the EMA of the weights it holds (a resumed fit continues it exactly);
+        # the step counter counts this step from the next hook on
         if self.ema is not None:
-            self.ema.update(self.model, step=self.global_step)
+            self.ema.update(self.model, step=self.global_step + 1)
 
     def validation_step(self, batch, batch_idx: int) -> None:
         images, targets = batch
@@ -144,16 +167,11 @@ class ImageClassifier(pl.LightningModule):
         images = batch[0] if isinstance(batch, (tuple, list)) else batch
         return self.model(images).softmax(dim=-1)
 
-    def _optimizer_config(self, total_steps: int) -> OptimizerConfig:
+    def _optimizer_config(self) -> OptimizerConfig:
         if self.hparams.warmup_epochs is None:
             return self.optim
-        trainer = self.trainer
-        batches = getattr(trainer, "num_training_batches", math.inf)
-        if math.isfinite(batches) and batches > 0:
-            per_epoch = math.ceil(batches / max(1, trainer.accumulate_grad_batches))
-        elif trainer.max_epochs and trainer.max_epochs > 0:
-            per_epoch = max(1, total_steps // trainer.max_epochs)
-        else:
+        per_epoch = training_steps_per_epoch(self.trainer)
+        if per_epoch is None:
             raise ValueError("warmup_epochs needs a known epoch length: set optim.warmup_steps instead")
         return dataclasses.replace(self.optim, warmup_steps=round(self.hparams.warmup_epochs * per_epoch))
 
@@ -170,9 +188,7 @@ class ImageClassifier(pl.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self):
-        total_steps = estimated_total_steps(self.trainer)
-        config = self._optimizer_config(total_steps)
-        schedule = build_optimizer(self.model, config, total_steps)
+        schedule = build_optimizer(self.model, self._optimizer_config(), deferred_total_steps(self.trainer))
         named = dict(self.model.named_parameters())
         skip = getattr(self.model, "no_weight_decay", lambda: set())()
         move_to_no_decay(schedule["optimizer"], [named[n] for n in skip if n in named])

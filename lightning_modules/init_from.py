@@ -16,6 +16,7 @@ loads after the first one is gone::
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 
 import torch
@@ -23,6 +24,43 @@ from torch import nn
 
 from hgrn2.models.convert import load_lm
 from hgrn2.models.pretrained import architecture_differences
+
+
+def check_checkpoint_file(checkpoint: str | Path, argument: str) -> Path:
+    """The path of a complete checkpoint file, without reading it: it exists, is not empty, and is a whole zip
+    archive, which is what ``torch.save`` writes (an interrupted copy or save lacks the archive's end).
+
+    Raises:
+        FileNotFoundError: no file at ``checkpoint``.
+        ValueError: the file is empty or truncated; the message names ``argument``, the flag that gave it.
+    """
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise FileNotFoundError(f"{argument} {path}: no such file; give the .ckpt file a fit saved")
+    size = path.stat().st_size
+    if size == 0 or not zipfile.is_zipfile(path):
+        problem = "an empty file" if size == 0 else f"not a complete checkpoint ({size} bytes, not a whole archive)"
+        raise ValueError(
+            f"{argument} {path}: {problem}, e.g. a save or a copy that was interrupted; give another checkpoint (a "
+            "fit that saves with save_last keeps the previous one until the new one is complete)"
+        )
+    return path
+
+
+def read_checkpoint(checkpoint: str | Path, argument: str) -> dict:
+    """The dict a Lightning fit saved at ``checkpoint`` (on the CPU), or an error naming ``argument``, the flag
+    that gave the file, and what is wrong with it."""
+    path = check_checkpoint_file(checkpoint, argument)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as error:
+        raise ValueError(
+            f"{argument} {path}: cannot read it as a checkpoint ({type(error).__name__}: {error}); "
+            "it may be truncated or not a file torch.save wrote"
+        ) from None
+    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
+        raise ValueError(f"{argument} {path}: holds no 'state_dict'; give a checkpoint saved by a Lightning fit")
+    return state
 
 
 def load_model_weights(module: nn.Module, checkpoint: str | Path) -> dict:
@@ -40,15 +78,7 @@ def load_model_weights(module: nn.Module, checkpoint: str | Path) -> dict:
         raise FileNotFoundError(
             f"init_from {path}: no such file; give the .ckpt file a fit saved (--model.init_args.init_from PATH)"
         )
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as error:
-        raise ValueError(
-            f"init_from {path}: cannot read it as a checkpoint ({type(error).__name__}: {error}); "
-            "it may be truncated or not a file torch.save wrote"
-        ) from None
-    if not isinstance(state, dict) or not isinstance(state.get("state_dict"), dict):
-        raise ValueError(f"init_from {path}: holds no 'state_dict'; give a checkpoint saved by a Lightning fit")
+    state = read_checkpoint(path, "init_from")
     try:
         module.load_state_dict(state["state_dict"])
     except RuntimeError as error:

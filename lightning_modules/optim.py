@@ -6,7 +6,9 @@ parameters), and a per-step schedule: linear warm-up, then cosine, inverse squar
 
 from __future__ import annotations
 
+import functools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,8 +57,9 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
-def lr_multiplier(step: int, config: OptimizerConfig, total_steps: int) -> float:
-    """Learning-rate factor at optimizer step ``step`` (0-based)."""
+def lr_multiplier(step: int, config: OptimizerConfig, total_steps: int | Callable[[], int]) -> float:
+    """Learning-rate factor at optimizer step ``step`` (0-based). ``total_steps`` (or the function giving it) is
+    needed only after the warm-up."""
     warmup = config.warmup_steps
     if warmup and step < warmup:
         return (step + 1) / warmup
@@ -64,15 +67,21 @@ def lr_multiplier(step: int, config: OptimizerConfig, total_steps: int) -> float
         return 1.0
     if config.schedule == "inverse_sqrt":
         return math.sqrt(max(warmup, 1) / (step + 1))
-    progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+    if step <= warmup:  # the decay has not begun: 1 whatever the length
+        return 1.0
+    total = total_steps() if callable(total_steps) else total_steps
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
     floor = config.min_lr_ratio
     if config.schedule == "linear":
         return floor + (1.0 - floor) * (1.0 - progress)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def build_optimizer(model: nn.Module, config: OptimizerConfig, total_steps: int) -> dict:
-    """What ``configure_optimizers`` returns: AdamW plus a LambdaLR stepped every optimizer step."""
+def build_optimizer(model: nn.Module, config: OptimizerConfig, total_steps: int | Callable[[], int]) -> dict:
+    """What ``configure_optimizers`` returns: AdamW plus a LambdaLR stepped every optimizer step.
+
+    ``total_steps`` may be a function (see :func:`deferred_total_steps`), called once, the first time the schedule
+    needs the length, past the warm-up."""
     fused = config.fused
     if fused is None:
         fused = all(p.is_cuda for p in model.parameters())
@@ -83,7 +92,7 @@ def build_optimizer(model: nn.Module, config: OptimizerConfig, total_steps: int)
         eps=config.eps,
         fused=fused or None,
     )
-    total = config.total_steps or total_steps
+    total = config.total_steps or (functools.cache(total_steps) if callable(total_steps) else total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_multiplier(step, config, total))
     return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -94,6 +103,36 @@ def estimated_total_steps(trainer) -> int:
         return max(1, int(trainer.estimated_stepping_batches))
     except (RuntimeError, ValueError, TypeError, AttributeError, OverflowError):
         return 1
+
+
+def deferred_total_steps(trainer) -> Callable[[], int]:
+    """:func:`estimated_total_steps`, asked for when the schedule first needs it, in training.
+
+    ``configure_optimizers`` runs before a resumed fit restores its checkpoint, and with ``max_epochs`` set the
+    Trainer's estimate sets up the training data to count its batches. Lightning then keeps that loader and never
+    gives it the position saved in the checkpoint (Lightning issue #20550): the resumed fit would start its epoch
+    from the first batch again. Asked for in training, the estimate reads the loader the fit loop set up after the
+    restore."""
+    return functools.partial(estimated_total_steps, trainer)
+
+
+def training_steps_per_epoch(trainer) -> int | None:
+    """Optimizer steps in one training epoch, with the Trainer's ``limit_train_batches`` and
+    ``accumulate_grad_batches``, counted on a training loader of the datamodule's own: not the fit loop's, for the
+    reason :func:`deferred_total_steps` gives. Without a datamodule (loaders given to ``fit``), the Trainer's
+    estimate over ``max_epochs``, which a resumed fit pays for with the restart of its epoch. None when unknown."""
+    datamodule = getattr(trainer, "datamodule", None)
+    if datamodule is None:
+        if not trainer.max_epochs or trainer.max_epochs < 1:
+            return None
+        return max(1, estimated_total_steps(trainer) // trainer.max_epochs)
+    try:
+        batches = len(datamodule.train_dataloader())
+    except (TypeError, NotImplementedError):
+        return None
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    return max(1, math.ceil(batches / trainer.accumulate_grad_batches))
 
 
 # Lightning >= 2.6 resumes checkpoints with torch.load(weights_only=True): hyper-parameters that hold an

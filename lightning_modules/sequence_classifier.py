@@ -27,8 +27,9 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from hgrn2.layers import Block
 from hgrn2.models.lra import LRAClassifier, LRAConfig
+from lightning_modules.image_classifier import check_data_classes
 from lightning_modules.init_from import load_model_weights
-from lightning_modules.optim import OptimizerConfig, build_optimizer, estimated_total_steps
+from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
 from lightning_modules.sharding import clip_gradients, shard_modules
 
 STAGES = ("train", "val", "test")
@@ -77,6 +78,7 @@ class SequenceClassifier(pl.LightningModule):
     def setup(self, stage: str) -> None:
         # init_from loads here, before configure_model may shard the model; a resumed fit restores its own
         # weights after this hook. A missing file is left to on_fit_start, where a resumed run no longer needs it.
+        check_data_classes(self.trainer, self.config.num_classes, "model.init_args.overrides.num_classes")
         self._init_pending = stage == "fit" and self.init_from is not None
         if self._init_pending and Path(self.init_from).is_file():
             state = load_model_weights(self, self.init_from)
@@ -128,4 +130,4 @@ class SequenceClassifier(pl.LightningModule):
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)
 
     def configure_optimizers(self) -> dict:
-        return build_optimizer(self.model, self.optim, estimated_total_steps(self.trainer))
+        return build_optimizer(self.model, self.optim, deferred_total_steps(self.trainer))

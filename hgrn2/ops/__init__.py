@@ -121,7 +121,8 @@ def hgrn2_recurrence(
     Args:
         q: output gate (the query), ``[B, T, H, K]``, float16/bfloat16/float32/float64.
         v: input (the value), ``[B, T, H, V]``, same dtype.
-        log_forget: log λ, ``[B, T, H, K]``, all ``<= 0``. The key ``1 - λ`` is derived from it.
+        log_forget: log λ, ``[B, T, H, K]``, all ``<= 0`` and none NaN; ``-inf`` (λ = 0) resets the state
+            (every backend gives the step-by-step loop's result there). The key ``1 - λ`` is derived from it.
         scale: output scale (1 in the paper; fla uses ``K ** -0.5``).
         initial_state: ``[B, H, K, V]`` (``[N, H, K, V]`` with ``cu_seqlens``), or None for zeros.
         output_final_state: also return the state after the last step (float32, float64 for float64 input).
@@ -129,11 +130,13 @@ def hgrn2_recurrence(
             starts from its own initial state and ends in its own final state.
         backend: ``"auto"``, ``"torch"``, ``"naive"``, ``"triton"`` or ``"recurrent"``.
         chunk_size: chunk length of the ``"torch"`` chunked form (default 16).
-        check_values: check that log_forget is ``<= 0`` (this reads the tensor back: a device sync on a GPU);
-            False where it comes from :func:`lower_bounded_log_forget`, which guarantees it.
+        check_values: check that log_forget is ``<= 0`` and not NaN, else raise ValueError (this reads the
+            tensor back: a device sync on a GPU); False where it comes from :func:`lower_bounded_log_forget`,
+            which guarantees it.
 
     Returns:
-        ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype; final_state or None.
+        ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype; final_state or None. Where B, T or H is
+        0 these are empty (T = 0: the final state is the initial one).
 
     Example::
 
@@ -149,7 +152,28 @@ def hgrn2_recurrence(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
     resolved = _resolve_backend(backend, q, q.shape[1], _state_elements(q, v))
+    if q.numel() == 0 or v.numel() == 0:
+        return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens)
     return _hgrn2_on(resolved, q, v, log_forget, chunk_size=chunk_size, **kwargs)
+
+
+def _initial_or_zeros(initial_state, shape, dtype, device) -> torch.Tensor:
+    """The state a scan of no steps ends in: a copy of the initial state (in the accumulation dtype), or zeros."""
+    if initial_state is not None:
+        return initial_state.to(dtype=dtype, copy=True)
+    return torch.zeros(shape, dtype=dtype, device=device)
+
+
+def _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens):
+    """HGRN2 where B, T, H, K or V is 0: nothing to scan, so zero outputs ([B, T, H, V], empty unless K = 0)
+    and the initial state as the final one. The kernels would launch empty grids, which some reject."""
+    batch, _, heads, key_dim = q.shape
+    n_states = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    final_state = None
+    if output_final_state:
+        shape = (n_states, heads, key_dim, v.shape[-1])
+        final_state = _initial_or_zeros(initial_state, shape, reference.accumulation_dtype(q.dtype), q.device)
+    return v.new_zeros(v.shape), final_state
 
 
 def _state_elements(q: torch.Tensor, v: torch.Tensor) -> int:
@@ -205,6 +229,8 @@ def hgrn2_gated_recurrence(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
     resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
+    if q_proj.numel() == 0 or v.numel() == 0:
+        return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens)
     chunk = _kernel_module("chunk")
     short = _short_inference(q_proj, v, forget_proj, lower_bound, initial_state)
     if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated") and not short:
@@ -231,6 +257,8 @@ def hgrn2_step(
     """
     check_hgrn2_inputs(q[:, None], v[:, None], log_forget[:, None], state, None, check_values=False)
     resolved = _resolve_backend(backend, q)
+    if q.numel() == 0 or v.numel() == 0:  # B, H, K or V is 0: the state is empty or, with K = 0, unchanged
+        return v.new_zeros(v.shape), state
     recurrent = _kernel_module("recurrent")
     if resolved in TRITON_BACKENDS and recurrent is not None:
         return recurrent.fused_recurrent_hgrn2_step(q, v, log_forget, state, scale=scale)
@@ -249,13 +277,15 @@ def hgrn1_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     chunk_size: int | None = None,
+    check_values: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The HGRN1 element-wise gated recurrence ``h_t = λ_t ⊙ h_{t-1} + (1 - λ_t) ⊙ x_t``.
 
     Args:
-        x: input ``[B, T, D]``; log_forget: log λ ``[B, T, D]``, all ``<= 0``, same dtype.
+        x: input ``[B, T, D]``; log_forget: log λ ``[B, T, D]``, all ``<= 0`` (``-inf`` is λ = 0, a reset),
+            same dtype.
         initial_state: ``[B, D]`` (``[N, D]`` with ``cu_seqlens``) or None for zeros.
-        output_final_state, cu_seqlens, backend, chunk_size: as in :func:`hgrn2_recurrence`.
+        output_final_state, cu_seqlens, backend, chunk_size, check_values: as in :func:`hgrn2_recurrence`.
 
     Returns:
         ``(h, final_state)``: h ``[B, T, D]`` in the input dtype; final_state ``[B, D]`` or None.
@@ -267,9 +297,14 @@ def hgrn1_recurrence(
         >>> h.shape
         torch.Size([2, 16, 32])
     """
-    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens)
+    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values=check_values)
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     resolved = _resolve_backend(backend, x, x.shape[1])
+    if x.numel() == 0:  # B, T or D is 0: nothing to scan
+        n_states = x.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
+        acc = reference.accumulation_dtype(x.dtype)
+        final_state = _initial_or_zeros(initial_state, (n_states, x.shape[2]), acc, x.device)
+        return x.new_zeros(x.shape), (final_state if output_final_state else None)
     scan = _kernel_module("scan")
     if resolved in TRITON_BACKENDS and scan is not None:
         return scan.scan_hgrn1(x, log_forget, **kwargs)

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from hgrn2.ops.chunk_fwd import SPREAD
 from hgrn2.ops.kernel_utils import (
-    LOG_FORGET_MIN,
+    LOG_FORGET_FLOOR,
     chunk_bounds,
     gate_log_forget,
     gate_log_forget_grads,
@@ -111,10 +111,10 @@ def dqk_bwd_kernel(
     dq, dk = intra_grads(q, k, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET)
     dq += tl.exp(b) * dq_state * scale
     dk += tl.exp(b_end[None, :] - b) * dk_state
-    # d log λ_t = Σ_{τ >= t} (q⊙dq - k⊙dk)_τ (to the end of the sequence) - λ_t ⊙ dk_t; none below the clamp
+    # d log λ_t = Σ_{τ >= t} (q⊙dq - k⊙dk)_τ (to the end of the sequence) - λ_t ⊙ dk_t; none below the floor
     d_b = q * dq - k * dk
     dg = tl.cumsum(d_b, 0, reverse=True) + suffix[None, :] - tl.exp(g) * dk
-    dg = tl.where(g > LOG_FORGET_MIN, dg, 0.0)
+    dg = tl.where(g > LOG_FORGET_FLOOR, dg, 0.0)
     if GATED:
         inv_beta, inv_1m_beta = load_bound(inv_beta_ptr, inv_1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)

@@ -14,8 +14,8 @@ Per head, with chunks of C steps, g = log λ and b its running sum inside a chun
 The chunk-parallel kernels work on whole [C, ·] tiles. The scores use one reference point per chunk, its middle
 row m: A = (q · exp(b - b_m)) (k · exp(b_m - b))^T, exact for causal entries and finite while every channel's
 running sum stays within ``SPREAD`` of its middle value; a K tile where it does not (gates near 0) forms its
-scores one key column at a time from non-positive exponents (``intra_scores``). Log gates are clamped at
-``LOG_FORGET_MIN``, where exp() is already 0 in float32, so that λ = 0 (log λ = -inf) stays exact.
+scores one key column at a time from non-positive exponents (``intra_scores``). Log gates are raised to
+``LOG_FORGET_FLOOR`` when loaded (``hgrn2.ops.kernel_utils``), so that λ = 0 (log λ = -inf) stays finite.
 The key k = 1 - exp(g) is derived in registers. With ``GATED`` the kernels read the raw projections and
 compute q = act(q_proj) and log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves.
 """

@@ -14,9 +14,6 @@ import triton.language as tl
 
 # Output-gate activations the kernels fuse; any other name falls back to the unfused path.
 FUSED_ACTIVATIONS = {"identity": 0, "silu": 1, "swish": 1, "sigmoid": 2}
-# Log gates are clamped here: exp() of it is 0 in float32 already, so λ = 0 (log λ = -inf, a full reset) stays
-# exact and every running sum of log gates stays finite. No gradient flows below it.
-LOG_FORGET_MIN = tl.constexpr(-200.0)
 
 
 @triton.jit
@@ -39,7 +36,7 @@ def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
     unclamped value, which the backward needs. ``log_beta``/``log1m_beta`` broadcast against f."""
     log_sig = tl.minimum(f, 0.0) - log1p(tl.exp(-tl.abs(f)))
     if HAS_BOUND:
-        a = log_beta + 0.0 * f
+        a = log_beta + tl.zeros_like(f)  # broadcast to f's shape; 0 * f would be NaN at f = ±inf
         b = log1m_beta + log_sig
         hi = tl.maximum(a, b)
         pre = hi + log1p(tl.exp(tl.minimum(a, b) - hi))
@@ -51,7 +48,8 @@ def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
 def gate_log_forget_grads(f, log_sig, pre, log_beta, log1m_beta, inv_beta, inv_1m_beta, HAS_BOUND: tl.constexpr):
     """d log λ / d f and d log λ / d β, with torch's conventions: no gradient through the clamp at 0 nor
     through log β where β was clamped to the smallest normal float (``inv_beta`` is 0 there)."""
-    sig_neg = tl.exp(log_sig - f)  # σ(-f) = d logsigmoid(f) / d f
+    # σ(-f) = d logsigmoid(f) / d f; at f = -inf, log_sig - f would be -inf - (-inf) = NaN
+    sig_neg = tl.where(f == float("-inf"), 1.0, tl.exp(log_sig - f))
     if HAS_BOUND:
         keep = pre <= 0.0
         w_beta = tl.exp(log_beta - pre)
@@ -59,7 +57,7 @@ def gate_log_forget_grads(f, log_sig, pre, log_beta, log1m_beta, inv_beta, inv_1
         d_f = tl.where(keep, w_gate * sig_neg, 0.0)
         d_beta = tl.where(keep, w_beta * inv_beta - w_gate * inv_1m_beta, 0.0)
         return d_f, d_beta
-    return sig_neg, 0.0 * f
+    return sig_neg, tl.zeros_like(f)
 
 
 @triton.jit
@@ -205,15 +203,22 @@ def load_bound(log_beta_ptr, log1m_beta_ptr, offs, mask, BK: tl.constexpr, HAS_B
     return log_beta, log1m_beta
 
 
+# log λ is raised to this floor when loaded. The kernels form decays as differences of running sums of log λ,
+# b_t - b_s: a gate of -inf (λ = 0, a reset) would make that -inf - (-inf) = NaN, and one of -1e20 would swallow
+# its neighbours' gates in float32. e^-30 ≈ 1e-13 is below float32's resolution of any state it scales, and
+# running sums near -30 lose no more than those of the gates of e^-30 that the kernels take anyway.
+LOG_FORGET_FLOOR = tl.constexpr(-30.0)
+
+
 @triton.jit
 def log_forget_of(x, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log λ (float32, 0 where masked, at least ``LOG_FORGET_MIN``) from loaded log_forget, or from the raw
+    """log λ (float32, 0 where masked, at least ``LOG_FORGET_FLOOR``) from loaded log_forget, or from the raw
     forget projection when GATED."""
     x = x.to(tl.float32)
     if GATED:
         g, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
         x = tl.where(mask, g, 0.0)
-    return tl.maximum(x, LOG_FORGET_MIN)
+    return tl.maximum(x, LOG_FORGET_FLOOR)
 
 
 @triton.jit

@@ -6,8 +6,11 @@ anywhere. Two forms of each op:
 * ``*_naive``: the recurrence one step at a time, exactly as written in the paper. Slow, obviously
   correct, float64-capable.
 * ``*_chunked``: the chunked parallel form the Triton kernels compute. Inside a chunk of ``C`` steps
-  the decays are formed pairwise, ``exp(b_t - b_s)`` with ``s <= t``, so every exponent is ``<= 0``
-  and nothing overflows whatever the gates; across chunks the state is carried sequentially.
+  the decay from step s to step t >= s is ``exp(Σ_{s<r<=t} log λ_r)``, each span summed on its own (never
+  as a difference ``b_t - b_s`` of running sums), so every exponent is ``<= 0``, nothing overflows whatever
+  the gates, λ = 0 (``log_forget = -inf``) is an exact reset rather than ``-inf - (-inf) = NaN``, and a very
+  negative gate (-1e20) does not swallow its neighbours' gates; across chunks the state is carried
+  sequentially.
 
 Symbols (paper -> code): λ_t = exp(log_forget_t); k_t = 1 - λ_t; o_t (output gate) = q_t;
 i_t (input) = v_t. HGRN2, per head, with state S_t ∈ R^{K×V}:
@@ -121,12 +124,19 @@ def _pad_to_chunks(x: torch.Tensor, chunk_size: int) -> torch.Tensor:
     return torch.nn.functional.pad(x, (0, 0) * (x.dim() - 2) + (0, pad))
 
 
-def _pairwise_decay(b: torch.Tensor) -> torch.Tensor:
-    """exp(b_t - b_s) for s <= t and 0 above the diagonal; b is ``[..., C, X]``, result ``[..., C, C, X]``."""
-    chunk = b.shape[-2]
-    causal = torch.ones(chunk, chunk, dtype=torch.bool, device=b.device).tril()
-    diff = b[..., :, None, :] - b[..., None, :, :]
-    return diff.masked_fill(~causal[:, :, None], float("-inf")).exp()
+def _span_decay(log_forget: torch.Tensor) -> torch.Tensor:
+    """exp(Σ_{s<r<=t} log λ_r), the decay from step s to step t, for t >= s and 0 for t < s; log_forget is
+    ``[..., C, X]``, the result ``[..., C(s), C(t), X]``.
+
+    Each span is its own cumulative sum over the steps after s: a difference of running sums would give
+    ``-inf - (-inf) = NaN`` across a reset (λ = 0) and lose the small gates next to a gate of -1e20 in float32.
+    """
+    chunk = log_forget.shape[-2]
+    steps = torch.arange(chunk, device=log_forget.device)
+    after = steps[None, :] > steps[:, None]  # [C(s), C(r)]: step r comes after step s
+    from_s = steps[None, :] >= steps[:, None]  # [C(s), C(t)]: step t is s or later
+    spans = log_forget[..., None, :, :].masked_fill(~after[:, :, None], 0.0).cumsum(dim=-2)
+    return spans.masked_fill(~from_s[:, :, None], float("-inf")).exp()
 
 
 def _hgrn2_chunked_dense(q, v, log_forget, *, scale, initial_state, output_final_state, chunk_size):
@@ -138,30 +148,32 @@ def _hgrn2_chunked_dense(q, v, log_forget, *, scale, initial_state, output_final
     n_chunks = q.shape[1] // chunk_size
 
     def to_chunks(x):  # [B, N*C, H, X] -> [B, H, N, C, X]
-        return x.reshape(batch, n_chunks, chunk_size, heads, -1).permute(0, 3, 1, 2, 4)
+        return x.reshape(batch, n_chunks, chunk_size, heads, x.shape[-1]).permute(0, 3, 1, 2, 4)
 
     q, v, key, log_forget = map(to_chunks, (q, v, key, log_forget))
+    decay = _span_decay(log_forget)  # [B, H, N, C(s), C(t), K]
     b = log_forget.cumsum(dim=-2)  # log decay from the chunk start, inclusive      # [B, H, N, C, K]
-    b_last = b[..., -1:, :]  # [B, H, N, 1, K]
 
-    # Inside each chunk: o_t += sum_{s<=t} (q_t ⊙ k_s · exp(b_t - b_s)) v_s.
-    scores = torch.einsum("bhnck,bhnsk,bhncsk->bhncs", q, key, _pairwise_decay(b))  # [B, H, N, C, C]
+    # Inside each chunk: o_t += sum_{s<=t} (q_t ⊙ k_s · decay(s -> t)) v_s.
+    scores = torch.einsum("bhnck,bhnsk,bhnsck->bhncs", q, key, decay)  # [B, H, N, C, C]
     o = scores @ v  # [B, H, N, C, V]
 
     # Across chunks: the state entering chunk n reaches step t decayed by exp(b_t), and each step's
-    # contribution reaches the chunk end decayed by exp(b_last - b_s). Both exponents are <= 0.
+    # contribution reaches the chunk end decayed by decay(s -> C). Both exponents are <= 0.
     q_decayed = q * b.exp()
-    key_decayed = key * (b_last - b).exp()
-    chunk_decay = b_last.squeeze(-2).exp()  # [B, H, N, K]
+    key_decayed = key * decay[..., -1, :]
+    chunk_decay = b[..., -1, :].exp()  # [B, H, N, K]
     if initial_state is None:
         state = q.new_zeros(batch, heads, key_dim, value_dim)
     else:
         state = initial_state.to(acc)
     carried = []
-    for n in range(n_chunks):
-        carried.append(q_decayed[:, :, n] @ state)
-        state = chunk_decay[:, :, n, :, None] * state + key_decayed[:, :, n].transpose(-1, -2) @ v[:, :, n]
-    o = o + torch.stack(carried, dim=2)
+    # unbound once: indexing chunk n would make autograd build a zero tensor of every chunk per chunk, which
+    # made the backward quadratic in T
+    for q_n, decay_n, key_n, v_n in zip(q_decayed.unbind(2), chunk_decay.unbind(2), key_decayed.unbind(2), v.unbind(2)):
+        carried.append(q_n @ state)
+        state = decay_n[..., None] * state + key_n.transpose(-1, -2) @ v_n
+    o = o + torch.stack(carried, dim=2) if carried else o
     o = scale * o.permute(0, 2, 3, 1, 4).reshape(batch, n_chunks * chunk_size, heads, value_dim)
     return o[:, :seq_len], (state if output_final_state else None)
 
@@ -238,17 +250,16 @@ def _hgrn1_chunked_dense(x, log_forget, *, initial_state, output_final_state, ch
     n_chunks = x.shape[1] // chunk_size
     x, log_forget = (t.reshape(batch, n_chunks, chunk_size, dim) for t in (x, log_forget))
     key_input = -torch.expm1(log_forget) * x  # (1 - λ_s) x_s
-    b = log_forget.cumsum(dim=2)  # [B, N, C, D]
-    # Inside each chunk: h_t = sum_{s<=t} exp(b_t - b_s) (1 - λ_s) x_s, decays formed pairwise.
-    h = torch.einsum("bntsd,bnsd->bntd", _pairwise_decay(b), key_input)
-    decay_from_start = b.exp()
+    # Inside each chunk: h_t = sum_{s<=t} decay(s -> t) (1 - λ_s) x_s.
+    h = torch.einsum("bnstd,bnsd->bntd", _span_decay(log_forget), key_input)  # [B, N, C, D]
+    decay_from_start = log_forget.cumsum(dim=2).exp()
     hidden = x.new_zeros(batch, dim) if initial_state is None else initial_state.to(acc)
     outputs = []
-    for n in range(n_chunks):
-        h_n = h[:, n] + decay_from_start[:, n] * hidden[:, None]
+    for h_n, decay_n in zip(h.unbind(1), decay_from_start.unbind(1)):  # unbound once, as in HGRN2
+        h_n = h_n + decay_n * hidden[:, None]
         outputs.append(h_n)
         hidden = h_n[:, -1]
-    h = torch.stack(outputs, dim=1).reshape(batch, n_chunks * chunk_size, dim)
+    h = torch.stack(outputs, dim=1).reshape(batch, n_chunks * chunk_size, dim) if outputs else x.reshape(batch, 0, dim)
     return h[:, :seq_len], (hidden if output_final_state else None)
 
 

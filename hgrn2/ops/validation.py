@@ -29,13 +29,23 @@ def check_same_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], layo
         raise ValueError(f"{name} must have shape {layout} = {want}, got {_shape(t)}")
 
 
-def check_non_positive(name: str, t: torch.Tensor) -> None:
-    """log λ must be <= 0 (λ in (0, 1]); a positive value would make the state grow without bound."""
-    if t.numel() and bool((t > 0).any()):
-        raise ValueError(
-            f"{name} holds log forget gates and must be <= 0 everywhere (λ = exp(log_forget) in (0, 1]); "
-            f"its largest value is {t.max().item():.4g}. Use logsigmoid() or the lower-bounded gate."
-        )
+def check_log_forget(name: str, t: torch.Tensor) -> None:
+    """log λ must be <= 0 and not NaN: λ = exp(log λ) in [0, 1], where -inf (λ = 0) is a full reset of the
+    state. A positive value or +inf would make the state grow without bound; a NaN would spread through it."""
+    if not t.numel() or bool((t <= 0).all()):
+        return
+    nan = torch.isnan(t)
+    n_nan, n_positive = int(nan.sum()), int((t > 0).sum())
+    found = []
+    if n_positive:
+        found.append(f"{n_positive} values above 0 (the largest value is {t[~nan].max().item():.4g})")
+    if n_nan:
+        found.append(f"{n_nan} NaN")
+    raise ValueError(
+        f"{name} holds log forget gates and must be <= 0 everywhere, and not NaN (λ = exp({name}) in [0, 1]; "
+        f"-inf is λ = 0, a full reset); it holds {' and '.join(found)}. Compute it with logsigmoid() or the "
+        "lower-bounded gate; check_values=False skips this check (a device sync) where the gates are known good."
+    )
 
 
 def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> int:
@@ -74,7 +84,7 @@ def check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values
         layout = "[B, H, K, V]" if cu_seqlens is None else "[N, H, K, V] (one state per packed sequence)"
         check_same_shape("initial_state", initial_state, (n_states, heads, key_dim, v.shape[-1]), layout)
     if check_values:
-        check_non_positive("log_forget", log_forget)
+        check_log_forget("log_forget", log_forget)
 
 
 def check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values: bool = True) -> None:
@@ -91,4 +101,4 @@ def check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values: b
         layout = "[B, D]" if cu_seqlens is None else "[N, D] (one state per packed sequence)"
         check_same_shape("initial_state", initial_state, (n_states, dim), layout)
     if check_values:
-        check_non_positive("log_forget", log_forget)
+        check_log_forget("log_forget", log_forget)

@@ -35,9 +35,9 @@ def tiny_classifier(seed: int) -> SequenceClassifier:
     return SequenceClassifier("pathfinder", overrides={"hidden_size": 8, "num_layers": 2}, optim=optim)
 
 
-def fit(data_dir, max_steps: int, callbacks, seed: int = 0, **kwargs) -> pl.Trainer:
+def fit(data_dir, max_steps: int, callbacks, seed: int = 0, max_epochs: int | None = None, **kwargs) -> pl.Trainer:
     trainer = pl.Trainer(
-        accelerator="cpu", max_steps=max_steps, logger=False, enable_progress_bar=False,
+        accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )  # fmt: skip
@@ -46,19 +46,22 @@ def fit(data_dir, max_steps: int, callbacks, seed: int = 0, **kwargs) -> pl.Trai
     return trainer
 
 
+@pytest.mark.parametrize("max_epochs", [None, 3], ids=["max_steps", "max_epochs_and_max_steps"])
 def test_an_lra_fit_resumed_mid_epoch_continues_the_loss_curve_of_an_uninterrupted_one(
-    pathfinder_baseline_dir, tmp_path
+    pathfinder_baseline_dir, tmp_path, max_epochs
 ):
-    # 32 training images in batches of 6: 5 batches an epoch, so the interruption at step 7 is mid-epoch
+    # 32 training images in batches of 6: 5 batches an epoch, so the interruption at step 7 is mid-epoch. With
+    # max_epochs set the schedule's length needs the epoch's length, which Lightning counts by setting up the
+    # training data: before the restore, that loader would never be given the checkpoint's position.
     straight = LossRecorder()
-    fit(pathfinder_baseline_dir, 12, [straight])
+    fit(pathfinder_baseline_dir, 12, [straight], max_epochs=max_epochs)
     first = LossRecorder(stop_at=7)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=7, save_top_k=0)
-    fit(pathfinder_baseline_dir, 12, [first, checkpoint])
+    fit(pathfinder_baseline_dir, 12, [first, checkpoint], max_epochs=max_epochs)
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
     assert state["combined_loader"][0] == {"epoch": 1, "batches": 2, "seed": 4, "num_samples": 32}
     resumed = LossRecorder()
-    fit(pathfinder_baseline_dir, 12, [resumed], seed=1, ckpt_path=tmp_path / "last.ckpt")
+    fit(pathfinder_baseline_dir, 12, [resumed], seed=1, max_epochs=max_epochs, ckpt_path=tmp_path / "last.ckpt")
     assert len(straight.losses) == 12 and len(first.losses) == 7 and len(resumed.losses) == 5
     assert first.losses == pytest.approx(straight.losses[:7], rel=1e-6)
     assert resumed.losses == pytest.approx(straight.losses[7:], rel=1e-5)
@@ -84,3 +87,40 @@ def test_the_mqar_training_loader_is_resumable_in_an_order_of_seed_and_epoch():
     assert isinstance(train, ResumableDataLoader) and list(train.sampler) == list(reference)
     assert sum(len(batch["labels"]) for batch in train) == 32  # two full batches: the remainder is dropped
     assert sum(len(batch["labels"]) for batch in data.val_dataloader()) == 24
+
+
+class _Draws(torch.utils.data.Dataset):
+    """Items that draw from Python's, NumPy's and torch's global generators, as augmentations do."""
+
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, index: int):
+        import random
+
+        import numpy as np
+
+        return (index, random.random(), float(np.random.rand()), torch.rand(()).item())
+
+
+def test_seeded_items_are_a_function_of_seed_epoch_and_index_and_leave_the_global_generators_alone():
+    from datamodules.resumable import SeededItems
+
+    items = SeededItems(_Draws(), seed=3)
+    before = torch.get_rng_state()
+    first = items[(2, 5)]
+    assert torch.equal(torch.get_rng_state(), before)  # the caller's generator did not move
+    torch.rand(10)  # whatever the global generator's state, the same key gives the same draws
+    assert items[(2, 5)] == first and first[0] == 5
+    assert items[(3, 5)] != first and items[(2, 6)][1:] != first[1:]
+    assert SeededItems(_Draws(), seed=4)[(2, 5)] != first
+
+
+def test_training_and_evaluation_loaders_take_no_number_from_the_global_generator():
+    from datamodules.resumable import ordered_loader, split_loader
+
+    before = torch.get_rng_state()
+    train = ordered_loader(_Draws(), None, batch_size=4, shuffle=True, seed=1, resumable=False, augmented=True)
+    evaluation = split_loader(list(range(8)), None, train=False, seed=1, batch_size=4, num_workers=0)
+    assert len([*train, *evaluation]) == 4
+    assert torch.equal(torch.get_rng_state(), before)  # no base seed drawn, no augmentation drawn from it

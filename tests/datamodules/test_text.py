@@ -266,3 +266,55 @@ def test_bad_arguments_raise_clear_errors(corpus):
         TextDataModule(dataset="wikitext", data_files=corpus)
     with pytest.raises(ValueError, match="data_files keys"):
         TextDataModule(data_files={"validation": corpus["val"]})
+
+
+# ------------------------------------------------------------------------------------------ bad input files
+
+
+def test_a_broken_jsonl_line_is_an_error_naming_the_file_and_line(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    path.write_text('{"text": "one"}\n\n{"text": "two"\n{"text": "three"}\n', encoding="utf-8")
+    with pytest.raises(ValueError, match=r"docs\.jsonl:3: not valid JSON .*one record like .*fix or remove that line"):
+        list(LocalFilesSource({"train": str(path)})._keyed("train"))
+
+
+@pytest.mark.parametrize("value, shown", [(12345, "int 12345"), (["a"], "list \\['a'\\]")])
+def test_a_jsonl_record_whose_text_is_not_a_string_is_an_error_naming_the_line(tmp_path, value, shown):
+    path = tmp_path / "docs.jsonl"
+    path.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps({"text": value}) + "\n", encoding="utf-8")
+    with pytest.raises(ValueError, match=rf"docs\.jsonl:2: field 'text' holds {shown}, not a string; .*text_field"):
+        list(LocalFilesSource({"train": str(path)})._keyed("train"))
+
+
+def test_a_binary_file_given_as_text_is_an_error_naming_it(tmp_path):
+    path = tmp_path / "weights.txt"
+    path.write_bytes(bytes(range(256)) * 20)  # NUL bytes and 128 undecodable bytes in every 256
+    with pytest.raises(ValueError, match=r"weights\.txt, line \d+: not UTF-8 text \(.*undecodable bytes.*convert it"):
+        list(LocalFilesSource({"train": str(path)})._keyed("train"))
+
+
+def test_a_few_undecodable_bytes_are_replaced_with_a_warning_that_counts_them(tmp_path):
+    path = tmp_path / "latin.txt"
+    path.write_bytes(("plain line\n" * 300).encode() + b"caf\xe9 au lait\n")
+    with pytest.warns(UserWarning, match=r"latin\.txt, line 301: 1 bytes that are not UTF-8 .*replaced by U\+FFFD"):
+        docs = [text for _, text in LocalFilesSource({"train": str(path)})._keyed("train")]
+    assert docs[-1] == "caf\ufffd au lait\n" and docs[0] == "plain line\n"
+
+
+def test_a_truncated_cache_metadata_file_is_an_error_naming_it_and_the_fix(corpus, tmp_path):
+    dm = TextDataModule(data_files=corpus, seq_len=16, batch_size=2, cache_dir=str(tmp_path / "cache"))
+    dm.prepare_data()
+    stem, _, _ = dm.cache_location("train")
+    meta = stem.with_name(stem.name + ".json")
+    meta.write_text(meta.read_text()[:40])
+    with pytest.raises(ValueError, match=r"metadata .*\.json is not valid JSON .*Delete .*\.json and .*\.bin"):
+        TextDataModule(data_files=corpus, seq_len=16, batch_size=2, cache_dir=str(tmp_path / "cache")).prepare_data()
+
+
+def test_a_cache_folder_that_cannot_be_written_is_an_error_before_tokenizing(corpus, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    dm = TextDataModule(data_files=corpus, seq_len=16, cache_dir=str(blocker / "cache"))
+    monkeypatch.setattr(dm.source, "documents", lambda split: pytest.fail("tokenized before the check"))
+    with pytest.raises(ValueError, match=r"token cache folder .*a_file/cache cannot be written .*cache_dir"):
+        dm.prepare_data()

@@ -147,8 +147,9 @@ def test_bfloat16_lower_bound_gradient_over_many_chunks(precise):
     error = relative_error(beta.grad, leaves[3].grad)
     if precise is None:
         assert error <= TOL[torch.bfloat16] / 4, f"dlower_bound: relative error {error:.3e}"
-    else:  # the rounding this path removes: if this fails, the test's shapes no longer show it
-        assert error > TOL[torch.bfloat16] / 2, f"dlower_bound: relative error {error:.3e}"
+    else:  # the rounding this path removes (if the lower limit fails, the test's shapes no longer show it), but
+        # a gradient still: a zero or unrelated one is off by 1 or more
+        assert TOL[torch.bfloat16] / 2 < error < 5 * TOL[torch.bfloat16], f"dlower_bound: relative error {error:.3e}"
 
 
 def test_gated_chunk_broadcasts_a_per_channel_lower_bound():
