@@ -88,7 +88,7 @@ def test_bad_checkpoints_raise_errors_that_name_the_file_and_the_problem(tmp_pat
     with pytest.raises(FileNotFoundError, match=r"missing\.ckpt: no such file.*init_from PATH"):
         load_model_weights(classifier(), tmp_path / "missing.ckpt")
     (tmp_path / "broken.ckpt").write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"broken\.ckpt: cannot read it as a checkpoint"):
+    with pytest.raises(ValueError, match=r"broken\.ckpt: not a complete checkpoint"):
         load_model_weights(classifier(), tmp_path / "broken.ckpt")
     torch.save({"weights": {}}, tmp_path / "bare.ckpt")
     with pytest.raises(ValueError, match=r"bare\.ckpt: holds no 'state_dict'"):
