@@ -88,14 +88,14 @@ class _Launch:
         self.precise_flags = dict(DT=tl.float32, PRECISION="tf32") if precise else {}
         self.intra = INTRA_DOT if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
 
-    def deltas(self, q, g, x, scale, backward: bool, precise: bool):
+    def deltas(self, q, g, x, scale, backward: bool):
         """Every chunk's Δ (float32 [chunks, H, K, V]) and decay exp(b_C) (float32 [chunks, H, K])."""
         shape = (self.n_chunks, self.heads, self.key_dim, self.value_dim)
         delta = torch.empty(shape, dtype=torch.float32, device=g.device)
         decay = torch.empty(self.n_chunks, self.heads, self.key_dim, dtype=torch.float32, device=g.device)
         bv = self.value_tile["delta"]
         tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, bv)
-        flags = self.flags | (self.precise_flags if precise else {})
+        flags = self.flags if backward else self.flags | self.precise_flags  # TF32 deltas: the forward's states
         chunk_delta_kernel[(self.n_chunks * tiles, self.heads)](
             q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, self.bound[0], self.bound[1], scale,
             self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=LAUNCH["delta_warps"], **flags,
@@ -119,7 +119,7 @@ class _Launch:
 
 def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state, keep_scores):
     L = launch
-    delta, decay = L.deltas(q, g, v, scale, backward=False, precise=True)
+    delta, decay = L.deltas(q, g, v, scale, backward=False)
     h = torch.empty(L.n_chunks + L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=L.state_dtype, device=q.device)
     final_state = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
@@ -139,7 +139,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
 
 def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial):
     L = launch
-    delta, decay = L.deltas(q, g, do, scale, backward=True, precise=False)
+    delta, decay = L.deltas(q, g, do, scale, backward=True)
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
