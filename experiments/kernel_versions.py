@@ -28,14 +28,14 @@ HEADS, DIM = 8, 128
 SHAPES = ((16384, 1024), (16384, 4096), (16384, 16384), (65536, 4096))
 # --variants: launch settings (hgrn2.ops.chunk.LAUNCH overrides) timed against each other
 VARIANTS = {
-    "w4": dict(delta_warps=4, dqk_warps=4, dv_warps=4),
-    "w8": {},
-    "w8-bv128": dict(delta_warps=8, dqk_warps=8, dv_warps=8, delta_bv=128, dv_bv=128),
-    "w8-out64": dict(delta_warps=8, dqk_warps=8, dv_warps=8, output_bv=64, output_warps=4),
-    "w8-dqk128": dict(delta_warps=8, dqk_warps=8, dv_warps=8, dqk_bv=128),
-    "w8-scan64": dict(delta_warps=8, dqk_warps=8, dv_warps=8, scan_tile=64, scan_warps=4),
+    "deltas": dict(walk_programs_per_sm=float("inf")),  # v3: every chunk's delta at once, then the walk
+    "walk": dict(walk_programs_per_sm=0.0),  # every shape through the walk that forms the deltas itself
+    "walk-s1": dict(walk_programs_per_sm=0.0, walk_stages=1),
+    "walk-w8": dict(walk_programs_per_sm=0.0, walk_warps=8),
+    "walk-t32": dict(walk_programs_per_sm=0.0, walk_tile=32, walk_warps=2),
+    "default": {},
 }
-VARIANT_SHAPES = ((16384, 4096), (16384, 16384), (65536, 4096))
+VARIANT_SHAPES = SHAPES
 
 
 def ms(fn) -> float:
@@ -115,7 +115,7 @@ def main() -> None:
     parser.add_argument("--out", help="JSON report")
     args = parser.parse_args()
     if args.variants:
-        time_variants(args.out)
+        time_variants(args.out, args.fla)
         return
     versions = {"new": new}
     if args.old_root:
@@ -153,7 +153,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))
 
 
-def time_variants(out: str | None) -> None:
+def time_variants(out: str | None, with_fla: bool) -> None:
     defaults = dict(new.LAUNCH)
     report = {"device": torch.cuda.get_device_name(0), "defaults": defaults, "variants": {}}
     for name, overrides in VARIANTS.items():
@@ -169,6 +169,9 @@ def time_variants(out: str | None) -> None:
             Path(out).write_text(json.dumps(report, indent=1))
     new.LAUNCH.clear()
     new.LAUNCH.update(defaults)
+    if with_fla:  # fla last: its first call autotunes for minutes
+        report["fla"] = [{"tokens": t, "T": s, **fla_timing(t, s)} for t, s in VARIANT_SHAPES]
+        print("fla", json.dumps(report["fla"]), flush=True)
     for precise in (True, False):  # the lower bound's gradient with and without the float32 path, B = 4, T = 4096
         errors = accuracy(new, torch.bfloat16, 2.0, batch=4, seq_len=4096, precise=precise)
         report[f"accuracy precise={precise}"] = errors
@@ -179,6 +182,14 @@ def time_variants(out: str | None) -> None:
     for name, entry in report["variants"].items():
         cells = [f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f} {r['gated_fwdbwd']:6.3f}" for r in entry["rows"]]
         print(f"{name:12s} | " + " | ".join(cells))
+    if with_fla:
+        print(f"{'fla':12s} | " + " | ".join(f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f}       " for r in report["fla"]))
+        for name, entry in report["variants"].items():
+            ratios = [
+                f"{r['fwd'] / f['fwd']:.2f} {r['fwdbwd'] / f['fwdbwd']:.2f}"
+                for r, f in zip(entry["rows"], report["fla"])
+            ]
+            print(f"{name:12s} / fla | " + " | ".join(ratios))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import math
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -121,3 +123,17 @@ class LossRecorder(pl.Callback):
         self.losses.append(loss.item())
         if self.stop_at is not None and trainer.global_step >= self.stop_at:
             trainer.should_stop = True  # an interruption: the run ends here, its last checkpoint is at this step
+
+
+@contextlib.contextmanager
+def chunk_state_path(path: str):
+    """Run the chunked kernels' states through one path of ``hgrn2.ops.chunk.LAUNCH``: "walk" (the deltas formed
+    inside the walk over chunks) or "deltas" (every chunk's delta at once, then the elementwise walk)."""
+    from hgrn2.ops import chunk
+
+    saved = chunk.LAUNCH["walk_programs_per_sm"]
+    chunk.LAUNCH["walk_programs_per_sm"] = {"walk": 0.0, "deltas": math.inf}[path]
+    try:
+        yield
+    finally:
+        chunk.LAUNCH["walk_programs_per_sm"] = saved

@@ -1,9 +1,11 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
 Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64
-steps: every chunk's state delta (all chunks at once), an elementwise walk over the chunks that stores the state
-entering each (bfloat16 for bfloat16 inputs, else float32), then every chunk's output; the backward runs the
-same two state kernels backwards for the state gradients, then dq/d log λ and dv chunk by chunk. The key 1 - λ
+steps: the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every chunk's output;
+the backward forms the state gradients the same way, backwards, then dq/d log λ and dv chunk by chunk. The
+states come from a walk over the chunks that forms each chunk's state delta on the way when the call has
+enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once followed by an
+elementwise walk. The key 1 - λ
 is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and
 ``hgrn2.ops.chunk_bwd``.
 
@@ -21,7 +23,7 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
-from hgrn2.ops.chunk_fwd import chunk_delta_kernel, output_fwd_kernel, state_scan_kernel
+from hgrn2.ops.chunk_fwd import chunk_delta_kernel, output_fwd_kernel, state_scan_kernel, state_walk_kernel
 from hgrn2.ops.gates import activation
 from hgrn2.ops.kernel_utils import (
     FUSED_ACTIVATIONS,
@@ -41,9 +43,13 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # Tiles and warps of each kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
 # share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants).
+# The chunk states come from one of two paths: with at least ``walk_programs_per_sm`` programs per SM of
+# [walk_tile, walk_tile] state tiles, one kernel walks the chunks and forms each chunk's delta on the way
+# (``state_walk_kernel``); with fewer (few, long sequences), every chunk's delta is formed at once and an
+# elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``).
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
-    dqk_warps=8, dv_bv=128, dv_warps=8,
+    dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -51,6 +57,13 @@ __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
+
+
+def _sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere, e.g. under the Triton interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _Launch:
@@ -102,6 +115,24 @@ class _Launch:
         )  # fmt: skip
         return delta, decay
 
+    def states(self, q, g, x, scale, s0, out, out_last, backward: bool, store_last: bool):
+        """The state entering every chunk and the final state (backwards: the state gradient leaving every chunk
+        and the initial state's gradient) into ``out`` and ``out_last``, by one of the two paths of ``LAUNCH``."""
+        tile = LAUNCH["walk_tile"]
+        bk, bv = min(tile, _pow2(self.key_dim)), min(tile, _pow2(self.value_dim))
+        grid = (self.n_seqs * self.heads, triton.cdiv(self.key_dim, bk), triton.cdiv(self.value_dim, bv))
+        if grid[0] * grid[1] * grid[2] < LAUNCH["walk_programs_per_sm"] * _sm_count(q.device):
+            delta, decay = self.deltas(q, g, x, scale, backward)
+            self.scan(delta, decay, s0, out, out_last, reverse=backward, store_last=store_last)
+            return
+        flags = self.flags if backward else self.flags | self.precise_flags
+        state_walk_kernel[grid](
+            q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
+            self.bound[0], self.bound[1], scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
+            STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
+            num_warps=LAUNCH["walk_warps"], **flags,
+        )  # fmt: skip
+
     def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
         """Walk the chunks of every sequence (backwards with ``reverse``), see ``state_scan_kernel``."""
         grid = (
@@ -119,12 +150,10 @@ class _Launch:
 
 def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state, keep_scores):
     L = launch
-    delta, decay = L.deltas(q, g, v, scale, backward=False)
     h = torch.empty(L.n_chunks + L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=L.state_dtype, device=q.device)
     final_state = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    L.scan(delta, decay, h0, h, final_state, reverse=False, store_last=output_final_state)
-    del delta
+    L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     o = torch.empty_like(v)
     scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * CHUNK if keep_scores else 1, device=q.device)
     bv = L.value_tile["output"]
@@ -139,12 +168,10 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
 
 def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial):
     L = launch
-    delta, decay = L.deltas(q, g, do, scale, backward=True)
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
-    L.scan(delta, decay, dht, d_states, d_initial, reverse=True, store_last=need_d_initial)
-    del delta
+    L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     has_bound = L.flags["HAS_BOUND"]
     d_beta = torch.empty(L.n_chunks * L.heads * L.key_dim if has_bound else 1, device=q.device)

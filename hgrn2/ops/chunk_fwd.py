@@ -8,6 +8,8 @@ Per head, with chunks of C steps, g = log λ and b its running sum inside a chun
 * ``state_scan_kernel``: one program per (sequence, head, K tile, V tile) walks the chunks in order,
   S ← exp(b_C) ⊙ S + Δ, an elementwise update, and stores the state entering each chunk and the final one
   (backwards: the state gradient leaving each chunk, and the initial state's gradient).
+* ``state_walk_kernel``: the two above in one, for calls with many (sequence, head) pairs: each program walks
+  its chunks and forms every chunk's Δ on the way, so the deltas never reach memory.
 * ``output_fwd_kernel``: one program per (V tile, chunk, head): o = (q · exp(b)) S_in + A v with the chunk's
   causal scores A = (q ⊙ exp(b_t - b_s)) k^T, s <= t, which it can keep for the backward.
 
@@ -60,29 +62,15 @@ def intra_scores(q, k, b, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.
 
 
 @triton.jit
-def chunk_delta_kernel(
-    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
+def chunk_delta(
+    q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, log_beta, log1m_beta, scale, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
     ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # forward: x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD: x = do, Δ = scale · (q · exp(b))^T do.
-    # Δ float32 [chunks, H, K, V]; the chunk's decay exp(b_C) float32 [chunks, H, K] (written by the first V tile)
-    NK: tl.constexpr = (K + BK - 1) // BK
-    NV: tl.constexpr = (V + BV - 1) // BV
-    i_v = tl.program_id(0) % NV
-    i_k = (tl.program_id(0) // NV) % NK
-    i_c, i_h = tl.program_id(0) // (NV * NK), tl.program_id(1)
-    _, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
-    o_t = tl.arange(0, C)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_t = c * C + o_t < length
+    """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk starting at token row0:
+    forward x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do."""
     m_tk = m_t[:, None] & m_k[None, :]
-    row0 = bos + c * C
     k_tile = o_t[:, None] * (H * K) + o_k[None, :]
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     g = load_log_forget(
         g_ptr + row0 * (H * K) + i_h * K + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
     )  # fmt: skip
@@ -95,10 +83,76 @@ def chunk_delta_kernel(
         w = one_minus_exp(g) * tl.exp(b_end[None, :] - b)
     v_tile = o_t[:, None] * (H * V) + o_v[None, :]
     x = tl.load(x_ptr + row0 * (H * V) + i_h * V + v_tile, mask=m_t[:, None] & m_v[None, :], other=0.0)
-    delta = matmul(tl.trans(w), x, DT, PRECISION, INTERPRET)  # [BK, BV]
+    return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
+
+
+@triton.jit
+def chunk_delta_kernel(
+    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
+    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
+    ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+):  # fmt: skip
+    # Δ float32 [chunks, H, K, V] (see chunk_delta); the chunk's decay exp(b_C) float32 [chunks, H, K] (written
+    # by the first V tile)
+    NK: tl.constexpr = (K + BK - 1) // BK
+    NV: tl.constexpr = (V + BV - 1) // BV
+    i_v = tl.program_id(0) % NV
+    i_k = (tl.program_id(0) // NV) % NK
+    i_c, i_h = tl.program_id(0) // (NV * NK), tl.program_id(1)
+    _, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
+    o_t = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
+    delta, b_end = chunk_delta(
+        q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, log_beta, log1m_beta,
+        scale, H, K, V, BACKWARD, GATED, HAS_BOUND, ACT, DT, PRECISION, INTERPRET,
+    )  # fmt: skip
     base = i_c.to(tl.int64) * H + i_h
     tl.store(delta_ptr + base * K * V + o_k[:, None] * V + o_v[None, :], delta, mask=m_k[:, None] & m_v[None, :])
     tl.store(decay_ptr + base * K + o_k, tl.exp(b_end), mask=m_k & (i_v == 0))
+
+
+@triton.jit
+def state_walk_kernel(
+    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, log_beta_ptr, log1m_beta_ptr, scale, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    HAS_S0: tl.constexpr, STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr,
+    GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, STAGES: tl.constexpr,
+):  # fmt: skip
+    # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
+    # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
+    # what state_scan_kernel stores (BACKWARD walks backwards, as its REVERSE).
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
+    n_chunks = tl.cdiv(length, C)
+    o_t = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv_tile = o_k[:, None] * V + o_v[None, :]
+    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        state += tl.load(s0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
+    slot0 = first_chunk if BACKWARD else first_chunk + i_n
+    for step in tl.range(0, n_chunks, num_stages=STAGES):
+        c = n_chunks - 1 - step if BACKWARD else step
+        tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+        delta, b_end = chunk_delta(
+            q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, log_beta,
+            log1m_beta, scale, H, K, V, BACKWARD, GATED, HAS_BOUND, ACT, DT, PRECISION, INTERPRET,
+        )  # fmt: skip
+        state = state * tl.exp(b_end)[:, None] + delta
+    if not BACKWARD:
+        tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+    if STORE_HT:
+        tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, state, mask=m_kv)
 
 
 @triton.jit

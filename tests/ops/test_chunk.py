@@ -19,6 +19,7 @@ from tests.helpers import (
     assert_rel_close,
     check_against_float64,
     check_hgrn2_kernel,
+    chunk_state_path,
     gated_kernel_leaves,
     kernel_leaf,
     relative_error,
@@ -27,7 +28,14 @@ from tests.helpers import (
 chunk = pytest.importorskip("hgrn2.ops.chunk")
 
 
-pytestmark = pytest.mark.usefixtures("no_tf32")
+pytestmark = pytest.mark.usefixtures("no_tf32", "state_path")
+
+
+@pytest.fixture(params=["walk", "deltas"], autouse=False)
+def state_path(request):
+    """Every test here runs both ways of forming the chunk states (``hgrn2.ops.chunk.LAUNCH``)."""
+    with chunk_state_path(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ from collections import Counter
 import pytest
 import torch
 
+from tests.helpers import chunk_state_path
 from tests.ops.float64_oracle import (
     BOUNDS,
     FORGET_PROJ_GATES,
@@ -193,7 +194,14 @@ CASES = draw_cases(CPU_CASES, CPU_SEED, full=False)
 def test_fuzz_case_matches_the_float64_loop(case):
     if GPU_MODE and not torch.cuda.is_available():
         pytest.skip("HGRN2_TEST_GPU=1 needs a CUDA device")
-    check_case(case, "cuda" if GPU_MODE else "cpu")
+    with chunk_state_path(_state_path(case)):
+        check_case(case, "cuda" if GPU_MODE else "cpu")
+
+
+def _state_path(case: Case) -> str:
+    """The chunked kernels form their states one way or the other (``hgrn2.ops.chunk.LAUNCH``): half the cases
+    each."""
+    return "walk" if case.seed % 2 else "deltas"
 
 
 def test_fuzz_cases_cover_every_backend_edge_and_wide_tile():
@@ -274,7 +282,8 @@ def test_fuzz_case_at_full_size_matches_the_float64_loop_on_gpu(case, fuzz_log):
     start = time.perf_counter()
     found, verdict = None, "error"
     try:
-        found = check_case(case, "cuda")
+        with chunk_state_path(_state_path(case)):
+            found = check_case(case, "cuda")
         verdict = "ok"
     except AssertionError as error:
         verdict = f"FAIL {error}"
@@ -282,4 +291,5 @@ def test_fuzz_case_at_full_size_matches_the_float64_loop_on_gpu(case, fuzz_log):
     finally:
         fuzz_log.counts[verdict.split()[0]] += 1
         worst = "" if found is None else " ".join(f"{n}={o:.1e}/{c:.1e}" for n, (o, c, _) in found.items())
-        fuzz_log.write(f"{case} {time.perf_counter() - start:.2f}s {verdict} {worst}")
+        path = f" states={_state_path(case)}" if case.backend == "triton" and case.op in ("hgrn2", "gated") else ""
+        fuzz_log.write(f"{case}{path} {time.perf_counter() - start:.2f}s {verdict} {worst}")
