@@ -2,10 +2,11 @@
 # Runs the benchmark jobs named on the command line, one after another, on a GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling ops
 # Jobs: check (every `gpu`-marked test: the kernels at full size against float64, the LRA encoder, the fused LM),
-# lm374m (200 steps of configs/lm/374m.yaml through hgrn2 fit), vision, vision-chunked, ops (kernels against fla;
-# FLA_BUDGET_S caps fla's autotuning), train-8192, scaling (scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt, each
-# also a job alone) and, on two GPUs, scaling-2gpu (the 374m LM on one GPU, then on two under DDP and under FSDP, at
-# one global batch). The research studies have their own suite: experiments/gpu_suite.sh.
+# lm374m (200 steps of configs/lm/374m.yaml through hgrn2 fit), vision, vision-chunked, small-state (training steps
+# of ListOps, Pathfinder-32 and HGRN2-Tiny against their target rates, ListOps' kernels profiled), ops (kernels
+# against fla; FLA_BUDGET_S caps fla's autotuning), train-8192, scaling (scaling-ddp, scaling-fsdp and
+# scaling-fsdp-ckpt, each also a job alone) and, on two GPUs, scaling-2gpu (the 374m LM on one GPU, then on two
+# under DDP and under FSDP, at one global batch). The research studies have their own suite: experiments/gpu_suite.sh.
 # Each job writes its JSON or log to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
 RESULTS=benchmarks/results
@@ -34,6 +35,9 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       run vision-chunked python benchmarks/vision_throughput.py --expand-ratios 2 16 --backend triton \
         --out "$RESULTS/vision-chunked.json"
       cp "$RESULTS"/vision-chunked.json "$OUT/" ;;
+    small-state)  # the profile runs after the timed steps and does not slow them
+      run small-state python benchmarks/small_state_throughput.py --profile listops
+      cp "$RESULTS"/*-small-state.json "$OUT/" ;;
     ops)  # kernels against fla: its first call autotunes for minutes
       run ops python benchmarks/ops.py --out "$RESULTS" --fla-budget-s "${FLA_BUDGET_S:-200}"
       cp "$RESULTS"/*-ops.json "$OUT/" ;;

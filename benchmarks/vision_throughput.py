@@ -15,11 +15,13 @@ import argparse
 import platform
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import timm
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import hgrn2  # noqa: F401  (registers the hgrn2 vision models with timm)
 from datamodules.atomic import write_json_atomically
@@ -35,17 +37,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def measure(
-    name: str,
-    device: torch.device,
-    batch_size: int,
-    image_size: int,
-    steps: int,
-    warmup: int,
-    dtype: torch.dtype | None,
-    **model_kwargs,
-) -> dict:
-    """Train ``name`` for ``warmup + steps`` steps on random data and return its throughput and memory."""
+def training_step(
+    name: str, device: torch.device, batch_size: int, image_size: int, dtype: torch.dtype | None, **model_kwargs
+) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
+    """The model ``name`` and a function that trains it one step (bf16 autocast unless ``dtype`` is None, AdamW,
+    cross-entropy) on one fixed batch of random images and returns the loss."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, img_size=image_size, **model_kwargs).to(device).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
@@ -53,7 +49,7 @@ def measure(
     labels = torch.randint(0, 1000, (batch_size,), device=device)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         with autocast:
             loss = F.cross_entropy(model(images).float(), labels)
         loss.backward()
@@ -61,11 +57,18 @@ def measure(
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
+    return model, step
+
+
+def time_steps(step: Callable[[], torch.Tensor], device: torch.device, steps: int, warmup: int, name: str) -> dict:
+    """Run ``step`` ``max(1, warmup)`` times, the first timed alone (it includes any kernel compilation), then
+    ``steps`` times between synchronisations: ``first_step_s``, ``elapsed_s`` of the timed steps and the last
+    ``loss``. A non-finite loss is an error naming ``name``."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     _sync(device)
     start = time.perf_counter()
-    step()
+    loss = step()
     _sync(device)
     first_step_s = time.perf_counter() - start
     for _ in range(max(0, warmup - 1)):
@@ -78,14 +81,35 @@ def measure(
     elapsed = time.perf_counter() - start
     if not torch.isfinite(loss):
         raise RuntimeError(f"{name}: non-finite loss {loss.item()} during the benchmark")
+    return {"first_step_s": first_step_s, "elapsed_s": elapsed, "loss": loss}
+
+
+def peak_memory_gib(device: torch.device) -> float | None:
+    """Peak allocated memory since :func:`time_steps` began (None on the CPU)."""
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def measure(
+    name: str,
+    device: torch.device,
+    batch_size: int,
+    image_size: int,
+    steps: int,
+    warmup: int,
+    dtype: torch.dtype | None,
+    **model_kwargs,
+) -> dict:
+    """Train ``name`` for ``warmup + steps`` steps on random data and return its throughput and memory."""
+    model, step = training_step(name, device, batch_size, image_size, dtype, **model_kwargs)
+    timing = time_steps(step, device, steps, warmup, name)
     return {
         "model": name,
         "model_kwargs": model_kwargs,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
-        "images_per_s": round(batch_size * steps / elapsed, 1),
-        "step_ms": round(1e3 * elapsed / steps, 2),
-        "first_step_s": round(first_step_s, 2),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "images_per_s": round(batch_size * steps / timing["elapsed_s"], 1),
+        "step_ms": round(1e3 * timing["elapsed_s"] / steps, 2),
+        "first_step_s": round(timing["first_step_s"], 2),
+        "peak_memory_gib": peak_memory_gib(device),
     }
 
 

@@ -8,7 +8,8 @@
 2. trains the paper's model for each (the ``listops`` and ``pathfinder`` presets, paper batch sizes and peak learning
    rates, bf16) for ``--minutes`` of wall-clock time each: the step count of a time-boxed run is unknown in
    advance, so the learning rate warms up over the first 10 % of the time and then follows a cosine to 0 at the
-   end of the budget (the paper: 5,000 / 50,000 warm-up steps out of 50,000 / 500,000);
+   end of the budget (the paper: 5,000 / 50,000 warm-up steps in cosine schedules of 50,000 / 500,000 steps, of
+   which its 50 / 100 epochs train 37,500 / 125,000);
 3. scores the last model on the held-out test split and writes ``<out>/<gpu>-lra.json`` with the accuracies, the
    chance and majority-class baselines, the data sizes and the settings (a task run alone replaces only its own
    entry, so the two runs above fill one file; generated data under ``--data-dir`` are reused when present).
