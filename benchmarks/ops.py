@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gpu_info import triton_cache_state  # noqa: E402
 
 from datamodules.atomic import write_json_atomically  # noqa: E402
+from hgrn2.ops import hgrn2_recurrence  # noqa: E402
 from hgrn2.ops.chunk import chunk_hgrn2, chunk_hgrn2_gated  # noqa: E402
 from hgrn2.ops.gates import lower_bounded_log_forget  # noqa: E402
 from hgrn2.ops.recurrent import fused_recurrent_hgrn2_step  # noqa: E402
@@ -140,6 +141,12 @@ def time_decode(batch, with_fla=False):
     g = F.logsigmoid(torch.randn(batch, HEADS, DIM, device="cuda") + 2).to(torch.bfloat16)
     state = torch.zeros(batch, HEADS, DIM, DIM, device="cuda")
     row = {"B": batch, "ours_us": 1e3 * ms(lambda: fused_recurrent_hgrn2_step(q, v, g, state))}
+    # the public op with T = 1, state in and out: what a caller that does not know the decoding step pays
+    with torch.no_grad():
+        one_step = lambda: hgrn2_recurrence(  # noqa: E731
+            q[:, None], v[:, None], g[:, None], initial_state=state, output_final_state=True
+        )
+        row["public_op_T1_us"] = 1e3 * ms(one_step)
     if with_fla:
         k = (-torch.expm1(g.float())).to(torch.bfloat16)
         step = lambda: fused_recurrent_gla(  # noqa: E731
@@ -235,7 +242,8 @@ def print_tables(result):
     print("\ndecode step (one layer's recurrence), us")
     for r in result["decode"]:
         print(
-            f"B={r['B']:3d} ours {r['ours_us']:7.1f} | fla {r.get('fla_us', 0):7.1f} | "
+            f"B={r['B']:3d} ours {r['ours_us']:7.1f} (hgrn2_recurrence, T = 1: {r['public_op_T1_us']:7.1f}) | "
+            f"fla {r.get('fla_us', 0):7.1f} | "
             f"{ratio(r['ours_us'], r.get('fla_us'))}"
         )
     print("\nHGRN1 scan bf16, ms")

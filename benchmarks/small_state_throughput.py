@@ -12,7 +12,7 @@ device: a few warm-up steps (the first timed apart: it includes kernel compilati
 * ``vision`` times ``hgrn2_vit_tiny_patch16_224`` and timm's ``deit_tiny_patch16_224`` in the same run, as
   ``vision_throughput.py`` does.
 
-Each job records its rate against the target of issue #25 (ListOps 25 steps/s, Pathfinder 50 steps/s, HGRN2-Tiny
+Each job records its rate against its target (ListOps 25 steps/s, Pathfinder 50 steps/s, HGRN2-Tiny
 1,800 images/s, each at batch 128 in bf16; ``met`` is None when measured at other shapes) and the recurrence
 backend that ran. ``--profile JOB`` then runs that job's step under torch.profiler and adds its kernels, by self
 CUDA time (on the CPU: its operators, by self CPU time), to the job's entry. Results go to

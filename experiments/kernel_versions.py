@@ -30,9 +30,10 @@ SHAPES = ((16384, 1024), (16384, 4096), (16384, 16384), (65536, 4096))
 VARIANTS = {
     "deltas": dict(walk_programs_per_sm=float("inf")),  # v3: every chunk's delta at once, then the walk
     "walk": dict(walk_programs_per_sm=0.0),  # every shape through the walk that forms the deltas itself
-    "walk-s1": dict(walk_programs_per_sm=0.0, walk_stages=1),
     "walk-w8": dict(walk_programs_per_sm=0.0, walk_warps=8),
     "walk-t32": dict(walk_programs_per_sm=0.0, walk_tile=32, walk_warps=2),
+    "split": dict(split_scores=True),  # the forward's scores by their own kernel, read by the output kernel
+    "split-w8": dict(split_scores=True, scores_warps=8),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
@@ -89,12 +90,15 @@ def timing(op, tokens, seq_len) -> dict:
     beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
     plain = lambda: op.chunk_hgrn2(q, v, g)[0]  # noqa: E731
     gated = lambda: op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu")[0]  # noqa: E731
-    return {
+    times = {
         "fwd": ms(plain),
         "fwdbwd": ms(fwd_bwd(plain, [q, v, g])),
-        "gated_fwd": ms(gated),
         "gated_fwdbwd": ms(fwd_bwd(gated, [q, v, g, beta])),
     }
+    if op is new:  # the gated entry without the float32 path for the lower bound's gradient
+        half = lambda: op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu", precise_bound_grad=False)[0]  # noqa: E731
+        times["gated_fwdbwd_half"] = ms(fwd_bwd(half, [q, v, g, beta]))
+    return times
 
 
 def fla_timing(tokens, seq_len) -> dict:
