@@ -28,6 +28,7 @@ from hgrn2.ops.kernel_utils import (
     load_bound,
     load_log_forget,
     load_query,
+    log_decay_to_end,
     matmul,
     one_minus_exp,
     output_gate_grad,
@@ -36,10 +37,11 @@ from hgrn2.ops.kernel_utils import (
 
 @triton.jit
 def intra_grads(
-    q, k, b, d_scores, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr
+    q, k, g, b, d_scores, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr
 ):  # fmt: skip
     """dq and dk of this K tile from the causal score gradients dA [C, C] (zero above the diagonal):
-    dq_t = Σ_s dA_ts k_s exp(b_t - b_s), dk_s = Σ_t dA_ts q_t exp(b_t - b_s)."""
+    dq_t = Σ_s dA_ts k_s exp(b_t - b_s), dk_s = Σ_t dA_ts q_t exp(b_t - b_s); the fallback forms b_t - b_s from
+    the gates between s and t, as ``intra_scores`` does."""
     b_mid = tl.sum(tl.where(o_t[:, None] == C // 2 - 1, b, 0.0), 0)
     spread = b - b_mid[None, :]
     if tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD:
@@ -50,9 +52,9 @@ def intra_grads(
         dk = tl.zeros_like(q)
         for s in range(C):
             row = o_t[:, None] == s
-            b_s = tl.sum(tl.where(row, b, 0.0), 0)
             k_s = tl.sum(tl.where(row, k, 0.0), 0)
-            decay = tl.exp(tl.where(o_t[:, None] >= s, b - b_s[None, :], float("-inf")))  # [C, BK]
+            rel = tl.cumsum(tl.where(o_t[:, None] > s, g, 0.0), 0)  # b_t - b_s for t >= s
+            decay = tl.exp(tl.where(o_t[:, None] >= s, rel, float("-inf")))  # [C, BK]
             ds_col = tl.sum(tl.where(o_t[None, :] == s, d_scores, 0.0), 1)  # dA[:, s]
             dq += ds_col[:, None] * k_s[None, :] * decay
             dk = tl.where(row, tl.sum(ds_col[:, None] * q * decay, 0)[None, :], dk)
@@ -83,7 +85,6 @@ def dqk_bwd_kernel(
     q = load_query(q_ptr + k_offs, m_tk, ACT)
     g = load_log_forget(g_ptr + k_offs, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
     b = tl.cumsum(g, 0)
-    b_end = tl.sum(g, 0)
     k = one_minus_exp(g)
     # over V: the score gradients dA = do v^T, do against the entering state (-> dq), v against the gradient of
     # the leaving state (-> dk), and Σ_v S_out ⊙ dS_out (-> d log λ of every step of the chunk)
@@ -108,9 +109,9 @@ def dqk_bwd_kernel(
         dk_state += matmul(v, tl.trans(ds_out), DT, PRECISION, INTERPRET)
         suffix += tl.sum(s_out * ds_out, 1)
     d_scores = tl.where(o_t[:, None] >= o_t[None, :], d_scores * scale, 0.0)
-    dq, dk = intra_grads(q, k, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET)
+    dq, dk = intra_grads(q, k, g, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET)
     dq += tl.exp(b) * dq_state * scale
-    dk += tl.exp(b_end[None, :] - b) * dk_state
+    dk += tl.exp(log_decay_to_end(g)) * dk_state
     # d log λ_t = Σ_{τ >= t} (q⊙dq - k⊙dk)_τ (to the end of the sequence) - λ_t ⊙ dk_t; none below the floor
     d_b = q * dq - k * dk
     dg = tl.cumsum(d_b, 0, reverse=True) + suffix[None, :] - tl.exp(g) * dk
@@ -163,7 +164,7 @@ def dv_bwd_kernel(
             g_ptr + row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :], m_tk,
             log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND,
         )  # fmt: skip
-        k_end = one_minus_exp(g) * tl.exp(tl.sum(g, 0)[None, :] - tl.cumsum(g, 0))  # decay to the chunk's end
+        k_end = one_minus_exp(g) * tl.exp(log_decay_to_end(g))  # decay to the chunk's end
         ds_out = tl.load(
             dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=m_k[:, None] & m_v[None, :], other=0.0,

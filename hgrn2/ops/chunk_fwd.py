@@ -32,6 +32,7 @@ from hgrn2.ops.kernel_utils import (
     load_bound,
     load_log_forget,
     load_query,
+    log_decay_to_end,
     matmul,
     one_minus_exp,
     sequence_bounds,
@@ -43,8 +44,12 @@ SPREAD = tl.constexpr(40.0)
 
 
 @triton.jit
-def intra_scores(q, k, b, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr):
-    """Σ over this K tile of q_t ⊙ k_s ⊙ exp(b_t - b_s), [C, C]; entries with s > t are not meaningful."""
+def intra_scores(
+    q, k, g, b, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr
+):  # fmt: skip
+    """Σ over this K tile of q_t ⊙ k_s ⊙ exp(b_t - b_s), [C, C]; entries with s > t are not meaningful. The
+    fallback forms b_t - b_s as Σ_{s < r <= t} g_r: after strong gates |b| is large and the difference of running
+    sums would lose float32 precision where the decay is near one."""
     b_mid = tl.sum(tl.where(o_t[:, None] == C // 2 - 1, b, 0.0), 0)
     spread = b - b_mid[None, :]
     if tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD:
@@ -53,9 +58,9 @@ def intra_scores(q, k, b, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.
         scores = tl.zeros([C, C], dtype=tl.float32)
         for s in range(C):
             row = o_t[:, None] == s
-            b_s = tl.sum(tl.where(row, b, 0.0), 0)
             k_s = tl.sum(tl.where(row, k, 0.0), 0)
-            decay = tl.exp(tl.where(o_t[:, None] >= s, b - b_s[None, :], float("-inf")))  # [C, BK]
+            rel = tl.cumsum(tl.where(o_t[:, None] > s, g, 0.0), 0)  # b_t - b_s for t >= s
+            decay = tl.exp(tl.where(o_t[:, None] >= s, rel, float("-inf")))  # [C, BK]
             column = tl.sum(q * k_s[None, :] * decay, 1)
             scores = tl.where(o_t[None, :] == s, column[:, None], scores)
     return scores
@@ -80,7 +85,7 @@ def chunk_delta(
         q = load_query(q_ptr + row0 * (H * K) + i_h * K + k_tile, m_tk, ACT)
         w = q * tl.exp(b) * scale
     else:
-        w = one_minus_exp(g) * tl.exp(b_end[None, :] - b)
+        w = one_minus_exp(g) * tl.exp(log_decay_to_end(g))
     v_tile = o_t[:, None] * (H * V) + o_v[None, :]
     x = tl.load(x_ptr + row0 * (H * V) + i_h * V + v_tile, mask=m_t[:, None] & m_v[None, :], other=0.0)
     return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
@@ -221,7 +226,7 @@ def scores_fwd_kernel(
         log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
         q = load_query(q_ptr + k_offs, m_tk, ACT)
         g = load_log_forget(g_ptr + k_offs, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
-        scores += intra_scores(q, one_minus_exp(g), tl.cumsum(g, 0), o_t, C, IDT, IPRECISION, INTERPRET)
+        scores += intra_scores(q, one_minus_exp(g), g, tl.cumsum(g, 0), o_t, C, IDT, IPRECISION, INTERPRET)
     scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
     tl.store(a_ptr + (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :], scores, mask=m_t[:, None])
 
@@ -263,7 +268,7 @@ def output_fwd_kernel(
         ).to(tl.float32)  # fmt: skip
         acc += matmul(q * tl.exp(b), s_in, DT, PRECISION, INTERPRET)
         if not SCORES_IN:
-            scores += intra_scores(q, one_minus_exp(g), b, o_t, C, IDT, IPRECISION, INTERPRET)
+            scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, IDT, IPRECISION, INTERPRET)
     a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
     if SCORES_IN:
         scores = tl.load(a_ptr + a_offs, mask=m_t[:, None], other=0.0)

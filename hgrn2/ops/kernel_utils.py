@@ -228,6 +228,15 @@ def load_log_forget(ptrs, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_B
 
 
 @triton.jit
+def log_decay_to_end(g):
+    """Σ_{s > t} g_s for each row t of a chunk's log gates g [C, BK]: the log decay from step t to the chunk's
+    end. Formed as a suffix sum, it keeps float32's relative precision where b_C - b_t (a difference of running
+    sums) would not: after strong gates |b| reaches hundreds and the difference loses ~|b| · 6e-8 in absolute
+    terms, i.e. that much relative error in exp(b_C - b_t) (1e-4 at |b| = 2,000)."""
+    return tl.cumsum(g, 0, reverse=True) - g
+
+
+@triton.jit
 def load_query(ptrs, mask, ACT: tl.constexpr):
     """q (float32, 0 where masked), through the output gate."""
     p = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
