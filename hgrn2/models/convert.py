@@ -10,11 +10,13 @@
 The parameters map one to one, through one table per layout (``FLA_NAMES``, ``AUTHORS_NAMES``: our module path
 -> theirs) applied to the names of a model built here, and the config fields are set so that the converted
 model computes what the source computes. fla's layer: o = swish(W_q x), log λ = logsigmoid(W_f x) lifted by the
-layer's lower bound in log space, k = 1 − λ, value i = W_i x, scale K^-1/2 (``chunk_gla``'s default), output
-norm ``g_norm`` = RMSNorm with a weight and ``norm_eps`` over all D channels, then W_o; blocks: RMSNorm (weight,
-``norm_eps``) before the mixer and before a SwiGLU MLP. The authors' LM: o = ``out_act`` (SiLU), i = ``in_act``
-(identity), λ = β + (1 − β) σ(f), scale 1, SimpleRMSNorm (ε 1e-6) or LayerNorm, GLU ``act(l1 x) ⊙ l2 x`` → l3
-with ``glu_act`` (identity). Both compute β = cumsum(softmax(Γ over layers)) − softmax(Γ)[0], as
+layer's lower bound in log space, k = 1 − λ, value i = W_i x, scale K^-1/2 (``chunk_gla``'s default), output norm
+``g_norm`` = RMSNorm with a weight over all D channels, then W_o; blocks: RMSNorm (weight, ``norm_eps``) before the
+mixer and before a SwiGLU MLP. fla applies ``g_norm`` through ``rms_norm_linear`` without the layer's ε, so its ε is
+that function's default, ``FLA_OUTPUT_NORM_EPS`` = 1e-5, whatever ``norm_eps`` says: imports set ``output_norm_eps``
+to it, and an export of a model whose output norms use another ε warns. The authors' LM: o = ``out_act`` (SiLU), i =
+``in_act`` (identity), λ = β + (1 − β) σ(f), scale 1, SimpleRMSNorm (ε 1e-6) or LayerNorm, GLU ``act(l1 x) ⊙ l2 x``
+→ l3 with ``glu_act`` (identity). Both compute β = cumsum(softmax(Γ over layers)) − softmax(Γ)[0], as
 ``hgrn2.layers.lower_bound`` does, so β = 0 at layer 0 where fla skips the bound. What has no counterpart here
 (fla's ``use_short_conv``, hybrid ``attn`` layers, ``elementwise_affine=false``; the authors' scaled embeddings,
 ``elu``-family activations) is a ValueError that names the field.
@@ -26,6 +28,7 @@ import dataclasses
 import json
 import math
 import re
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -89,6 +92,9 @@ AUTHORS_NAMES: tuple[Row, ...] = (
     ("norm", "model.final_norm", None),
     ("lm_head", "lm_head", None),
 )
+
+# The ε of fla's HGRN2 output norm (fla.layers.hgrn2 calls rms_norm_linear without its layer's ε: the default).
+FLA_OUTPUT_NORM_EPS = 1e-5
 
 # fla's HGRN2Config defaults, for fields a config.json leaves out.
 FLA_DEFAULTS: dict[str, Any] = dict(
@@ -207,6 +213,7 @@ def lm_config_from_fla(fla: dict[str, Any], weights: dict[str, torch.Tensor], so
         glu_activation="silu", norm="rmsnorm", norm_per_head=False, scale=None, bias=False,
         lower_bound=bool(get("use_lower_bound")), tie_embeddings=bool(get("tie_word_embeddings")),
         init_std=get("initializer_range"), short_conv=0, norm_eps=float(get("norm_eps")),
+        output_norm_eps=FLA_OUTPUT_NORM_EPS,
     )  # fmt: skip
 
 
@@ -267,6 +274,15 @@ def to_fla(model: HGRN2ForCausalLM, folder: str | Path, tokenizer: Any = None) -
 
     config = model.config
     _unmappable(f"{type(model).__name__} (LMConfig)", fla_export_problems(config))
+    output_eps = config.norm_eps if config.output_norm_eps is None else config.output_norm_eps
+    if output_eps != FLA_OUTPUT_NORM_EPS:
+        warnings.warn(
+            f"the token mixers' output norms use ε = {output_eps:g} (LMConfig.output_norm_eps, or norm_eps when it "
+            f"is None); fla's HGRN2 layer always uses {FLA_OUTPUT_NORM_EPS:g} there, so the exported model's outputs "
+            f"differ slightly from this one's (set output_norm_eps={FLA_OUTPUT_NORM_EPS:g} before training for an "
+            "exact export)",
+            stacklevel=2,
+        )
     if config.norm == "simple_rmsnorm":
         model = _with_norm_weights(model)
     folder = Path(folder)

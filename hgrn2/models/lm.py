@@ -61,7 +61,8 @@ class LMConfig:
     ``fused`` runs the blocks' norms and GLUs on the fused kernels (``hgrn2.ops.fused_*``) wherever the
     recurrence runs on Triton. ``precise_bound_grad=False`` keeps the chunked kernels' states in half precision
     where the lower bounds' gradient is formed: faster, with that gradient less exact (``hgrn2.ops.chunk``;
-    measurements in benchmarks/results/ops-notes.md). ``norm_eps`` is the ε of every RMS norm. ``dropout``
+    measurements in benchmarks/results/ops-notes.md). ``norm_eps`` is the ε of every RMS norm, except the token
+    mixers' output norms when ``output_norm_eps`` is set (fla's HGRN2 layers use 1e-5 there). ``dropout``
     applies to the embeddings and to each residual branch's output; the presets have none (the authors train
     their LMs with 0.1), so a small model on a small corpus that starts to memorise it wants some.
     """
@@ -90,10 +91,13 @@ class LMConfig:
     precise_bound_grad: bool = True
     norm_eps: float = 1e-6
     dropout: float = 0.0
+    output_norm_eps: float | None = None
 
     def __post_init__(self):
         if not self.norm_eps > 0:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
+        if self.output_norm_eps is not None and not self.output_norm_eps > 0:
+            raise ValueError(f"output_norm_eps must be > 0 or None (norm_eps), got {self.output_norm_eps}")
         for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -220,6 +224,10 @@ class HGRN2ForCausalLM(nn.Module):
         for module in self.modules():
             if isinstance(module, RMSNorm):
                 module.eps = config.norm_eps
+        if config.output_norm_eps is not None:
+            for block in self.blocks:
+                if isinstance(block.mixer.norm, RMSNorm):
+                    block.mixer.norm.eps = config.output_norm_eps
         self.reset_parameters()
 
     @staticmethod

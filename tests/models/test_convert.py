@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from hgrn2.models.convert import folder_format, load_lm
 from hgrn2.models.lm import HGRN2ForCausalLM, LMConfig
-from tests.helpers import assert_rel_close
+from tests.helpers import assert_rel_close, relative_error
 from tests.models.foreign_checkpoints import (
     authors_config,
     authors_logits,
@@ -39,7 +39,8 @@ def test_fla_checkpoint_converts_to_a_model_with_the_same_logits(tmp_path, overr
     config = fla_config(**overrides)
     weights = fla_weights(config, fused_mlp=fused_mlp)
     model = HGRN2ForCausalLM.from_fla(write_folder(tmp_path / "fla", config, weights))
-    assert model.config.norm == "rmsnorm" and model.config.scale is None and model.config.norm_eps == 1e-5
+    assert model.config.norm == "rmsnorm" and model.config.scale is None and model.config.norm_eps == 1e-3
+    assert model.config.output_norm_eps == 1e-5  # fla's output norm ignores norm_eps
     assert model.config.tie_embeddings == config["tie_word_embeddings"]
     assert_rel_close(our_logits(model), fla_logits(config, weights, IDS), 1e-10, "logits")
 
@@ -110,7 +111,8 @@ def test_a_folder_of_another_model_type_is_named(tmp_path):
 
 def fla_numerics(**overrides) -> LMConfig:
     base = dict(vocab_size=50, hidden_size=32, num_layers=3, expand_ratio=8, glu_hidden_size=48, norm="rmsnorm",
-                glu_activation="silu", scale=None, tie_embeddings=False, norm_eps=1e-5)  # fmt: skip
+                glu_activation="silu", scale=None, tie_embeddings=False, norm_eps=1e-3,
+                output_norm_eps=1e-5)  # fmt: skip
     return LMConfig(**{**base, **overrides})
 
 
@@ -129,7 +131,7 @@ def test_export_to_fla_writes_fla_names_and_the_fla_forward_equals_ours(tmp_path
     folder = model.to_fla(tmp_path / "fla", tokenizer="byte")
     config = json.loads((folder / "config.json").read_text())
     weights = load_file(folder / "model.safetensors")
-    assert config["model_type"] == "hgrn2" and config["eos_token_id"] == 256 and config["norm_eps"] == 1e-5
+    assert config["model_type"] == "hgrn2" and config["eos_token_id"] == 256 and config["norm_eps"] == 1e-3
     assert sorted(weights) == sorted(fla_weights(fla_config(tie_word_embeddings=tie)))  # fla's published names
     expected = our_logits(model)
     assert_rel_close(fla_logits(config, weights, IDS), expected, 1e-10, "fla forward of the export")
@@ -143,6 +145,16 @@ def test_export_of_a_simple_rmsnorm_model_gives_fla_unit_norm_weights(tmp_path):
     config, weights = json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
     assert torch.equal(weights["model.layers.1.attn.g_norm.weight"], torch.ones(32))
     assert_rel_close(fla_logits(config, weights, IDS), our_logits(model), 1e-10, "fla forward of the export")
+
+
+def test_export_warns_when_the_output_norms_differ_from_flas(tmp_path):
+    """fla's output norm has ε = 1e-5 whatever its config says: a model with another one exports with a warning
+    that names the field, and fla's forward of the export differs from ours by about what the ε changes."""
+    model = randomised(fla_numerics(output_norm_eps=None))  # norm_eps 1e-3 everywhere
+    with pytest.warns(UserWarning, match=r"output_norm_eps"):
+        folder = model.to_fla(tmp_path / "fla")
+    config, weights = json.loads((folder / "config.json").read_text()), load_file(folder / "model.safetensors")
+    assert relative_error(fla_logits(config, weights, IDS), our_logits(model)) > 1e-6
 
 
 def test_export_to_fla_names_every_field_fla_cannot_represent(tmp_path):
