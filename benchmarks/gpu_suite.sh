@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs the benchmark jobs named on the command line, one after another, on a GPU machine, from the repository root:
 #   OUT=/some/dir bash benchmarks/gpu_suite.sh check lm374m vision scaling ops
-# Jobs: check (every `gpu`-marked test: the kernels at full size against float64, the LRA encoder, the fused LM),
+# Jobs: check (every `gpu`-marked test but the fuzz: the kernels at full size against float64, the LRA encoder, the
+# fused LM), fuzz (the fuzz's GPU set, FUZZ_WORKERS processes, HGRN2_FUZZ_SECONDS each), parity (fla_parity.py),
 # lm374m (200 steps of configs/lm/374m.yaml through hgrn2 fit), vision, vision-chunked, small-state (training steps
 # of ListOps, Pathfinder-32 and HGRN2-Tiny against their target rates, ListOps' kernels profiled), ops (kernels
 # against fla; FLA_BUDGET_S caps fla's autotuning), train-8192, scaling (scaling-ddp, scaling-fsdp and
@@ -21,8 +22,20 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
     check)  # the project's own addopts load nbval, which a GPU machine need not have
       log="$RESULTS/$(gpu_slug)-gpu-check.log"
       run check bash -c "HGRN2_TEST_GPU=1 python -m pytest -o addopts='' -p no:cacheprovider -m gpu -rP tests \
-        2>&1 | tee '$log'"
+        --ignore=tests/ops/test_fuzz.py 2>&1 | tee '$log'"
       cp "$log" "$OUT/" ;;
+    fuzz)  # the fuzz's GPU set at full size against the float64 loop, spread over FUZZ_WORKERS pytest workers
+      log="$RESULTS/$(gpu_slug)-fuzz-gpu.log"
+      rm -f "$log"
+      run fuzz bash -c "HGRN2_TEST_GPU=1 HGRN2_FUZZ_LOG='$log' python -m pytest -o addopts='' -p no:cacheprovider \
+        -m gpu -n ${FUZZ_WORKERS:-8} -q tests/ops/test_fuzz.py"
+      cp "$log" "$OUT/" ;;
+    parity)  # fla's HGRN2 models converted both ways, fla on its chunked and on its step-by-step kernels
+      for mode in chunk fused_recurrent; do
+        run "parity-$mode" python benchmarks/fla_parity.py --fla-attn-mode "$mode" \
+          --out "$RESULTS/$(gpu_slug)-fla-parity-$mode.json"
+      done
+      cp "$RESULTS/$(gpu_slug)"-fla-parity-*.json "$OUT/" ;;
     lm374m)
       run lm374m python -m hgrn2 fit --config configs/lm/374m.yaml --trainer.max_steps 200 \
         --trainer.logger lightning.pytorch.loggers.CSVLogger --trainer.logger.save_dir runs/lm_374m \
