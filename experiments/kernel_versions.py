@@ -32,8 +32,6 @@ VARIANTS = {
     "walk": dict(walk_programs_per_sm=0.0),  # every shape through the walk that forms the deltas itself
     "walk-w8": dict(walk_programs_per_sm=0.0, walk_warps=8),
     "walk-t32": dict(walk_programs_per_sm=0.0, walk_tile=32, walk_warps=2),
-    "split": dict(split_scores=True),  # the forward's scores by their own kernel, read by the output kernel
-    "split-w8": dict(split_scores=True, scores_warps=8),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

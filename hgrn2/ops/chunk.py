@@ -26,7 +26,6 @@ from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
 from hgrn2.ops.chunk_fwd import (
     chunk_delta_kernel,
     output_fwd_kernel,
-    scores_fwd_kernel,
     state_scan_kernel,
     state_walk_kernel,
 )
@@ -56,7 +55,6 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
-    split_scores=False, scores_warps=4,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -162,19 +160,13 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     h0 = initial_state.contiguous() if initial_state is not None else None
     L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     o = torch.empty_like(v)
-    split = LAUNCH["split_scores"]  # the scores by their own kernel, read by the output kernel
-    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * CHUNK if keep_scores or split else 1, device=q.device)
-    if split:
-        scores_fwd_kernel[(L.n_chunks, L.heads)](
-            q, g, scores, L.cu_seqlens, L.chunk_indices, L.bound[0], L.bound[1], L.seq_len, BK=L.bk, ACT=L.act,
-            num_warps=LAUNCH["scores_warps"], **_only(L.flags, *_SCORES_FLAGS), **L.intra,
-        )  # fmt: skip
+    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * CHUNK if keep_scores else 1, device=q.device)
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, L.bound[0], L.bound[1], scale, L.seq_len,
-        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores and not split, SCORES_IN=split,
-        num_warps=LAUNCH["output_warps"], **L.flags, **L.intra,
+        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, num_warps=LAUNCH["output_warps"], **L.flags,
+        **L.intra,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
 
@@ -205,7 +197,6 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
 
 
 _DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "GATED", "HAS_BOUND", "DT", "PRECISION", "INTERPRET")
-_SCORES_FLAGS = ("H", "K", "C", "IS_VARLEN", "GATED", "HAS_BOUND", "INTERPRET")
 
 
 def _only(flags: dict, *names: str) -> dict:

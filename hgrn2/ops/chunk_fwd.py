@@ -204,43 +204,14 @@ def state_scan_kernel(
 
 
 @triton.jit
-def scores_fwd_kernel(
-    q_ptr, g_ptr, a_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, T, H: tl.constexpr,
-    K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr,
-    HAS_BOUND: tl.constexpr, ACT: tl.constexpr, IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    # one program per (chunk, head): the causal scores A (without scale), float32 [B * T, H, C], for
-    # output_fwd_kernel with SCORES_IN (and the backward)
-    NK: tl.constexpr = (K + BK - 1) // BK
-    i_c, i_h = tl.program_id(0), tl.program_id(1)
-    i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
-    o_t = tl.arange(0, C)
-    m_t = c * C + o_t < length
-    row0 = bos + c * C
-    scores = tl.zeros([C, C], dtype=tl.float32)
-    for i_k in range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-        log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-        q = load_query(q_ptr + k_offs, m_tk, ACT)
-        g = load_log_forget(g_ptr + k_offs, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
-        scores += intra_scores(q, one_minus_exp(g), g, tl.cumsum(g, 0), o_t, C, IDT, IPRECISION, INTERPRET)
-    scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
-    tl.store(a_ptr + (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :], scores, mask=m_t[:, None])
-
-
-@triton.jit
 def output_fwd_kernel(
     q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
     T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
-    STORE_SCORES: tl.constexpr, SCORES_IN: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # With STORE_SCORES the first V tile also writes the causal scores A (without scale), float32 [B * T, H, C];
-    # with SCORES_IN it reads them instead (written by scores_fwd_kernel).
+    # With STORE_SCORES the first V tile also writes the causal scores A (without scale), float32 [B * T, H, C].
     NV: tl.constexpr = (V + BV - 1) // BV
     NK: tl.constexpr = (K + BK - 1) // BK
     i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
@@ -267,15 +238,11 @@ def output_fwd_kernel(
             other=0.0,
         ).to(tl.float32)  # fmt: skip
         acc += matmul(q * tl.exp(b), s_in, DT, PRECISION, INTERPRET)
-        if not SCORES_IN:
-            scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, IDT, IPRECISION, INTERPRET)
-    a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
-    if SCORES_IN:
-        scores = tl.load(a_ptr + a_offs, mask=m_t[:, None], other=0.0)
-    else:
-        scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
-        if STORE_SCORES:
-            tl.store(a_ptr + a_offs, scores, mask=m_t[:, None] & (i_v == 0))
+        scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, IDT, IPRECISION, INTERPRET)
+    scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
+    if STORE_SCORES:
+        a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
+        tl.store(a_ptr + a_offs, scores, mask=m_t[:, None] & (i_v == 0))
     v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)

@@ -284,26 +284,3 @@ def test_short_scans_without_gradients_run_on_the_step_kernel_in_one_launch(monk
     q_proj.requires_grad_()  # a gradient is wanted: the chunked kernels, which have a backward
     run()
     assert steps == ["fused_recurrent_hgrn2"] and len(chunked) == 1
-
-
-@pytest.mark.parametrize("gated", [False, True])
-def test_chunk_matches_naive_with_the_scores_from_their_own_kernel(monkeypatch, gated):
-    """``LAUNCH["split_scores"]``: a kernel of its own forms the chunk scores and the output kernel reads them."""
-    monkeypatch.setitem(chunk.LAUNCH, "split_scores", True)
-    if not gated:
-        q, v = (kernel_leaf(torch.randn(1, 70, 2, 20), torch.float32) for _ in range(2))
-        log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(1, 70, 2, 20)), torch.float32)
-        h0 = kernel_leaf(torch.randn(1, 2, 20, 20), torch.float32)
-        check_hgrn2_kernel(chunk.chunk_hgrn2, q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
-        return
-    q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 70, 2, 16, 24, torch.bfloat16, forget_scale=2)
-
-    def run(q_proj, v, forget_proj, beta):
-        return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, beta, output_gate="silu", output_final_state=True)
-
-    def reference(q_proj, v, forget_proj, beta):
-        log_forget = lower_bounded_log_forget(forget_proj, beta)
-        return hgrn2_recurrence_naive(F.silu(q_proj), v, log_forget, output_final_state=True)
-
-    names = ("dq_proj", "dv", "dforget_proj", "dlower_bound")
-    check_against_float64(run, reference, [q_proj, v, forget_proj, beta], names, TOL[torch.bfloat16])
