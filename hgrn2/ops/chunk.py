@@ -1,13 +1,12 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
 Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64
-steps: the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every chunk's output;
-the backward forms the state gradients the same way, backwards, then dq/d log λ and dv chunk by chunk. The
-states come from a walk over the chunks that forms each chunk's state delta on the way when the call has
-enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once followed by an
-elementwise walk. The key 1 - λ
-is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and
-``hgrn2.ops.chunk_bwd``.
+steps (16 for heads of at most 16 channels): the state entering each chunk (bfloat16 for bfloat16 inputs, else
+float32), then every chunk's output; the backward forms the state gradients the same way, backwards, then
+dq/d log λ and dv chunk by chunk. The states come from a walk over the chunks that forms each chunk's state delta
+on the way when the call has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once
+followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never written. The kernels live
+in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, and the
 terms of d log λ cancel against one another, so it magnifies the rounding of half-precision states and matmul
@@ -41,6 +40,9 @@ from hgrn2.ops.kernel_utils import (
 )
 
 CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
+# Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps: there the work between
+# a chunk's own steps (C x C scores per chunk, C per step) outweighs the state's (K x V), so shorter chunks do less.
+SMALL_HEAD = 16
 PRECISE_BOUND_GRAD = True  # default: float32 states and TF32 matmuls where the lower bound's gradient is computed
 # Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
 # operands in TF32, since d log λ cancels these terms against one another.
@@ -55,6 +57,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
+    small_head_chunk=16,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -77,8 +80,10 @@ class _Launch:
     def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise):
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
+        small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
+        self.chunk = LAUNCH["small_head_chunk"] if small else CHUNK
         self.n_seqs, self.n_chunks, self.chunk_offsets, self.chunk_indices = sequence_layout(
-            self.batch, self.seq_len, cu_seqlens, CHUNK
+            self.batch, self.seq_len, cu_seqlens, self.chunk
         )
         dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
         self.cu_seqlens = cu_seqlens if cu_seqlens is not None else dummy
@@ -94,7 +99,7 @@ class _Launch:
         self.scan_bk, self.scan_bv = min(tile, _pow2(self.key_dim)), min(tile, _pow2(self.value_dim))
         dot_dtype, precision = dot_config(q.dtype)
         self.flags = dict(
-            H=self.heads, K=self.key_dim, V=self.value_dim, C=CHUNK, IS_VARLEN=cu_seqlens is not None,
+            H=self.heads, K=self.key_dim, V=self.value_dim, C=self.chunk, IS_VARLEN=cu_seqlens is not None,
             GATED=gated, HAS_BOUND=lower_bound is not None, DT=dot_dtype, PRECISION=precision,
             INTERPRET=interpreting(),
         )  # fmt: skip
@@ -147,7 +152,7 @@ class _Launch:
         )
         state_scan_kernel[grid](
             delta, decay, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
-            self.seq_len, H=self.heads, K=self.key_dim, V=self.value_dim, C=CHUNK, BK=self.scan_bk,
+            self.seq_len, H=self.heads, K=self.key_dim, V=self.value_dim, C=self.chunk, BK=self.scan_bk,
             BV=self.scan_bv, HAS_S0=s0 is not None, STORE_HT=store_last, REVERSE=reverse,
             IS_VARLEN=self.flags["IS_VARLEN"], num_warps=LAUNCH["scan_warps"],
         )  # fmt: skip
@@ -160,7 +165,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     h0 = initial_state.contiguous() if initial_state is not None else None
     L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     o = torch.empty_like(v)
-    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * CHUNK if keep_scores else 1, device=q.device)
+    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, device=q.device)
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](

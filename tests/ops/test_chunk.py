@@ -103,7 +103,7 @@ def test_chunk_keeps_float32_precision_after_strong_gates():
     in float32 (the errors here were 4e-4 on the final state and 8e-5 on the output): the kernels form them from
     the gates between the two steps instead."""
     torch.manual_seed(0)
-    seq_len, dim = 64, 16
+    seq_len, dim = 64, 32  # one chunk of 64 steps (heads of 16 channels or fewer run in chunks of 16)
     log_forget = torch.empty(1, seq_len, 1, dim)
     log_forget[:, :40] = -29.0 - torch.rand(1, 40, 1, dim)
     log_forget[:, 40:] = -1e-3 * (1 + torch.rand(1, seq_len - 40, 1, dim))
