@@ -9,6 +9,22 @@ from typing import TypeVar
 Config = TypeVar("Config")
 
 
+def check_sizes(config, *names: str) -> None:
+    """Raise a ValueError naming the first field in ``names`` of ``config`` that is below 1."""
+    for name in names:
+        if getattr(config, name) < 1:
+            raise ValueError(f"{name} must be >= 1, got {getattr(config, name)}")
+
+
+def check_heads(config, width: str) -> None:
+    """Raise a ValueError unless the model width, field ``width`` of ``config``, is a multiple of its
+    ``expand_ratio`` (the head size)."""
+    if getattr(config, width) % config.expand_ratio:
+        raise ValueError(
+            f"{width} ({getattr(config, width)}) must be a multiple of expand_ratio ({config.expand_ratio})"
+        )
+
+
 def check_fields(cls: type, names: Iterable[str], renamed: Mapping[str, str] | None = None) -> None:
     """Raise a ValueError naming each of ``names`` that is not a field of the dataclass ``cls``, and the field that
     replaced it where ``renamed`` (old name -> what to write instead) knows one."""

@@ -41,7 +41,7 @@ from hgrn2.layers import (
     runs_fused_kernels,
 )
 from hgrn2.models import convert, pretrained
-from hgrn2.models.config import from_preset
+from hgrn2.models.config import check_heads, check_sizes, from_preset
 from hgrn2.models.decoding import generate_tokens
 from hgrn2.ops.fused_cross_entropy import fused_linear_cross_entropy
 
@@ -98,9 +98,7 @@ class LMConfig:
             raise ValueError(f"norm_eps must be > 0, got {self.norm_eps}")
         if self.output_norm_eps is not None and not self.output_norm_eps > 0:
             raise ValueError(f"output_norm_eps must be > 0 or None (norm_eps), got {self.output_norm_eps}")
-        for name in ("vocab_size", "hidden_size", "num_layers", "expand_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        check_sizes(self, "vocab_size", "hidden_size", "num_layers", "expand_ratio")
         if not 0.0 <= self.dropout < 1.0:
             raise ValueError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.short_conv < 0:
@@ -113,10 +111,7 @@ class LMConfig:
             raise ValueError(
                 f"mixer='hgru1' has an element-wise state and no heads: set expand_ratio=1 (got {self.expand_ratio})"
             )
-        if self.hidden_size % self.expand_ratio:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of expand_ratio ({self.expand_ratio})"
-            )
+        check_heads(self, "hidden_size")
 
     @classmethod
     def from_name(cls, name: str, **overrides) -> LMConfig:

@@ -42,7 +42,7 @@ from hgrn2.layers import (
 )
 from hgrn2.layers.hgru2 import check_forget_gate_range
 from hgrn2.models import pretrained
-from hgrn2.models.config import from_preset
+from hgrn2.models.config import check_heads, check_sizes, from_preset
 
 __all__ = ["PRESETS", "LRAClassifier", "LRAConfig", "lra_config", "sinusoidal_positions"]
 
@@ -94,13 +94,8 @@ class LRAConfig:
     def __post_init__(self):
         if self.embedding not in EMBEDDINGS:
             raise ValueError(f"embedding must be one of {EMBEDDINGS}, got {self.embedding!r}")
-        for name in ("num_classes", "vocab_size", "in_channels", "hidden_size", "num_layers", "expand_ratio"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.hidden_size % self.expand_ratio:
-            raise ValueError(
-                f"hidden_size ({self.hidden_size}) must be a multiple of expand_ratio ({self.expand_ratio})"
-            )
+        check_sizes(self, "num_classes", "vocab_size", "in_channels", "hidden_size", "num_layers", "expand_ratio")
+        check_heads(self, "hidden_size")
         if self.glu_hidden_size < 0 or not 0.0 <= self.dropout < 1.0:
             raise ValueError(
                 f"need glu_hidden_size >= 0 and 0 <= dropout < 1, got {self.glu_hidden_size}, {self.dropout}"

@@ -33,7 +33,7 @@ from torch import nn
 
 from hgrn2.layers import Block, HGRU2d, LayerLowerBounds, make_norm, run_blocks
 from hgrn2.models import pretrained
-from hgrn2.models.config import check_fields, from_preset
+from hgrn2.models.config import check_fields, check_heads, check_sizes, from_preset
 
 __all__ = ["HGRN2Vision", "VisionConfig", "count_flops", "count_parameters", "recurrence_flops"]
 
@@ -80,11 +80,8 @@ class VisionConfig:
     def __post_init__(self):
         if self.global_pool not in GLOBAL_POOLS:
             raise ValueError(f"global_pool must be one of {GLOBAL_POOLS}, got {self.global_pool!r}")
-        for name in ("depth", "embed_dim", "expand_ratio", "patch_size", "in_chans"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if self.embed_dim % self.expand_ratio:
-            raise ValueError(f"embed_dim ({self.embed_dim}) must be a multiple of expand_ratio ({self.expand_ratio})")
+        check_sizes(self, "depth", "embed_dim", "expand_ratio", "patch_size", "in_chans")
+        check_heads(self, "embed_dim")
         if self.glu_hidden_size < 0:
             raise ValueError(f"glu_hidden_size must be >= 0 (0 drops the GLU), got {self.glu_hidden_size}")
         if not (0.0 <= self.dropout < 1.0 and 0.0 <= self.drop_rate < 1.0 and 0.0 <= self.drop_path_rate <= 1.0):
