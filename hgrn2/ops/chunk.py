@@ -36,6 +36,7 @@ from hgrn2.ops.kernel_utils import (
     dot_config,
     interpreting,
     sequence_layout,
+    sm_count,
     state_dtype,
 )
 
@@ -65,13 +66,6 @@ __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
 
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
-
-
-def _sm_count(device: torch.device) -> int:
-    """Streaming multiprocessors of a CUDA device (1 elsewhere, e.g. under the Triton interpreter)."""
-    if device.type != "cuda":
-        return 1
-    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 class _Launch:
@@ -131,7 +125,7 @@ class _Launch:
         tile = LAUNCH["walk_tile"]
         bk, bv = min(tile, _pow2(self.key_dim)), min(tile, _pow2(self.value_dim))
         grid = (self.n_seqs * self.heads, triton.cdiv(self.key_dim, bk), triton.cdiv(self.value_dim, bv))
-        if grid[0] * grid[1] * grid[2] < LAUNCH["walk_programs_per_sm"] * _sm_count(q.device):
+        if grid[0] * grid[1] * grid[2] < LAUNCH["walk_programs_per_sm"] * sm_count(q.device):
             delta, decay = self.deltas(q, g, x, scale, backward)
             self.scan(delta, decay, s0, out, out_last, reverse=backward, store_last=store_last)
             return

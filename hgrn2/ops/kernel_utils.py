@@ -107,6 +107,11 @@ def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     return tl.bfloat16, "tf32"
 
 
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere, e.g. under the Triton interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
     """Storage dtype of the per-chunk states the backward reads: bfloat16 for half inputs, else float32."""
     return torch.bfloat16 if dtype == torch.bfloat16 else torch.float32

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds
+from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds, sm_count
 
 __all__ = ["scan_hgrn1"]
 
@@ -97,7 +97,7 @@ def scan_bwd_kernel(
 
 def _channel_block(n_seqs: int, dim: int, device: torch.device) -> int:
     """Channels per program: 32, or 16 when that leaves the GPU half idle."""
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = sm_count(device)
     block = min(32, max(16, triton.next_power_of_2(dim)))
     if n_seqs * triton.cdiv(dim, block) < 2 * sms:
         block = 16

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds
+from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds, sm_count
 
 __all__ = ["MAX_STATE", "small_state_hgrn2"]
 
@@ -138,7 +138,7 @@ class _Launch:
         # as many heads per program as fit, then fewer while that leaves fewer than 4 programs per SM: a long
         # sequence is walked one step at a time, and only other programs hide each step's load latency
         self.bh = min(triton.next_power_of_2(self.heads), max(1, _PROGRAM_STATE // per_head))
-        sms = torch.cuda.get_device_properties(q.device).multi_processor_count if q.is_cuda else 1
+        sms = sm_count(q.device)
         while self.bh > 1 and self.n_seqs * triton.cdiv(self.heads, self.bh) < 4 * sms:
             self.bh //= 2
         self.grid = (self.n_seqs * triton.cdiv(self.heads, self.bh),)
