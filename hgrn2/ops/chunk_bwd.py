@@ -8,10 +8,21 @@ Then, chunk-parallel:
 * ``dv_bwd_kernel``: one program per (V tile, chunk, head) gives dv = A^T do + (k · exp(b_C - b)) dS_out, with
   the scores A the forward kept.
 
-The gradient of the log gates needs no extra pass: with b the running sum of log λ, every decay is
-exp(b_t - b_s), so d b_t = q_t ⊙ dq_t - k_t ⊙ dk_t and d log λ_t = Σ_{τ >= t} d b_τ - λ_t ⊙ dk_t (the last
-term from k = 1 - λ). The part of that sum beyond the chunk equals Σ_v S_out ⊙ dS_out, the product of the
-state leaving the chunk and its gradient. Scores use the forward's reference point (``hgrn2.ops.chunk_fwd``).
+The gradient of the log gates needs no extra pass. Write A_sr = q_s ⊙ k_r ⊙ exp(b_s - b_r) (do_s · v_r) for
+the contribution of step r's key to step s's output (r <= s; b the running sum of log λ). log λ_t sits in the
+decay of every pair that spans it (r < t <= s), so d log λ_t = Σ_{r < t <= s} A_sr - λ_t ⊙ dk_t, the last term
+from k = 1 - λ. The kernel sums exactly those pairs, so that no term cancels against another:
+
+* within the chunk, q ⊙ dq - k ⊙ dk from the strictly causal score gradients, summed from the chunk's end
+  (pairs with both steps at or after t cancel there in exact arithmetic; the diagonal, the largest of them, is
+  left out and added to dq and dk afterwards);
+* q ⊙ dq from the entering state, summed from the chunk's end (pairs from earlier chunks);
+* k ⊙ dk from the leaving state's gradient, summed from the chunk's start up to t - 1 (pairs into later
+  chunks);
+* exp(b_C) ⊙ Σ_v S_in ⊙ dS_out (pairs from earlier chunks into later ones).
+
+Summing q ⊙ dq - k ⊙ dk over whole steps instead loses about 5x in float32 (``benchmarks/results/ops-notes.md``).
+Scores use the forward's reference point (``hgrn2.ops.chunk_fwd``).
 """
 
 from __future__ import annotations
@@ -87,11 +98,11 @@ def dqk_bwd_kernel(
     b = tl.cumsum(g, 0)
     k = one_minus_exp(g)
     # over V: the score gradients dA = do v^T, do against the entering state (-> dq), v against the gradient of
-    # the leaving state (-> dk), and Σ_v S_out ⊙ dS_out (-> d log λ of every step of the chunk)
+    # the leaving state (-> dk), and Σ_v S_in ⊙ dS_out (-> d log λ of every step of the chunk)
     d_scores = tl.zeros([C, C], dtype=tl.float32)
     dq_state = tl.zeros([C, BK], dtype=tl.float32)
     dk_state = tl.zeros([C, BK], dtype=tl.float32)
-    suffix = tl.zeros([BK], dtype=tl.float32)
+    through = tl.zeros([BK], dtype=tl.float32)
     for i_v in range(NV):
         o_v = i_v * BV + tl.arange(0, BV)
         m_v = o_v < V
@@ -102,20 +113,24 @@ def dqk_bwd_kernel(
         do = tl.load(do_ptr + v_offs, mask=m_tv, other=0.0)
         v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
         s_in = tl.load(h_ptr + (slot * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-        s_out = tl.load(h_ptr + ((slot + 1) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
         ds_out = tl.load(dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
         d_scores += matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)
         dq_state += matmul(do, tl.trans(s_in), DT, PRECISION, INTERPRET)
         dk_state += matmul(v, tl.trans(ds_out), DT, PRECISION, INTERPRET)
-        suffix += tl.sum(s_out * ds_out, 1)
-    d_scores = tl.where(o_t[:, None] >= o_t[None, :], d_scores * scale, 0.0)
-    dq, dk = intra_grads(q, k, g, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET)
-    dq += tl.exp(b) * dq_state * scale
-    dk += tl.exp(log_decay_to_end(g)) * dk_state
-    # d log λ_t = Σ_{τ >= t} (q⊙dq - k⊙dk)_τ (to the end of the sequence) - λ_t ⊙ dk_t; none below the floor
-    d_b = q * dq - k * dk
-    dg = tl.cumsum(d_b, 0, reverse=True) + suffix[None, :] - tl.exp(g) * dk
-    dg = tl.where(g > LOG_FORGET_FLOOR, dg, 0.0)
+        through += tl.sum(s_in * ds_out, 1)
+    d_scores = d_scores * scale
+    diagonal = tl.sum(tl.where(o_t[:, None] == o_t[None, :], d_scores, 0.0), 1)  # dA_tt
+    d_scores = tl.where(o_t[:, None] > o_t[None, :], d_scores, 0.0)
+    dq, dk = intra_grads(q, k, g, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET)  # strictly causal pairs
+    dq_in = tl.exp(b) * dq_state * scale
+    dk_out = tl.exp(log_decay_to_end(g)) * dk_state
+    k_out = k * dk_out  # k ⊙ dk from the leaving state
+    # d log λ_t = Σ over the pairs r < t <= s (module docstring) - λ_t ⊙ dk_t; none below the floor
+    dg = tl.cumsum(q * (dq + dq_in) - k * dk, 0, reverse=True) + (tl.cumsum(k_out, 0) - k_out)
+    dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :]
+    dq += dq_in + diagonal[:, None] * k
+    dk += dk_out + diagonal[:, None] * q
+    dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)
     if GATED:
         inv_beta, inv_1m_beta = load_bound(inv_beta_ptr, inv_1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)

@@ -151,9 +151,10 @@ def test_gated_chunk_matches_torch_gates_and_naive(output_gate, bound, dtype):
 
 @pytest.mark.parametrize("precise", [None, False])
 def test_bfloat16_lower_bound_gradient_over_many_chunks(precise):
-    """The lower bound's gradient sums d log λ over 16 chunks, whose terms cancel: with bfloat16 states and
-    matmul operands its relative error is 2.5e-2 here, above the bfloat16 tolerance; the float32 path that the
-    kernels take by default when this gradient is needed brings it to about 1e-3."""
+    """The lower bound's gradient sums d log λ over 16 chunks, whose terms cancel. Summed over the pairs of steps
+    that span each gate (``hgrn2.ops.chunk_bwd``), d log λ keeps its relative error near 1.5e-3 here with
+    bfloat16 states and matmul operands (2.5e-2, above the bfloat16 tolerance, when it was summed over whole
+    steps) and 1e-3 on the float32 path."""
     from hgrn2.ops.reference import hgrn2_recurrence_chunked
 
     torch.manual_seed(1)
@@ -167,11 +168,7 @@ def test_bfloat16_lower_bound_gradient_over_many_chunks(precise):
     (o_ref * do.double().cpu()).sum().backward()
     assert_rel_close(forget_proj.grad, leaves[2].grad, TOL[torch.bfloat16], "dforget_proj")
     error = relative_error(beta.grad, leaves[3].grad)
-    if precise is None:
-        assert error <= TOL[torch.bfloat16] / 4, f"dlower_bound: relative error {error:.3e}"
-    else:  # the rounding this path removes (if the lower limit fails, the test's shapes no longer show it), but
-        # a gradient still: a zero or unrelated one is off by 1 or more
-        assert TOL[torch.bfloat16] / 2 < error < 5 * TOL[torch.bfloat16], f"dlower_bound: relative error {error:.3e}"
+    assert error <= TOL[torch.bfloat16] / 8, f"dlower_bound: relative error {error:.3e}"
 
 
 def test_gated_chunk_broadcasts_a_per_channel_lower_bound():
