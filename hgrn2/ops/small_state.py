@@ -4,7 +4,9 @@ The chunked kernels (``chunk.py``) compute in tiles of at least 16 × 16 and chu
 K = V = 128 but wastes most of the work when a head holds a 2 × 2 or 4 × 4 state (expand ratios 2 and 4 of
 the image and LRA models) and when sequences are short (the 14-step row and column scans of a 224-pixel
 image). These kernels keep a block of heads' [K, V] states in registers, with no matrix tiles, and walk the
-steps. One program per (sequence, block of heads).
+steps. One program per (sequence, block of heads). Each load brings ``STEPS_PER_LOAD`` steps' inputs, which the
+walk then takes from registers, so that a step waits on no memory access (loaded one step at a time, each step
+waited a full memory latency).
 
 Forward: ``S_t = λ_t S_{t-1} + (1 - λ_t) ⊗ v_t``, ``o_t = scale · q_t^T S_t``.
 
@@ -33,6 +35,7 @@ __all__ = ["MAX_STATE", "small_state_hgrn2"]
 
 MAX_STATE = 1024  # largest K × V (each rounded up to a power of two) a head may hold in these kernels
 _PROGRAM_STATE = 1024  # state elements per program: heads are grouped up to this
+STEPS_PER_LOAD = 16  # steps whose inputs one load brings in (the kernels walk them from registers)
 
 
 @triton.jit
@@ -60,22 +63,47 @@ def _program_start(h0_ptr, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr, V: t
 
 
 @triton.jit
+def _row(block, o_b, i: tl.constexpr):
+    """Step i of a block [BT, X, Y] of steps, as [X, Y] (registers only: a masked sum over the block)."""
+    return tl.sum(tl.where((o_b == i)[:, None, None], block, 0.0), 0)
+
+
+@triton.jit
+def _put(block, o_b, i: tl.constexpr, row):
+    """The block [BT, X, Y] with step i replaced by ``row`` [X, Y]."""
+    return tl.where((o_b == i)[:, None, None], row[None, :, :], block)
+
+
+@triton.jit
+def _block(ptr, rows, offs, mask):
+    """Rows ``rows`` [BT] of a [tokens, H·X]-strided tensor at ``offs`` [BH, BX] within each row: [BT, BH, BX]
+    in float32, 0 where masked (steps past the sequence's end: λ = 1 and k = 0 there keep the state as it is)."""
+    return tl.load(ptr + rows[:, None, None] + offs[None, :, :], mask=mask, other=0.0).to(tl.float32)
+
+
+@triton.jit
 def small_state_fwd_kernel(
     q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, scale, T, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr,
+    V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
     STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     bos, length, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
         h0_ptr, cu_seqlens, T, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN
     )
-    for t in range(length):
-        row = (bos + t).to(tl.int64)
-        q = tl.load(q_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row * H * V + hv, mask=m_hv, other=0.0).to(tl.float32)
-        state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
-        o = tl.sum(q[:, :, None] * state, 1) * scale
-        tl.store(o_ptr + row * H * V + hv, o.to(o_ptr.dtype.element_ty), mask=m_hv)
+    o_b = tl.arange(0, BT)
+    for t0 in range(0, length, BT):  # BT steps' inputs per load: one memory latency per block, not per step
+        m_b = t0 + o_b < length
+        rows = (bos + t0 + o_b).to(tl.int64)
+        m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+        q_blk = _block(q_ptr, rows * H * K, hk, m_bk)
+        g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+        v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
+        o_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
+        for i in tl.static_range(BT):
+            g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
+            state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
+            o_blk = _put(o_blk, o_b, i, tl.sum(_row(q_blk, o_b, i)[:, :, None] * state, 1) * scale)
+        tl.store(o_ptr + rows[:, None, None] * H * V + hv[None, :, :], o_blk.to(o_ptr.dtype.element_ty), mask=m_bv)
     if STORE_HT:
         tl.store(ht_ptr + s, state, mask=m_s)
 
@@ -84,39 +112,56 @@ def small_state_fwd_kernel(
 def small_state_bwd_kernel(
     q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, cu_seqlens, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    BT: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
+    IS_VARLEN: tl.constexpr,
 ):  # fmt: skip
     # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote
     bos, length, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
         h0_ptr, cu_seqlens, T, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN
     )
-    for t in range(length):  # forward sweep: the states again, and dq
-        row = (bos + t).to(tl.int64)
-        g = tl.load(g_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row * H * V + hv, mask=m_hv, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + row * H * V + hv, mask=m_hv, other=0.0).to(tl.float32)
-        state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
-        dq = tl.sum(state * do[:, None, :], 2) * scale
-        tl.store(dq_ptr + row * H * K + hk, dq, mask=m_hk)
+    o_b = tl.arange(0, BT)
+    for t0 in range(0, length, BT):  # forward sweep: the states again, and dq
+        m_b = t0 + o_b < length
+        rows = (bos + t0 + o_b).to(tl.int64)
+        m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+        g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+        v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
+        do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
+        dq_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
+        for i in tl.static_range(BT):
+            g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
+            state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
+            dq_blk = _put(dq_blk, o_b, i, tl.sum(state * _row(do_blk, o_b, i)[:, None, :], 2) * scale)
+        tl.store(dq_ptr + rows[:, None, None] * H * K + hk[None, :, :], dq_blk, mask=m_bk)
     d_state = tl.zeros([BH, BK, BV], dtype=tl.float32)
     if HAS_DHT:
         d_state += tl.load(dht_ptr + s, mask=m_s, other=0.0)
     d_b = tl.sum(d_state * state, 2)  # the final state's own dependence on b_T
-    for i in range(length):  # reverse sweep
-        row = (bos + length - 1 - i).to(tl.int64)
-        q = tl.load(q_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + row * H * K + hk, mask=m_hk, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + row * H * V + hv, mask=m_hv, other=0.0).to(tl.float32)
-        do = tl.load(do_ptr + row * H * V + hv, mask=m_hv, other=0.0).to(tl.float32)
-        dq = tl.load(dq_ptr + row * H * K + hk, mask=m_hk, other=0.0)
-        forget, k = tl.exp(g), one_minus_exp(g)
-        d_state += (q * scale)[:, :, None] * do[:, None, :]
-        dk = tl.sum(d_state * v[:, None, :], 2)
-        dv = tl.sum(d_state * k[:, :, None], 1)
-        d_b += q * dq - k * dk
-        tl.store(dv_ptr + row * H * V + hv, dv.to(dv_ptr.dtype.element_ty), mask=m_hv)
-        tl.store(dg_ptr + row * H * K + hk, (d_b - forget * dk).to(dg_ptr.dtype.element_ty), mask=m_hk)
-        d_state = forget[:, :, None] * d_state
+    n_blocks = tl.cdiv(length, BT)
+    for j in range(n_blocks):  # reverse sweep, the last block first
+        t0 = (n_blocks - 1 - j) * BT
+        m_b = t0 + o_b < length
+        rows = (bos + t0 + o_b).to(tl.int64)
+        m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+        q_blk = _block(q_ptr, rows * H * K, hk, m_bk)
+        g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+        v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
+        do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
+        dq_blk = _block(dq_ptr, rows * H * K, hk, m_bk)
+        dv_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
+        dg_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
+        for i in tl.static_range(BT):
+            r: tl.constexpr = BT - 1 - i
+            q, g, v = _row(q_blk, o_b, r), _row(g_blk, o_b, r), _row(v_blk, o_b, r)
+            forget, k = tl.exp(g), one_minus_exp(g)
+            d_state += (q * scale)[:, :, None] * _row(do_blk, o_b, r)[:, None, :]
+            dk = tl.sum(d_state * v[:, None, :], 2)
+            dv_blk = _put(dv_blk, o_b, r, tl.sum(d_state * k[:, :, None], 1))
+            d_b += q * _row(dq_blk, o_b, r) - k * dk
+            dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
+            d_state = forget[:, :, None] * d_state
+        tl.store(dv_ptr + rows[:, None, None] * H * V + hv[None, :, :], dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
+        tl.store(dg_ptr + rows[:, None, None] * H * K + hk[None, :, :], dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
     if STORE_DH0:
         tl.store(dh0_ptr + s, d_state, mask=m_s)
 
@@ -143,7 +188,9 @@ class _Launch:
             self.bh //= 2
         self.grid = (self.n_seqs * triton.cdiv(self.heads, self.bh),)
         self.num_warps = 4 if self.bh * per_head >= 512 else 1
-        self.flags = dict(H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv)
+        self.flags = dict(
+            H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv, BT=STEPS_PER_LOAD
+        )
 
     def state(self, device) -> torch.Tensor:
         return torch.empty(self.n_seqs, self.heads, self.key_dim, self.value_dim, dtype=torch.float32, device=device)
