@@ -48,28 +48,45 @@ from hgrn2.ops.kernel_utils import (
 
 @triton.jit
 def intra_grads(
-    q, k, g, b, d_scores, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr
+    q, k, g, b, d_scores, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):  # fmt: skip
-    """dq and dk of this K tile from the causal score gradients dA [C, C] (zero above the diagonal):
-    dq_t = Σ_s dA_ts k_s exp(b_t - b_s), dk_s = Σ_t dA_ts q_t exp(b_t - b_s); the fallback forms b_t - b_s from
-    the gates between s and t, as ``intra_scores`` does."""
+    """dq and dk of this K tile from the strictly causal score gradients dA [C, C]:
+    dq_t = Σ_s dA_ts k_s exp(b_t - b_s), dk_s = Σ_t dA_ts q_t exp(b_t - b_s); and the chunk's own part of
+    d log λ, Σ over the pairs s < t <= t' of A_t's = q_t' ⊙ k_s ⊙ exp(b_t' - b_s) dA_t's.
+
+    Matmuls give dq and dk while the decays' spread allows; that part of d log λ is then the reverse sum of
+    q ⊙ dq - k ⊙ dk, in which the pairs after t cancel. With PAIRS (float32 inputs), or past the spread, one
+    column s at a time forms b_t - b_s from the gates between s and t, as ``intra_scores`` does; with PAIRS it
+    also sums the spanning pairs themselves, so that d log λ keeps float32's relative precision where λ_t is
+    small and the pairs after t are not."""
     b_mid = tl.sum(tl.where(o_t[:, None] == C // 2 - 1, b, 0.0), 0)
     spread = b - b_mid[None, :]
-    if tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD:
+    by_matmul = tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD
+    if PAIRS:
+        by_matmul = False
+    if by_matmul:
         dq = tl.exp(spread) * matmul(d_scores, k * tl.exp(-spread), DT, PRECISION, INTERPRET)
         dk = tl.exp(-spread) * matmul(tl.trans(d_scores), q * tl.exp(spread), DT, PRECISION, INTERPRET)
+        span = tl.cumsum(q * dq - k * dk, 0, reverse=True)
     else:
         dq = tl.zeros_like(q)
         dk = tl.zeros_like(q)
+        span = tl.zeros_like(q)
         for s in range(C):
             row = o_t[:, None] == s
             k_s = tl.sum(tl.where(row, k, 0.0), 0)
             rel = tl.cumsum(tl.where(o_t[:, None] > s, g, 0.0), 0)  # b_t - b_s for t >= s
             decay = tl.exp(tl.where(o_t[:, None] >= s, rel, float("-inf")))  # [C, BK]
             ds_col = tl.sum(tl.where(o_t[None, :] == s, d_scores, 0.0), 1)  # dA[:, s]
-            dq += ds_col[:, None] * k_s[None, :] * decay
+            from_s = ds_col[:, None] * k_s[None, :] * decay  # what column s adds to dq
+            dq += from_s
             dk = tl.where(row, tl.sum(ds_col[:, None] * q * decay, 0)[None, :], dk)
-    return dq, dk
+            if PAIRS:  # the pairs (s, t') span every t with s < t <= t'
+                span += tl.where(o_t[:, None] > s, tl.cumsum(q * from_s, 0, reverse=True), 0.0)
+        if not PAIRS:
+            span = tl.cumsum(q * dq - k * dk, 0, reverse=True)
+    return dq, dk, span
 
 
 @triton.jit
@@ -79,6 +96,7 @@ def dqk_bwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
     PRECISION: tl.constexpr, IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    PAIRS: tl.constexpr,
 ):  # fmt: skip
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -121,12 +139,12 @@ def dqk_bwd_kernel(
     d_scores = d_scores * scale
     diagonal = tl.sum(tl.where(o_t[:, None] == o_t[None, :], d_scores, 0.0), 1)  # dA_tt
     d_scores = tl.where(o_t[:, None] > o_t[None, :], d_scores, 0.0)
-    dq, dk = intra_grads(q, k, g, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET)  # strictly causal pairs
+    dq, dk, span = intra_grads(q, k, g, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
     dq_in = tl.exp(b) * dq_state * scale
     dk_out = tl.exp(log_decay_to_end(g)) * dk_state
     k_out = k * dk_out  # k ⊙ dk from the leaving state
     # d log λ_t = Σ over the pairs r < t <= s (module docstring) - λ_t ⊙ dk_t; none below the floor
-    dg = tl.cumsum(q * (dq + dq_in) - k * dk, 0, reverse=True) + (tl.cumsum(k_out, 0) - k_out)
+    dg = span + tl.cumsum(q * dq_in, 0, reverse=True) + (tl.cumsum(k_out, 0) - k_out)
     dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :]
     dq += dq_in + diagonal[:, None] * k
     dk += dk_out + diagonal[:, None] * q

@@ -151,7 +151,7 @@ def small_state_bwd_kernel(
         dv_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
         dg_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
         for i in tl.static_range(BT):
-            r: tl.constexpr = BT - 1 - i
+            r = BT - 1 - i
             q, g, v = _row(q_blk, o_b, r), _row(g_blk, o_b, r), _row(v_blk, o_b, r)
             forget, k = tl.exp(g), one_minus_exp(g)
             d_state += (q * scale)[:, :, None] * _row(do_blk, o_b, r)[:, None, :]
