@@ -187,7 +187,10 @@ class _Launch:
         while self.bh > 1 and self.n_seqs * triton.cdiv(self.heads, self.bh) < 4 * sms:
             self.bh //= 2
         self.grid = (self.n_seqs * triton.cdiv(self.heads, self.bh),)
-        self.num_warps = 4 if self.bh * per_head >= 512 else 1
+        # warps for about 8 elements a thread of the state and of each block of steps' inputs (more spill: the
+        # backward holds seven such blocks)
+        block = STEPS_PER_LOAD * self.bh * max(self.bk, self.bv)
+        self.num_warps = min(8, triton.next_power_of_2(max(1, max(block, self.bh * per_head) // 256)))
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv, BT=STEPS_PER_LOAD
         )

@@ -1,0 +1,128 @@
+"""Registers, spills and shared memory of every Triton kernel that one call of an op launches, compiled for a
+GPU architecture on any machine (no GPU needed: launches are captured, not run, and compiled ahead of time).
+
+Each kernel launch of the call is recorded with its compile-time constants, compiled for ``--arch`` (90: Hopper)
+by Triton's own toolchain, and its resource use read from the cubin with ``cuobjdump``. Register pressure and
+spills explain much of a kernel's speed before any timing: a kernel that spills or needs over 128 registers per
+thread at 8 warps runs one CTA per SM.
+
+    PYTHONPATH=$PWD python experiments/kernel_resources.py --op plain gated --dtype bf16
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.runtime.jit import JITFunction
+
+from hgrn2.ops import chunk
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+              torch.int64: "i64", torch.float64: "fp64"}  # fmt: skip
+
+
+def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict]]:
+    """(kernel, signature, constants, options) of every launch ``run_op`` makes, with no kernel run."""
+    launches = []
+    original = JITFunction.run
+
+    def record(self, *args, grid, warmup, **kwargs):
+        bound = dict(zip([p.name for p in self.params], args)) | kwargs
+        signature, constants = {}, {}
+        for param in self.params:
+            value = bound.get(param.name, param.default)
+            if param.is_constexpr or value is None:
+                signature[param.name] = "constexpr"
+                constants[param.name] = value
+            elif isinstance(value, torch.Tensor):
+                signature[param.name] = "*" + TYPE_NAMES[value.dtype]
+            elif isinstance(value, bool):
+                signature[param.name] = "i1"
+            elif isinstance(value, int):
+                signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
+            else:
+                signature[param.name] = "fp32"
+        options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        launches.append((self, signature, constants, options))
+        return None
+
+    JITFunction.run = record
+    try:
+        run_op()
+    finally:
+        JITFunction.run = original
+    return launches
+
+
+def resources(kernel: JITFunction, signature: dict, constants: dict, options: dict, arch: int) -> dict:
+    """Registers per thread, spill bytes and static shared memory of one compiled launch."""
+    compiled = triton.compile(
+        ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", arch, 32),
+        options=options,
+    )  # fmt: skip
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
+        cubin.write(compiled.asm["cubin"])
+        cubin.flush()
+        usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+    found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    return {
+        "registers": int(found.get("REG", -1)),
+        "stack_bytes": int(found.get("STACK", 0)),
+        "local_bytes": int(found.get("LOCAL", 0)),
+        "shared_bytes": compiled.metadata.shared,
+        "num_warps": options.get("num_warps", 4),
+        "num_stages": options.get("num_stages", 3),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--op", nargs="+", default=["plain", "gated"], choices=["plain", "gated", "gated-precise"])
+    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
+    parser.add_argument("--dim", type=int, default=128, help="K = V")
+    parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--out", type=Path, default=None, help="JSON report")
+    args = parser.parse_args()
+    dtype = DTYPES[args.dtype]
+    shape = (2, 256, 4, args.dim)
+    q, v, g = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    beta = torch.rand(4, args.dim, requires_grad=True)
+
+    def call(op):
+        def run():
+            if op == "plain":
+                out = chunk.ChunkHGRN2Function.apply(q, v, g, None, None, 1.0, False, None, False, 0, False)[0]
+                leaves = (q, v, g)
+            else:
+                out = chunk.ChunkHGRN2Function.apply(q, v, g, beta, None, 1.0, False, None, True, 1,
+                                                     op == "gated-precise")[0]  # fmt: skip
+                leaves = (q, v, g, beta)
+            torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+        return run
+
+    report = {}
+    for op in args.op:
+        rows = []
+        for kernel, signature, constants, options in capture(call(op)):
+            row = {"kernel": kernel.__name__} | resources(kernel, signature, constants, options, args.arch)
+            rows.append(row)
+            print(f"{op:14s} {row['kernel']:22s} regs {row['registers']:4d}  local {row['local_bytes']:5d} B  "
+                  f"shared {row['shared_bytes']:6d} B  warps {row['num_warps']}")  # fmt: skip
+        report[op] = rows
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
