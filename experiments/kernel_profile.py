@@ -21,6 +21,7 @@ HEADS, DIM = 8, 128
 
 def kernels(fn, leaves, repeats: int) -> dict[str, float]:
     """Microseconds per call of each CUDA kernel that ``fn``'s forward+backward launches."""
+
     def step():
         out = fn()
         torch.autograd.grad(out, leaves, torch.ones_like(out))
@@ -53,10 +54,14 @@ def main() -> None:
     beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
     runs = {
         "plain": (lambda: chunk.chunk_hgrn2(q, v, g)[0], [q, v, g]),
-        "gated_precise": (lambda: chunk.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu",
-                                                          precise_bound_grad=True)[0], [q, v, g, beta]),
-        "gated_half": (lambda: chunk.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu",
-                                                       precise_bound_grad=False)[0], [q, v, g, beta]),
+        "gated_precise": (
+            lambda: chunk.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu", precise_bound_grad=True)[0],
+            [q, v, g, beta],
+        ),
+        "gated_half": (
+            lambda: chunk.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu", precise_bound_grad=False)[0],
+            [q, v, g, beta],
+        ),
         "gated_no_bound": (lambda: chunk.chunk_hgrn2_gated(q, v, g, None, output_gate="silu")[0], [q, v, g]),
     }
     report = {"shape": list(shape), "device": torch.cuda.get_device_name(), "us_per_call": {}}

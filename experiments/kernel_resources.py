@@ -109,6 +109,7 @@ def main() -> None:
                                                      op == "gated-precise")[0]  # fmt: skip
                 leaves = (q, v, g, beta)
             torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+
         return run
 
     report = {}

@@ -26,8 +26,8 @@ class HGRU2(nn.Module):
     y_t = scale · o_t^T S_t; then norm and W_o. β (the layer's lower bound, ``[D]``) is passed in.
 
     Defaults are the paper's LM: SiLU output gate, identity input, SimpleRMSNorm, no biases, scale 1.
-    ``scale=None`` means ``K ** -0.5`` (fla's choice). ``precise_bound_grad=False`` lets the chunked kernels
-    keep half-precision states where β's gradient is formed (faster, that gradient less exact; see
+    ``scale=None`` means ``K ** -0.5`` (fla's choice). ``precise_bound_grad=True`` makes the chunked kernels
+    keep float32 states where β's gradient is formed (slower, that gradient slightly more exact; see
     :func:`hgrn2.ops.chunk.chunk_hgrn2_gated`). ``fused=True`` runs an RMS output norm as one Triton kernel
     wherever the recurrence runs on Triton (:func:`hgrn2.layers.norm.add_and_norm`); the math is the same.
     """
@@ -43,7 +43,7 @@ class HGRU2(nn.Module):
         bias: bool = False,
         scale: float | None = 1.0,
         backend: str = "auto",
-        precise_bound_grad: bool = True,
+        precise_bound_grad: bool = False,
         fused: bool = False,
     ):
         super().__init__()

@@ -59,8 +59,8 @@ class LMConfig:
     taps in front of every token mixer (0: none, the paper's models; Zoology's MQAR models have one); such
     a model runs whole sequences only: it carries no state across segments and does not decode step by step.
     ``fused`` runs the blocks' norms and GLUs on the fused kernels (``hgrn2.ops.fused_*``) wherever the
-    recurrence runs on Triton. ``precise_bound_grad=False`` keeps the chunked kernels' states in half precision
-    where the lower bounds' gradient is formed: faster, with that gradient less exact (``hgrn2.ops.chunk``;
+    recurrence runs on Triton. ``precise_bound_grad=True`` keeps the chunked kernels' states in float32 where
+    the lower bounds' gradient is formed: slower, with that gradient slightly more exact (``hgrn2.ops.chunk``;
     measurements in benchmarks/results/ops-notes.md). ``norm_eps`` is the ε of every RMS norm, except the token
     mixers' output norms when ``output_norm_eps`` is set (fla's HGRN2 layers use 1e-5 there). ``dropout``
     applies to the embeddings and to each residual branch's output; the presets have none (the authors train
@@ -88,7 +88,7 @@ class LMConfig:
     backend: str = "auto"
     fused: bool = True
     short_conv: int = 0
-    precise_bound_grad: bool = True
+    precise_bound_grad: bool = False
     norm_eps: float = 1e-6
     dropout: float = 0.0
     output_norm_eps: float | None = None

@@ -89,7 +89,7 @@ class LRAConfig:
     gradient_checkpointing: bool = False  # recompute each block's activations in the backward pass
     backend: str = "auto"
     fused: bool = False
-    precise_bound_grad: bool = True
+    precise_bound_grad: bool = False
 
     def __post_init__(self):
         if self.embedding not in EMBEDDINGS:

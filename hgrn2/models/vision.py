@@ -75,7 +75,7 @@ class VisionConfig:
     gradient_checkpointing: bool = False
     backend: str = "auto"
     fused: bool = False
-    precise_bound_grad: bool = True
+    precise_bound_grad: bool = False
 
     def __post_init__(self):
         if self.global_pool not in GLOBAL_POOLS:

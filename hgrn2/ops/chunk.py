@@ -8,11 +8,12 @@ on the way when the call has enough (sequence, head) pairs to fill the GPU, else
 followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never written. The kernels live
 in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``.
 
-The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, and the
-terms of d log λ cancel against one another, so it magnifies the rounding of half-precision states and matmul
-operands. When that gradient is asked for, the chunk states are kept in float32 and the forward state deltas
-and the dq/d log λ kernel multiply float32 operands in TF32. ``precise_bound_grad=False`` (per call) or
-``PRECISE_BOUND_GRAD = False`` (the default of every call) keeps half-precision states and operands there.
+The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
+magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
+so that no term cancels against another (``hgrn2.ops.chunk_bwd``); with half-precision states and matmul
+operands that gradient then comes out about 1.5e-3 from float64 over 16 chunks. ``precise_bound_grad=True``
+(per call) or ``PRECISE_BOUND_GRAD = True`` (the default of every call) keeps the chunk states in float32 and
+multiplies float32 operands in TF32 where the states enter, for about 1e-3, at the cost of the float32 states.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
 # Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps: there the work between
 # a chunk's own steps (C x C scores per chunk, C per step) outweighs the state's (K x V), so shorter chunks do less.
 SMALL_HEAD = 16
-PRECISE_BOUND_GRAD = True  # default: float32 states and TF32 matmuls where the lower bound's gradient is computed
+PRECISE_BOUND_GRAD = False  # True: float32 states and TF32 matmuls where the lower bound's gradient is formed
 # Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
 # operands in TF32, since d log λ cancels these terms against one another.
 INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
@@ -284,10 +285,10 @@ def chunk_hgrn2_gated(
     ``[H, K]``, values in [0, 1); None means β = 0). Differentiable in q_proj, v, forget_proj, lower_bound and
     initial_state; matches ``hgrn2.ops.gates`` followed by :func:`chunk_hgrn2`.
 
-    ``precise_bound_grad`` (None: ``PRECISE_BOUND_GRAD``, True by default): with half-precision inputs and a
-    lower bound that needs its gradient, keep the chunk states in float32 and multiply in TF32 where that
-    gradient is formed (see the module docstring); False keeps half-precision states there: faster, with that
-    gradient less exact (benchmarks/results/ops-notes.md has the measurements).
+    ``precise_bound_grad`` (None: ``PRECISE_BOUND_GRAD``, False by default): True keeps the chunk states in
+    float32 and multiplies in TF32 where the lower bound's gradient is formed, when the inputs are half precision
+    and that gradient is needed (see the module docstring): slower, that gradient slightly more exact
+    (benchmarks/results/ops-notes.md has the measurements).
     """
     check_kernel_dtype(q_proj, v, forget_proj)
     heads, key_dim = q_proj.shape[2], q_proj.shape[3]

@@ -174,7 +174,7 @@ def draw_case(rng: random.Random, index: int, full: bool) -> Case:
         case["output_gate"] = rng.choice(OUTPUT_GATES)
         case["bound"] = rng.choice(BOUNDS)
         if backend == "triton":
-            case["precise_bound_grad"] = rng.choice([None, False])
+            case["precise_bound_grad"] = rng.choice([None, True])
     return Case(**case)
 
 
