@@ -13,6 +13,12 @@
 #   by side through the hgrn2 CLI with CONFIG_FLAGS, then each tested (experiments/config_seeds.py); the report and
 #   each seed's log and last checkpoint come back in $OUT.
 # - mqar: experiments/mqar_sweep.py with MQAR_FLAGS.
+# - listops-data: the LRA ListOps splits at the paper's sizes (96,000 / 2,000 / 2,000 expressions, the generator's
+#   defaults and seed) in data/lra/listops, unless already there; the same files on every machine, so a fit chained
+#   over several suites (config-seeds with CONFIG=configs/lra/listops.yaml, --trainer.max_time in CONFIG_FLAGS and,
+#   from the second suite on, --ckpt_path <the last suite's checkpoint>) resumes on the data it started on.
+# - kernel-profile: per-kernel CUDA times of the chunked op, plain and gated (experiments/kernel_profile.py), at
+#   16K tokens (T = 1K) and 64K tokens (T = 4K); kernel-variants: experiments/kernel_versions.py --variants --fla.
 # LRA data drawn beforehand (experiments/lra_learning.py's runs/lra_learning/<name>/) can be brought packed as
 # runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
 # PF_IMAGES=N; pathfinder-c6-<N>-s<seed> for --pathfinder-contour-length 6): the LRA jobs unpack it and the script
@@ -79,6 +85,18 @@ for job in "$@"; do
         --backend "${LRA_BACKEND:-auto}" --pathfinder-images "${PF_IMAGES:-40000}" "${resume[@]}" ${LRA_FLAGS:-}
       cp "$RESULTS"/*-lra.json "$OUT/"
       [ -n "${LRA_TOTAL_MINUTES:-}" ] && mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
+    listops-data)
+      if [ ! -f data/lra/listops/basic_test.tsv ]; then
+        run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
+      fi ;;
+    kernel-profile)
+      run kernel-profile python experiments/kernel_profile.py --out "$RESULTS/kernel-profile-16k.json"
+      run kernel-profile-64k python experiments/kernel_profile.py --tokens 65536 --seq-len 4096 \
+        --out "$RESULTS/kernel-profile-64k.json"
+      cp "$RESULTS"/kernel-profile-*.json "$OUT/" ;;
+    kernel-variants)
+      run kernel-variants python experiments/kernel_versions.py --variants --fla --out "$RESULTS/kernel-variants.json"
+      cp "$RESULTS/kernel-variants.json" "$OUT/" ;;
     mqar)
       run mqar python experiments/mqar_sweep.py --out "$RESULTS/mqar" ${MQAR_FLAGS:-}
       cp "$RESULTS"/mqar/* "$OUT/" 2>/dev/null ;;

@@ -52,7 +52,7 @@ def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict]]:
                 signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
             else:
                 signature[param.name] = "fp32"
-        options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages")}
+        options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
         launches.append((self, signature, constants, options))
         return None
 
@@ -78,8 +78,7 @@ def resources(kernel: JITFunction, signature: dict, constants: dict, options: di
     found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
     return {
         "registers": int(found.get("REG", -1)),
-        "stack_bytes": int(found.get("STACK", 0)),
-        "local_bytes": int(found.get("LOCAL", 0)),
+        "stack_bytes": int(found.get("STACK", 0)),  # per thread: spilled registers and local arrays
         "shared_bytes": compiled.metadata.shared,
         "num_warps": options.get("num_warps", 4),
         "num_stages": options.get("num_stages", 3),
@@ -92,8 +91,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--dim", type=int, default=128, help="K = V")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument(
+        "--launch", nargs="*", default=[], metavar="KEY=VALUE", help="chunk.LAUNCH overrides, e.g. output_bv=64"
+    )
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
     args = parser.parse_args()
+    for item in args.launch:
+        key, _, value = item.partition("=")
+        if key not in chunk.LAUNCH:
+            parser.error(f"--launch {item}: LAUNCH has no {key!r} (it has {', '.join(chunk.LAUNCH)})")
+        chunk.LAUNCH[key] = type(chunk.LAUNCH[key])(value)
     dtype = DTYPES[args.dtype]
     shape = (2, 256, 4, args.dim)
     q, v, g = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
@@ -118,7 +125,7 @@ def main() -> None:
         for kernel, signature, constants, options in capture(call(op)):
             row = {"kernel": kernel.__name__} | resources(kernel, signature, constants, options, args.arch)
             rows.append(row)
-            print(f"{op:14s} {row['kernel']:22s} regs {row['registers']:4d}  local {row['local_bytes']:5d} B  "
+            print(f"{op:14s} {row['kernel']:22s} regs {row['registers']:4d}  spilled {row['stack_bytes']:5d} B  "
                   f"shared {row['shared_bytes']:6d} B  warps {row['num_warps']}")  # fmt: skip
         report[op] = rows
     if args.out:

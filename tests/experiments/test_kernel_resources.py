@@ -1,0 +1,49 @@
+"""experiments/kernel_resources.py: kernel launches captured without running them, and compiled for sm90.
+
+The script needs Triton's compiler, not its interpreter (which tests/conftest.py turns on), so it runs in a child
+process without TRITON_INTERPRET.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = """
+import json, sys, torch
+sys.path.insert(0, "experiments")
+import kernel_resources as kr
+from hgrn2.ops import small_state
+
+q, v, g = (torch.randn(2, 20, 3, 4, requires_grad=True) for _ in range(3))
+def step():
+    o = small_state.SmallStateHGRN2Function.apply(q, v, g, None, 1.0, False, None)[0]
+    torch.autograd.grad(o, (q, v, g), torch.ones_like(o))
+launches = kr.capture(step)
+kernel, signature, constants, options = launches[0]
+print(json.dumps({
+    "kernels": [launch[0].__name__ for launch in launches],
+    "signature": signature, "constants": {k: str(v) for k, v in constants.items()}, "options": options,
+    "resources": kr.resources(kernel, signature, constants, options, 90),
+}))
+"""
+
+
+def test_a_call_is_captured_launch_by_launch_and_compiled_for_hopper():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    # the forward's one launch, then the backward's; nothing ran (outputs are empty tensors)
+    assert report["kernels"] == ["small_state_fwd_kernel", "small_state_bwd_kernel"]
+    assert report["signature"]["q_ptr"] == "*fp32" and report["signature"]["T"] == "i32"
+    assert report["constants"]["K"] == "4" and report["constants"]["BT"] == "16"
+    assert report["constants"]["HAS_H0"] == "False" and report["signature"]["HAS_H0"] == "constexpr"
+    resources = report["resources"]
+    assert 0 < resources["registers"] <= 255 and resources["stack_bytes"] >= 0
+    assert resources["num_warps"] == report["options"]["num_warps"]
