@@ -1,9 +1,10 @@
 """Non-causal HGRU2 mixers for classification: bidirectional (1-D) and four-direction (2-D).
 
-Both compute the projections once and run the causal recurrence over reordered views of the sequence
-(reversed, or the columns of a grid), summing the outputs before the shared norm and output projection (the
-2-D mixer's ``series`` mode does that twice: rows, then the columns of the rows' output).
-Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions. The
+Both compute the projections once and run the causal recurrence in other orders of the sequence (reversed, or
+down the columns of a grid: the ops' ``reverse`` and ``columns``), summing the outputs before the shared norm and
+output projection (the 2-D mixer's ``series`` mode does that twice: rows, then the columns of the rows' output).
+Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions; the
+step-by-step kernels of small states read every order where the data lie, the others scan reordered copies. The
 gates (output gate, lower-bounded log λ) are elementwise, so they are computed once for all the scans, except
 where the chunked kernels compute them inside (:func:`hgrn2.ops.fuses_gates`).
 """
@@ -27,18 +28,21 @@ class _MultiScanHGRU2(HGRU2):
         q = activation(q_proj, self.output_gate)
         return (q, value, lower_bounded_log_forget(forget_proj, lower_bound)), False
 
-    def _scan(self, q, value, forget, lower_bound, gated: bool):
-        """One causal scan of :meth:`_scan_inputs`' tensors (reordered as the caller needs)."""
+    def _scan(self, q, value, forget, lower_bound, gated: bool, **order):
+        """One causal scan of :meth:`_scan_inputs`' tensors, in the ``order`` (reverse, columns) of the ops."""
         if gated:
-            o, _ = self.gated_recurrence(q, value, forget, lower_bound)
+            o, _ = self.gated_recurrence(q, value, forget, lower_bound, **order)
         else:
-            o, _ = hgrn2_recurrence(q, value, forget, scale=self.scale, backend=self.backend, check_values=False)
+            o, _ = hgrn2_recurrence(
+                q, value, forget, scale=self.scale, backend=self.backend, check_values=False, **order
+            )
         return o
 
-    def _scan_both_ways(self, gates, lower_bound, gated: bool) -> torch.Tensor:
-        """The scan of ``gates`` ``(q, v, log λ)`` ``[N, T, H, K]`` left to right plus the one right to left."""
-        forward = self._scan(*gates, lower_bound, gated)
-        return forward + self._scan(*(g.flip(1) for g in gates), lower_bound, gated).flip(1)
+    def _scan_both_ways(self, gates, lower_bound, gated: bool, columns: int | None = None) -> torch.Tensor:
+        """The scan of ``gates`` ``(q, v, log λ)`` ``[N, T, H, K]`` left to right plus the one right to left (with
+        ``columns=W``: down and up the W columns of each row-major grid of T = h·W positions)."""
+        forward = self._scan(*gates, lower_bound, gated, columns=columns)
+        return forward + self._scan(*gates, lower_bound, gated, reverse=True, columns=columns)
 
     def step(self, *args, **kwargs):
         raise NotImplementedError(f"{type(self).__name__} is not causal: it has no recurrent decoding step")
@@ -115,13 +119,13 @@ class HGRU2d(_MultiScanHGRU2):
         scans, then norm and project out."""
         batch, height, width = grid
         gates, gated = self._scan_inputs(*self.project(x), beta)  # each [B, h·w, H, K]
-        grids = [g.unflatten(1, (height, width)) for g in gates]  # each [B, h, w, H, K]
         total = None
         for axis in axes:
-            if axis == "rows":  # scan [B·h, w, H, K]
-                out = self._scan_both_ways([g.flatten(0, 1) for g in grids], beta, gated).unflatten(0, (batch, height))
-            else:  # columns: scan [B·w, h, H, K], then back to [B, h, w, H, V]
-                columns = [g.transpose(1, 2).flatten(0, 1) for g in grids]
-                out = self._scan_both_ways(columns, beta, gated).unflatten(0, (batch, width)).transpose(1, 2)
+            if axis == "rows":  # the rows as B·h sequences of w positions (a view)
+                rows = [g.reshape(batch * height, width, *g.shape[2:]) for g in gates]
+                out = self._scan_both_ways(rows, beta, gated)
+                out = out.reshape(batch, height * width, *out.shape[2:])
+            else:  # down and up each grid's columns
+                out = self._scan_both_ways(gates, beta, gated, columns=width)
             total = out if total is None else total + out
-        return self.finish(total.reshape(batch, height * width, *total.shape[3:]), self.runs_fused(x))
+        return self.finish(total, self.runs_fused(x))

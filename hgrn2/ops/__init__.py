@@ -113,6 +113,8 @@ def hgrn2_recurrence(
     backend: str = "auto",
     chunk_size: int | None = None,
     check_values: bool = True,
+    reverse: bool = False,
+    columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The HGRN2 recurrence with outer-product state, per head::
 
@@ -133,6 +135,12 @@ def hgrn2_recurrence(
         check_values: check that log_forget is ``<= 0`` and not NaN, else raise ValueError (this reads the
             tensor back: a device sync on a GPU); False where it comes from :func:`lower_bounded_log_forget`,
             which guarantees it.
+        reverse: scan each sequence from its last step to its first; outputs stay at their positions (the
+            same as flipping the inputs along T, scanning and flipping the output back).
+        columns: W to take each of the B sequences of T = h·W steps as a row-major h × W grid and scan its W
+            columns top to bottom (B·W sequences of h steps; initial and final states ``[B·W, H, K, V]``, grid by
+            grid, column by column); outputs stay at their positions. Not with ``cu_seqlens``. The step-by-step
+            kernels read both orders where the data lie; the other backends scan reordered copies.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype; final_state or None. Where B, T or H is
@@ -147,14 +155,43 @@ def hgrn2_recurrence(
         >>> o.shape, state.shape
         (torch.Size([2, 10, 4, 8]), torch.Size([2, 4, 8, 8]))
     """
-    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values=check_values)
+    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values=check_values, columns=columns)
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
     resolved = _resolve_backend(backend, q, q.shape[1], _state_elements(q, v))
     if q.numel() == 0 or v.numel() == 0:
-        return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens)
-    return _hgrn2_on(resolved, q, v, log_forget, chunk_size=chunk_size, **kwargs)
+        return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns)
+    order = _ScanOrder(q.shape[0], reverse, columns)
+    if order.in_place(resolved):
+        return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
+    o, final_state = _hgrn2_on(resolved, *order.copies(q, v, log_forget), chunk_size=chunk_size, **kwargs)
+    return order.put_back(o), final_state
+
+
+class _ScanOrder:
+    """``reverse`` and ``columns`` of a scan (see :func:`hgrn2_recurrence`): whether a backend reads them in place,
+    else the reordered copies to scan and the output put back."""
+
+    def __init__(self, batch: int, reverse: bool, columns: int | None):
+        self.batch, self.reverse, self.columns = batch, bool(reverse), columns
+
+    def in_place(self, resolved: str) -> bool:
+        return resolved == "recurrent" or (not self.reverse and self.columns is None)
+
+    def copies(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        out = []
+        for x in tensors:
+            if self.columns is not None:  # [B, h·W, ...] -> [B·W, h, ...]
+                x = x.unflatten(1, (x.shape[1] // self.columns, self.columns)).transpose(1, 2).flatten(0, 1)
+            out.append(x.flip(1) if self.reverse else x)
+        return out
+
+    def put_back(self, o: torch.Tensor) -> torch.Tensor:
+        o = o.flip(1) if self.reverse else o
+        if self.columns is not None:  # [B·W, h, ...] -> [B, h·W, ...]
+            o = o.unflatten(0, (self.batch, self.columns)).transpose(1, 2).flatten(1, 2)
+        return o
 
 
 def _initial_or_zeros(initial_state, shape, dtype, device) -> torch.Tensor:
@@ -164,11 +201,12 @@ def _initial_or_zeros(initial_state, shape, dtype, device) -> torch.Tensor:
     return torch.zeros(shape, dtype=dtype, device=device)
 
 
-def _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens):
+def _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns=None):
     """HGRN2 where B, T, H, K or V is 0: nothing to scan, so zero outputs ([B, T, H, V], empty unless K = 0)
     and the initial state as the final one. The kernels would launch empty grids, which some reject."""
     batch, _, heads, key_dim = q.shape
     n_states = batch if cu_seqlens is None else cu_seqlens.numel() - 1
+    n_states = n_states if columns is None else batch * columns
     final_state = None
     if output_final_state:
         shape = (n_states, heads, key_dim, v.shape[-1])
@@ -189,14 +227,17 @@ def _short_inference(q: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, *tensors))
 
 
-def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, **kwargs):
-    """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ."""
+def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, reverse=False, columns=None, **kwargs):
+    """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ; ``reverse`` and ``columns``
+    only on the step-by-step kernels (the others take reordered copies, :class:`_ScanOrder`)."""
     if resolved == "triton":
         if _short_inference(q, v, log_forget, kwargs["initial_state"]):
             return _kernel_module("recurrent").fused_recurrent_hgrn2(q, v, log_forget, **kwargs)
         return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "recurrent":
-        return _kernel_module("small_state").small_state_hgrn2(q, v, log_forget, **kwargs)
+        return _kernel_module("small_state").small_state_hgrn2(
+            q, v, log_forget, reverse=reverse, columns=columns, **kwargs
+        )
     if resolved == "naive":
         return reference.hgrn2_recurrence_naive(q, v, log_forget, **kwargs)
     return reference.hgrn2_recurrence_chunked(q, v, log_forget, chunk_size=chunk_size or 16, **kwargs)
@@ -215,6 +256,8 @@ def hgrn2_gated_recurrence(
     cu_seqlens: torch.Tensor | None = None,
     backend: str = "auto",
     precise_bound_grad: bool | None = None,
+    reverse: bool = False,
+    columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HGRN2 from the raw projections: ``q = output_gate(q_proj)`` and
     ``log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj))`` with β = ``lower_bound``.
@@ -223,23 +266,30 @@ def hgrn2_gated_recurrence(
     The Triton backend computes both gates inside the kernel, so neither q nor log λ is written to memory;
     the other backends compute them first with PyTorch. ``precise_bound_grad`` applies to the chunked Triton
     kernels (:func:`hgrn2.ops.chunk.chunk_hgrn2_gated`): None takes ``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``.
+    ``reverse`` and ``columns`` order the scan as in :func:`hgrn2_recurrence`.
     """
-    check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, check_values=False)
+    check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, check_values=False, columns=columns)
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
     resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
     if q_proj.numel() == 0 or v.numel() == 0:
-        return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens)
+        return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens, columns)
+    order = _ScanOrder(q_proj.shape[0], reverse, columns)
     chunk = _kernel_module("chunk")
     short = _short_inference(q_proj, v, forget_proj, lower_bound, initial_state)
     if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated") and not short:
-        return chunk.chunk_hgrn2_gated(
+        q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
+        o, final_state = chunk.chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,
             **kwargs,
         )  # fmt: skip
-    q = activation(q_proj, output_gate)
-    return _hgrn2_on(resolved, q, v, lower_bounded_log_forget(forget_proj, lower_bound), **kwargs)
+        return order.put_back(o), final_state
+    q, log_forget = activation(q_proj, output_gate), lower_bounded_log_forget(forget_proj, lower_bound)
+    if order.in_place(resolved):
+        return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
+    o, final_state = _hgrn2_on(resolved, *order.copies(q, v, log_forget), **kwargs)
+    return order.put_back(o), final_state
 
 
 def hgrn2_step(

@@ -30,6 +30,7 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds, sm_count
+from hgrn2.ops.validation import check_scan_order
 
 __all__ = ["MAX_STATE", "small_state_hgrn2"]
 
@@ -39,13 +40,22 @@ STEPS_PER_LOAD = 16  # steps whose inputs one load brings in (the kernels walk t
 
 
 @triton.jit
-def _program_start(h0_ptr, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr,
-                   BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr):  # fmt: skip
-    """This program's sequence (first row, length) and block of BH heads: offsets and masks [BH, BK] into q-like
-    rows, [BH, BV] into v-like rows and [BH, BK, BV] into the [N, H, K, V] states, and the initial state."""
+def _program_start(h0_ptr, cu_seqlens, T, W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr,
+                   BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   COLUMNS: tl.constexpr):  # fmt: skip
+    """This program's sequence (first row, length, rows between its steps) and block of BH heads: offsets and
+    masks [BH, BK] into q-like rows, [BH, BV] into v-like rows and [BH, BK, BV] into the [N, H, K, V] states, and
+    the initial state. With COLUMNS each input row of T·W rows is a row-major T × W grid and sequence n is column
+    n % W of grid n // W."""
     NHB: tl.constexpr = (H + BH - 1) // BH
     i_n, i_hb = tl.program_id(0) // NHB, tl.program_id(0) % NHB
-    bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, 1, IS_VARLEN)
+    if COLUMNS:
+        bos = (i_n // W).to(tl.int64) * T * W + i_n % W
+        length = T
+        stride = W
+    else:
+        bos, length, _ = sequence_bounds(i_n, T, cu_seqlens, cu_seqlens, 1, IS_VARLEN)
+        stride = 1
     o_h = i_hb * BH + tl.arange(0, BH)
     o_k = tl.arange(0, BK)
     o_v = tl.arange(0, BV)
@@ -59,7 +69,16 @@ def _program_start(h0_ptr, cu_seqlens, T, H: tl.constexpr, K: tl.constexpr, V: t
     state = tl.zeros([BH, BK, BV], dtype=tl.float32)
     if HAS_H0:
         state += tl.load(h0_ptr + s, mask=m_s, other=0.0)
-    return bos, length, hk, hv, m_hk, m_hv, s, m_s, state
+    return bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state
+
+
+@triton.jit
+def _block_rows(bos, length, stride, t0, o_b, REVERSE: tl.constexpr):
+    """Input rows [BT] (int64) of walk steps t0 .. t0 + BT - 1 and which of them exist: step t is the sequence's
+    position t, or length - 1 - t with REVERSE."""
+    t = t0 + o_b
+    position = length - 1 - t if REVERSE else t
+    return bos + position.to(tl.int64) * stride, t < length
 
 
 @triton.jit
@@ -83,17 +102,16 @@ def _block(ptr, rows, offs, mask):
 
 @triton.jit
 def small_state_fwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, scale, T, H: tl.constexpr, K: tl.constexpr,
+    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, scale, T, W, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, COLUMNS: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
-    bos, length, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
-        h0_ptr, cu_seqlens, T, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN
+    bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
+        h0_ptr, cu_seqlens, T, W, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN, COLUMNS
     )
     o_b = tl.arange(0, BT)
     for t0 in range(0, length, BT):  # BT steps' inputs per load: one memory latency per block, not per step
-        m_b = t0 + o_b < length
-        rows = (bos + t0 + o_b).to(tl.int64)
+        rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
         q_blk = _block(q_ptr, rows * H * K, hk, m_bk)
         g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
@@ -110,19 +128,18 @@ def small_state_fwd_kernel(
 
 @triton.jit
 def small_state_bwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, cu_seqlens, scale, T,
+    q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, cu_seqlens, scale, T, W,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    IS_VARLEN: tl.constexpr,
+    IS_VARLEN: tl.constexpr, COLUMNS: tl.constexpr, REVERSE: tl.constexpr,
 ):  # fmt: skip
     # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote
-    bos, length, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
-        h0_ptr, cu_seqlens, T, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN
+    bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
+        h0_ptr, cu_seqlens, T, W, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN, COLUMNS
     )
     o_b = tl.arange(0, BT)
     for t0 in range(0, length, BT):  # forward sweep: the states again, and dq
-        m_b = t0 + o_b < length
-        rows = (bos + t0 + o_b).to(tl.int64)
+        rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
         g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
         v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
@@ -140,8 +157,7 @@ def small_state_bwd_kernel(
     n_blocks = tl.cdiv(length, BT)
     for j in range(n_blocks):  # reverse sweep, the last block first
         t0 = (n_blocks - 1 - j) * BT
-        m_b = t0 + o_b < length
-        rows = (bos + t0 + o_b).to(tl.int64)
+        rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
         q_blk = _block(q_ptr, rows * H * K, hk, m_bk)
         g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
@@ -169,10 +185,12 @@ def small_state_bwd_kernel(
 class _Launch:
     """Sizes and launch settings shared by the forward and the backward."""
 
-    def __init__(self, q, v, cu_seqlens):
+    def __init__(self, q, v, cu_seqlens, reverse: bool = False, columns: int | None = None):
         self.heads, self.key_dim, self.value_dim = q.shape[2], q.shape[3], v.shape[3]
         self.n_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
-        self.seq_len = q.shape[1]
+        self.seq_len, self.width = q.shape[1], 1
+        if columns is not None:  # each row of T = h·W steps is an h × W grid: B·W sequences of h steps
+            self.n_seqs, self.seq_len, self.width = q.shape[0] * columns, q.shape[1] // columns, columns
         self.bk, self.bv = triton.next_power_of_2(self.key_dim), triton.next_power_of_2(self.value_dim)
         per_head = self.bk * self.bv
         if per_head > MAX_STATE:
@@ -192,8 +210,9 @@ class _Launch:
         block = STEPS_PER_LOAD * self.bh * max(self.bk, self.bv)
         self.num_warps = min(8, triton.next_power_of_2(max(1, max(block, self.bh * per_head) // 256)))
         self.flags = dict(
-            H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv, BT=STEPS_PER_LOAD
-        )
+            H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv, BT=STEPS_PER_LOAD,
+            IS_VARLEN=cu_seqlens is not None, COLUMNS=columns is not None, REVERSE=reverse,
+        )  # fmt: skip
 
     def state(self, device) -> torch.Tensor:
         return torch.empty(self.n_seqs, self.heads, self.key_dim, self.value_dim, dtype=torch.float32, device=device)
@@ -201,8 +220,8 @@ class _Launch:
 
 class SmallStateHGRN2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, v, log_forget, initial_state, scale, output_final_state, cu_seqlens):
-        launch = _Launch(q, v, cu_seqlens)
+    def forward(ctx, q, v, log_forget, initial_state, scale, output_final_state, cu_seqlens, reverse, columns):
+        launch = _Launch(q, v, cu_seqlens, reverse, columns)
         o = torch.empty_like(v)
         final_state = launch.state(q.device) if output_final_state else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -210,8 +229,8 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         small_state_fwd_kernel[launch.grid](
             q, v, log_forget, h0 if h0 is not None else dummy, o,
             final_state if final_state is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-            scale, launch.seq_len, HAS_H0=h0 is not None, STORE_HT=final_state is not None,
-            IS_VARLEN=cu_seqlens is not None, num_warps=launch.num_warps, **launch.flags,
+            scale, launch.seq_len, launch.width, HAS_H0=h0 is not None, STORE_HT=final_state is not None,
+            num_warps=launch.num_warps, **launch.flags,
         )  # fmt: skip
         ctx.save_for_backward(q, v, log_forget, h0, cu_seqlens)
         ctx.launch, ctx.scale = launch, scale
@@ -230,12 +249,12 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         small_state_bwd_kernel[launch.grid](
             q, v, log_forget, h0 if h0 is not None else dummy, do.contiguous(),
             d_final.contiguous() if d_final is not None else dummy, dq, dv, dg, dh0 if dh0 is not None else dummy,
-            cu_seqlens if cu_seqlens is not None else dummy, ctx.scale, launch.seq_len,
+            cu_seqlens if cu_seqlens is not None else dummy, ctx.scale, launch.seq_len, launch.width,
             HAS_H0=h0 is not None, HAS_DHT=d_final is not None, STORE_DH0=need_dh0,
-            IS_VARLEN=cu_seqlens is not None, num_warps=launch.num_warps, **launch.flags,
+            num_warps=launch.num_warps, **launch.flags,
         )  # fmt: skip
         dh0 = dh0.to(ctx.initial_dtype) if dh0 is not None else None
-        return dq.to(q.dtype), dv, dg, dh0, None, None, None
+        return dq.to(q.dtype), dv, dg, dh0, None, None, None, None, None
 
 
 def small_state_hgrn2(
@@ -247,12 +266,24 @@ def small_state_hgrn2(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    reverse: bool = False,
+    columns: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HGRN2 one step at a time, differentiable, for heads of at most ``MAX_STATE`` state elements.
 
     Shapes and arguments as in :func:`hgrn2.ops.hgrn2_recurrence`; returns ``(o, final_state)`` with the final
     state in float32. Gradients reach q, v, log_forget and initial_state.
+
+    Two more orders read the inputs where they are, with no reordered copy, and write the outputs in place:
+    ``reverse=True`` runs each sequence from its last step to its first (the same as flipping the inputs along T,
+    scanning, and flipping the output back); ``columns=W`` takes each of the B rows of T = h·W steps as a
+    row-major h × W grid and scans its W columns top to bottom (the same as scanning ``x.unflatten(1, (h, W))
+    .transpose(1, 2).flatten(0, 1)``, B·W sequences of h steps, whose initial and final states are
+    ``[B·W, H, K, V]`` in that order). The two combine; neither takes ``cu_seqlens`` with ``columns``.
     """
     check_kernel_dtype(q, v, log_forget)
+    check_scan_order(q.shape[1], cu_seqlens, columns)
     q, v, log_forget = q.contiguous(), v.contiguous(), log_forget.contiguous()
-    return SmallStateHGRN2Function.apply(q, v, log_forget, initial_state, float(scale), output_final_state, cu_seqlens)
+    return SmallStateHGRN2Function.apply(
+        q, v, log_forget, initial_state, float(scale), output_final_state, cu_seqlens, bool(reverse), columns
+    )

@@ -67,7 +67,22 @@ def check_cu_seqlens(cu_seqlens: torch.Tensor, batch: int, seq_len: int) -> int:
     return len(offsets) - 1
 
 
-def check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values: bool = True) -> None:
+def check_scan_order(seq_len: int, cu_seqlens, columns: int | None) -> None:
+    """``columns=W`` (scan each sequence as the W columns of a row-major grid) needs whole grids: W divides T,
+    and no packed sequences."""
+    if columns is None:
+        return
+    if cu_seqlens is not None:
+        raise ValueError("columns= scans the columns of whole grids; it takes no cu_seqlens (packed sequences)")
+    if isinstance(columns, bool) or not isinstance(columns, int) or columns < 1 or seq_len % columns:
+        raise ValueError(
+            f"columns={columns!r} must be a positive divisor of the sequence length T = {seq_len} (T = h·W)"
+        )
+
+
+def check_hgrn2_inputs(
+    q, v, log_forget, initial_state, cu_seqlens, check_values: bool = True, columns: int | None = None
+) -> None:
     for name, t in (("q", q), ("v", v), ("log_forget", log_forget)):
         check_floating(name, t)
     check_rank("q", q, 4, "[B, T, H, K]")
@@ -78,10 +93,13 @@ def check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values
         raise ValueError(f"v must have shape [B, T, H, V] = [{batch}, {seq_len}, {heads}, V], got {_shape(v)}")
     if v.dtype != q.dtype or log_forget.dtype != q.dtype:
         raise ValueError(f"q, v and log_forget must share one dtype, got {q.dtype}, {v.dtype} and {log_forget.dtype}")
+    check_scan_order(seq_len, cu_seqlens, columns)
     n_states = batch if cu_seqlens is None else check_cu_seqlens(cu_seqlens, batch, seq_len)
     if initial_state is not None:
         check_floating("initial_state", initial_state)
         layout = "[B, H, K, V]" if cu_seqlens is None else "[N, H, K, V] (one state per packed sequence)"
+        if columns is not None:
+            n_states, layout = batch * columns, "[B·W, H, K, V] (one state per column)"
         check_same_shape("initial_state", initial_state, (n_states, heads, key_dim, v.shape[-1]), layout)
     if check_values:
         check_log_forget("log_forget", log_forget)

@@ -137,3 +137,63 @@ def test_auto_picks_the_step_kernels_for_states_of_at_most_four_elements_on_a_gp
     assert auto_backend(True, seq_len=8, state_elements=None) == "triton"  # HGRN1's scan: no state size
     assert auto_backend(False, seq_len=14, state_elements=4) == "naive"  # the CPU never runs kernels
     assert auto_backend(False, seq_len=100, state_elements=4) == "torch"
+
+
+def _grid_columns(x: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, h·W, ...] -> [B·W, h, ...]: each grid's columns as sequences (what columns=W scans in place)."""
+    return x.unflatten(1, (x.shape[1] // width, width)).transpose(1, 2).flatten(0, 1)
+
+
+def _grid_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
+    """The inverse of :func:`_grid_columns`."""
+    return x.unflatten(0, (batch, x.shape[0] // batch)).transpose(1, 2).flatten(1, 2)
+
+
+@pytest.mark.parametrize(
+    "reverse, width, height",
+    [
+        (True, None, 37),  # reversed, three blocks of 16 steps, the last one partly past the end
+        (False, 5, 19),  # the 5 columns of 19-row grids: sequences with a stride of 5 rows
+        (True, 3, 18),  # columns bottom to top
+        (True, 1, 7),  # one column: the whole sequence, reversed
+    ],
+)
+def test_reversed_and_column_scans_read_in_place_what_reordered_copies_give(reverse, width, height):
+    """reverse= and columns= against the float64 loop on explicitly flipped / transposed copies, outputs put back
+    where they belong: outputs, final states and every gradient, with an initial state per scanned sequence."""
+    batch, heads, dim = 2, 3, 4
+    seq_len = height * (width or 1)
+    n_seqs = batch * (width or 1)
+    q = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.float32)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, dim)), torch.float32)
+    h0 = kernel_leaf(torch.randn(n_seqs, heads, dim, dim), torch.float32)
+
+    def run(q, v, log_forget, h0):
+        return small_state.small_state_hgrn2(
+            q, v, log_forget, scale=0.6, initial_state=h0, output_final_state=True, reverse=reverse, columns=width
+        )
+
+    def reference(q, v, log_forget, h0):
+        def order(x):
+            x = _grid_columns(x, width) if width else x
+            return x.flip(1) if reverse else x
+
+        o, final = hgrn2_recurrence_naive(
+            *(order(x) for x in (q, v, log_forget)), scale=0.6, initial_state=h0, output_final_state=True
+        )
+        o = o.flip(1) if reverse else o
+        return (_grid_rows(o, batch) if width else o), final
+
+    check_against_float64(
+        run, reference, [q, v, log_forget, h0], ["dq", "dv", "dlog_forget", "dh0"], TOL[torch.float32]
+    )
+
+
+def test_column_scans_refuse_packed_sequences_and_grids_that_do_not_divide():
+    x = torch.randn(1, 12, 2, 2, device=DEVICE)
+    with pytest.raises(ValueError, match="columns=5 must be a positive divisor of the sequence length T = 12"):
+        small_state.small_state_hgrn2(x, x, -x.abs(), columns=5)
+    cu_seqlens = torch.tensor([0, 6, 12], device=DEVICE)
+    with pytest.raises(ValueError, match="takes no cu_seqlens"):
+        small_state.small_state_hgrn2(x, x, -x.abs(), columns=3, cu_seqlens=cu_seqlens)
