@@ -32,6 +32,12 @@ VARIANTS = {
     "walk": dict(walk_programs_per_sm=0.0),  # every shape through the walk that forms the deltas itself
     "walk-w8": dict(walk_programs_per_sm=0.0, walk_warps=8),
     "walk-t32": dict(walk_programs_per_sm=0.0, walk_tile=32, walk_warps=2),
+    # settings under which the sm90 compile spills less (experiments/kernel_resources.py): the forward walk with
+    # 8 warps or 32-wide tiles at 4 warps spills nothing; dq/d log λ over 32 values at a time spills 344 bytes
+    # a thread instead of 544 (gated: 712 instead of 872)
+    "walk-t32-w4": dict(walk_tile=32, walk_warps=4),
+    "dqk-bv32": dict(dqk_bv=32),
+    "dv-bv64": dict(dv_bv=64),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
