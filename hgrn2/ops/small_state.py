@@ -17,7 +17,10 @@ Backward, with ``k = 1 - λ`` and ``b_t = Σ_{r<=t} log λ_r``:
   giving ``dk_t = dS_t v_t`` and ``dv_t = dS_t^T k_t``;
 * ``dL/db_t = q_t ⊙ dq_t - k_t ⊙ dk_t`` (plus ``Σ_v dS_T ⊙ S_T`` at the end), so
   ``d log λ_t = Σ_{s>=t} dL/db_s - λ_t ⊙ dk_t``: a running sum in the reverse sweep, the last term from
-  k = 1 - λ. No step divides by λ, so gates near 0 are safe;
+  k = 1 - λ. No step divides by λ, so gates near 0 are safe. The running sum equals λ_t ⊙ Σ_v S_{t-1} ⊙ dS_t, but
+  its terms cancel, which float32 inputs cannot afford where λ_t is near 0 (half-precision inputs can: the sum is
+  float32); for float32 inputs the forward sweep therefore saves every S_{t-1} and the reverse sweep forms
+  ``λ_t ⊙ (Σ_v S_{t-1} ⊙ dS_t - dk_t)`` from it;
 * ``d S_0 = λ_1 dS_1``.
 
 The plain-PyTorch twin is ``hgrn2.ops.reference.hgrn2_recurrence_naive``.
@@ -128,16 +131,19 @@ def small_state_fwd_kernel(
 
 @triton.jit
 def small_state_bwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, cu_seqlens, scale, T, W,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, states_ptr, cu_seqlens, scale,
+    T, W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    IS_VARLEN: tl.constexpr, COLUMNS: tl.constexpr, REVERSE: tl.constexpr,
+    IS_VARLEN: tl.constexpr, COLUMNS: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr,
 ):  # fmt: skip
-    # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote
+    # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote. With EXACT the forward sweep
+    # also writes every state S_{t-1} (float32, one [H, K, V] per input row, at states_ptr) and the reverse sweep
+    # forms d log λ_t = λ_t ⊙ Σ_v S_{t-1} ⊙ dS_t - λ_t ⊙ dk_t from it: no running sum, no cancellation
     bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
         h0_ptr, cu_seqlens, T, W, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN, COLUMNS
     )
     o_b = tl.arange(0, BT)
+    s_head = hk[:, :, None] * V + (hv % V)[:, None, :]  # [BH, BK, BV] within one row of the saved states
     for t0 in range(0, length, BT):  # forward sweep: the states again, and dq
         rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
@@ -146,6 +152,9 @@ def small_state_bwd_kernel(
         do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
         dq_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
         for i in tl.static_range(BT):
+            if EXACT:
+                row = tl.sum(tl.where(o_b == i, rows, 0), 0)
+                tl.store(states_ptr + row * H * K * V + s_head, state, mask=m_s & (t0 + i < length))
             g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
             state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
             dq_blk = _put(dq_blk, o_b, i, tl.sum(state * _row(do_blk, o_b, i)[:, None, :], 2) * scale)
@@ -163,7 +172,8 @@ def small_state_bwd_kernel(
         g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
         v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
         do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
-        dq_blk = _block(dq_ptr, rows * H * K, hk, m_bk)
+        if not EXACT:
+            dq_blk = _block(dq_ptr, rows * H * K, hk, m_bk)
         dv_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
         dg_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
         for i in tl.static_range(BT):
@@ -173,8 +183,13 @@ def small_state_bwd_kernel(
             d_state += (q * scale)[:, :, None] * _row(do_blk, o_b, r)[:, None, :]
             dk = tl.sum(d_state * v[:, None, :], 2)
             dv_blk = _put(dv_blk, o_b, r, tl.sum(d_state * k[:, :, None], 1))
-            d_b += q * _row(dq_blk, o_b, r) - k * dk
-            dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
+            if EXACT:
+                row = tl.sum(tl.where(o_b == r, rows, 0), 0)
+                before = tl.load(states_ptr + row * H * K * V + s_head, mask=m_s & (t0 + r < length), other=0.0)
+                dg_blk = _put(dg_blk, o_b, r, forget * (tl.sum(before * d_state, 2) - dk))
+            else:
+                d_b += q * _row(dq_blk, o_b, r) - k * dk
+                dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
             d_state = forget[:, :, None] * d_state
         tl.store(dv_ptr + rows[:, None, None] * H * V + hv[None, :, :], dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
         tl.store(dg_ptr + rows[:, None, None] * H * K + hk[None, :, :], dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
@@ -246,11 +261,18 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         dv, dg = torch.empty_like(v), torch.empty_like(log_forget)
         dh0 = launch.state(q.device) if need_dh0 else None
         dummy = dq
+        # float32 inputs: every step's state, read back for an exact d log λ (see the kernel)
+        exact = q.dtype == torch.float32
+        states = (
+            torch.empty(q.shape[0] * q.shape[1], launch.heads, launch.key_dim, launch.value_dim, device=q.device)
+            if exact
+            else dummy
+        )
         small_state_bwd_kernel[launch.grid](
             q, v, log_forget, h0 if h0 is not None else dummy, do.contiguous(),
             d_final.contiguous() if d_final is not None else dummy, dq, dv, dg, dh0 if dh0 is not None else dummy,
-            cu_seqlens if cu_seqlens is not None else dummy, ctx.scale, launch.seq_len, launch.width,
-            HAS_H0=h0 is not None, HAS_DHT=d_final is not None, STORE_DH0=need_dh0,
+            states, cu_seqlens if cu_seqlens is not None else dummy, ctx.scale, launch.seq_len, launch.width,
+            HAS_H0=h0 is not None, HAS_DHT=d_final is not None, STORE_DH0=need_dh0, EXACT=exact,
             num_warps=launch.num_warps, **launch.flags,
         )  # fmt: skip
         dh0 = dh0.to(ctx.initial_dtype) if dh0 is not None else None
