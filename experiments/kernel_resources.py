@@ -7,6 +7,10 @@ spills explain much of a kernel's speed before any timing: a kernel that spills 
 thread at 8 warps runs one CTA per SM.
 
     PYTHONPATH=$PWD python experiments/kernel_resources.py --op plain gated --dtype bf16
+    PYTHONPATH=$PWD python experiments/kernel_resources.py --op steps steps-gated --dim 4 --steps-shape 128 2000 16
+
+``steps`` and ``steps-gated`` are the step-by-step kernels of small states (``hgrn2.ops.small_state``), whose
+launch settings depend on the shape and the GPU's SM count (``--sms``, 132 on an H100 SXM).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.runtime.jit import JITFunction
 
-from hgrn2.ops import chunk
+from hgrn2.ops import chunk, small_state
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
@@ -87,10 +91,17 @@ def resources(kernel: JITFunction, signature: dict, constants: dict, options: di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--op", nargs="+", default=["plain", "gated"], choices=["plain", "gated", "gated-precise"])
+    parser.add_argument(
+        "--op",
+        nargs="+",
+        default=["plain", "gated"],
+        choices=["plain", "gated", "gated-precise", "steps", "steps-gated"],
+    )
     parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES))
     parser.add_argument("--dim", type=int, default=128, help="K = V")
     parser.add_argument("--arch", type=int, default=90)
+    parser.add_argument("--steps-shape", type=int, nargs=3, default=[128, 2000, 16], metavar=("B", "T", "H"))
+    parser.add_argument("--sms", type=int, default=132, help="SMs the step kernels' launch settings assume")
     parser.add_argument(
         "--launch", nargs="*", default=[], metavar="KEY=VALUE", help="chunk.LAUNCH overrides, e.g. output_bv=64"
     )
@@ -106,9 +117,20 @@ def main() -> None:
     q, v, g = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))
     beta = torch.rand(4, args.dim, requires_grad=True)
 
+    small_state.sm_count = lambda device: args.sms
+    steps_shape = (*args.steps_shape, args.dim)
+    x, y, f = (torch.randn(steps_shape, dtype=dtype, requires_grad=True) for _ in range(3))
+    beta_steps = torch.rand(steps_shape[2], args.dim, requires_grad=True)
+
     def call(op):
         def run():
-            if op == "plain":
+            if op.startswith("steps"):
+                gated = op == "steps-gated"
+                out = small_state.SmallStateHGRN2Function.apply(
+                    x, y, f, None, 1.0, False, None, False, None, beta_steps if gated else None, 1 if gated else None
+                )[0]
+                leaves = (x, y, f, beta_steps) if gated else (x, y, f)
+            elif op == "plain":
                 out = chunk.ChunkHGRN2Function.apply(q, v, g, None, None, 1.0, False, None, False, 0, False)[0]
                 leaves = (q, v, g)
             else:

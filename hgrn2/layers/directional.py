@@ -6,7 +6,7 @@ output projection (the 2-D mixer's ``series`` mode does that twice: rows, then t
 Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions; the
 step-by-step kernels of small states read every order where the data lie, the others scan reordered copies. The
 gates (output gate, lower-bounded log λ) are elementwise, so they are computed once for all the scans, except
-where the chunked kernels compute them inside (:func:`hgrn2.ops.fuses_gates`).
+where the Triton kernels (chunked and step-by-step) compute them inside (:func:`hgrn2.ops.fuses_gates`).
 """
 
 from __future__ import annotations

@@ -95,10 +95,11 @@ def _resolve_backend(
 
 def fuses_gates(backend: str, q_proj: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`hgrn2_gated_recurrence` computes both gates inside its kernels for these inputs (the
-    chunked Triton kernels). Where it does not, the gates are elementwise PyTorch ops on the projections, which a
-    caller that scans one sequence several ways (reversed, by columns) can compute once for all its scans."""
+    chunked and the step-by-step Triton kernels). Where it does not, the gates are elementwise PyTorch ops on the
+    projections, which a caller that scans one sequence several ways (reversed, by columns) can compute once for
+    all its scans."""
     resolved = _resolve_backend(backend, q_proj, None, _state_elements(q_proj, v))
-    return resolved == "triton" and hasattr(_kernel_module("chunk"), "chunk_hgrn2_gated")
+    return resolved == "recurrent" or (resolved == "triton" and not _short_inference(q_proj, v))
 
 
 def hgrn2_recurrence(
@@ -263,8 +264,9 @@ def hgrn2_gated_recurrence(
     ``log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj))`` with β = ``lower_bound``.
 
     Shapes as in :func:`hgrn2_recurrence`; ``lower_bound`` broadcasts to ``[H, K]`` (or is None for β = 0).
-    The Triton backend computes both gates inside the kernel, so neither q nor log λ is written to memory;
-    the other backends compute them first with PyTorch. ``precise_bound_grad`` applies to the chunked Triton
+    The Triton backends compute both gates inside their kernels, so neither q nor log λ is written to memory
+    (except for a short scan without gradients on ``"triton"``); the other backends compute them first with
+    PyTorch. ``precise_bound_grad`` applies to the chunked Triton
     kernels (:func:`hgrn2.ops.chunk.chunk_hgrn2_gated`): None takes ``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``.
     ``reverse`` and ``columns`` order the scan as in :func:`hgrn2_recurrence`.
     """
@@ -276,11 +278,14 @@ def hgrn2_gated_recurrence(
     if q_proj.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens, columns)
     order = _ScanOrder(q_proj.shape[0], reverse, columns)
-    chunk = _kernel_module("chunk")
     short = _short_inference(q_proj, v, forget_proj, lower_bound, initial_state)
-    if resolved == "triton" and hasattr(chunk, "chunk_hgrn2_gated") and not short:
+    if resolved == "recurrent":  # gates in the step kernels, which read either order in place
+        return _kernel_module("small_state").small_state_hgrn2_gated(
+            q_proj, v, forget_proj, lower_bound, output_gate=output_gate, reverse=reverse, columns=columns, **kwargs
+        )
+    if resolved == "triton" and not short:
         q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
-        o, final_state = chunk.chunk_hgrn2_gated(
+        o, final_state = _kernel_module("chunk").chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,
             **kwargs,
         )  # fmt: skip

@@ -40,6 +40,7 @@ from hgrn2.ops.kernel_utils import (
     sm_count,
     state_dtype,
 )
+from hgrn2.ops.validation import check_lower_bound
 
 CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
 # Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps: there the work between
@@ -291,18 +292,7 @@ def chunk_hgrn2_gated(
     (benchmarks/results/ops-notes.md has the measurements).
     """
     check_kernel_dtype(q_proj, v, forget_proj)
-    heads, key_dim = q_proj.shape[2], q_proj.shape[3]
-    if lower_bound is not None:
-        try:
-            torch.broadcast_shapes(lower_bound.shape, (heads, key_dim))
-        except RuntimeError:
-            raise ValueError(
-                f"lower_bound must broadcast to [H, K] = [{heads}, {key_dim}], got {list(lower_bound.shape)}"
-            ) from None
-        if torch.broadcast_shapes(lower_bound.shape, (heads, key_dim)) != (heads, key_dim):
-            raise ValueError(
-                f"lower_bound must broadcast to [H, K] = [{heads}, {key_dim}], got {list(lower_bound.shape)}"
-            )
+    check_lower_bound(lower_bound, q_proj.shape[2], q_proj.shape[3])
     if output_gate not in FUSED_ACTIVATIONS:
         q_proj, output_gate = activation(q_proj, output_gate), "identity"
     return ChunkHGRN2Function.apply(

@@ -32,10 +32,22 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds, sm_count
-from hgrn2.ops.validation import check_scan_order
+from hgrn2.ops.gates import activation
+from hgrn2.ops.kernel_utils import (
+    FUSED_ACTIVATIONS,
+    bound_constants,
+    check_kernel_dtype,
+    gate_log_forget,
+    gate_log_forget_grads,
+    one_minus_exp,
+    output_gate,
+    output_gate_grad,
+    sequence_bounds,
+    sm_count,
+)
+from hgrn2.ops.validation import check_lower_bound, check_scan_order
 
-__all__ = ["MAX_STATE", "small_state_hgrn2"]
+__all__ = ["MAX_STATE", "small_state_hgrn2", "small_state_hgrn2_gated"]
 
 MAX_STATE = 1024  # largest K × V (each rounded up to a power of two) a head may hold in these kernels
 _PROGRAM_STATE = 1024  # state elements per program: heads are grouped up to this
@@ -104,20 +116,56 @@ def _block(ptr, rows, offs, mask):
 
 
 @triton.jit
+def _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND: tl.constexpr):
+    """log β and log(1 - β) of the lower bound at this program's [BH, BK] (head, channel) pairs, as [1, BH, BK]
+    (zeros without a lower bound)."""
+    if HAS_BOUND:
+        log_beta = tl.load(log_beta_ptr + hk, mask=m_hk, other=0.0)
+        log1m_beta = tl.load(log1m_beta_ptr + hk, mask=m_hk, other=0.0)
+    else:
+        log_beta = tl.zeros(hk.shape, dtype=tl.float32)
+        log1m_beta = tl.zeros(hk.shape, dtype=tl.float32)
+    return log_beta[None, :, :], log1m_beta[None, :, :]
+
+
+@triton.jit
+def _query_block(q_ptr, rows, hk, m_bk, ACT: tl.constexpr, GATED: tl.constexpr):
+    """q for a block of steps [BT, BH, BK]: loaded, or the output gate of the loaded projection when GATED."""
+    q = _block(q_ptr, rows, hk, m_bk)
+    if GATED:
+        q = tl.where(m_bk, output_gate(q, ACT), 0.0)
+    return q
+
+
+@triton.jit
+def _log_forget_block(g_ptr, rows, hk, m_bk, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log λ for a block of steps [BT, BH, BK]: loaded, or the lower-bounded gate of the loaded forget projection
+    when GATED; 0 (λ = 1) at masked steps either way."""
+    g = _block(g_ptr, rows, hk, m_bk)
+    if GATED:
+        g, _, _ = gate_log_forget(g, log_beta, log1m_beta, HAS_BOUND)
+        g = tl.where(m_bk, g, 0.0)
+    return g
+
+
+@triton.jit
 def small_state_fwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, scale, T, W, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr, HAS_H0: tl.constexpr,
-    STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, COLUMNS: tl.constexpr, REVERSE: tl.constexpr,
+    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, log_beta_ptr, log1m_beta_ptr, scale, T, W,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
+    COLUMNS: tl.constexpr, REVERSE: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
 ):  # fmt: skip
+    # GATED: q_ptr and g_ptr hold the raw projections, and q and log λ are formed here, step block by step block
     bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
         h0_ptr, cu_seqlens, T, W, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN, COLUMNS
     )
+    log_beta, log1m_beta = _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND)
     o_b = tl.arange(0, BT)
     for t0 in range(0, length, BT):  # BT steps' inputs per load: one memory latency per block, not per step
         rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
-        q_blk = _block(q_ptr, rows * H * K, hk, m_bk)
-        g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+        q_blk = _query_block(q_ptr, rows * H * K, hk, m_bk, ACT, GATED)
+        g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
         v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
         o_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
         for i in tl.static_range(BT):
@@ -131,23 +179,28 @@ def small_state_fwd_kernel(
 
 @triton.jit
 def small_state_bwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, states_ptr, cu_seqlens, scale,
-    T, W, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BT: tl.constexpr, HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr,
-    IS_VARLEN: tl.constexpr, COLUMNS: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr,
+    q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, states_ptr, cu_seqlens,
+    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, inv_1m_beta_ptr, d_beta_ptr, scale, T, W, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
+    HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
+    COLUMNS: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr, GATED: tl.constexpr,
+    HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
 ):  # fmt: skip
     # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote. With EXACT the forward sweep
     # also writes every state S_{t-1} (float32, one [H, K, V] per input row, at states_ptr) and the reverse sweep
-    # forms d log λ_t = λ_t ⊙ Σ_v S_{t-1} ⊙ dS_t - λ_t ⊙ dk_t from it: no running sum, no cancellation
+    # forms d log λ_t = λ_t ⊙ Σ_v S_{t-1} ⊙ dS_t - λ_t ⊙ dk_t from it: no running sum, no cancellation.
+    # GATED: q_ptr and g_ptr hold the raw projections; the reverse sweep turns dq and d log λ into their gradients
+    # (written over dq and to dg_ptr) and sums the lower bound's over the sequence into d_beta_ptr [N, H, K]
     bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
         h0_ptr, cu_seqlens, T, W, H, K, V, BH, BK, BV, HAS_H0, IS_VARLEN, COLUMNS
     )
+    log_beta, log1m_beta = _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND)
     o_b = tl.arange(0, BT)
     s_head = hk[:, :, None] * V + (hv % V)[:, None, :]  # [BH, BK, BV] within one row of the saved states
     for t0 in range(0, length, BT):  # forward sweep: the states again, and dq
         rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
-        g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+        g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
         v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
         do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
         dq_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
@@ -163,13 +216,14 @@ def small_state_bwd_kernel(
     if HAS_DHT:
         d_state += tl.load(dht_ptr + s, mask=m_s, other=0.0)
     d_b = tl.sum(d_state * state, 2)  # the final state's own dependence on b_T
+    d_beta = tl.zeros([BH, BK], dtype=tl.float32)
     n_blocks = tl.cdiv(length, BT)
     for j in range(n_blocks):  # reverse sweep, the last block first
         t0 = (n_blocks - 1 - j) * BT
         rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
         m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
-        q_blk = _block(q_ptr, rows * H * K, hk, m_bk)
-        g_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+        q_blk = _query_block(q_ptr, rows * H * K, hk, m_bk, ACT, GATED)
+        g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
         v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
         do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
         if not EXACT:
@@ -192,9 +246,26 @@ def small_state_bwd_kernel(
                 dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
             d_state = forget[:, :, None] * d_state
         tl.store(dv_ptr + rows[:, None, None] * H * V + hv[None, :, :], dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
+        if GATED:  # through the gates, from the projections again (just loaded, so cached)
+            dq_ptrs = dq_ptr + rows[:, None, None] * H * K + hk[None, :, :]
+            if EXACT:
+                dq_blk = tl.load(dq_ptrs, mask=m_bk, other=0.0)
+            p_blk = _block(q_ptr, rows * H * K, hk, m_bk)
+            tl.store(dq_ptrs, dq_blk * output_gate_grad(p_blk, ACT), mask=m_bk)
+            f_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+            _, log_sig, pre = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
+            inv_beta, inv_1m_beta = _bound(inv_beta_ptr, inv_1m_beta_ptr, hk, m_hk, HAS_BOUND)
+            d_f, d_bound = gate_log_forget_grads(f_blk, log_sig, pre, log_beta, log1m_beta, inv_beta, inv_1m_beta,
+                                                 HAS_BOUND)  # fmt: skip
+            if HAS_BOUND:
+                d_beta += tl.sum(tl.where(m_bk, dg_blk * d_bound, 0.0), 0)
+            dg_blk = dg_blk * d_f
         tl.store(dg_ptr + rows[:, None, None] * H * K + hk[None, :, :], dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
     if STORE_DH0:
         tl.store(dh0_ptr + s, d_state, mask=m_s)
+    if GATED and HAS_BOUND:
+        i_n = tl.program_id(0) // ((H + BH - 1) // BH)
+        tl.store(d_beta_ptr + i_n.to(tl.int64) * H * K + hk, d_beta, mask=m_hk)
 
 
 class _Launch:
@@ -235,8 +306,15 @@ class _Launch:
 
 class SmallStateHGRN2Function(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, v, log_forget, initial_state, scale, output_final_state, cu_seqlens, reverse, columns):
+    def forward(
+        ctx, q, v, log_forget, initial_state, scale, output_final_state, cu_seqlens, reverse=False, columns=None,
+        lower_bound=None, act=None,
+    ):  # fmt: skip
+        # act (an index of FUSED_ACTIVATIONS) set: q and log_forget are the raw projections, gated in the kernels
         launch = _Launch(q, v, cu_seqlens, reverse, columns)
+        gated, has_bound = act is not None, lower_bound is not None
+        bound = bound_constants(lower_bound, launch.heads, launch.key_dim, q.device)
+        flags = launch.flags | dict(GATED=gated, HAS_BOUND=has_bound, ACT=act or 0)
         o = torch.empty_like(v)
         final_state = launch.state(q.device) if output_final_state else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
@@ -244,22 +322,26 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         small_state_fwd_kernel[launch.grid](
             q, v, log_forget, h0 if h0 is not None else dummy, o,
             final_state if final_state is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-            scale, launch.seq_len, launch.width, HAS_H0=h0 is not None, STORE_HT=final_state is not None,
-            num_warps=launch.num_warps, **launch.flags,
+            *(bound[:2] if has_bound else (dummy, dummy)), scale, launch.seq_len, launch.width,
+            HAS_H0=h0 is not None, STORE_HT=final_state is not None, num_warps=launch.num_warps, **flags,
         )  # fmt: skip
-        ctx.save_for_backward(q, v, log_forget, h0, cu_seqlens)
-        ctx.launch, ctx.scale = launch, scale
+        ctx.save_for_backward(q, v, log_forget, h0, cu_seqlens, *bound)
+        ctx.launch, ctx.scale, ctx.flags = launch, scale, flags
         ctx.initial_dtype = initial_state.dtype if initial_state is not None else None
+        ctx.bound_shape = lower_bound.shape if has_bound else None
+        ctx.bound_dtype = lower_bound.dtype if has_bound else None
         return o, final_state
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, v, log_forget, h0, cu_seqlens = ctx.saved_tensors
-        launch = ctx.launch
+        q, v, log_forget, h0, cu_seqlens, *bound = ctx.saved_tensors
+        launch, flags = ctx.launch, ctx.flags
         need_dh0 = h0 is not None and ctx.needs_input_grad[3]
         dq = torch.empty(q.shape, dtype=torch.float32, device=q.device)
         dv, dg = torch.empty_like(v), torch.empty_like(log_forget)
         dh0 = launch.state(q.device) if need_dh0 else None
+        has_bound = flags["HAS_BOUND"]
+        d_beta = torch.empty(launch.n_seqs, launch.heads, launch.key_dim, device=q.device) if has_bound else None
         dummy = dq
         # float32 inputs: every step's state, read back for an exact d log λ (see the kernel)
         exact = q.dtype == torch.float32
@@ -271,12 +353,19 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         small_state_bwd_kernel[launch.grid](
             q, v, log_forget, h0 if h0 is not None else dummy, do.contiguous(),
             d_final.contiguous() if d_final is not None else dummy, dq, dv, dg, dh0 if dh0 is not None else dummy,
-            states, cu_seqlens if cu_seqlens is not None else dummy, ctx.scale, launch.seq_len, launch.width,
-            HAS_H0=h0 is not None, HAS_DHT=d_final is not None, STORE_DH0=need_dh0, EXACT=exact,
-            num_warps=launch.num_warps, **launch.flags,
+            states, cu_seqlens if cu_seqlens is not None else dummy, *(bound if has_bound else [dummy] * 4),
+            d_beta if has_bound else dummy, ctx.scale, launch.seq_len, launch.width, HAS_H0=h0 is not None,
+            HAS_DHT=d_final is not None, STORE_DH0=need_dh0, EXACT=exact, num_warps=launch.num_warps, **flags,
         )  # fmt: skip
         dh0 = dh0.to(ctx.initial_dtype) if dh0 is not None else None
-        return dq.to(q.dtype), dv, dg, dh0, None, None, None, None, None
+        d_bound = d_beta.sum(0).sum_to_size(ctx.bound_shape).to(ctx.bound_dtype) if has_bound else None
+        return dq.to(q.dtype), dv, dg, dh0, None, None, None, None, None, d_bound, None
+
+
+def _order_checked(q, v, g, cu_seqlens, columns):
+    check_kernel_dtype(q, v, g)
+    check_scan_order(q.shape[1], cu_seqlens, columns)
+    return q.contiguous(), v.contiguous(), g.contiguous()
 
 
 def small_state_hgrn2(
@@ -303,9 +392,38 @@ def small_state_hgrn2(
     .transpose(1, 2).flatten(0, 1)``, B·W sequences of h steps, whose initial and final states are
     ``[B·W, H, K, V]`` in that order). The two combine; neither takes ``cu_seqlens`` with ``columns``.
     """
-    check_kernel_dtype(q, v, log_forget)
-    check_scan_order(q.shape[1], cu_seqlens, columns)
-    q, v, log_forget = q.contiguous(), v.contiguous(), log_forget.contiguous()
+    q, v, log_forget = _order_checked(q, v, log_forget, cu_seqlens, columns)
     return SmallStateHGRN2Function.apply(
         q, v, log_forget, initial_state, float(scale), output_final_state, cu_seqlens, bool(reverse), columns
     )
+
+
+def small_state_hgrn2_gated(
+    q_proj: torch.Tensor,
+    v: torch.Tensor,
+    forget_proj: torch.Tensor,
+    lower_bound: torch.Tensor | None = None,
+    *,
+    output_gate: str = "silu",
+    scale: float = 1.0,
+    initial_state: torch.Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: torch.Tensor | None = None,
+    reverse: bool = False,
+    columns: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """:func:`small_state_hgrn2` from the raw projections, with both gates formed in the kernels:
+    ``q = output_gate(q_proj)`` and ``log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj))`` with
+    β = ``lower_bound`` (broadcasting to ``[H, K]``; None means β = 0), as in
+    :func:`hgrn2.ops.hgrn2_gated_recurrence`. Neither q nor log λ reaches memory, forward or backward; gradients
+    reach q_proj, v, forget_proj, lower_bound and initial_state. Activations other than those of
+    ``FUSED_ACTIVATIONS`` run in PyTorch first.
+    """
+    q_proj, v, forget_proj = _order_checked(q_proj, v, forget_proj, cu_seqlens, columns)
+    check_lower_bound(lower_bound, q_proj.shape[2], q_proj.shape[3])
+    if output_gate not in FUSED_ACTIVATIONS:
+        q_proj, output_gate = activation(q_proj, output_gate).contiguous(), "identity"
+    return SmallStateHGRN2Function.apply(
+        q_proj, v, forget_proj, initial_state, float(scale), output_final_state, cu_seqlens, bool(reverse), columns,
+        lower_bound, FUSED_ACTIVATIONS[output_gate],
+    )  # fmt: skip

@@ -80,6 +80,18 @@ def check_scan_order(seq_len: int, cu_seqlens, columns: int | None) -> None:
         )
 
 
+def check_lower_bound(lower_bound: torch.Tensor | None, heads: int, key_dim: int) -> None:
+    """The gated entry's lower bound β broadcasts to [H, K] (or is None)."""
+    if lower_bound is None:
+        return
+    try:
+        fits = torch.broadcast_shapes(lower_bound.shape, (heads, key_dim)) == (heads, key_dim)
+    except RuntimeError:
+        fits = False
+    if not fits:
+        raise ValueError(f"lower_bound must broadcast to [H, K] = [{heads}, {key_dim}], got {_shape(lower_bound)}")
+
+
 def check_hgrn2_inputs(
     q, v, log_forget, initial_state, cu_seqlens, check_values: bool = True, columns: int | None = None
 ) -> None:

@@ -147,12 +147,23 @@ def test_step_by_step_small_state_kernels_match_float64_at_model_shapes(batch, s
     run_hgrn2_case(small_state_hgrn2, batch, seq_len, heads, dim, dtype, gate)
 
 
-@pytest.mark.parametrize("batch, seq_len, heads, dim, dtype", [(4, 4096, 8, 128, BF16), (2, 1000, 4, 96, FP32)])
-def test_gated_entry_matches_float64_including_the_lower_bound_gradient(batch, seq_len, heads, dim, dtype):
-    """The fused gates (SiLU output gate, lower-bounded forget gate) and every gradient, β's included: β's
-    gradient sums d log λ over every position, so it is the case that needs the float32 chunk states."""
-    from hgrn2.ops.chunk import chunk_hgrn2_gated
+GATED_CASES = [
+    ("chunk", 4, 4096, 8, 128, BF16),
+    ("chunk", 2, 1000, 4, 96, FP32),
+    ("steps", 32, 2000, 16, 4, BF16),  # ListOps
+    ("steps", 512, 1024, 64, 2, FP32),  # Pathfinder-32's sequences
+]
 
+
+@pytest.mark.parametrize("kernels, batch, seq_len, heads, dim, dtype", GATED_CASES)
+def test_gated_entry_matches_float64_including_the_lower_bound_gradient(kernels, batch, seq_len, heads, dim, dtype):
+    """The fused gates (SiLU output gate, lower-bounded forget gate) and every gradient, β's included: β's
+    gradient sums d log λ over every position, the sum whose terms cancel. ``kernels``: the chunked ones or the
+    step-by-step ones of small states."""
+    from hgrn2.ops.chunk import chunk_hgrn2_gated
+    from hgrn2.ops.small_state import small_state_hgrn2_gated
+
+    entry = chunk_hgrn2_gated if kernels == "chunk" else small_state_hgrn2_gated
     torch.manual_seed(1)
     q_proj = leaf(torch.randn(batch, seq_len, heads, dim, device="cuda"), dtype)
     v = leaf(torch.randn(batch, seq_len, heads, dim, device="cuda"), dtype)
@@ -161,7 +172,7 @@ def test_gated_entry_matches_float64_including_the_lower_bound_gradient(batch, s
     beta[0] = 0.0  # the first layer's bound: exactly 0
     beta = leaf(beta, torch.float32)
     start = time.time()
-    o, _ = chunk_hgrn2_gated(q_proj, v, forget_proj, beta, output_gate="silu")
+    o, _ = entry(q_proj, v, forget_proj, beta, output_gate="silu")
     do = torch.randn_like(o)
     (o.float() * do.float()).sum().backward()
     torch.cuda.synchronize()
@@ -173,7 +184,7 @@ def test_gated_entry_matches_float64_including_the_lower_bound_gradient(batch, s
     )
     pairs = {"o": (o, o_ref), "dq_proj": (q_proj.grad, grads[0]), "dv": (v.grad, grads[1])}
     pairs |= {"dforget_proj": (forget_proj.grad, grads[2]), "dlower_bound": (beta.grad, grads[3])}
-    check(f"chunk_hgrn2_gated silu {dtype} B={batch} T={seq_len} H={heads} K=V={dim}", pairs, TOL[dtype], seconds)
+    check(f"{entry.__name__} silu {dtype} B={batch} T={seq_len} H={heads} K=V={dim}", pairs, TOL[dtype], seconds)
 
 
 HGRN1_CASES = [

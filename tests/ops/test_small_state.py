@@ -86,25 +86,73 @@ def test_small_state_stays_finite_and_exact_with_extreme_gates(kind, dtype):
     check_hgrn2_kernel(small_state.small_state_hgrn2, q, v, kernel_leaf(gates, dtype), initial_state=h0, tol=TOL[dtype])
 
 
-def test_recurrent_backend_runs_the_gated_entry_with_torch_gates():
-    batch, seq_len, heads, key_dim, value_dim = 2, 12, 6, 2, 2
+@pytest.mark.parametrize(
+    "output_gate, bound, dtype, packed",
+    [
+        ("silu", "mixed", torch.float32, False),  # β = 0 exactly, β in (0, 1) and β = 0.999 in one call
+        ("sigmoid", None, torch.float32, True),  # packed sequences
+        ("identity", "zeros", torch.float32, False),  # the first layer: β = 0 everywhere
+        ("silu", "mixed", torch.bfloat16, True),
+        ("gelu", "mixed", torch.float32, False),  # not fused: the activation runs in torch first
+    ],
+)
+def test_gated_step_kernels_match_torch_gates_and_the_float64_loop(output_gate, bound, dtype, packed):
+    """Both gates inside the step kernels, forward and backward, against the gates in float64 PyTorch followed by
+    the float64 loop: the output, the final state and the gradients of all five inputs (the lower bound's summed
+    over every step of every sequence inside the kernel)."""
+    bounds = [0, 1, 19, 37, 40] if packed else None
+    batch, seq_len, heads, key_dim, value_dim = (1, 40, 6, 4, 4) if packed else (2, 37, 6, 2, 4)
     q_proj, v, forget_proj, lower_bound = gated_kernel_leaves(
-        batch, seq_len, heads, key_dim, value_dim, torch.float32, forget_scale=3
+        batch, seq_len, heads, key_dim, value_dim, dtype, forget_scale=3
     )
-    h0 = kernel_leaf(torch.randn(batch, heads, key_dim, value_dim), torch.float32)
+    if bound == "mixed":
+        with torch.no_grad():
+            lower_bound[1, :1] = 0.999
+    elif bound == "zeros":
+        lower_bound = kernel_leaf(torch.zeros(heads, key_dim), torch.float32)
+    else:
+        lower_bound = None
+    n_states = batch if bounds is None else len(bounds) - 1
+    h0 = kernel_leaf(torch.randn(n_states, heads, key_dim, value_dim), torch.float32)
+    cu_seqlens = None if bounds is None else torch.tensor(bounds, device=DEVICE)
+    kwargs = dict(output_gate=output_gate, scale=0.5, output_final_state=True)
 
     def run(q_proj, v, forget_proj, lower_bound, h0):
-        return hgrn2_gated_recurrence(
-            q_proj, v, forget_proj, lower_bound, output_gate="silu", scale=0.5, initial_state=h0,
-            output_final_state=True, backend="recurrent",
-        )  # fmt: skip
+        return small_state.small_state_hgrn2_gated(
+            q_proj, v, forget_proj, lower_bound, initial_state=h0, cu_seqlens=cu_seqlens, **kwargs
+        )
 
     def reference(q_proj, v, forget_proj, lower_bound, h0):
-        q, log_forget = activation(q_proj, "silu"), lower_bounded_log_forget(forget_proj, lower_bound)
-        return hgrn2_recurrence_naive(q, v, log_forget, scale=0.5, initial_state=h0, output_final_state=True)
+        q, log_forget = activation(q_proj, output_gate), lower_bounded_log_forget(forget_proj, lower_bound)
+        cu_cpu = None if cu_seqlens is None else cu_seqlens.cpu()
+        return hgrn2_recurrence_naive(
+            q, v, log_forget, scale=0.5, initial_state=h0, output_final_state=True, cu_seqlens=cu_cpu
+        )
 
     names = ("dq_proj", "dv", "dforget_proj", "dlower_bound", "dinitial_state")
-    check_against_float64(run, reference, [q_proj, v, forget_proj, lower_bound, h0], names, TOL[torch.float32])
+    check_against_float64(run, reference, [q_proj, v, forget_proj, lower_bound, h0], names, TOL[dtype])
+
+
+def test_recurrent_backend_fuses_the_gates_and_broadcasts_a_per_channel_lower_bound(monkeypatch):
+    """``hgrn2_gated_recurrence(backend="recurrent")`` runs the gated step kernels (no PyTorch gate in between),
+    and a lower bound of shape [K], shared by the heads, gets its gradient summed over them."""
+    monkeypatch.setattr("hgrn2.ops.activation", None)  # the unfused path would call it
+    monkeypatch.setattr("hgrn2.ops.lower_bounded_log_forget", None)
+    q_proj, v, forget_proj = (kernel_leaf(torch.randn(2, 9, 3, 2), torch.float32) for _ in range(3))
+    beta = kernel_leaf(torch.rand(2), torch.float32)
+
+    def run(q_proj, v, forget_proj, beta):
+        o, final = hgrn2_gated_recurrence(
+            q_proj, v, forget_proj, beta, output_gate="silu", output_final_state=True, backend="recurrent"
+        )
+        return o, final
+
+    def reference(q_proj, v, forget_proj, beta):
+        q, log_forget = F.silu(q_proj), lower_bounded_log_forget(forget_proj, beta)
+        return hgrn2_recurrence_naive(q, v, log_forget, output_final_state=True)
+
+    names = ("dq_proj", "dv", "dforget_proj", "dbeta")
+    check_against_float64(run, reference, [q_proj, v, forget_proj, beta], names, TOL[torch.float32])
 
 
 def test_recurrent_backend_equals_the_chunked_kernels_and_covers_hgrn1():
