@@ -12,6 +12,7 @@ from types import ModuleType
 import lightning.pytorch as pl
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hgrn2.ops.reference import hgrn2_recurrence_naive
 
@@ -95,6 +96,15 @@ def gated_kernel_leaves(batch, seq_len, heads, key_dim, value_dim, dtype, forget
     beta = torch.rand(heads, key_dim)
     beta[0] = 0.0
     return q_proj, v, forget_proj, kernel_leaf(beta, torch.float32)
+
+
+def recurrence_leaves(batch, seq_len, heads, dim, n_states, dtype=torch.float32):
+    """Leaves for the plain entry with K = V = ``dim``: q, v (standard normal), log λ = logsigmoid of twice a
+    standard normal, and an initial state per scanned sequence ``[n_states, H, K, V]``."""
+    q = kernel_leaf(torch.randn(batch, seq_len, heads, dim), dtype)
+    v = kernel_leaf(torch.randn(batch, seq_len, heads, dim), dtype)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, dim)), dtype)
+    return q, v, log_forget, kernel_leaf(torch.randn(n_states, heads, dim, dim), torch.float32)
 
 
 def check_hgrn2_kernel(op, q, v, log_forget, *, scale=1.0, initial_state=None, cu_seqlens=None, tol) -> None:

@@ -181,10 +181,10 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     has_bound = L.flags["HAS_BOUND"]
     d_beta = torch.empty(L.n_chunks * L.heads * L.key_dim if has_bound else 1, device=q.device)
-    log_beta, log1m_beta, inv_beta, inv_1m_beta = L.bound
+    log_beta, log1m_beta, inv_beta = L.bound
     dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, d_beta, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta,
-        inv_beta, inv_1m_beta, scale, L.seq_len, BK=L.bk, BV=L.value_tile["dqk"], ACT=L.act,
+        inv_beta, scale, L.seq_len, BK=L.bk, BV=L.value_tile["dqk"], ACT=L.act,
         PAIRS=q.dtype == torch.float32, num_warps=LAUNCH["dqk_warps"],
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip

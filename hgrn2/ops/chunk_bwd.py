@@ -92,7 +92,7 @@ def intra_grads(
 @triton.jit
 def dqk_bwd_kernel(
     q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, dbeta_ptr, cu_seqlens, chunk_indices,
-    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, inv_1m_beta_ptr, scale, T,
+    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
     PRECISION: tl.constexpr, IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
@@ -150,14 +150,12 @@ def dqk_bwd_kernel(
     dk += dk_out + diagonal[:, None] * q
     dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)
     if GATED:
-        inv_beta, inv_1m_beta = load_bound(inv_beta_ptr, inv_1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
+        inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
         f = tl.load(g_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32)
-        _, log_sig, pre = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
-        d_f, d_beta = gate_log_forget_grads(
-            f, log_sig, pre, log_beta[None, :], log1m_beta[None, :], inv_beta[None, :], inv_1m_beta[None, :],
-            HAS_BOUND,
-        )  # fmt: skip
+        gate, log_sig, log_sig_neg = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
+        d_f, d_beta = gate_log_forget_grads(log_sig, log_sig_neg, gate, log1m_beta[None, :], inv_beta[None, :],
+                                            HAS_BOUND)  # fmt: skip
         if HAS_BOUND:
             d_beta_sum = tl.sum(tl.where(m_tk, dg * d_beta, 0.0), 0)
             tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, d_beta_sum, mask=m_k)

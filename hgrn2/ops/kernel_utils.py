@@ -31,33 +31,48 @@ def log1p(x):
 
 
 @triton.jit
+def log1m(x):
+    """log(1 - x) for 0 <= x <= 1/2; a seventh-order series below 1/16, where 1 - x would round away x's digits."""
+    series = -x * (1.0 + x * (0.5 + x * (1.0 / 3.0 + x * (0.25 + x * (0.2 + x * (1.0 / 6.0 + x * (1.0 / 7.0)))))))
+    return tl.where(x < 0.0625, series, tl.log(1.0 - x))
+
+
+@triton.jit
 def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
-    """log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) clamped at 0; also returns logsigmoid(f) and the
-    unclamped value, which the backward needs. ``log_beta``/``log1m_beta`` broadcast against f."""
-    log_sig = tl.minimum(f, 0.0) - log1p(tl.exp(-tl.abs(f)))
+    """log λ = log(β + (1 - β) σ(f)) (at most 0); also returns logsigmoid(f) and logsigmoid(-f), which the backward
+    needs. ``log_beta``/``log1m_beta`` broadcast against f.
+
+    Where 1 - λ = (1 - β) σ(-f) is below 1/2, log λ = log1m((1 - β) σ(-f)) keeps λ's distance from 1 to a few
+    millionths relative (a saturated gate beside a lower bound near 1 puts λ within 1e-9 of 1, where
+    logaddexp(log β, log1p(-β) + logsigmoid(f)) is off by float32's absolute rounding, ~6e-8, and so is the key
+    1 - λ: 100% at 1 - λ = 6e-10); elsewhere λ <= 1/2 and logaddexp is exact."""
+    e = tl.exp(-tl.abs(f))
+    soft = log1p(e)
+    log_sig = tl.minimum(f, 0.0) - soft
+    log_sig_neg = tl.minimum(-f, 0.0) - soft
     if HAS_BOUND:
         a = log_beta + tl.zeros_like(f)  # broadcast to f's shape; 0 * f would be NaN at f = ±inf
         b = log1m_beta + log_sig
         hi = tl.maximum(a, b)
-        pre = hi + log1p(tl.exp(tl.minimum(a, b) - hi))
-        return tl.minimum(pre, 0.0), log_sig, pre
-    return log_sig, log_sig, log_sig
+        far = tl.minimum(hi + log1p(tl.exp(tl.minimum(a, b) - hi)), 0.0)
+        key = tl.exp(log1m_beta + log_sig_neg)  # 1 - λ
+        return tl.where(key < 0.5, log1m(tl.minimum(key, 0.5)), far), log_sig, log_sig_neg
+    return log_sig, log_sig, log_sig_neg
 
 
 @triton.jit
-def gate_log_forget_grads(f, log_sig, pre, log_beta, log1m_beta, inv_beta, inv_1m_beta, HAS_BOUND: tl.constexpr):
-    """d log λ / d f and d log λ / d β, with torch's conventions: no gradient through the clamp at 0 nor
-    through log β where β was clamped to the smallest normal float (``inv_beta`` is 0 there)."""
-    # σ(-f) = d logsigmoid(f) / d f; at f = -inf, log_sig - f would be -inf - (-inf) = NaN
-    sig_neg = tl.where(f == float("-inf"), 1.0, tl.exp(log_sig - f))
+def gate_log_forget_grads(log_sig, log_sig_neg, g, log1m_beta, inv_beta, HAS_BOUND: tl.constexpr):
+    """d log λ / d f and d log λ / d β at log λ = g, with torch's convention at β = 0 (clamped to the smallest
+    normal float in log β, ``inv_beta`` 0 there): no gradient through log β, only through log(1 - β).
+
+    d log λ / d f = (1 - β) σ(f) σ(-f) / λ. d log λ / d β = (1 - σ(f)) / λ = σ(-f) / λ, taken in that form rather
+    than as 1/λ - σ(f)/λ (the sum of the two paths), whose terms cancel for saturated gates."""
+    sig_neg = tl.exp(log_sig_neg)  # σ(-f) = d logsigmoid(f) / d f
     if HAS_BOUND:
-        keep = pre <= 0.0
-        w_beta = tl.exp(log_beta - pre)
-        w_gate = tl.exp(log1m_beta + log_sig - pre)
-        d_f = tl.where(keep, w_gate * sig_neg, 0.0)
-        d_beta = tl.where(keep, w_beta * inv_beta - w_gate * inv_1m_beta, 0.0)
-        return d_f, d_beta
-    return sig_neg, tl.zeros_like(f)
+        w_gate = tl.exp(log1m_beta + log_sig - g)  # (1 - β) σ(f) / λ
+        d_beta = tl.where(inv_beta > 0.0, tl.exp(log_sig_neg - g), -w_gate)  # β = 0 where inv_beta is 0
+        return w_gate * sig_neg, d_beta
+    return sig_neg, tl.zeros_like(sig_neg)
 
 
 @triton.jit
@@ -149,17 +164,16 @@ def sequence_layout(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, c
 
 def bound_constants(lower_bound: torch.Tensor | None, heads: int, key_dim: int, device: torch.device):
     """Per-(head, channel) constants of the lower-bounded gate: log β (β clamped to the smallest normal
-    float, as the torch gate does), log(1 - β), 1/β (0 where β was clamped) and 1/(1 - β); float32 [H, K]."""
+    float, as the torch gate does), log(1 - β) and 1/β (0 where β was clamped); float32 [H, K]."""
     if lower_bound is None:
         empty = torch.empty(0, dtype=torch.float32, device=device)
-        return empty, empty, empty, empty
+        return empty, empty, empty
     beta = lower_bound.detach().to(torch.float32).expand(heads, key_dim).contiguous()
     tiny = torch.finfo(torch.float32).tiny
     log_beta = torch.log(beta.clamp_min(tiny))
     log1m_beta = torch.log1p(-beta)
     inv_beta = torch.where(beta >= tiny, 1.0 / beta.clamp_min(tiny), torch.zeros_like(beta))
-    inv_1m_beta = 1.0 / (1.0 - beta)
-    return log_beta, log1m_beta, inv_beta, inv_1m_beta
+    return log_beta, log1m_beta, inv_beta
 
 
 # ------------------------------------------------------------------------------------ device-side addressing

@@ -180,7 +180,7 @@ def small_state_fwd_kernel(
 @triton.jit
 def small_state_bwd_kernel(
     q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, states_ptr, cu_seqlens,
-    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, inv_1m_beta_ptr, d_beta_ptr, scale, T, W, H: tl.constexpr,
+    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, d_beta_ptr, scale, T, W, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     COLUMNS: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr, GATED: tl.constexpr,
@@ -253,10 +253,9 @@ def small_state_bwd_kernel(
             p_blk = _block(q_ptr, rows * H * K, hk, m_bk)
             tl.store(dq_ptrs, dq_blk * output_gate_grad(p_blk, ACT), mask=m_bk)
             f_blk = _block(g_ptr, rows * H * K, hk, m_bk)
-            _, log_sig, pre = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
-            inv_beta, inv_1m_beta = _bound(inv_beta_ptr, inv_1m_beta_ptr, hk, m_hk, HAS_BOUND)
-            d_f, d_bound = gate_log_forget_grads(f_blk, log_sig, pre, log_beta, log1m_beta, inv_beta, inv_1m_beta,
-                                                 HAS_BOUND)  # fmt: skip
+            gate, log_sig, log_sig_neg = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
+            inv_beta, _ = _bound(inv_beta_ptr, inv_beta_ptr, hk, m_hk, HAS_BOUND)
+            d_f, d_bound = gate_log_forget_grads(log_sig, log_sig_neg, gate, log1m_beta, inv_beta, HAS_BOUND)
             if HAS_BOUND:
                 d_beta += tl.sum(tl.where(m_bk, dg_blk * d_bound, 0.0), 0)
             dg_blk = dg_blk * d_f
@@ -353,7 +352,7 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         small_state_bwd_kernel[launch.grid](
             q, v, log_forget, h0 if h0 is not None else dummy, do.contiguous(),
             d_final.contiguous() if d_final is not None else dummy, dq, dv, dg, dh0 if dh0 is not None else dummy,
-            states, cu_seqlens if cu_seqlens is not None else dummy, *(bound if has_bound else [dummy] * 4),
+            states, cu_seqlens if cu_seqlens is not None else dummy, *(bound if has_bound else [dummy] * 3),
             d_beta if has_bound else dummy, ctx.scale, launch.seq_len, launch.width, HAS_H0=h0 is not None,
             HAS_DHT=d_final is not None, STORE_DH0=need_dh0, EXACT=exact, num_warps=launch.num_warps, **flags,
         )  # fmt: skip

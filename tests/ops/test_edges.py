@@ -8,12 +8,14 @@ On the CPU the Triton kernels run through the interpreter (tests/conftest.py).
 
 from __future__ import annotations
 
+import decimal
 import math
 
 import pytest
 import torch
 
 from hgrn2.ops import hgrn1_recurrence, hgrn2_gated_recurrence, hgrn2_recurrence, hgrn2_step
+from hgrn2.ops.gates import lower_bounded_log_forget
 from tests.helpers import DEVICE
 from tests.ops.float64_oracle import EDGE_GATES, Case, check_case
 
@@ -153,3 +155,36 @@ def test_an_empty_sequence_keeps_the_graph_to_the_initial_state():
     _, state = hgrn2_recurrence(q, torch.randn(1, 0, 2, 3), q, initial_state=h0, output_final_state=True)
     state.sum().backward()
     assert torch.equal(h0.grad, torch.ones_like(h0))
+
+
+def test_gates_near_one_keep_the_key_to_its_relative_precision():
+    """A saturated forget projection beside a lower bound near 1 puts λ within 1e-9 of 1. In float32, log λ and
+    the key 1 - λ keep their relative precision (against log(β + (1 - β) σ(f)) in float64), in the torch gate and
+    inside the kernels: with one step from a zero state the final state is (1 - λ) v exactly. Through logaddexp
+    the key was off by float32's absolute rounding, 100% at 1 - λ = 6e-10."""
+    f = torch.tensor([[19.487, 12.0, 5.0, 0.3, -4.0, 30.0]])
+    beta = torch.tensor([0.8196, 0.999, 0.999, 0.5, 0.3, 0.0])
+    with decimal.localcontext(decimal.Context(prec=50)):  # 50 digits: λ's distance from 1 survives
+        exact = torch.tensor(
+            [[float((b + (1 - b) / (1 + (-x).exp())).ln()) for x, b in zip(map(_decimal, f[0]), map(_decimal, beta))]],
+            dtype=torch.float64,
+        )
+    log_forget = lower_bounded_log_forget(f, beta)
+    assert ((log_forget.double() - exact) / exact).abs().max() < 1e-5
+    v = torch.randn(1, 1, 1, 3)
+    key = -torch.expm1(exact).reshape(1, 1, 6, 1)
+    for backend in ("torch", "triton", "recurrent"):
+        # with gradients: the chunked kernels, not the step kernel that short scans without them take
+        projections = [x.reshape(1, 1, 1, 6).to(_device(backend)).requires_grad_() for x in (torch.ones(6), f)]
+        _, state = hgrn2_gated_recurrence(
+            projections[0], v.to(_device(backend)), projections[1], beta.reshape(1, 6).to(_device(backend)),
+            output_final_state=True, backend=backend,
+        )  # fmt: skip
+        expected = key * v.double()
+        error = ((state.double().cpu() - expected) / expected).abs().max().item()
+        assert error < 1e-5, f"{backend}: final state relative error {error:.2e}"
+
+
+def _decimal(x: torch.Tensor) -> decimal.Decimal:
+    """The float32 value of ``x`` exactly, as a Decimal."""
+    return decimal.Decimal(float(x))

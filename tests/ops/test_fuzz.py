@@ -211,6 +211,10 @@ REGRESSIONS = [
         op="gated", backend="recurrent", dtype=torch.float32, batch=1, seq_len=65, heads=1, key_dim=8, value_dim=8,
         gates="saturated", seed=602601350, with_state=False, output_gate="gelu", bound=None,
     ),
+    Case(  # λ within 1e-9 of 1: the key 1 - λ was lost to logaddexp's rounding in the kernels' gates
+        op="gated", backend="recurrent", dtype=torch.float16, batch=1, seq_len=1, heads=1, key_dim=1, value_dim=4,
+        gates="saturated", seed=1582029142, with_state=False, output_gate="silu", bound="per_channel",
+    ),
 ]  # fmt: skip
 
 

@@ -9,12 +9,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from hgrn2.ops import hgrn2_gated_recurrence, hgrn2_recurrence, triton_available
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.reference import hgrn2_recurrence_naive
-from tests.helpers import DEVICE, TOL, check_against_float64, kernel_leaf
+from tests.helpers import DEVICE, TOL, check_against_float64, kernel_leaf, recurrence_leaves
 
 BACKENDS = ["naive", "torch", "triton", "recurrent"]
 ORDERS = [(True, None), (False, 4), (True, 4)]  # reversed; down the columns; up the columns
@@ -46,10 +45,7 @@ def test_recurrence_scans_reversed_and_by_columns_on_every_backend(backend, reve
     batch, height, heads, dim = 2, 5, 2, 2  # a 5 × 4 grid per sequence, or 20 steps reversed
     seq_len = height * 4
     n_states = batch * (columns or 1)
-    q = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.float32)
-    v = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.float32)
-    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, dim)), torch.float32)
-    h0 = kernel_leaf(torch.randn(n_states, heads, dim, dim), torch.float32)
+    q, v, log_forget, h0 = recurrence_leaves(batch, seq_len, heads, dim, n_states)
 
     def run(q, v, log_forget, h0):
         o, final = hgrn2_recurrence(

@@ -23,6 +23,7 @@ from tests.helpers import (
     check_hgrn2_kernel,
     gated_kernel_leaves,
     kernel_leaf,
+    recurrence_leaves,
 )
 
 small_state = pytest.importorskip("hgrn2.ops.small_state")
@@ -212,10 +213,7 @@ def test_reversed_and_column_scans_read_in_place_what_reordered_copies_give(reve
     batch, heads, dim = 2, 3, 4
     seq_len = height * (width or 1)
     n_seqs = batch * (width or 1)
-    q = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.float32)
-    v = kernel_leaf(torch.randn(batch, seq_len, heads, dim), torch.float32)
-    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(batch, seq_len, heads, dim)), torch.float32)
-    h0 = kernel_leaf(torch.randn(n_seqs, heads, dim, dim), torch.float32)
+    q, v, log_forget, h0 = recurrence_leaves(batch, seq_len, heads, dim, n_seqs)
 
     def run(q, v, log_forget, h0):
         return small_state.small_state_hgrn2(
