@@ -23,6 +23,10 @@ Backward, with ``k = 1 - λ`` and ``b_t = Σ_{r<=t} log λ_r``:
   ``λ_t ⊙ (Σ_v S_{t-1} ⊙ dS_t - dk_t)`` from it;
 * ``d S_0 = λ_1 dS_1``.
 
+``small_state_hgrn2_gated`` takes the raw projections instead of q and log λ and forms both gates in the kernels
+(``hgrn2.ops.kernel_utils``), forward and in both backward sweeps, so that neither gate reaches memory: at these
+state sizes the elementwise gate passes of PyTorch move more bytes than the scans.
+
 The plain-PyTorch twin is ``hgrn2.ops.reference.hgrn2_recurrence_naive``.
 """
 
