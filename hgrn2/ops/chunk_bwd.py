@@ -153,9 +153,8 @@ def dqk_bwd_kernel(
         inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
         f = tl.load(g_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32)
-        gate, log_sig, log_sig_neg = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
-        d_f, d_beta = gate_log_forget_grads(log_sig, log_sig_neg, gate, log1m_beta[None, :], inv_beta[None, :],
-                                            HAS_BOUND)  # fmt: skip
+        _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
+        d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)
         if HAS_BOUND:
             d_beta_sum = tl.sum(tl.where(m_tk, dg * d_beta, 0.0), 0)
             tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, d_beta_sum, mask=m_k)

@@ -1,7 +1,8 @@
 """Triton building blocks shared by the HGRN2 and HGRN1 kernels: accurate gate math and launch helpers.
 
 The device functions keep every quantity in float32. Two of them exist for accuracy where the obvious
-formula cancels: ``one_minus_exp`` (the key ``1 - λ`` when λ is within 1e-6 of 1) and ``log1p``.
+formula cancels: ``one_minus_exp`` (the key ``1 - λ`` when λ is within 1e-6 of 1) and ``gate_log_forget`` (log λ
+near λ = 1 from 1 - λ).
 """
 
 from __future__ import annotations
@@ -24,53 +25,43 @@ def one_minus_exp(g):
 
 
 @triton.jit
-def log1p(x):
-    """log(1 + x) for x >= 0; a sixth-order series below 1/16, where log(1 + x) would cancel."""
-    series = x * (1.0 - x * (0.5 - x * (1.0 / 3.0 - x * (0.25 - x * (0.2 - x * (1.0 / 6.0))))))
-    return tl.where(x < 0.0625, series, tl.log(1.0 + x))
-
-
-@triton.jit
-def log1m(x):
-    """log(1 - x) for 0 <= x <= 1/2; a seventh-order series below 1/16, where 1 - x would round away x's digits."""
-    series = -x * (1.0 + x * (0.5 + x * (1.0 / 3.0 + x * (0.25 + x * (0.2 + x * (1.0 / 6.0 + x * (1.0 / 7.0)))))))
-    return tl.where(x < 0.0625, series, tl.log(1.0 - x))
-
-
-@triton.jit
 def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
-    """log λ = log(β + (1 - β) σ(f)) (at most 0); also returns logsigmoid(f) and logsigmoid(-f), which the backward
-    needs. ``log_beta``/``log1m_beta`` broadcast against f.
+    """log λ for λ = β + (1 - β) σ(f) (β = 0 without HAS_BOUND); also returns σ(f), σ(-f) and λ, which the
+    backward needs. ``log_beta``/``log1m_beta`` (log β with β clamped to the smallest normal float, log(1 - β))
+    broadcast against f; pass them per channel, since they are exponentiated where they are.
 
-    Where 1 - λ = (1 - β) σ(-f) is below 1/2, log λ = log1m((1 - β) σ(-f)) keeps λ's distance from 1 to a few
-    millionths relative (a saturated gate beside a lower bound near 1 puts λ within 1e-9 of 1, where
-    logaddexp(log β, log1p(-β) + logsigmoid(f)) is off by float32's absolute rounding, ~6e-8, and so is the key
-    1 - λ: 100% at 1 - λ = 6e-10); elsewhere λ <= 1/2 and logaddexp is exact."""
+    σ(±f) and λ are formed in linear space from one exponential, e^-|f|, and log λ with one logarithm: of λ where
+    λ <= 1/2, and of 1 - (1 - β) σ(-f) where λ > 1/2 (a series below 1 - λ = 1/16), which keeps λ's distance from 1
+    to float32's relative precision. A saturated gate beside a lower bound near 1 puts λ within 1e-9 of 1; the
+    log-space form logaddexp(log β, log1p(-β) + logsigmoid(f)) is off there by float32's absolute rounding, ~6e-8,
+    and so was the key 1 - λ (100% at 1 - λ = 6e-10)."""
     e = tl.exp(-tl.abs(f))
-    soft = log1p(e)
-    log_sig = tl.minimum(f, 0.0) - soft
-    log_sig_neg = tl.minimum(-f, 0.0) - soft
+    r = 1.0 / (1.0 + e)
+    sig = tl.where(f >= 0.0, r, e * r)
+    sig_neg = tl.where(f >= 0.0, e * r, r)
     if HAS_BOUND:
-        a = log_beta + tl.zeros_like(f)  # broadcast to f's shape; 0 * f would be NaN at f = ±inf
-        b = log1m_beta + log_sig
-        hi = tl.maximum(a, b)
-        far = tl.minimum(hi + log1p(tl.exp(tl.minimum(a, b) - hi)), 0.0)
-        key = tl.exp(log1m_beta + log_sig_neg)  # 1 - λ
-        return tl.where(key < 0.5, log1m(tl.minimum(key, 0.5)), far), log_sig, log_sig_neg
-    return log_sig, log_sig, log_sig_neg
+        one_m_beta = tl.exp(log1m_beta)
+        key = one_m_beta * sig_neg  # 1 - λ
+        lam = tl.exp(log_beta) + one_m_beta * sig
+    else:
+        key = sig_neg
+        lam = sig
+    series = -key * (1.0 + key * (0.5 + key * (1.0 / 3.0 + key * (0.25 + key * (0.2 + key * (1.0 / 6.0 + key / 7.0))))))
+    g = tl.where(key < 0.0625, series, tl.log(tl.where(key < 0.5, 1.0 - key, lam)))
+    return g, sig, sig_neg, lam
 
 
 @triton.jit
-def gate_log_forget_grads(log_sig, log_sig_neg, g, log1m_beta, inv_beta, HAS_BOUND: tl.constexpr):
-    """d log λ / d f and d log λ / d β at log λ = g, with torch's convention at β = 0 (clamped to the smallest
-    normal float in log β, ``inv_beta`` 0 there): no gradient through log β, only through log(1 - β).
+def gate_log_forget_grads(sig, sig_neg, lam, log1m_beta, inv_beta, HAS_BOUND: tl.constexpr):
+    """d log λ / d f and d log λ / d β from :func:`gate_log_forget`'s σ(f), σ(-f) and λ, with torch's convention at
+    β = 0 (clamped to the smallest normal float in log β, ``inv_beta`` 0 there): no gradient through log β, only
+    through log(1 - β).
 
     d log λ / d f = (1 - β) σ(f) σ(-f) / λ. d log λ / d β = (1 - σ(f)) / λ = σ(-f) / λ, taken in that form rather
     than as 1/λ - σ(f)/λ (the sum of the two paths), whose terms cancel for saturated gates."""
-    sig_neg = tl.exp(log_sig_neg)  # σ(-f) = d logsigmoid(f) / d f
     if HAS_BOUND:
-        w_gate = tl.exp(log1m_beta + log_sig - g)  # (1 - β) σ(f) / λ
-        d_beta = tl.where(inv_beta > 0.0, tl.exp(log_sig_neg - g), -w_gate)  # β = 0 where inv_beta is 0
+        w_gate = tl.exp(log1m_beta) * sig / lam  # (1 - β) σ(f) / λ; λ >= the clamped β > 0
+        d_beta = tl.where(inv_beta > 0.0, sig_neg / lam, -w_gate)  # β = 0 where inv_beta is 0
         return w_gate * sig_neg, d_beta
     return sig_neg, tl.zeros_like(sig_neg)
 
@@ -235,7 +226,7 @@ def log_forget_of(x, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND:
     forget projection when GATED."""
     x = x.to(tl.float32)
     if GATED:
-        g, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
+        g, _, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
         x = tl.where(mask, g, 0.0)
     return tl.maximum(x, LOG_FORGET_FLOOR)
 

@@ -147,7 +147,7 @@ def _log_forget_block(g_ptr, rows, hk, m_bk, log_beta, log1m_beta, GATED: tl.con
     when GATED; 0 (λ = 1) at masked steps either way."""
     g = _block(g_ptr, rows, hk, m_bk)
     if GATED:
-        g, _, _ = gate_log_forget(g, log_beta, log1m_beta, HAS_BOUND)
+        g, _, _, _ = gate_log_forget(g, log_beta, log1m_beta, HAS_BOUND)
         g = tl.where(m_bk, g, 0.0)
     return g
 
@@ -257,9 +257,9 @@ def small_state_bwd_kernel(
             p_blk = _block(q_ptr, rows * H * K, hk, m_bk)
             tl.store(dq_ptrs, dq_blk * output_gate_grad(p_blk, ACT), mask=m_bk)
             f_blk = _block(g_ptr, rows * H * K, hk, m_bk)
-            gate, log_sig, log_sig_neg = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
+            _, sig, sig_neg, lam = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
             inv_beta, _ = _bound(inv_beta_ptr, inv_beta_ptr, hk, m_hk, HAS_BOUND)
-            d_f, d_bound = gate_log_forget_grads(log_sig, log_sig_neg, gate, log1m_beta, inv_beta, HAS_BOUND)
+            d_f, d_bound = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta, inv_beta, HAS_BOUND)
             if HAS_BOUND:
                 d_beta += tl.sum(tl.where(m_bk, dg_blk * d_bound, 0.0), 0)
             dg_blk = dg_blk * d_f
