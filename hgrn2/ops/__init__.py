@@ -277,13 +277,12 @@ def hgrn2_gated_recurrence(
     resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
     if q_proj.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens, columns)
-    order = _ScanOrder(q_proj.shape[0], reverse, columns)
-    short = _short_inference(q_proj, v, forget_proj, lower_bound, initial_state)
     if resolved == "recurrent":  # gates in the step kernels, which read either order in place
         return _kernel_module("small_state").small_state_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, reverse=reverse, columns=columns, **kwargs
         )
-    if resolved == "triton" and not short:
+    order = _ScanOrder(q_proj.shape[0], reverse, columns)
+    if resolved == "triton" and not _short_inference(q_proj, v, forget_proj, lower_bound, initial_state):
         q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
         o, final_state = _kernel_module("chunk").chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,

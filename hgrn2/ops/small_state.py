@@ -221,6 +221,7 @@ def small_state_bwd_kernel(
         d_state += tl.load(dht_ptr + s, mask=m_s, other=0.0)
     d_b = tl.sum(d_state * state, 2)  # the final state's own dependence on b_T
     d_beta = tl.zeros([BH, BK], dtype=tl.float32)
+    inv_beta = _bound(inv_beta_ptr, inv_beta_ptr, hk, m_hk, HAS_BOUND and GATED)[0]  # 1/β, for the gated sweep
     n_blocks = tl.cdiv(length, BT)
     for j in range(n_blocks):  # reverse sweep, the last block first
         t0 = (n_blocks - 1 - j) * BT
@@ -258,7 +259,6 @@ def small_state_bwd_kernel(
             tl.store(dq_ptrs, dq_blk * output_gate_grad(p_blk, ACT), mask=m_bk)
             f_blk = _block(g_ptr, rows * H * K, hk, m_bk)
             _, sig, sig_neg, lam = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
-            inv_beta, _ = _bound(inv_beta_ptr, inv_beta_ptr, hk, m_hk, HAS_BOUND)
             d_f, d_bound = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta, inv_beta, HAS_BOUND)
             if HAS_BOUND:
                 d_beta += tl.sum(tl.where(m_bk, dg_blk * d_bound, 0.0), 0)
