@@ -99,7 +99,7 @@ def fuses_gates(backend: str, q_proj: torch.Tensor, v: torch.Tensor) -> bool:
     projections, which a caller that scans one sequence several ways (reversed, by columns) can compute once for
     all its scans."""
     resolved = _resolve_backend(backend, q_proj, None, _state_elements(q_proj, v))
-    return resolved == "recurrent" or (resolved == "triton" and not _short_inference(q_proj, v))
+    return resolved == "recurrent" or (resolved == "triton" and not _short_inference(q_proj.shape[1], q_proj, v))
 
 
 def hgrn2_recurrence(
@@ -160,7 +160,7 @@ def hgrn2_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q, q.shape[1], _state_elements(q, v))
+    resolved = _resolve_backend(backend, q, _scan_length(q, columns), _state_elements(q, v))
     if q.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns)
     order = _ScanOrder(q.shape[0], reverse, columns)
@@ -215,24 +215,29 @@ def _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns=No
     return v.new_zeros(v.shape), final_state
 
 
+def _scan_length(q: torch.Tensor, columns: int | None) -> int:
+    """Steps of each scan: T, or the h rows of each column when the scan runs down ``columns`` = W columns."""
+    return q.shape[1] if columns is None else q.shape[1] // columns
+
+
 def _state_elements(q: torch.Tensor, v: torch.Tensor) -> int:
     """State elements per head, K·V."""
     return q.shape[-1] * v.shape[-1]
 
 
-def _short_inference(q: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
-    """Whether a scan is at most ``SHORT_SCAN`` steps long and needs no gradient: the step-by-step kernel then
-    runs it in one launch, where the chunked kernels take several."""
-    if q.shape[1] > SHORT_SCAN:
+def _short_inference(seq_len: int, *tensors: torch.Tensor | None) -> bool:
+    """Whether scans of ``seq_len`` steps are at most ``SHORT_SCAN`` long and need no gradient: the step-by-step
+    kernel then runs them in one launch, where the chunked kernels take several."""
+    if seq_len > SHORT_SCAN:
         return False
-    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in (q, *tensors))
+    return not torch.is_grad_enabled() or not any(t is not None and t.requires_grad for t in tensors)
 
 
 def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, reverse=False, columns=None, **kwargs):
     """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ; ``reverse`` and ``columns``
     only on the step-by-step kernels (the others take reordered copies, :class:`_ScanOrder`)."""
     if resolved == "triton":
-        if _short_inference(q, v, log_forget, kwargs["initial_state"]):
+        if _short_inference(q.shape[1], q, v, log_forget, kwargs["initial_state"]):
             return _kernel_module("recurrent").fused_recurrent_hgrn2(q, v, log_forget, **kwargs)
         return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
     if resolved == "recurrent":
@@ -274,7 +279,7 @@ def hgrn2_gated_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q_proj, q_proj.shape[1], _state_elements(q_proj, v))
+    resolved = _resolve_backend(backend, q_proj, _scan_length(q_proj, columns), _state_elements(q_proj, v))
     if q_proj.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens, columns)
     if resolved == "recurrent":  # gates in the step kernels, which read either order in place
@@ -282,7 +287,8 @@ def hgrn2_gated_recurrence(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, reverse=reverse, columns=columns, **kwargs
         )
     order = _ScanOrder(q_proj.shape[0], reverse, columns)
-    if resolved == "triton" and not _short_inference(q_proj, v, forget_proj, lower_bound, initial_state):
+    short = _short_inference(_scan_length(q_proj, columns), q_proj, v, forget_proj, lower_bound, initial_state)
+    if resolved == "triton" and not short:
         q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
         o, final_state = _kernel_module("chunk").chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,

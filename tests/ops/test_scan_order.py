@@ -114,3 +114,27 @@ def test_an_empty_column_scan_ends_in_its_initial_states():
     h0 = torch.randn(6, 2, 2, 2, device=DEVICE)
     o, final = hgrn2_recurrence(x, x, x, columns=3, initial_state=h0, output_final_state=True)
     assert o.shape == x.shape and torch.equal(final.float(), h0)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_auto_picks_the_backend_by_the_length_of_each_column_not_of_the_grid(gated, monkeypatch):
+    """A 2-D mixer's column scan of a 16 x 16 grid is 256 sequences of 16 steps: on the CPU ``auto`` takes the
+    loop for scans that short, as for the rows, and the chunked form only for longer columns."""
+    from hgrn2.ops import SHORT_SCAN, reference
+
+    ran = []
+    for name in ("hgrn2_recurrence_naive", "hgrn2_recurrence_chunked"):
+        original = getattr(reference, name)
+
+        def recording(*args, _original=original, _name=name, **kwargs):
+            ran.append((_name, args[0].shape[1]))
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(reference, name, recording)
+    for height in (SHORT_SCAN, 2 * SHORT_SCAN):
+        q, v, g = (torch.randn(2, height * SHORT_SCAN, 1, 2) for _ in range(3))  # CPU tensors: auto is the
+        if gated:  # PyTorch forms there
+            hgrn2_gated_recurrence(q, v, g, columns=SHORT_SCAN)
+        else:
+            hgrn2_recurrence(q, v, torch.nn.functional.logsigmoid(g), columns=SHORT_SCAN)
+    assert ran == [("hgrn2_recurrence_naive", SHORT_SCAN), ("hgrn2_recurrence_chunked", 2 * SHORT_SCAN)]
