@@ -29,6 +29,9 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
       rm -f "$log"
       run fuzz bash -c "HGRN2_TEST_GPU=1 HGRN2_FUZZ_LOG='$log' python -m pytest -o addopts='' -p no:cacheprovider \
         -m gpu -n ${FUZZ_WORKERS:-8} -q tests/ops/test_fuzz.py"
+      # the workers' counts summed: the word after each case's seconds is its verdict
+      awk '!/^#/ { for (i = 1; i < NF; i++) if ($i ~ /^[0-9.]+s$/) { n[$(i + 1)]++; break } }
+        END { line = "# all workers:"; for (v in n) line = line " " n[v] " " v; print line }' "$log" | tee -a "$log"
       cp "$log" "$OUT/" ;;
     parity)  # fla's HGRN2 models converted both ways, fla on its chunked and on its step-by-step kernels
       for mode in chunk fused_recurrent; do
