@@ -31,7 +31,10 @@ from tests.ops.float64_oracle import (
     LOG_FORGET_GATES,
     OUTPUT_GATES,
     Case,
+    _hgrn2_outputs,
+    _inputs,
     check_case,
+    lower_bound_terms,
 )
 
 pytest.importorskip("hgrn2.ops.chunk")
@@ -198,8 +201,8 @@ def test_fuzz_case_matches_the_float64_loop(case):
         check_case(case, "cuda" if GPU_MODE else "cpu")
 
 
-# Cases that failed once, kept whatever the draws become. Both are float32 gradients of log λ where λ is near 0,
-# which cancelled in the kernels' running sums: the chunked kernels' (1.1e-4 per channel on the lower bound's
+# Cases that failed once, kept whatever the draws become. The first two are float32 gradients of log λ where λ is
+# near 0, which cancelled in the kernels' running sums: the chunked kernels' (1.1e-4 per channel on the lower bound's
 # gradient before they summed the pairs of steps that span each gate, 8.9e-6 after) and the step-by-step
 # kernels' (1.09e-4 on d forget_proj, found with seed 11, before they saved every state for float32 inputs).
 REGRESSIONS = [
@@ -210,6 +213,11 @@ REGRESSIONS = [
     Case(
         op="gated", backend="recurrent", dtype=torch.float32, batch=1, seq_len=65, heads=1, key_dim=8, value_dim=8,
         gates="saturated", seed=602601350, with_state=False, output_gate="gelu", bound=None,
+    ),
+    Case(  # β = 0.999 in a quarter of the channels: the lower bound's gradient of one sums to 1/150 of its terms
+        op="gated", backend="triton", dtype=torch.float32, batch=1, seq_len=200, heads=1, key_dim=96, value_dim=160,
+        gates="edges", seed=1103875130, lengths=(200,), scale=0.5, with_state=False, output_gate="identity",
+        bound="mixed", precise_bound_grad=True,
     ),
     Case(  # λ within 1e-9 of 1: the key 1 - λ was lost to logaddexp's rounding in the kernels' gates
         op="gated", backend="recurrent", dtype=torch.float16, batch=1, seq_len=1, heads=1, key_dim=1, value_dim=4,
@@ -223,6 +231,25 @@ def test_fuzz_regression_matches_the_float64_loop(case):
     if GPU_MODE and not torch.cuda.is_available():
         pytest.skip("HGRN2_TEST_GPU=1 needs a CUDA device")
     check_case(case, "cuda" if GPU_MODE else "cpu")
+
+
+def test_the_lower_bounds_terms_sum_to_its_gradient():
+    """The floor that judges the lower bound's gradient by the terms it sums (``lower_bound_terms``) holds the
+    right terms: summed over batch and time (and heads, for a bound shared by them) they give the float64 loop's
+    gradient, here where they cancel (β = 0.999 beside the output's and the final state's gradients)."""
+    case = REGRESSIONS[2]
+    gen = torch.Generator().manual_seed(case.seed)
+    inputs = _inputs(case, gen)
+    leaves = {n: None if t is None else t.requires_grad_() for n, t in inputs.items()}
+    out, final = _hgrn2_outputs(case, leaves, "cpu", reference=True)
+    d_out = torch.randn(out.shape, generator=gen, dtype=torch.float64)  # drawn as run_case draws them
+    d_final = torch.randn(final.shape, generator=gen, dtype=torch.float64)
+    ((out * d_out).sum() + (final * d_final).sum()).backward()
+    terms = lower_bound_terms(case, leaves, "cpu", d_out, d_final)
+    assert terms.shape == (1, 200, 1, 96)
+    torch.testing.assert_close(terms.sum(dim=(0, 1)), leaves["lower_bound"].grad, rtol=1e-10, atol=1e-12)
+    channel = terms[0, :, 0, 90]  # β = 0.999: terms far larger than their sum
+    assert channel.norm() > 20 * channel.sum().abs()
 
 
 def _state_path(case: Case) -> str:
