@@ -279,7 +279,8 @@ def hgrn2_gated_recurrence(
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
-    resolved = _resolve_backend(backend, q_proj, _scan_length(q_proj, columns), _state_elements(q_proj, v))
+    steps = _scan_length(q_proj, columns)
+    resolved = _resolve_backend(backend, q_proj, steps, _state_elements(q_proj, v))
     if q_proj.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q_proj, v, initial_state, output_final_state, cu_seqlens, columns)
     if resolved == "recurrent":  # gates in the step kernels, which read either order in place
@@ -287,7 +288,7 @@ def hgrn2_gated_recurrence(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, reverse=reverse, columns=columns, **kwargs
         )
     order = _ScanOrder(q_proj.shape[0], reverse, columns)
-    short = _short_inference(_scan_length(q_proj, columns), q_proj, v, forget_proj, lower_bound, initial_state)
+    short = _short_inference(steps, q_proj, v, forget_proj, lower_bound, initial_state)
     if resolved == "triton" and not short:
         q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
         o, final_state = _kernel_module("chunk").chunk_hgrn2_gated(

@@ -11,7 +11,7 @@ it (``1 - exp(g)`` for the key) vanishes in a norm over all channels.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -341,14 +341,11 @@ def lower_bound_terms(case: Case, leaves: dict, device, d_out: torch.Tensor, d_f
     float32 resolves only to ~1e-7 of the terms: the float32 step loop misses such a channel by 3.8e-4 of the sum.
     Such a channel is judged against the norm of its terms, as the other tensors are against the case's
     gradients (FLOOR)."""
-    x = _float64(leaves, device)
-    f, beta = x["forget_proj"].detach(), x["lower_bound"].detach()
-    log_forget = lower_bounded_log_forget(f, beta).detach().requires_grad_()
-    initial = None if x["initial_state"] is None else x["initial_state"].detach()
-    out, final = hgrn2_recurrence_naive(
-        activation(x["q"].detach(), case.output_gate), x["v"].detach(), log_forget, scale=case.scale,
-        initial_state=initial, output_final_state=True, cu_seqlens=_cu_seqlens(case, device),
-    )  # fmt: skip
+    x = {n: None if t is None else t.detach() for n, t in _float64(leaves, device).items()}
+    f, beta = x["forget_proj"], x["lower_bound"]
+    log_forget = lower_bounded_log_forget(f, beta).requires_grad_()  # a leaf: the loop's d log λ
+    plain = {"q": activation(x["q"], case.output_gate), "v": x["v"], "log_forget": log_forget}
+    out, final = _hgrn2_outputs(replace(case, op="hgrn2"), plain | {"initial_state": x["initial_state"]}, device, True)
     loss = (out * d_out.to(device)).sum() + (final * d_final.to(device)).sum()
     (d_log_forget,) = torch.autograd.grad(loss, [log_forget])
     beta_each = beta.expand(f.shape).clone().requires_grad_()  # one β per position: its gradient is the terms

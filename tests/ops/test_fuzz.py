@@ -304,12 +304,12 @@ class FuzzLog:
     def __init__(self, path: str | None):
         self.handle = open(path, "a", encoding="utf-8") if path else None  # noqa: SIM115
         self.start, self.counts = time.perf_counter(), Counter()
-        # under pytest-xdist each worker appends its own header and count to the one log
-        self.worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        # under pytest-xdist each worker appends its own header and count to the one log, named by the worker
+        worker = os.environ.get("PYTEST_XDIST_WORKER")
+        self.prefix = f"# {worker}: " if worker else "# "
         device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
         self.write(
-            f"# {self.worker + ': ' if self.worker else ''}{len(GPU_CASES)} cases on {device}, "
-            f"torch {torch.__version__}, budget {GPU_SECONDS:.0f} s"
+            f"{self.prefix}{len(GPU_CASES)} cases on {device}, torch {torch.__version__}, budget {GPU_SECONDS:.0f} s"
         )
 
     def write(self, line: str) -> None:
@@ -319,7 +319,7 @@ class FuzzLog:
 
     def close(self) -> None:
         counts = ", ".join(f"{n} {v}" for v, n in sorted(self.counts.items()))
-        self.write(f"# {self.worker + ': ' if self.worker else ''}{counts} in {time.perf_counter() - self.start:.0f} s")
+        self.write(f"{self.prefix}{counts} in {time.perf_counter() - self.start:.0f} s")
         if self.handle is not None:
             self.handle.close()
 

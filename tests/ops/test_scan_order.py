@@ -132,8 +132,9 @@ def test_auto_picks_the_backend_by_the_length_of_each_column_not_of_the_grid(gat
 
         monkeypatch.setattr(reference, name, recording)
     for height in (SHORT_SCAN, 2 * SHORT_SCAN):
-        q, v, g = (torch.randn(2, height * SHORT_SCAN, 1, 2) for _ in range(3))  # CPU tensors: auto is the
-        if gated:  # PyTorch forms there
+        # on the CPU, where auto chooses between the loop and the chunked PyTorch form
+        q, v, g = (torch.randn(2, height * SHORT_SCAN, 1, 2) for _ in range(3))
+        if gated:
             hgrn2_gated_recurrence(q, v, g, columns=SHORT_SCAN)
         else:
             hgrn2_recurrence(q, v, torch.nn.functional.logsigmoid(g), columns=SHORT_SCAN)
