@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds
+from hgrn2.ops.kernel_utils import check_kernel_dtype, decay_toward, one_minus_exp, sequence_bounds
 
 __all__ = ["fused_recurrent_hgrn2", "fused_recurrent_hgrn2_step"]
 
@@ -39,7 +39,7 @@ def recurrent_fwd_kernel(
         q = tl.load(q_ptr + (row * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         g = tl.load(g_ptr + (row * H + i_h) * K + o_k, mask=m_k, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + (row * H + i_h) * V + o_v, mask=m_v, other=0.0).to(tl.float32)
-        state = tl.exp(g)[:, None] * state + one_minus_exp(g)[:, None] * v[None, :]
+        state = decay_toward(state, one_minus_exp(g)[:, None], v[None, :])
         o = tl.sum(q[:, None] * state, 0) * scale
         tl.store(o_ptr + (row * H + i_h) * V + o_v, o.to(o_ptr.dtype.element_ty), mask=m_v)
     if STORE_HT:

@@ -41,6 +41,7 @@ from hgrn2.ops.kernel_utils import (
     FUSED_ACTIVATIONS,
     bound_constants,
     check_kernel_dtype,
+    decay_toward,
     gate_log_forget,
     gate_log_forget_grads,
     one_minus_exp,
@@ -174,7 +175,7 @@ def small_state_fwd_kernel(
         o_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
         for i in tl.static_range(BT):
             g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
-            state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
+            state = decay_toward(state, one_minus_exp(g)[:, :, None], v[:, None, :])
             o_blk = _put(o_blk, o_b, i, tl.sum(_row(q_blk, o_b, i)[:, :, None] * state, 1) * scale)
         tl.store(o_ptr + rows[:, None, None] * H * V + hv[None, :, :], o_blk.to(o_ptr.dtype.element_ty), mask=m_bv)
     if STORE_HT:
@@ -213,7 +214,7 @@ def small_state_bwd_kernel(
                 row = tl.sum(tl.where(o_b == i, rows, 0), 0)
                 tl.store(states_ptr + row * H * K * V + s_head, state, mask=m_s & (t0 + i < length))
             g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
-            state = tl.exp(g)[:, :, None] * state + one_minus_exp(g)[:, :, None] * v[:, None, :]
+            state = decay_toward(state, one_minus_exp(g)[:, :, None], v[:, None, :])
             dq_blk = _put(dq_blk, o_b, i, tl.sum(state * _row(do_blk, o_b, i)[:, None, :], 2) * scale)
         tl.store(dq_ptr + rows[:, None, None] * H * K + hk[None, :, :], dq_blk, mask=m_bk)
     d_state = tl.zeros([BH, BK, BV], dtype=tl.float32)
@@ -249,7 +250,7 @@ def small_state_bwd_kernel(
             else:
                 d_b += q * _row(dq_blk, o_b, r) - k * dk
                 dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
-            d_state = forget[:, :, None] * d_state
+            d_state -= k[:, :, None] * d_state
         tl.store(dv_ptr + rows[:, None, None] * H * V + hv[None, :, :], dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
         if GATED:  # through the gates, from the projections again (just loaded, so cached)
             dq_ptrs = dq_ptr + rows[:, None, None] * H * K + hk[None, :, :]
