@@ -219,6 +219,11 @@ REGRESSIONS = [
         gates="edges", seed=1103875130, lengths=(200,), scale=0.5, with_state=False, output_gate="identity",
         bound="mixed", precise_bound_grad=True,
     ),
+    Case(  # β = 0.999, half-precision states: one channel's error was 0.49% of Σ |terms| (14.2 of 2,876), 4.4% of
+        # their root sum of squares, by which it was judged before (the GPU fuzz, 5.6e-2; the interpreter, 2.2e-2)
+        op="gated", backend="triton", dtype=torch.bfloat16, batch=1, seq_len=200, heads=1, key_dim=96, value_dim=160,
+        gates="edges", seed=414787475, scale=0.5, output_gate="sigmoid", bound="mixed",
+    ),
     Case(  # λ within 1e-9 of 1: the key 1 - λ was lost to logaddexp's rounding in the kernels' gates
         op="gated", backend="recurrent", dtype=torch.float16, batch=1, seq_len=1, heads=1, key_dim=1, value_dim=4,
         gates="saturated", seed=1582029142, with_state=False, output_gate="silu", bound="per_channel",
