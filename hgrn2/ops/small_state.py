@@ -5,8 +5,9 @@ K = V = 128 but wastes most of the work when a head holds a 2 × 2 or 4 × 4 sta
 the image and LRA models) and when sequences are short (the 14-step row and column scans of a 224-pixel
 image). These kernels keep a block of heads' [K, V] states in registers, with no matrix tiles, and walk the
 steps. One program per (sequence, block of heads). Each load brings ``STEPS_PER_LOAD`` steps' inputs, which the
-walk then takes from registers, so that a step waits on no memory access (loaded one step at a time, each step
-waited a full memory latency).
+walk then takes from registers. One step per load is the default: blocks of 16 steps, meant to spare a memory
+latency per step, cost more than they save where a step's work is small beside the block it is taken from (a
+masked sum over the block per input; measured on an H100, ``benchmarks/results/ops-notes.md``).
 
 Forward: ``S_t = λ_t S_{t-1} + (1 - λ_t) ⊗ v_t``, ``o_t = scale · q_t^T S_t``.
 
@@ -56,7 +57,7 @@ __all__ = ["MAX_STATE", "small_state_hgrn2", "small_state_hgrn2_gated"]
 
 MAX_STATE = 1024  # largest K × V (each rounded up to a power of two) a head may hold in these kernels
 _PROGRAM_STATE = 1024  # state elements per program: heads are grouped up to this
-STEPS_PER_LOAD = 16  # steps whose inputs one load brings in (the kernels walk them from registers)
+STEPS_PER_LOAD = 1  # steps whose inputs one load brings in (more are walked from registers; see the docstring)
 
 
 @triton.jit

@@ -51,7 +51,9 @@ def test_small_state_matches_naive_in_float32(batch, seq_len, heads, key_dim, va
     )
 
 
-def test_small_state_matches_naive_with_packed_sequences():
+@pytest.mark.parametrize("steps_per_load", [1, 16])  # 16: blocks of steps walked from registers, partly masked
+def test_small_state_matches_naive_with_packed_sequences(steps_per_load, monkeypatch):
+    monkeypatch.setattr(small_state, "STEPS_PER_LOAD", steps_per_load)
     bounds = [0, 1, 15, 40, 44]
     seq_len, heads, key_dim, value_dim = bounds[-1], 3, 4, 4
     cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
@@ -117,19 +119,22 @@ def test_step_kernels_keep_a_state_near_one_to_float32_precision_over_hundreds_o
 
 
 @pytest.mark.parametrize(
-    "output_gate, bound, dtype, packed",
+    "output_gate, bound, dtype, packed, steps_per_load",
     [
-        ("silu", "mixed", torch.float32, False),  # β = 0 exactly, β in (0, 1) and β = 0.999 in one call
-        ("sigmoid", None, torch.float32, True),  # packed sequences
-        ("identity", "zeros", torch.float32, False),  # the first layer: β = 0 everywhere
-        ("silu", "mixed", torch.bfloat16, True),
-        ("gelu", "mixed", torch.float32, False),  # not fused: the activation runs in torch first
+        ("silu", "mixed", torch.float32, False, 1),  # β = 0 exactly, β in (0, 1) and β = 0.999 in one call
+        ("sigmoid", None, torch.float32, True, 1),  # packed sequences
+        ("identity", "zeros", torch.float32, False, 1),  # the first layer: β = 0 everywhere
+        ("silu", "mixed", torch.bfloat16, True, 16),  # blocks of 16 steps per load
+        ("gelu", "mixed", torch.float32, False, 1),  # not fused: the activation runs in torch first
     ],
 )
-def test_gated_step_kernels_match_torch_gates_and_the_float64_loop(output_gate, bound, dtype, packed):
+def test_gated_step_kernels_match_torch_gates_and_the_float64_loop(
+    output_gate, bound, dtype, packed, steps_per_load, monkeypatch
+):
     """Both gates inside the step kernels, forward and backward, against the gates in float64 PyTorch followed by
     the float64 loop: the output, the final state and the gradients of all five inputs (the lower bound's summed
     over every step of every sequence inside the kernel)."""
+    monkeypatch.setattr(small_state, "STEPS_PER_LOAD", steps_per_load)
     bounds = [0, 1, 19, 37, 40] if packed else None
     batch, seq_len, heads, key_dim, value_dim = (1, 40, 6, 4, 4) if packed else (2, 37, 6, 2, 4)
     q_proj, v, forget_proj, lower_bound = gated_kernel_leaves(
