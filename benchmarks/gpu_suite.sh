@@ -25,14 +25,14 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
         --ignore=tests/ops/test_fuzz.py 2>&1 | tee '$log'"
       cp "$log" "$OUT/" ;;
     fuzz)  # the fuzz's GPU set at full size against the float64 loop, spread over FUZZ_WORKERS pytest workers
-      log="$RESULTS/$(gpu_slug)-fuzz-gpu.log"
+      log="$OUT/$(gpu_slug)-fuzz-gpu.log"  # written where it comes back even if the suite is stopped
       rm -f "$log"
       run fuzz bash -c "HGRN2_TEST_GPU=1 HGRN2_FUZZ_LOG='$log' python -m pytest -o addopts='' -p no:cacheprovider \
         -m gpu -n ${FUZZ_WORKERS:-8} -q tests/ops/test_fuzz.py"
       # the workers' counts summed: the word after each case's seconds is its verdict
       awk '!/^#/ { for (i = 1; i < NF; i++) if ($i ~ /^[0-9.]+s$/) { n[$(i + 1)]++; break } }
         END { line = "# all workers:"; for (v in n) line = line " " n[v] " " v; print line }' "$log" | tee -a "$log"
-      cp "$log" "$OUT/" ;;
+      [ "$log" -ef "$RESULTS/$(basename "$log")" ] || cp "$log" "$RESULTS/" ;;
     parity)  # fla's HGRN2 models converted both ways, fla on its chunked and on its step-by-step kernels
       for mode in chunk fused_recurrent; do
         run "parity-$mode" python benchmarks/fla_parity.py --fla-attn-mode "$mode" \
