@@ -233,17 +233,21 @@ def _grid_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "reverse, width, height",
+    "reverse, width, height, steps_per_load",
     [
-        (True, None, 37),  # reversed, three blocks of 16 steps, the last one partly past the end
-        (False, 5, 19),  # the 5 columns of 19-row grids: sequences with a stride of 5 rows
-        (True, 3, 18),  # columns bottom to top
-        (True, 1, 7),  # one column: the whole sequence, reversed
+        (True, None, 37, 16),  # reversed, three blocks of 16 steps, the last one partly past the end
+        (True, None, 37, 1),
+        (False, 5, 19, 16),  # the 5 columns of 19-row grids: sequences with a stride of 5 rows
+        (True, 3, 18, 1),  # columns bottom to top
+        (True, 1, 7, 1),  # one column: the whole sequence, reversed
     ],
 )
-def test_reversed_and_column_scans_read_in_place_what_reordered_copies_give(reverse, width, height):
+def test_reversed_and_column_scans_read_in_place_what_reordered_copies_give(
+    reverse, width, height, steps_per_load, monkeypatch
+):
     """reverse= and columns= against the float64 loop on explicitly flipped / transposed copies, outputs put back
     where they belong: outputs, final states and every gradient, with an initial state per scanned sequence."""
+    monkeypatch.setattr(small_state, "STEPS_PER_LOAD", steps_per_load)
     batch, heads, dim = 2, 3, 4
     seq_len = height * (width or 1)
     n_seqs = batch * (width or 1)
