@@ -27,7 +27,7 @@ def step():
 launches = kr.capture(step)
 kernel, signature, constants, options = launches[0]
 print(json.dumps({
-    "kernels": [launch[0].__name__ for launch in launches],
+    "kernels": [launch[0].__name__ for launch in launches], "steps_per_load": small_state.STEPS_PER_LOAD,
     "signature": signature, "constants": {k: str(v) for k, v in constants.items()}, "options": options,
     "resources": kr.resources(kernel, signature, constants, options, 90),
 }))
@@ -42,7 +42,7 @@ def test_a_call_is_captured_launch_by_launch_and_compiled_for_hopper():
     # the forward's one launch, then the backward's; nothing ran (outputs are empty tensors)
     assert report["kernels"] == ["small_state_fwd_kernel", "small_state_bwd_kernel"]
     assert report["signature"]["q_ptr"] == "*fp32" and report["signature"]["T"] == "i32"
-    assert report["constants"]["K"] == "4" and report["constants"]["BT"] == "16"
+    assert report["constants"]["K"] == "4" and report["constants"]["BT"] == str(report["steps_per_load"])
     assert report["constants"]["HAS_H0"] == "False" and report["signature"]["HAS_H0"] == "constexpr"
     resources = report["resources"]
     assert 0 < resources["registers"] <= 255 and resources["stack_bytes"] >= 0
