@@ -6,7 +6,9 @@ float32), then every chunk's output; the backward forms the state gradients the 
 dq/d log λ and dv chunk by chunk. The states come from a walk over the chunks that forms each chunk's state delta
 on the way when the call has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once
 followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never written. The kernels live
-in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``.
+in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from one elementwise pass
+over the raw forget projection before them, and the gradients of that projection and of the lower bound from one
+pass after them (``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside the kernels.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
 magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
@@ -29,6 +31,7 @@ from hgrn2.ops.chunk_fwd import (
     state_scan_kernel,
     state_walk_kernel,
 )
+from hgrn2.ops.gate_pass import gate_grads, log_forget
 from hgrn2.ops.gates import activation
 from hgrn2.ops.kernel_utils import (
     FUSED_ACTIVATIONS,
@@ -60,7 +63,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
-    small_head_chunk=16,
+    small_head_chunk=16, gate_pass=True,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -74,6 +77,10 @@ class _Launch:
     """Shapes, chunk layout, tiles and compile-time flags shared by the kernels of one call."""
 
     def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise):
+        # with ``gate_pass`` the gated entry's log λ comes from one pass of hgrn2.ops.gate_pass, and the chunk
+        # kernels run as for the plain op; otherwise each kernel forms it from the raw projection
+        self.gate_pass = gated and LAUNCH["gate_pass"]
+        in_kernel = gated and not self.gate_pass
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
         small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
@@ -96,7 +103,7 @@ class _Launch:
         dot_dtype, precision = dot_config(q.dtype)
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, C=self.chunk, IS_VARLEN=cu_seqlens is not None,
-            GATED=gated, HAS_BOUND=lower_bound is not None, DT=dot_dtype, PRECISION=precision,
+            GATED=in_kernel, HAS_BOUND=in_kernel and lower_bound is not None, DT=dot_dtype, PRECISION=precision,
             INTERPRET=interpreting(),
         )  # fmt: skip
         self.act = act
@@ -214,8 +221,11 @@ class ChunkHGRN2Function(torch.autograd.Function):
         precise = precise and lower_bound is not None and ctx.needs_input_grad[3]
         launch = _Launch(q, v, cu_seqlens, gated, act, lower_bound, precise)
         keep_scores = any(ctx.needs_input_grad[:5])
-        o, h, scores, final_state = _forward(q, v, g, launch, scale, initial_state, output_final_state, keep_scores)
-        ctx.save_for_backward(q, v, g, h, scores)
+        log_lambda = log_forget(g, launch.bound) if launch.gate_pass else g
+        o, h, scores, final_state = _forward(
+            q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores
+        )
+        ctx.save_for_backward(q, v, g, h, scores)  # the raw projection: log λ is formed again, not kept
         ctx.launch, ctx.scale = launch, scale
         ctx.lower_bound_shape = None if lower_bound is None else lower_bound.shape
         ctx.lower_bound_dtype = None if lower_bound is None else lower_bound.dtype
@@ -228,9 +238,13 @@ class ChunkHGRN2Function(torch.autograd.Function):
     def backward(ctx, do, d_final):
         q, v, g, h, scores = ctx.saved_tensors
         need_d_initial = ctx.needs_input_grad[4]
+        launch = ctx.launch
+        log_lambda = log_forget(g, launch.bound) if launch.gate_pass else g
         dq, dv, dg, d_initial, d_beta = _backward(
-            q, v, g, h, scores, do.contiguous(), d_final, ctx.launch, ctx.scale, need_d_initial
+            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
         )
+        if launch.gate_pass:
+            dg, d_beta = gate_grads(g, dg, launch.bound)
         d_lower_bound = None
         if ctx.needs_input_grad[3] and d_beta is not None:
             d_lower_bound = d_beta.sum_to_size(ctx.lower_bound_shape).to(ctx.lower_bound_dtype)

@@ -149,9 +149,10 @@ def dqk_bwd_kernel(
     dq += dq_in + diagonal[:, None] * k
     dk += dk_out + diagonal[:, None] * q
     dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)
+    if ACT != 0:
+        dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
     if GATED:
         inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-        dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
         f = tl.load(g_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32)
         _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
         d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)

@@ -18,8 +18,9 @@ row m: A = (q · exp(b - b_m)) (k · exp(b_m - b))^T, exact for causal entries a
 running sum stays within ``SPREAD`` of its middle value; a K tile where it does not (gates near 0) forms its
 scores one key column at a time from non-positive exponents (``intra_scores``). Log gates are raised to
 ``LOG_FORGET_FLOOR`` when loaded (``hgrn2.ops.kernel_utils``), so that λ = 0 (log λ = -inf) stays finite.
-The key k = 1 - exp(g) is derived in registers. With ``GATED`` the kernels read the raw projections and
-compute q = act(q_proj) and log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves.
+The key k = 1 - exp(g) is derived in registers and q = act(q_proj) on load (``ACT``). With ``GATED`` the kernels
+read the raw forget projection and compute log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves; the
+gated entry does that only with ``LAUNCH["gate_pass"]`` off (``hgrn2.ops.chunk``).
 """
 
 from __future__ import annotations

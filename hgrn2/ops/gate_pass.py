@@ -1,0 +1,99 @@
+"""The forget gate of the gated chunked op as one elementwise pass before the chunk kernels and one after.
+
+``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. The chunk kernels can form
+log λ = log(β + (1 - β) σ(f)) themselves from f (``GATED``), in every kernel that reads the gates, or read it from
+a float32 tensor that ``log_forget_kernel`` writes once (``LAUNCH["gate_pass"]`` in ``hgrn2.ops.chunk``). Both
+use :func:`hgrn2.ops.kernel_utils.gate_log_forget`, so the two give the same log λ to the bit. The backward then
+runs the chunk kernels on that log λ, which give d log λ in float32, and ``gate_grad_kernel`` turns it into the
+gradients of f and of β.
+
+The pass exists for speed: the chunk kernels hold many [64, 64] float32 tiles at once and run at the register
+limit, and forming the gate inside them adds live values, spills and latency to every one of them, while the
+pass itself is bound by memory (it reads f and writes log λ, ~35 us at 16K tokens of 1,024 channels on an
+H100). ``benchmarks/results/ops-notes.md`` has the timings of both.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from hgrn2.ops.kernel_utils import LOG_FORGET_FLOOR, gate_log_forget, gate_log_forget_grads, load_bound
+
+ROWS, COLUMNS = 32, 128  # tile of (tokens, channels) each program takes
+
+
+@triton.jit
+def log_forget_kernel(
+    f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK: tl.constexpr, HAS_BOUND: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """log λ (float32, at least ``LOG_FORGET_FLOOR``) of a [BR tokens, BC channels] tile of f [rows, H·K]."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < HK
+    mask = (o_r < rows)[:, None] & m_c[None, :]
+    offs = o_r.to(tl.int64)[:, None] * HK + o_c[None, :]
+    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, o_c, m_c, BC, HAS_BOUND)
+    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    g, _, _, _ = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
+    tl.store(g_ptr + offs, tl.maximum(g, LOG_FORGET_FLOOR), mask=mask)
+
+
+@triton.jit
+def gate_grad_kernel(
+    f_ptr, dg_ptr, df_ptr, dbeta_ptr, log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, rows, HK: tl.constexpr,
+    HAS_BOUND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """d f = d log λ · d log λ / d f, and this tile's share of d β = Σ_t d log λ_t · d log λ_t / d β."""
+    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
+    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
+    m_c = o_c < HK
+    mask = (o_r < rows)[:, None] & m_c[None, :]
+    offs = o_r.to(tl.int64)[:, None] * HK + o_c[None, :]
+    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, o_c, m_c, BC, HAS_BOUND)
+    inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, o_c, m_c, BC, HAS_BOUND)
+    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    dg = tl.load(dg_ptr + offs, mask=mask, other=0.0)
+    _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
+    d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)
+    tl.store(df_ptr + offs, (dg * d_f).to(df_ptr.dtype.element_ty), mask=mask)
+    if HAS_BOUND:
+        share = tl.sum(tl.where(mask, dg * d_beta, 0.0), 0)
+        tl.store(dbeta_ptr + tl.program_id(0).to(tl.int64) * HK + o_c, share, mask=m_c)
+
+
+def _grid(rows: int, channels: int) -> tuple[int, int]:
+    return triton.cdiv(rows, ROWS), triton.cdiv(channels, COLUMNS)
+
+
+def log_forget(forget_proj: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """float32 log λ [..., H, K] from the contiguous raw projection f and ``bound_constants``' (log β, log(1 - β),
+    1/β), which are empty without a lower bound."""
+    heads_channels = forget_proj.shape[-2] * forget_proj.shape[-1]
+    rows = forget_proj.numel() // heads_channels
+    g = torch.empty(forget_proj.shape, dtype=torch.float32, device=forget_proj.device)
+    log_forget_kernel[_grid(rows, heads_channels)](
+        forget_proj, g, bound[0], bound[1], rows, HK=heads_channels, HAS_BOUND=bound[0].numel() > 0, BR=ROWS,
+        BC=COLUMNS, num_warps=4,
+    )  # fmt: skip
+    return g
+
+
+def gate_grads(
+    forget_proj: torch.Tensor, d_log_forget: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The gradients of f (f's dtype) and of β (float32 [H, K], None without a lower bound) from the float32
+    gradient of log λ."""
+    heads, channels = forget_proj.shape[-2], forget_proj.shape[-1]
+    rows = forget_proj.numel() // (heads * channels)
+    has_bound = bound[0].numel() > 0
+    grid = _grid(rows, heads * channels)
+    d_f = torch.empty_like(forget_proj)
+    d_beta = torch.empty(grid[0] if has_bound else 1, heads * channels, device=forget_proj.device)
+    gate_grad_kernel[grid](
+        forget_proj, d_log_forget, d_f, d_beta, bound[0], bound[1], bound[2], rows, HK=heads * channels,
+        HAS_BOUND=has_bound, BR=ROWS, BC=COLUMNS, num_warps=4,
+    )  # fmt: skip
+    return d_f, (d_beta.sum(0).view(heads, channels) if has_bound else None)
