@@ -38,8 +38,6 @@ VARIANTS = {
     "walk-t32-w4": dict(walk_tile=32, walk_warps=4),
     "dqk-bv32": dict(dqk_bv=32),
     "dv-bv64": dict(dv_bv=64),
-    # the gated entry's gates formed inside every chunk kernel instead of by one pass before them
-    "fused-gates": dict(gate_pass=False),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

@@ -65,7 +65,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
-    small_head_chunk=64, gate_pass=True,
+    small_head_chunk=64,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -79,10 +79,7 @@ class _Launch:
     """Shapes, chunk layout, tiles and compile-time flags shared by the kernels of one call."""
 
     def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise):
-        # with ``gate_pass`` the gated entry's log λ comes from one pass of hgrn2.ops.gate_pass, and the chunk
-        # kernels run as for the plain op; otherwise each kernel forms it from the raw projection
-        self.gate_pass = gated and LAUNCH["gate_pass"]
-        in_kernel = gated and not self.gate_pass
+        self.gated = gated  # log λ from the raw projection by hgrn2.ops.gate_pass, then the same kernels
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
         small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
@@ -105,7 +102,7 @@ class _Launch:
         dot_dtype, precision = dot_config(q.dtype)
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, C=self.chunk, IS_VARLEN=cu_seqlens is not None,
-            GATED=in_kernel, HAS_BOUND=in_kernel and lower_bound is not None, DT=dot_dtype, PRECISION=precision,
+            DT=dot_dtype, PRECISION=precision,
             INTERPRET=interpreting(),
         )  # fmt: skip
         self.act = act
@@ -125,7 +122,7 @@ class _Launch:
         tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, bv)
         flags = self.flags if backward else self.flags | self.precise_flags  # TF32 deltas: the forward's states
         chunk_delta_kernel[(self.n_chunks * tiles, self.heads)](
-            q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, self.bound[0], self.bound[1], scale,
+            q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, scale,
             self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=LAUNCH["delta_warps"], **flags,
         )  # fmt: skip
         return delta, decay
@@ -143,7 +140,7 @@ class _Launch:
         flags = self.flags if backward else self.flags | self.precise_flags
         state_walk_kernel[grid](
             q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
-            self.bound[0], self.bound[1], scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
+            scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
             num_warps=LAUNCH["walk_warps"], **flags,
         )  # fmt: skip
@@ -174,7 +171,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
-        q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, L.bound[0], L.bound[1], scale, L.seq_len,
+        q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
         BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, num_warps=LAUNCH["output_warps"], **L.flags,
         **L.intra,
     )  # fmt: skip
@@ -188,25 +185,21 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     dht = d_final.contiguous() if d_final is not None else None
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
-    has_bound = L.flags["HAS_BOUND"]
-    d_beta = torch.empty(L.n_chunks * L.heads * L.key_dim if has_bound else 1, device=q.device)
-    log_beta, log1m_beta, inv_beta = L.bound
     dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
-        q, g, v, do, h, d_states, dq, dg, d_beta, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta,
-        inv_beta, scale, L.seq_len, BK=L.bk, BV=L.value_tile["dqk"], ACT=L.act,
+        q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=L.bk,
+        BV=L.value_tile["dqk"], ACT=L.act,
         PAIRS=q.dtype == torch.float32, num_warps=LAUNCH["dqk_warps"],
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
-        g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, log_beta, log1m_beta, scale, L.seq_len,
+        g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
         BK=L.bk, BV=bv, num_warps=LAUNCH["dv_warps"], **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
-    d_beta = d_beta.view(-1, L.heads, L.key_dim).sum(0) if has_bound else None
-    return dq, dv, dg, (d_initial if need_d_initial else None), d_beta
+    return dq, dv, dg, (d_initial if need_d_initial else None)
 
 
-_DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "GATED", "HAS_BOUND", "DT", "PRECISION", "INTERPRET")
+_DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "DT", "PRECISION", "INTERPRET")
 
 
 def _only(flags: dict, *names: str) -> dict:
@@ -215,7 +208,8 @@ def _only(flags: dict, *names: str) -> dict:
 
 class ChunkHGRN2Function(torch.autograd.Function):
     """Autograd wrapper of the chunked kernels. With ``gated`` the first and third inputs are the raw
-    projections (q_proj, forget_proj) and the gates are computed inside the kernels."""
+    projections (q_proj, forget_proj): the kernels apply the output gate to q_proj, and log λ comes from
+    ``hgrn2.ops.gate_pass``."""
 
     @staticmethod
     def forward(ctx, q, v, g, lower_bound, initial_state, scale, output_final_state, cu_seqlens, gated, act, precise):
@@ -223,7 +217,7 @@ class ChunkHGRN2Function(torch.autograd.Function):
         precise = precise and lower_bound is not None and ctx.needs_input_grad[3]
         launch = _Launch(q, v, cu_seqlens, gated, act, lower_bound, precise)
         keep_scores = any(ctx.needs_input_grad[:5])
-        log_lambda = log_forget(g, launch.bound) if launch.gate_pass else g
+        log_lambda = log_forget(g, launch.bound) if gated else g
         o, h, scores, final_state = _forward(
             q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores
         )
@@ -241,11 +235,12 @@ class ChunkHGRN2Function(torch.autograd.Function):
         q, v, g, h, scores = ctx.saved_tensors
         need_d_initial = ctx.needs_input_grad[4]
         launch = ctx.launch
-        log_lambda = log_forget(g, launch.bound) if launch.gate_pass else g
-        dq, dv, dg, d_initial, d_beta = _backward(
+        log_lambda = log_forget(g, launch.bound) if launch.gated else g
+        dq, dv, dg, d_initial = _backward(
             q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
         )
-        if launch.gate_pass:
+        d_beta = None
+        if launch.gated:
             dg, d_beta = gate_grads(g, dg, launch.bound)
         d_lower_bound = None
         if ctx.needs_input_grad[3] and d_beta is not None:

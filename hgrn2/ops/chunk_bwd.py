@@ -34,9 +34,6 @@ from hgrn2.ops.chunk_fwd import SPREAD
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     chunk_bounds,
-    gate_log_forget,
-    gate_log_forget_grads,
-    load_bound,
     load_log_forget,
     load_query,
     log_decay_to_end,
@@ -91,12 +88,10 @@ def intra_grads(
 
 @triton.jit
 def dqk_bwd_kernel(
-    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, dbeta_ptr, cu_seqlens, chunk_indices,
-    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, scale, T,
+    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
-    PRECISION: tl.constexpr, IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    PAIRS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -110,9 +105,8 @@ def dqk_bwd_kernel(
     row0 = bos + c * C
     slot = i_c.to(tl.int64) + i_n
     k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     q = load_query(q_ptr + k_offs, m_tk, ACT)
-    g = load_log_forget(g_ptr + k_offs, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
+    g = load_log_forget(g_ptr + k_offs, m_tk)
     b = tl.cumsum(g, 0)
     k = one_minus_exp(g)
     # over V: the score gradients dA = do v^T, do against the entering state (-> dq), v against the gradient of
@@ -151,24 +145,14 @@ def dqk_bwd_kernel(
     dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)
     if ACT != 0:
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
-    if GATED:
-        inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-        f = tl.load(g_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32)
-        _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
-        d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)
-        if HAS_BOUND:
-            d_beta_sum = tl.sum(tl.where(m_tk, dg * d_beta, 0.0), 0)
-            tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, d_beta_sum, mask=m_k)
-        dg = dg * d_f
     tl.store(dq_ptr + k_offs, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dg_ptr + k_offs, dg.to(dg_ptr.dtype.element_ty), mask=m_tk)
 
 
 @triton.jit
 def dv_bwd_kernel(
-    g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, DT: tl.constexpr,
+    g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # dv_s = Σ_{t >= s} A[t, s] scale · do_t + (k_s · exp(b_C - b_s)) dS_out
@@ -190,11 +174,7 @@ def dv_bwd_kernel(
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-        g = load_log_forget(
-            g_ptr + row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :], m_tk,
-            log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND,
-        )  # fmt: skip
+        g = load_log_forget(g_ptr + row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :], m_tk)
         k_end = one_minus_exp(g) * tl.exp(log_decay_to_end(g))  # decay to the chunk's end
         ds_out = tl.load(
             dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],

@@ -18,9 +18,8 @@ row m: A = (q · exp(b - b_m)) (k · exp(b_m - b))^T, exact for causal entries a
 running sum stays within ``SPREAD`` of its middle value; a K tile where it does not (gates near 0) forms its
 scores one key column at a time from non-positive exponents (``intra_scores``). Log gates are raised to
 ``LOG_FORGET_FLOOR`` when loaded (``hgrn2.ops.kernel_utils``), so that λ = 0 (log λ = -inf) stays finite.
-The key k = 1 - exp(g) is derived in registers and q = act(q_proj) on load (``ACT``). With ``GATED`` the kernels
-read the raw forget projection and compute log λ = logaddexp(log β, log1p(-β) + logsigmoid(f)) themselves; the
-gated entry does that only with ``LAUNCH["gate_pass"]`` off (``hgrn2.ops.chunk``).
+The key k = 1 - exp(g) is derived in registers and q = act(q_proj) on load (``ACT``). The gated entry's log λ
+comes from one pass before these kernels (``hgrn2.ops.gate_pass``).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ import triton.language as tl
 
 from hgrn2.ops.kernel_utils import (
     chunk_bounds,
-    load_bound,
     load_log_forget,
     load_query,
     log_decay_to_end,
@@ -69,17 +67,15 @@ def intra_scores(
 
 @triton.jit
 def chunk_delta(
-    q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, log_beta, log1m_beta, scale, H: tl.constexpr,
-    K: tl.constexpr, V: tl.constexpr, BACKWARD: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
-    ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, scale, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk starting at token row0:
     forward x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do."""
     m_tk = m_t[:, None] & m_k[None, :]
     k_tile = o_t[:, None] * (H * K) + o_k[None, :]
-    g = load_log_forget(
-        g_ptr + row0 * (H * K) + i_h * K + k_tile, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND
-    )  # fmt: skip
+    g = load_log_forget(g_ptr + row0 * (H * K) + i_h * K + k_tile, m_tk)
     b = tl.cumsum(g, 0)
     b_end = tl.sum(g, 0)  # [BK]
     if BACKWARD:
@@ -94,10 +90,9 @@ def chunk_delta(
 
 @triton.jit
 def chunk_delta_kernel(
-    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr,
-    ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BACKWARD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # Δ float32 [chunks, H, K, V] (see chunk_delta); the chunk's decay exp(b_C) float32 [chunks, H, K] (written
     # by the first V tile)
@@ -111,10 +106,9 @@ def chunk_delta_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     delta, b_end = chunk_delta(
-        q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, log_beta, log1m_beta,
-        scale, H, K, V, BACKWARD, GATED, HAS_BOUND, ACT, DT, PRECISION, INTERPRET,
+        q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
+        BACKWARD, ACT, DT, PRECISION, INTERPRET,
     )  # fmt: skip
     base = i_c.to(tl.int64) * H + i_h
     tl.store(delta_ptr + base * K * V + o_k[:, None] * V + o_v[None, :], delta, mask=m_k[:, None] & m_v[None, :])
@@ -123,11 +117,10 @@ def chunk_delta_kernel(
 
 @triton.jit
 def state_walk_kernel(
-    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, log_beta_ptr, log1m_beta_ptr, scale, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_S0: tl.constexpr, STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr,
-    GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, STAGES: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+    STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
 ):  # fmt: skip
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
@@ -142,7 +135,6 @@ def state_walk_kernel(
     m_k, m_v = o_k < K, o_v < V
     m_kv = m_k[:, None] & m_v[None, :]
     kv_tile = o_k[:, None] * V + o_v[None, :]
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
     state = tl.zeros([BK, BV], dtype=tl.float32)
     if HAS_S0:
         state += tl.load(s0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
@@ -151,8 +143,8 @@ def state_walk_kernel(
         c = n_chunks - 1 - step if BACKWARD else step
         tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
         delta, b_end = chunk_delta(
-            q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, log_beta,
-            log1m_beta, scale, H, K, V, BACKWARD, GATED, HAS_BOUND, ACT, DT, PRECISION, INTERPRET,
+            q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
+            BACKWARD, ACT, DT, PRECISION, INTERPRET,
         )  # fmt: skip
         state = state * tl.exp(b_end)[:, None] + delta
     if not BACKWARD:
@@ -206,10 +198,9 @@ def state_scan_kernel(
 
 @triton.jit
 def output_fwd_kernel(
-    q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, log_beta_ptr, log1m_beta_ptr, scale,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
-    STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
     IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # With STORE_SCORES the first V tile also writes the causal scores A (without scale), float32 [B * T, H, C].
@@ -230,9 +221,8 @@ def output_fwd_kernel(
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
         k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-        log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
         q = load_query(q_ptr + k_offs, m_tk, ACT)
-        g = load_log_forget(g_ptr + k_offs, m_tk, log_beta[None, :], log1m_beta[None, :], GATED, HAS_BOUND)
+        g = load_log_forget(g_ptr + k_offs, m_tk)
         b = tl.cumsum(g, 0)
         s_in = tl.load(
             h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],

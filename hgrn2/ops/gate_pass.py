@@ -1,16 +1,14 @@
-"""The forget gate of the gated chunked op as one elementwise pass before the chunk kernels and one after.
+"""The forget gate of the gated chunked op: one elementwise pass before the chunk kernels and one after.
 
-``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. The chunk kernels can form
-log λ = log(β + (1 - β) σ(f)) themselves from f (``GATED``), in every kernel that reads the gates, or read it from
-a float32 tensor that ``log_forget_kernel`` writes once (``LAUNCH["gate_pass"]`` in ``hgrn2.ops.chunk``). Both
-use :func:`hgrn2.ops.kernel_utils.gate_log_forget`, so the two give the same log λ to the bit. The backward then
-runs the chunk kernels on that log λ, which give d log λ in float32, and ``gate_grad_kernel`` turns it into the
+``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. ``log_forget_kernel`` writes
+log λ = log(β + (1 - β) σ(f)) once, in float32 (:func:`hgrn2.ops.kernel_utils.gate_log_forget`, exact near λ = 1),
+and the chunk kernels read it as the plain op reads its log gates. The backward forms log λ again (it is not
+kept), runs the chunk kernels, which give d log λ in float32, and ``gate_grad_kernel`` turns that into the
 gradients of f and of β.
 
-The pass exists for speed: the chunk kernels hold many [64, 64] float32 tiles at once and run at the register
-limit, and forming the gate inside them adds live values, spills and latency to every one of them, while the
-pass itself is bound by memory (it reads f and writes log λ, ~35 us at 16K tokens of 1,024 channels on an
-H100). ``benchmarks/results/ops-notes.md`` has the timings of both.
+Forming the gate inside every chunk kernel instead was 13-20% slower on an H100: those kernels hold many
+[64, 64] float32 tiles at once and run at the register limit, so the gate's live values cost them more than this
+memory-bound pass does (``benchmarks/results/ops-notes.md``).
 """
 
 from __future__ import annotations

@@ -232,20 +232,9 @@ LOG_FORGET_FLOOR = tl.constexpr(-30.0)
 
 
 @triton.jit
-def log_forget_of(x, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log λ (float32, 0 where masked, at least ``LOG_FORGET_FLOOR``) from loaded log_forget, or from the raw
-    forget projection when GATED."""
-    x = x.to(tl.float32)
-    if GATED:
-        g, _, _, _ = gate_log_forget(x, log_beta, log1m_beta, HAS_BOUND)
-        x = tl.where(mask, g, 0.0)
-    return tl.maximum(x, LOG_FORGET_FLOOR)
-
-
-@triton.jit
-def load_log_forget(ptrs, mask, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log λ (float32, 0 where masked) from log_forget, or from the raw forget projection when GATED."""
-    return log_forget_of(tl.load(ptrs, mask=mask, other=0.0), mask, log_beta, log1m_beta, GATED, HAS_BOUND)
+def load_log_forget(ptrs, mask):
+    """log λ (float32, 0 where masked), raised to ``LOG_FORGET_FLOOR``."""
+    return tl.maximum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), LOG_FORGET_FLOOR)
 
 
 @triton.jit
