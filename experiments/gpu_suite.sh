@@ -18,7 +18,9 @@
 #   over several suites (config-seeds with CONFIG=configs/lra/listops.yaml, --trainer.max_time in CONFIG_FLAGS and,
 #   from the second suite on, --ckpt_path <the last suite's checkpoint>) resumes on the data it started on.
 # - kernel-profile: per-kernel CUDA times of the chunked op, plain and gated (experiments/kernel_profile.py), at
-#   16K tokens (T = 1K) and 64K tokens (T = 4K); kernel-variants: experiments/kernel_versions.py --variants --fla.
+#   16K tokens (T = 1K) and 64K tokens (T = 4K); kernel-variants: experiments/kernel_versions.py --variants --fla;
+#   kernel-ncu: Nsight Compute's throughput, occupancy, launch, warp-stall and memory sections of the chunk kernels
+#   (NCU_KERNELS, a regex, and NCU_LAUNCHES choose which and how many launches) as CSV.
 # LRA data drawn beforehand (experiments/lra_learning.py's runs/lra_learning/<name>/) can be brought packed as
 # runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
 # PF_IMAGES=N; pathfinder-c6-<N>-s<seed> for --pathfinder-contour-length 6): the LRA jobs unpack it and the script
@@ -94,6 +96,12 @@ for job in "$@"; do
       run kernel-profile-64k python experiments/kernel_profile.py --tokens 65536 --seq-len 4096 \
         --out "$RESULTS/kernel-profile-64k.json"
       cp "$RESULTS"/kernel-profile-*.json "$OUT/" ;;
+    kernel-ncu)  # Nsight Compute on the chunk kernels of one gated forward + backward (B = 4, T = 4096)
+      run kernel-ncu ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-dqk_bwd|state_walk|output_fwd|dv_bwd}" \
+        --launch-count "${NCU_LAUNCHES:-5}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
+        python experiments/kernel_versions.py --profile > "$RESULTS/kernel-ncu.csv"
+      cp "$RESULTS/kernel-ncu.csv" "$OUT/" ;;
     kernel-variants)
       run kernel-variants python experiments/kernel_versions.py --variants --fla --out "$RESULTS/kernel-variants.json"
       cp "$RESULTS/kernel-variants.json" "$OUT/" ;;

@@ -38,6 +38,10 @@ VARIANTS = {
     "walk-t32-w4": dict(walk_tile=32, walk_warps=4),
     "dqk-bv32": dict(dqk_bv=32),
     "dv-bv64": dict(dv_bv=64),
+    # the walk from about one program per SM: 16K tokens at T = 2K and 4K, 64K at T = 8K and 16K, which the default
+    # sends to the deltas path; v4 measured the walk 3-4% faster at T = 4K (16K tokens) when the chunk kernels
+    # still formed the gates themselves, and slower for the gated entry
+    "walk-from-1": dict(walk_programs_per_sm=0.9),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
