@@ -23,11 +23,12 @@ ROWS, COLUMNS = 32, 128  # tile of (tokens, channels) each program takes
 
 
 @triton.jit
-def log_forget_kernel(
-    f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK: tl.constexpr, HAS_BOUND: tl.constexpr,
-    BR: tl.constexpr, BC: tl.constexpr,
+def gate_tile(
+    f_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK: tl.constexpr, HAS_BOUND: tl.constexpr, BR: tl.constexpr,
+    BC: tl.constexpr,
 ):  # fmt: skip
-    """log λ (float32, at least ``LOG_FORGET_FLOOR``) of a [BR tokens, BC channels] tile of f [rows, H·K]."""
+    """This program's [BR tokens, BC channels] tile of f [rows, H·K]: its offsets, mask, channels and log(1 - β),
+    and :func:`gate_log_forget` of it (log λ, σ(f), σ(-f), λ)."""
     o_r = tl.program_id(0) * BR + tl.arange(0, BR)
     o_c = tl.program_id(1) * BC + tl.arange(0, BC)
     m_c = o_c < HK
@@ -35,7 +36,17 @@ def log_forget_kernel(
     offs = o_r.to(tl.int64)[:, None] * HK + o_c[None, :]
     log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, o_c, m_c, BC, HAS_BOUND)
     f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    g, _, _, _ = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
+    g, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
+    return offs, mask, o_c, m_c, log1m_beta, g, sig, sig_neg, lam
+
+
+@triton.jit
+def log_forget_kernel(
+    f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK: tl.constexpr, HAS_BOUND: tl.constexpr,
+    BR: tl.constexpr, BC: tl.constexpr,
+):  # fmt: skip
+    """log λ (float32, at least ``LOG_FORGET_FLOOR``) of a tile of f."""
+    offs, mask, _, _, _, g, _, _, _ = gate_tile(f_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK, HAS_BOUND, BR, BC)
     tl.store(g_ptr + offs, tl.maximum(g, LOG_FORGET_FLOOR), mask=mask)
 
 
@@ -45,16 +56,11 @@ def gate_grad_kernel(
     HAS_BOUND: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
     """d f = d log λ · d log λ / d f, and this tile's share of d β = Σ_t d log λ_t · d log λ_t / d β."""
-    o_r = tl.program_id(0) * BR + tl.arange(0, BR)
-    o_c = tl.program_id(1) * BC + tl.arange(0, BC)
-    m_c = o_c < HK
-    mask = (o_r < rows)[:, None] & m_c[None, :]
-    offs = o_r.to(tl.int64)[:, None] * HK + o_c[None, :]
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, o_c, m_c, BC, HAS_BOUND)
+    offs, mask, o_c, m_c, log1m_beta, _, sig, sig_neg, lam = gate_tile(
+        f_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK, HAS_BOUND, BR, BC
+    )
     inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, o_c, m_c, BC, HAS_BOUND)
-    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
     dg = tl.load(dg_ptr + offs, mask=mask, other=0.0)
-    _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
     d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)
     tl.store(df_ptr + offs, (dg * d_f).to(df_ptr.dtype.element_ty), mask=mask)
     if HAS_BOUND:
