@@ -291,7 +291,8 @@ def chunk_hgrn2_gated(
     cu_seqlens: torch.Tensor | None = None,
     precise_bound_grad: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HGRN2 from the raw projections, gates fused into the kernels (forward and backward):
+    """HGRN2 from the raw projections, gates formed in Triton (the output gate inside the chunk kernels, log λ in
+    one elementwise pass before them, and their gradients likewise):
     q = output_gate(q_proj) for 'silu', 'sigmoid' or 'identity' (other activations run unfused) and
     log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj)) with β = ``lower_bound`` (broadcasting to
     ``[H, K]``, values in [0, 1); None means β = 0). Differentiable in q_proj, v, forget_proj, lower_bound and
@@ -299,8 +300,8 @@ def chunk_hgrn2_gated(
 
     ``precise_bound_grad`` (None: ``PRECISE_BOUND_GRAD``, False by default): True keeps the chunk states in
     float32 and multiplies in TF32 where the lower bound's gradient is formed, when the inputs are half precision
-    and that gradient is needed (see the module docstring): slower, that gradient slightly more exact
-    (benchmarks/results/ops-notes.md has the measurements).
+    and that gradient is needed (see the module docstring): that gradient slightly more exact, the states twice the
+    memory, about the same time on an H100 (benchmarks/results/ops-notes.md has the measurements).
     """
     check_kernel_dtype(q_proj, v, forget_proj)
     check_lower_bound(lower_bound, q_proj.shape[2], q_proj.shape[3])
