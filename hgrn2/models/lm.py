@@ -61,8 +61,9 @@ class LMConfig:
     ``fused`` runs the blocks' norms and GLUs on the fused kernels (``hgrn2.ops.fused_*``) wherever the
     recurrence runs on Triton. ``precise_bound_grad=True`` keeps the chunked kernels' states in float32 where
     the lower bounds' gradient is formed: that gradient slightly more exact, those states twice the memory, the
-    op's time about the same on an H100 (``hgrn2.ops.chunk``; measurements in benchmarks/results/ops-notes.md). ``norm_eps`` is the ε of every RMS norm, except the token
-    mixers' output norms when ``output_norm_eps`` is set (fla's HGRN2 layers use 1e-5 there). ``dropout``
+    op's time about the same on an H100 (``hgrn2.ops.chunk``; measurements in benchmarks/results/ops-notes.md).
+    ``norm_eps`` is the ε of every RMS norm, except the token mixers' output norms when ``output_norm_eps`` is set
+    (fla's HGRN2 layers use 1e-5 there). ``dropout``
     applies to the embeddings and to each residual branch's output; the presets have none (the authors train
     their LMs with 0.1), so a small model on a small corpus that starts to memorise it wants some.
     """
