@@ -22,7 +22,7 @@ from k = 1 - λ. The kernel sums exactly those pairs, so that no term cancels ag
 * exp(b_C) ⊙ Σ_v S_in ⊙ dS_out (pairs from earlier chunks into later ones).
 
 Summing q ⊙ dq - k ⊙ dk over whole steps instead loses about 5x in float32 (``benchmarks/results/ops-notes.md``).
-Scores use the forward's reference point (``hgrn2.ops.chunk_fwd``).
+Scores and their gradients use the forward's reference point, half the chunk's log decay (``hgrn2.ops.chunk_fwd``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_fwd import SPREAD
+from hgrn2.ops.chunk_fwd import reference_spread
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     chunk_bounds,
@@ -45,27 +45,26 @@ from hgrn2.ops.kernel_utils import (
 
 @triton.jit
 def intra_grads(
-    q, k, g, b, d_scores, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    PAIRS: tl.constexpr,
+    q, k, g, b, d_scores, extra, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """dq and dk of this K tile from the strictly causal score gradients dA [C, C]:
     dq_t = Σ_s dA_ts k_s exp(b_t - b_s), dk_s = Σ_t dA_ts q_t exp(b_t - b_s); and the chunk's own part of
-    d log λ, Σ over the pairs s < t <= t' of A_t's = q_t' ⊙ k_s ⊙ exp(b_t' - b_s) dA_t's.
+    d log λ, Σ over the pairs s < t <= t' of A_t's = q_t' ⊙ k_s ⊙ exp(b_t' - b_s) dA_t's, plus the reverse sum of
+    ``extra`` [C, BK] (other terms summed from the chunk's end, taken in the same scan).
 
     Matmuls give dq and dk while the decays' spread allows; that part of d log λ is then the reverse sum of
     q ⊙ dq - k ⊙ dk, in which the pairs after t cancel. With PAIRS (float32 inputs), or past the spread, one
     column s at a time forms b_t - b_s from the gates between s and t, as ``intra_scores`` does; with PAIRS it
     also sums the spanning pairs themselves, so that d log λ keeps float32's relative precision where λ_t is
     small and the pairs after t are not."""
-    b_mid = tl.sum(tl.where(o_t[:, None] == C // 2 - 1, b, 0.0), 0)
-    spread = b - b_mid[None, :]
-    by_matmul = tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD
+    spread, by_matmul = reference_spread(b, g)
     if PAIRS:
         by_matmul = False
     if by_matmul:
         dq = tl.exp(spread) * matmul(d_scores, k * tl.exp(-spread), DT, PRECISION, INTERPRET)
         dk = tl.exp(-spread) * matmul(tl.trans(d_scores), q * tl.exp(spread), DT, PRECISION, INTERPRET)
-        span = tl.cumsum(q * dq - k * dk, 0, reverse=True)
+        span = tl.cumsum(q * dq - k * dk + extra, 0, reverse=True)
     else:
         dq = tl.zeros_like(q)
         dk = tl.zeros_like(q)
@@ -81,8 +80,10 @@ def intra_grads(
             dk = tl.where(row, tl.sum(ds_col[:, None] * q * decay, 0)[None, :], dk)
             if PAIRS:  # the pairs (s, t') span every t with s < t <= t'
                 span += tl.where(o_t[:, None] > s, tl.cumsum(q * from_s, 0, reverse=True), 0.0)
-        if not PAIRS:
-            span = tl.cumsum(q * dq - k * dk, 0, reverse=True)
+        if PAIRS:
+            span += tl.cumsum(extra, 0, reverse=True)
+        else:
+            span = tl.cumsum(q * dq - k * dk + extra, 0, reverse=True)
     return dq, dk, span
 
 
@@ -133,12 +134,13 @@ def dqk_bwd_kernel(
     d_scores = d_scores * scale
     diagonal = tl.sum(tl.where(o_t[:, None] == o_t[None, :], d_scores, 0.0), 1)  # dA_tt
     d_scores = tl.where(o_t[:, None] > o_t[None, :], d_scores, 0.0)
-    dq, dk, span = intra_grads(q, k, g, b, d_scores, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
     dq_in = tl.exp(b) * dq_state * scale
+    # q ⊙ dq from the entering state is summed from the chunk's end in the same scan as the chunk's own pairs
+    dq, dk, span = intra_grads(q, k, g, b, d_scores, q * dq_in, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
     dk_out = tl.exp(log_decay_to_end(g)) * dk_state
     k_out = k * dk_out  # k ⊙ dk from the leaving state
     # d log λ_t = Σ over the pairs r < t <= s (module docstring) - λ_t ⊙ dk_t; none below the floor
-    dg = span + tl.cumsum(q * dq_in, 0, reverse=True) + (tl.cumsum(k_out, 0) - k_out)
+    dg = span + (tl.cumsum(k_out, 0) - k_out)
     dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :]
     dq += dq_in + diagonal[:, None] * k
     dk += dk_out + diagonal[:, None] * q

@@ -13,11 +13,12 @@ Per head, with chunks of C steps, g = log λ and b its running sum inside a chun
 * ``output_fwd_kernel``: one program per (V tile, chunk, head): o = (q · exp(b)) S_in + A v with the chunk's
   causal scores A = (q ⊙ exp(b_t - b_s)) k^T, s <= t, which it can keep for the backward.
 
-The chunk-parallel kernels work on whole [C, ·] tiles. The scores use one reference point per chunk, its middle
-row m: A = (q · exp(b - b_m)) (k · exp(b_m - b))^T, exact for causal entries and finite while every channel's
-running sum stays within ``SPREAD`` of its middle value; a K tile where it does not (gates near 0) forms its
-scores one key column at a time from non-positive exponents (``intra_scores``). Log gates are raised to
-``LOG_FORGET_FLOOR`` when loaded (``hgrn2.ops.kernel_utils``), so that λ = 0 (log λ = -inf) stays finite.
+The chunk-parallel kernels work on whole [C, ·] tiles. The scores use one reference point per chunk and channel,
+half the chunk's log decay r = b_C / 2: A = (q · exp(b - r)) (k · exp(r - b))^T, exact for causal entries. Log gates
+are at most 0, so b falls from b_1 <= 0 to b_C and |b - r| <= |b_C| / 2: the factors stay finite while
+|b_C| / 2 < ``SPREAD`` (``reference_spread``); a K tile where it does not (gates near 0) forms its scores one key
+column at a time from non-positive exponents (``intra_scores``). Log gates are raised to ``LOG_FORGET_FLOOR`` and
+capped at 0 when loaded (``hgrn2.ops.kernel_utils``), so that λ = 0 (log λ = -inf) stays finite.
 The key k = 1 - exp(g) is derived in registers and q = act(q_proj) on load (``ACT``). The gated entry's log λ
 comes from one pass before these kernels (``hgrn2.ops.gate_pass``).
 """
@@ -43,15 +44,22 @@ SPREAD = tl.constexpr(40.0)
 
 
 @triton.jit
+def reference_spread(b, g):
+    """b - r for the reference point r = b_C / 2 of each channel of a chunk's log gates g [C, BK] (b their
+    running sum), and whether every |b - r| <= |b_C| / 2 stays below ``SPREAD``: one reduction, b_C = Σ g."""
+    half = 0.5 * tl.sum(g, 0)
+    return b - half[None, :], tl.max(-half, 0) < SPREAD
+
+
+@triton.jit
 def intra_scores(
     q, k, g, b, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr
 ):  # fmt: skip
     """Σ over this K tile of q_t ⊙ k_s ⊙ exp(b_t - b_s), [C, C]; entries with s > t are not meaningful. The
     fallback forms b_t - b_s as Σ_{s < r <= t} g_r: after strong gates |b| is large and the difference of running
     sums would lose float32 precision where the decay is near one."""
-    b_mid = tl.sum(tl.where(o_t[:, None] == C // 2 - 1, b, 0.0), 0)
-    spread = b - b_mid[None, :]
-    if tl.max(tl.max(tl.abs(spread), 1), 0) < SPREAD:
+    spread, by_matmul = reference_spread(b, g)
+    if by_matmul:
         scores = matmul(q * tl.exp(spread), tl.trans(k * tl.exp(-spread)), DT, PRECISION, INTERPRET)
     else:
         scores = tl.zeros([C, C], dtype=tl.float32)

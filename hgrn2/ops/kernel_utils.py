@@ -233,8 +233,10 @@ LOG_FORGET_FLOOR = tl.constexpr(-30.0)
 
 @triton.jit
 def load_log_forget(ptrs, mask):
-    """log λ (float32, 0 where masked), raised to ``LOG_FORGET_FLOOR``."""
-    return tl.maximum(tl.load(ptrs, mask=mask, other=0.0).to(tl.float32), LOG_FORGET_FLOOR)
+    """log λ (float32, 0 where masked), raised to ``LOG_FORGET_FLOOR`` and capped at 0: the public ops reject
+    positive values unless told not to check, and the chunk kernels' bounds on their exponents assume none."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.minimum(tl.maximum(x, LOG_FORGET_FLOOR), 0.0)
 
 
 @triton.jit
