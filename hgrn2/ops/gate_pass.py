@@ -2,9 +2,9 @@
 
 ``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. ``log_forget_kernel`` writes
 log λ = log(β + (1 - β) σ(f)) once, in float32 (:func:`hgrn2.ops.kernel_utils.gate_log_forget`, exact near λ = 1),
-and the chunk kernels read it as the plain op reads its log gates. The backward forms log λ again (it is not
-kept), runs the chunk kernels, which give d log λ in float32, and ``gate_grad_kernel`` turns that into the
-gradients of f and of β.
+and the chunk kernels read it as the plain op reads its log gates (raised to the floor as they load it). The
+backward forms log λ again (it is not kept), runs the chunk kernels, which give d log λ in float32, and
+``gate_grad_kernel`` turns that into the gradients of f and of β.
 
 Forming the gate inside every chunk kernel instead was 13-20% slower on an H100: those kernels hold many
 [64, 64] float32 tiles at once and run at the register limit, so the gate's live values cost them more than this
@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import LOG_FORGET_FLOOR, gate_log_forget, gate_log_forget_grads, load_bound
+from hgrn2.ops.kernel_utils import gate_log_forget, gate_log_forget_grads, load_bound
 
 ROWS, COLUMNS = 32, 128  # tile of (tokens, channels) each program takes
 
@@ -45,9 +45,9 @@ def log_forget_kernel(
     f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK: tl.constexpr, HAS_BOUND: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """log λ (float32, at least ``LOG_FORGET_FLOOR``) of a tile of f."""
+    """log λ (float32) of a tile of f."""
     offs, mask, _, _, _, g, _, _, _ = gate_tile(f_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK, HAS_BOUND, BR, BC)
-    tl.store(g_ptr + offs, tl.maximum(g, LOG_FORGET_FLOOR), mask=mask)
+    tl.store(g_ptr + offs, g, mask=mask)
 
 
 @triton.jit
@@ -68,20 +68,20 @@ def gate_grad_kernel(
         tl.store(dbeta_ptr + tl.program_id(0).to(tl.int64) * HK + o_c, share, mask=m_c)
 
 
-def _grid(rows: int, channels: int) -> tuple[int, int]:
-    return triton.cdiv(rows, ROWS), triton.cdiv(channels, COLUMNS)
+def _layout(forget_proj: torch.Tensor, bound: tuple[torch.Tensor, ...]) -> tuple[tuple[int, int], dict]:
+    """The grid of both kernels over f [..., H, K], seen as [rows, H·K], and their shared arguments."""
+    channels = forget_proj.shape[-2] * forget_proj.shape[-1]
+    rows = forget_proj.numel() // channels
+    grid = (triton.cdiv(rows, ROWS), triton.cdiv(channels, COLUMNS))
+    return grid, dict(rows=rows, HK=channels, HAS_BOUND=bound[0].numel() > 0, BR=ROWS, BC=COLUMNS, num_warps=4)
 
 
 def log_forget(forget_proj: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """float32 log λ [..., H, K] from the contiguous raw projection f and ``bound_constants``' (log β, log(1 - β),
     1/β), which are empty without a lower bound."""
-    heads_channels = forget_proj.shape[-2] * forget_proj.shape[-1]
-    rows = forget_proj.numel() // heads_channels
+    grid, args = _layout(forget_proj, bound)
     g = torch.empty(forget_proj.shape, dtype=torch.float32, device=forget_proj.device)
-    log_forget_kernel[_grid(rows, heads_channels)](
-        forget_proj, g, bound[0], bound[1], rows, HK=heads_channels, HAS_BOUND=bound[0].numel() > 0, BR=ROWS,
-        BC=COLUMNS, num_warps=4,
-    )  # fmt: skip
+    log_forget_kernel[grid](forget_proj, g, bound[0], bound[1], **args)
     return g
 
 
@@ -90,14 +90,8 @@ def gate_grads(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The gradients of f (f's dtype) and of β (float32 [H, K], None without a lower bound) from the float32
     gradient of log λ."""
-    heads, channels = forget_proj.shape[-2], forget_proj.shape[-1]
-    rows = forget_proj.numel() // (heads * channels)
-    has_bound = bound[0].numel() > 0
-    grid = _grid(rows, heads * channels)
+    grid, args = _layout(forget_proj, bound)
     d_f = torch.empty_like(forget_proj)
-    d_beta = torch.empty(grid[0] if has_bound else 1, heads * channels, device=forget_proj.device)
-    gate_grad_kernel[grid](
-        forget_proj, d_log_forget, d_f, d_beta, bound[0], bound[1], bound[2], rows, HK=heads * channels,
-        HAS_BOUND=has_bound, BR=ROWS, BC=COLUMNS, num_warps=4,
-    )  # fmt: skip
-    return d_f, (d_beta.sum(0).view(heads, channels) if has_bound else None)
+    d_beta = torch.empty(grid[0] if args["HAS_BOUND"] else 1, args["HK"], device=forget_proj.device)
+    gate_grad_kernel[grid](forget_proj, d_log_forget, d_f, d_beta, bound[0], bound[1], bound[2], **args)
+    return d_f, (d_beta.sum(0).view(forget_proj.shape[-2:]) if args["HAS_BOUND"] else None)
