@@ -97,10 +97,11 @@ for job in "$@"; do
         --out "$RESULTS/kernel-profile-64k.json"
       cp "$RESULTS"/kernel-profile-*.json "$OUT/" ;;
     kernel-ncu)  # Nsight Compute on the chunk kernels of one gated forward + backward (B = 4, T = 4096)
-      run kernel-ncu ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-dqk_bwd|state_walk|output_fwd|dv_bwd}" \
-        --launch-count "${NCU_LAUNCHES:-5}" --section SpeedOfLight --section Occupancy --section LaunchStats \
-        --section WarpStateStats --section MemoryWorkloadAnalysis --csv --page details \
-        python experiments/kernel_versions.py --profile > "$RESULTS/kernel-ncu.csv"
+      kernels="dqk_bwd|state_walk|chunk_delta|state_scan|output_fwd|dv_bwd|log_forget|gate_grad"
+      run kernel-ncu ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-$kernels}" \
+        --launch-count "${NCU_LAUNCHES:-16}" --section SpeedOfLight --section Occupancy --section LaunchStats \
+        --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --csv --page details \
+        --log-file "$RESULTS/kernel-ncu.csv" python experiments/kernel_versions.py --profile
       cp "$RESULTS/kernel-ncu.csv" "$OUT/" ;;
     kernel-variants)
       run kernel-variants python experiments/kernel_versions.py --variants --fla --out "$RESULTS/kernel-variants.json"
