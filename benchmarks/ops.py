@@ -118,8 +118,8 @@ def time_fla_row(row):
 
 
 def time_gated(tokens, seq_len):
-    """The fused gated entry against torch gates followed by the plain kernels (same math), and the cost of its
-    float32 states and TF32 matmuls for the lower bound's gradient (``precise_bound_grad``)."""
+    """The fused gated entry (default settings) against torch gates followed by the plain kernels (same math), and
+    the fused entry with float32 states and TF32 matmuls for the lower bound's gradient (``precise_bound_grad``)."""
     batch = tokens // seq_len
     q_proj, v, f = hgrn2_inputs(batch, seq_len)
     beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
@@ -130,8 +130,8 @@ def time_gated(tokens, seq_len):
         "fused_fwd": ms(fused), "fused_fwdbwd": ms(grads_of(fused, [q_proj, v, f, beta])),
         "unfused_fwd": ms(unfused), "unfused_fwdbwd": ms(grads_of(unfused, [q_proj, v, f, beta])),
     }  # fmt: skip
-    half = lambda: chunk_hgrn2_gated(q_proj, v, f, beta, output_gate="silu", precise_bound_grad=False)[0]  # noqa: E731
-    row["fused_fwdbwd_half_states"] = ms(grads_of(half, [q_proj, v, f, beta]))
+    precise = lambda: chunk_hgrn2_gated(q_proj, v, f, beta, output_gate="silu", precise_bound_grad=True)[0]  # noqa: E731
+    row["fused_fwdbwd_precise"] = ms(grads_of(precise, [q_proj, v, f, beta]))
     return row
 
 
@@ -213,12 +213,17 @@ def ratio(a, b):
 
 
 def print_gated(result):
-    print("\nfused gates vs torch gates + kernels, ms")
+    print("\nfused gates vs torch gates + kernels, ms (/fla: against chunk_gla's f+b at the same shape)")
     for r in result["gated"]:
+        fla = next((h for h in result.get("hgrn2", []) if h["tokens"] == r["tokens"] and h["T"] == r["T"]), {})
+        ratios = ""
+        if "fla_fwdbwd" in fla:
+            fused, precise = r["fused_fwdbwd"] / fla["fla_fwdbwd"], r["fused_fwdbwd_precise"] / fla["fla_fwdbwd"]
+            ratios = f" | /fla {fused:.2f}, precise {precise:.2f}"
         print(
             f"{r['tokens']:6d} {r['T']:5d} {r['B']:3d} | fused {r['fused_fwd']:.3f} / {r['fused_fwdbwd']:.3f} | "
-            f"unfused {r['unfused_fwd']:.3f} / {r['unfused_fwdbwd']:.3f} | f+b with half-precision states "
-            f"(no float32 path for the lower bound's gradient) {r.get('fused_fwdbwd_half_states', 0):.3f}"
+            f"unfused {r['unfused_fwd']:.3f} / {r['unfused_fwdbwd']:.3f} | f+b with float32 states for the lower "
+            f"bound's gradient {r['fused_fwdbwd_precise']:.3f}{ratios}"
         )
 
 

@@ -6,9 +6,9 @@ autotuning included) and MFU: 6 · N · tokens/s over the GPU's dense bf16 peak,
 in matmuls (all but the input embedding; attention's T² FLOPs are not counted). All models use the same
 vocabulary (fla's default, 32000) so that the heads cost the same. ``hgrn2`` trains on the fused kernels and
 the blockwise loss (``return_logits=False``); ``hgrn2-unfused`` is the same model on the plain modules with
-full logits, for reference; ``hgrn2-half-states`` is ``hgrn2`` with half-precision chunk states throughout
-(``precise_bound_grad=False``: no float32 path for the lower bound's gradient). ``--profile`` adds a
-torch.profiler table of one step of each HGRN2 model. Run on a GPU::
+full logits, for reference; ``hgrn2-precise`` is ``hgrn2`` with float32 chunk states and TF32 matmuls
+where the lower bound's gradient is formed (``precise_bound_grad=True``; the default keeps half-precision
+states). ``--profile`` adds a torch.profiler table of one step of each HGRN2 model. Run on a GPU::
 
     PYTHONPATH=$PWD python benchmarks/train.py --out benchmarks/results
 
@@ -57,10 +57,10 @@ def build_hgrn2_unfused(args):
     return build_hgrn2(args, fused=False)
 
 
-def build_hgrn2_half_states(args):
-    """hgrn2 without the float32 states and TF32 matmuls that the chunk kernels use for the lower bound's
-    gradient (``LMConfig.precise_bound_grad=False``): what that accuracy costs per step."""
-    return build_hgrn2(args, precise_bound_grad=False)
+def build_hgrn2_precise(args):
+    """hgrn2 with the float32 states and TF32 matmuls that the chunk kernels can use for the lower bound's
+    gradient (``LMConfig.precise_bound_grad=True``): what that accuracy costs per step."""
+    return build_hgrn2(args, precise_bound_grad=True)
 
 
 def build_fla(args):
@@ -101,14 +101,15 @@ def build_llama(args):
 BUILDERS = {
     "hgrn2": build_hgrn2,
     "hgrn2-unfused": build_hgrn2_unfused,
-    "hgrn2-half-states": build_hgrn2_half_states,
+    "hgrn2-precise": build_hgrn2_precise,
     "fla": build_fla,
     "llama": build_llama,
 }
 
 # kernel-name fragments → what they are, for the profile summary (first match wins)
 KERNEL_GROUPS = [
-    ("recurrence (hgrn2 chunk kernels)", ("state_fwd", "output_fwd", "state_bwd", "dqk_bwd", "dv_bwd")),
+    ("recurrence (hgrn2 chunk kernels)", ("state_walk", "state_scan", "chunk_delta", "output_fwd", "dqk_bwd")),
+    ("recurrence (hgrn2 chunk kernels)", ("dv_bwd", "log_forget", "gate_grad")),
     ("recurrence (fla)", ("chunk_", "fused_recurrent", "gla")),
     ("cross-entropy", ("ce_rows", "cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
     ("add + rmsnorm (fused)", ("add_rmsnorm",)),

@@ -124,10 +124,11 @@ def main() -> None:
     parser.add_argument("--fla", action="store_true", help="time fla's chunk_gla too")
     parser.add_argument("--profile", action="store_true", help="one gated forward+backward per version and exit")
     parser.add_argument("--variants", action="store_true", help="time the launch settings of VARIANTS and exit")
+    parser.add_argument("--only", help="comma-separated names of VARIANTS to time (default: all)")
     parser.add_argument("--out", help="JSON report")
     args = parser.parse_args()
     if args.variants:
-        time_variants(args.out, args.fla)
+        time_variants(args.out, args.fla, args.only.split(",") if args.only else list(VARIANTS))
         return
     versions = {"new": new}
     if args.old_root:
@@ -165,10 +166,14 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))
 
 
-def time_variants(out: str | None, with_fla: bool) -> None:
+def time_variants(out: str | None, with_fla: bool, names: list[str]) -> None:
+    unknown = sorted(set(names) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
     defaults = dict(new.LAUNCH)
     report = {"device": torch.cuda.get_device_name(0), "defaults": defaults, "variants": {}}
-    for name, overrides in VARIANTS.items():
+    for name in names:
+        overrides = VARIANTS[name]
         new.LAUNCH.clear()
         new.LAUNCH.update(defaults | overrides)
         rows = []
@@ -176,7 +181,9 @@ def time_variants(out: str | None, with_fla: bool) -> None:
             row = {"tokens": tokens, "T": seq_len, **timing(new, tokens, seq_len)}
             rows.append(row)
             print(name, json.dumps(row), flush=True)
-        report["variants"][name] = {"launch": dict(new.LAUNCH), "rows": rows}
+        errors = accuracy(new, torch.bfloat16, 2.0, batch=4, seq_len=4096)
+        print(name, {k: f"{e:.2e}" for k, e in errors.items()}, flush=True)
+        report["variants"][name] = {"launch": dict(new.LAUNCH), "rows": rows, "accuracy": errors}
         if out:
             Path(out).write_text(json.dumps(report, indent=1))
     new.LAUNCH.clear()

@@ -1,8 +1,8 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
 Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64
-steps (16 for heads of at most 16 channels): the state entering each chunk (bfloat16 for bfloat16 inputs, else
-float32), then every chunk's output; the backward forms the state gradients the same way, backwards, then
+steps: the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every chunk's output and
+its causal scores, kept for the backward (bfloat16 for half-precision inputs); the backward forms the state gradients the same way, backwards, then
 dq/d log λ and dv chunk by chunk. The states come from a walk over the chunks that forms each chunk's state delta
 on the way when the call has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once
 followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never written. The kernels live
@@ -49,11 +49,15 @@ CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
 # Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps. Shorter chunks do less
 # work between a chunk's own steps (C x C scores per chunk), which outweighs the state's (K x V) there, but make
 # the walk over chunks longer: at ListOps' training shape (K = V = 4, T = 2,000, B = 128) chunks of 16 gave 8.2
-# training steps/s on an H100 and chunks of 64 10.6, so 64 is the default.
+# training steps/s on an H100 and chunks of 64 10.6, so 64 is the default. Their [C, 16] tiles need few threads:
+# the chunk-parallel kernels run LAUNCH["small_head_warps"] warps for them (ListOps: 11.8 steps/s with 8 warps,
+# 15.2 with 2) and the walk LAUNCH["small_head_walk_warps"].
 SMALL_HEAD = 16
 PRECISE_BOUND_GRAD = False  # True: float32 states and TF32 matmuls where the lower bound's gradient is formed
-# Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
-# operands in TF32, since d log λ cancels these terms against one another.
+# Operands and precision of the matmuls that form the score gradients between a chunk's own steps: float32
+# operands in TF32, since d log λ cancels these terms against one another. The forward's scores only reach the
+# output and dv, through bfloat16 matmuls, so they take the inputs' matmul operands and are kept in bfloat16 for
+# half-precision inputs (float32 operands there bought no accuracy on an H100 and cost 3-7% of the op's time).
 INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # Tiles and warps of each kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
@@ -65,7 +69,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
-    small_head_chunk=64,
+    small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -83,6 +87,7 @@ class _Launch:
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
         small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
+        self.small_head = small
         self.chunk = LAUNCH["small_head_chunk"] if small else CHUNK
         self.n_seqs, self.n_chunks, self.chunk_offsets, self.chunk_indices = sequence_layout(
             self.batch, self.seq_len, cu_seqlens, self.chunk
@@ -112,6 +117,11 @@ class _Launch:
         # matmul settings of the two kernels whose rounding the lower bound's gradient magnifies
         self.precise_flags = dict(DT=tl.float32, PRECISION="tf32") if precise else {}
         self.intra = INTRA_DOT if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
+        self.scores_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+
+    def warps(self, kernel: str) -> int:
+        """Warps of a chunk-parallel kernel ('delta', 'output', 'dqk' or 'dv') for this call's head size."""
+        return LAUNCH["small_head_warps"] if self.small_head else LAUNCH[f"{kernel}_warps"]
 
     def deltas(self, q, g, x, scale, backward: bool):
         """Every chunk's Δ (float32 [chunks, H, K, V]) and decay exp(b_C) (float32 [chunks, H, K])."""
@@ -123,7 +133,7 @@ class _Launch:
         flags = self.flags if backward else self.flags | self.precise_flags  # TF32 deltas: the forward's states
         chunk_delta_kernel[(self.n_chunks * tiles, self.heads)](
             q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, scale,
-            self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=LAUNCH["delta_warps"], **flags,
+            self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=self.warps("delta"), **flags,
         )  # fmt: skip
         return delta, decay
 
@@ -142,7 +152,7 @@ class _Launch:
             q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
-            num_warps=LAUNCH["walk_warps"], **flags,
+            num_warps=LAUNCH["small_head_walk_warps"] if self.small_head else LAUNCH["walk_warps"], **flags,
         )  # fmt: skip
 
     def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
@@ -167,13 +177,14 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     h0 = initial_state.contiguous() if initial_state is not None else None
     L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     o = torch.empty_like(v)
-    scores = torch.empty(q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, device=q.device)
+    scores = torch.empty(
+        q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, dtype=L.scores_dtype, device=q.device
+    )
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, num_warps=LAUNCH["output_warps"], **L.flags,
-        **L.intra,
+        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, num_warps=L.warps("output"), **L.flags,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
 
@@ -188,13 +199,13 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=L.bk,
         BV=L.value_tile["dqk"], ACT=L.act,
-        PAIRS=q.dtype == torch.float32, num_warps=LAUNCH["dqk_warps"],
+        PAIRS=q.dtype == torch.float32, num_warps=L.warps("dqk"),
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.bk, BV=bv, num_warps=LAUNCH["dv_warps"], **_only(L.flags, *_DV_FLAGS),
+        BK=L.bk, BV=bv, num_warps=L.warps("dv"), **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
     return dq, dv, dg, (d_initial if need_d_initial else None)
 

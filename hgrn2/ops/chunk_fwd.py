@@ -208,10 +208,12 @@ def state_scan_kernel(
 def output_fwd_kernel(
     q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
-    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # With STORE_SCORES the first V tile also writes the causal scores A (without scale), float32 [B * T, H, C].
+    # The scores are formed with the same matmul operands as the rest (they reach o and dv only through DT).
+    # With STORE_SCORES the first V tile also writes the causal scores A (without scale), [B * T, H, C]
+    # (bfloat16 for half-precision inputs, else float32).
     NV: tl.constexpr = (V + BV - 1) // BV
     NK: tl.constexpr = (K + BK - 1) // BK
     i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
@@ -237,11 +239,11 @@ def output_fwd_kernel(
             other=0.0,
         ).to(tl.float32)  # fmt: skip
         acc += matmul(q * tl.exp(b), s_in, DT, PRECISION, INTERPRET)
-        scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, IDT, IPRECISION, INTERPRET)
+        scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, DT, PRECISION, INTERPRET)
     scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
     if STORE_SCORES:
         a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
-        tl.store(a_ptr + a_offs, scores, mask=m_t[:, None] & (i_v == 0))
+        tl.store(a_ptr + a_offs, scores.to(a_ptr.dtype.element_ty), mask=m_t[:, None] & (i_v == 0))
     v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)

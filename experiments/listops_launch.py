@@ -1,0 +1,42 @@
+"""ListOps training steps/s (benchmarks/small_state_throughput.py --jobs listops) under launch settings of the
+chunk kernels (``hgrn2.ops.chunk.LAUNCH``), one JSON per setting in --out:
+
+    python experiments/listops_launch.py --out runs/listops_launch small_head_warps=4 small_head_walk_warps=1,2
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import runpy
+import sys
+from pathlib import Path
+
+from hgrn2.ops import chunk
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("settings", nargs="*", help="KEY=V1,V2,... of LAUNCH; every combination is timed")
+    args = parser.parse_args()
+    defaults = dict(chunk.LAUNCH)
+    axes = []
+    for setting in args.settings:
+        key, _, values = setting.partition("=")
+        if key not in defaults:
+            parser.error(f"{key} is not a LAUNCH setting; choose from {sorted(defaults)}")
+        axes.append([(key, type(defaults[key])(v)) for v in values.split(",")])
+    args.out.mkdir(parents=True, exist_ok=True)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    for combination in itertools.product(*axes):
+        chunk.LAUNCH.clear()
+        chunk.LAUNCH.update(defaults | dict(combination))
+        name = "-".join(f"{k}{v}" for k, v in combination) or "default"
+        print(f"=== {name}", flush=True)
+        sys.argv = ["small_state_throughput.py", "--jobs", "listops", "--out", str(args.out / f"listops-{name}.json")]
+        runpy.run_path("benchmarks/small_state_throughput.py", run_name="__main__")
+
+
+if __name__ == "__main__":
+    main()
