@@ -42,6 +42,12 @@ VARIANTS = {
     # sends to the deltas path; v4 measured the walk 3-4% faster at T = 4K (16K tokens) when the chunk kernels
     # still formed the gates themselves, and slower for the gated entry
     "walk-from-1": dict(walk_programs_per_sm=0.9),
+    # at most 128 registers a thread, so that two 8-warp programs fit an SM where shared memory allows (ncu with
+    # Triton 3.6: dv 106 KB and dq/d log λ 90 KB a program, the output kernel 131 KB); the sm90 compile then spills
+    # 304 / 1,328 / 416 bytes a thread (dv / dq/d log λ / output, plain op)
+    "dv-cap128": dict(dv_maxnreg=128),
+    "dqk-cap128": dict(dqk_maxnreg=128),
+    "cap128": dict(output_maxnreg=128, dqk_maxnreg=128, dv_maxnreg=128),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

@@ -1,14 +1,15 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
-Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64
-steps: the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every chunk's output and
-its causal scores, kept for the backward (bfloat16 for half-precision inputs); the backward forms the state gradients the same way, backwards, then
-dq/d log λ and dv chunk by chunk. The states come from a walk over the chunks that forms each chunk's state delta
-on the way when the call has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once
-followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never written. The kernels live
-in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from one elementwise pass
-over the raw forget projection before them, and the gradients of that projection and of the lower bound from one
-pass after them (``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside the kernels.
+Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64 steps:
+the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every chunk's output and its causal
+scores, kept for the backward (bfloat16 for half-precision inputs); the backward forms the state gradients the same
+way, backwards, then dq/d log λ and dv chunk by chunk. The states come from a walk over the chunks that forms each
+chunk's state delta on the way when the call has enough (sequence, head) pairs to fill the GPU, else from every
+chunk's delta at once followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never
+written. The kernels live in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from
+one elementwise pass over the raw forget projection before them, and the gradients of that projection and of the
+lower bound from one pass after them (``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside
+the kernels.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
 magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
@@ -69,7 +70,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
-    small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2,
+    small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0,
+    dv_maxnreg=0,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -122,6 +124,11 @@ class _Launch:
     def warps(self, kernel: str) -> int:
         """Warps of a chunk-parallel kernel ('delta', 'output', 'dqk' or 'dv') for this call's head size."""
         return LAUNCH["small_head_warps"] if self.small_head else LAUNCH[f"{kernel}_warps"]
+
+    def options(self, kernel: str) -> dict:
+        """Launch options of the output, dqk or dv kernel: its warps and any register cap."""
+        cap = LAUNCH[f"{kernel}_maxnreg"]
+        return dict(num_warps=self.warps(kernel)) | (dict(maxnreg=cap) if cap else {})
 
     def deltas(self, q, g, x, scale, backward: bool):
         """Every chunk's Δ (float32 [chunks, H, K, V]) and decay exp(b_C) (float32 [chunks, H, K])."""
@@ -184,7 +191,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, num_warps=L.warps("output"), **L.flags,
+        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, **L.options("output"), **L.flags,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
 
@@ -199,13 +206,13 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=L.bk,
         BV=L.value_tile["dqk"], ACT=L.act,
-        PAIRS=q.dtype == torch.float32, num_warps=L.warps("dqk"),
+        PAIRS=q.dtype == torch.float32, **L.options("dqk"),
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.bk, BV=bv, num_warps=L.warps("dv"), **_only(L.flags, *_DV_FLAGS),
+        BK=L.bk, BV=bv, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
     return dq, dv, dg, (d_initial if need_d_initial else None)
 
