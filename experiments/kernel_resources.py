@@ -2,7 +2,8 @@
 GPU architecture on any machine (no GPU needed: launches are captured, not run, and compiled ahead of time).
 
 Each kernel launch of the call is recorded with its compile-time constants, compiled for ``--arch`` (90: Hopper)
-by Triton's own toolchain, and its resource use read from the cubin with ``cuobjdump``. Register pressure and
+by Triton's own toolchain, and its resource use and static SASS instruction counts (in total and per opcode) read
+from the cubin with ``cuobjdump``. Register pressure and
 spills explain much of a kernel's speed before any timing: a kernel that spills or needs over 128 registers per
 thread at 8 warps runs one CTA per SM.
 
@@ -20,6 +21,7 @@ import json
 import re
 import subprocess
 import tempfile
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -79,13 +81,18 @@ def resources(kernel: JITFunction, signature: dict, constants: dict, options: di
         cubin.write(compiled.asm["cubin"])
         cubin.flush()
         usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True)
+        sass = subprocess.run([str(tool), "--dump-sass", cubin.name], capture_output=True, text=True).stdout
     found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
+    # one instruction per line "/*0a30*/  @!P0 FFMA.FTZ R3, ..." : its opcode, without modifiers or predicate
+    opcodes = Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
     return {
         "registers": int(found.get("REG", -1)),
         "stack_bytes": int(found.get("STACK", 0)),  # per thread: spilled registers and local arrays
         "shared_bytes": compiled.metadata.shared,
         "num_warps": options.get("num_warps", 4),
         "num_stages": options.get("num_stages", 3),
+        "instructions": sum(opcodes.values()),
+        "opcodes": dict(opcodes.most_common()),
     }
 
 
@@ -105,6 +112,7 @@ def main() -> None:
     parser.add_argument(
         "--launch", nargs="*", default=[], metavar="KEY=VALUE", help="chunk.LAUNCH overrides, e.g. output_bv=64"
     )
+    parser.add_argument("--opcodes", type=int, default=0, help="print each kernel's N most frequent SASS opcodes")
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
     args = parser.parse_args()
     for item in args.launch:
@@ -148,7 +156,11 @@ def main() -> None:
             row = {"kernel": kernel.__name__} | resources(kernel, signature, constants, options, args.arch)
             rows.append(row)
             print(f"{op:14s} {row['kernel']:22s} regs {row['registers']:4d}  spilled {row['stack_bytes']:5d} B  "
-                  f"shared {row['shared_bytes']:6d} B  warps {row['num_warps']}")  # fmt: skip
+                  f"shared {row['shared_bytes']:6d} B  warps {row['num_warps']}  "
+                  f"SASS {row['instructions']:5d}")  # fmt: skip
+            if args.opcodes:
+                top = list(row["opcodes"].items())[: args.opcodes]
+                print("    " + "  ".join(f"{name} {count}" for name, count in top))
         report[op] = rows
     if args.out:
         args.out.write_text(json.dumps(report, indent=1))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from tests.helpers import load_benchmark
 
@@ -60,3 +61,25 @@ def test_the_rate_is_judged_only_at_the_targets_shape(benchmark):
 def test_unknown_jobs_are_refused(benchmark):
     with pytest.raises(SystemExit):
         benchmark.main(["--jobs", "listops,imagenet", "--device", "cpu"])
+
+
+def test_compiled_blocks_train_and_are_recorded(benchmark, tmp_path, monkeypatch):
+    # TorchDynamo traces every block as on a GPU; the eager backend skips Inductor's code generation, which takes
+    # minutes on two CPU cores
+    compiled = []
+    compile_module = torch.nn.Module.compile
+
+    def compile_eagerly(module, *args, **kwargs):
+        compiled.append(type(module).__name__)
+        compile_module(module, *args, **{**kwargs, "backend": "eager"})
+
+    monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
+    torch._dynamo.reset()
+    out = tmp_path / "small-state.json"
+    benchmark.main([*TINY, "--jobs", "listops,vision", "--compile", "--out", str(out)])
+    jobs = {job["job"]: job for job in json.loads(out.read_text())["jobs"]}
+
+    assert jobs["listops"]["compiled_blocks"] is True and jobs["listops"]["steps_per_s"] > 0
+    assert all(run["compiled_blocks"] is True and run["images_per_s"] > 0 for run in jobs["vision"]["runs"])
+    # the LRA encoder's 5 blocks, then HGRN2-Tiny's and DeiT-Tiny's 12 each
+    assert len(compiled) == 5 + 12 + 12 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0

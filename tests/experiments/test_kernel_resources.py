@@ -47,3 +47,7 @@ def test_a_call_is_captured_launch_by_launch_and_compiled_for_hopper():
     resources = report["resources"]
     assert 0 < resources["registers"] <= 255 and resources["stack_bytes"] >= 0
     assert resources["num_warps"] == report["options"]["num_warps"]
+    # the static SASS, opcode by opcode: every kernel ends in EXIT, and the step's λ = exp(log λ) is a MUFU.EX2
+    opcodes = resources["opcodes"]
+    assert resources["instructions"] == sum(opcodes.values()) > 0
+    assert opcodes.get("EXIT", 0) >= 1 and opcodes.get("MUFU", 0) >= 1 and all(name.isupper() for name in opcodes)
