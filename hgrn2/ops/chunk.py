@@ -53,12 +53,16 @@ CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
 # training steps/s on an H100 and chunks of 64 10.6, so 64 is the default. Their [C, 16] tiles need few threads:
 # the chunk-parallel kernels run LAUNCH["small_head_warps"] warps for them (ListOps: 11.8 steps/s with 8 warps,
 # 15.2 with 2) and the walk LAUNCH["small_head_walk_warps"].
+# LAUNCH["<kernel>_maxnreg"] (0: no limit) caps the registers of a thread of the output, dq/d log λ or dv kernel, so
+# that two of its programs can share an SM at the price of spills. LAUNCH["intra_precision"] is the precision of
+# INTRA_DOT's float32 operands ("tf32x3": three TF32 passes, about float32's).
 SMALL_HEAD = 16
 PRECISE_BOUND_GRAD = False  # True: float32 states and TF32 matmuls where the lower bound's gradient is formed
-# Operands and precision of the matmuls that form the score gradients between a chunk's own steps: float32
-# operands in TF32, since d log λ cancels these terms against one another. The forward's scores only reach the
-# output and dv, through bfloat16 matmuls, so they take the inputs' matmul operands and are kept in bfloat16 for
-# half-precision inputs (float32 operands there bought no accuracy on an H100 and cost 3-7% of the op's time).
+# Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
+# operands in TF32, since d log λ cancels the score gradients against one another, and bfloat16 operands for the
+# forward's scores would double the output's error where the gates forget within a chunk (ops-notes.md). The
+# scores kept for the backward are stored in bfloat16 for half-precision inputs: dv reads them only as the
+# operand of a bfloat16 matmul.
 INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # Tiles and warps of each kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
@@ -71,7 +75,7 @@ LAUNCH = dict(
     delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
     small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0,
-    dv_maxnreg=0,
+    dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -118,7 +122,8 @@ class _Launch:
         self.state_dtype = torch.float32 if precise else state_dtype(q.dtype)
         # matmul settings of the two kernels whose rounding the lower bound's gradient magnifies
         self.precise_flags = dict(DT=tl.float32, PRECISION="tf32") if precise else {}
-        self.intra = INTRA_DOT if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
+        half_intra = INTRA_DOT | dict(IPRECISION=LAUNCH["intra_precision"])
+        self.intra = half_intra if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
         self.scores_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
 
     def warps(self, kernel: str) -> int:
@@ -192,6 +197,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
         BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, **L.options("output"), **L.flags,
+        **L.intra,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
 

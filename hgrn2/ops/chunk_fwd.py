@@ -208,10 +208,9 @@ def state_scan_kernel(
 def output_fwd_kernel(
     q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # The scores are formed with the same matmul operands as the rest (they reach o and dv only through DT).
     # With STORE_SCORES the first V tile also writes the causal scores A (without scale), [B * T, H, C]
     # (bfloat16 for half-precision inputs, else float32).
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -239,7 +238,7 @@ def output_fwd_kernel(
             other=0.0,
         ).to(tl.float32)  # fmt: skip
         acc += matmul(q * tl.exp(b), s_in, DT, PRECISION, INTERPRET)
-        scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, DT, PRECISION, INTERPRET)
+        scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, IDT, IPRECISION, INTERPRET)
     scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
     if STORE_SCORES:
         a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
