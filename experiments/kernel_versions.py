@@ -52,6 +52,12 @@ VARIANTS = {
     # float32 result (3.0e-3 on an H100 against 1.5e-3 in the CPU test); the sm90 compile of dq/d log λ grows from
     # 6,072 to 7,232 instructions, 600 to 840 spilled bytes a thread and 32 to 64 KB of shared memory
     "tf32x3": dict(intra_precision="tf32x3"),
+    # chunks of 32 steps: half the work between a chunk's own steps (T·C per head), twice the chunk states' bytes
+    # and a walk twice as long; in the sm90 compile (Triton 3.6) dv needs no spill at 128 registers, the output
+    # kernel 120 bytes a thread and dq/d log λ 672, so two programs of each can share an SM
+    "c32": dict(chunk=32),
+    "c32-cap128": dict(chunk=32, output_maxnreg=128, dv_maxnreg=128),
+    "c32-cap128-all": dict(chunk=32, output_maxnreg=128, dqk_maxnreg=128, dv_maxnreg=128),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

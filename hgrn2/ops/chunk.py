@@ -1,15 +1,15 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
-Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64 steps:
-the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every chunk's output and its causal
-scores, kept for the backward (bfloat16 for half-precision inputs); the backward forms the state gradients the same
-way, backwards, then dq/d log λ and dv chunk by chunk. The states come from a walk over the chunks that forms each
-chunk's state delta on the way when the call has enough (sequence, head) pairs to fill the GPU, else from every
-chunk's delta at once followed by an elementwise walk. The key 1 - λ is derived inside the kernels and never
-written. The kernels live in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from
-one elementwise pass over the raw forget projection before them, and the gradients of that projection and of the
-lower bound from one pass after them (``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside
-the kernels.
+Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64 steps
+(``LAUNCH["chunk"]``): the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every
+chunk's output and its causal scores, kept for the backward (bfloat16 for half-precision inputs); the backward forms
+the state gradients the same way, backwards, then dq/d log λ and dv chunk by chunk. The states come from a walk over
+the chunks that forms each chunk's state delta on the way when the call has enough (sequence, head) pairs to fill
+the GPU, else from every chunk's delta at once followed by an elementwise walk. The key 1 - λ is derived inside the
+kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``. The gated
+entry's log λ comes from one elementwise pass over the raw forget projection before them, and the gradients of that
+projection and of the lower bound from one pass after them (``hgrn2.ops.gate_pass``); the output gate q =
+act(q_proj) is applied inside the kernels.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
 magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
@@ -46,7 +46,6 @@ from hgrn2.ops.kernel_utils import (
 )
 from hgrn2.ops.validation import check_lower_bound
 
-CHUNK = 64  # steps per chunk: every chunk-parallel matmul has 64 rows
 # Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps. Shorter chunks do less
 # work between a chunk's own steps (C x C scores per chunk), which outweighs the state's (K x V) there, but make
 # the walk over chunks longer: at ListOps' training shape (K = V = 4, T = 2,000, B = 128) chunks of 16 gave 8.2
@@ -64,7 +63,8 @@ PRECISE_BOUND_GRAD = False  # True: float32 states and TF32 matmuls where the lo
 # scores kept for the backward are stored in bfloat16 for half-precision inputs: dv reads them only as the
 # operand of a bfloat16 matmul.
 INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
-# Tiles and warps of each kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
+# Steps per chunk (LAUNCH["chunk"]): every chunk-parallel matmul has that many rows. Tiles and warps of each
+# kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
 # share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants).
 # The chunk states come from one of two paths: with at least ``walk_programs_per_sm`` programs per SM of
@@ -72,7 +72,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # (``state_walk_kernel``); with fewer (few, long sequences), every chunk's delta is formed at once and an
 # elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``).
 LAUNCH = dict(
-    delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
+    chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
     dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
     small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0,
     dv_maxnreg=0, intra_precision="tf32",
@@ -94,7 +94,7 @@ class _Launch:
         self.value_dim = v.shape[-1]
         small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
         self.small_head = small
-        self.chunk = LAUNCH["small_head_chunk"] if small else CHUNK
+        self.chunk = LAUNCH["small_head_chunk"] if small else LAUNCH["chunk"]
         self.n_seqs, self.n_chunks, self.chunk_offsets, self.chunk_indices = sequence_layout(
             self.batch, self.seq_len, cu_seqlens, self.chunk
         )
