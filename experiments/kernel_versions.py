@@ -43,14 +43,15 @@ VARIANTS = {
     # still formed the gates themselves, and slower for the gated entry
     "walk-from-1": dict(walk_programs_per_sm=0.9),
     # at most 128 registers a thread, so that two 8-warp programs fit an SM where shared memory allows (ncu with
-    # Triton 3.6: dv 106 KB and dq/d log λ 90 KB a program, the output kernel 131 KB); the sm90 compile then spills
-    # 304 / 1,328 / 416 bytes a thread (dv / dq/d log λ / output, plain op)
+    # Triton 3.6: dv 106 KB and dq/d log λ 90 KB a program, the output kernel 131 KB); the sm90 compile with
+    # Triton 3.6 then spills 304 / 1,264 / 488 bytes a thread (dv / dq/d log λ / output, plain op)
     "dv-cap128": dict(dv_maxnreg=128),
     "dqk-cap128": dict(dqk_maxnreg=128),
     "cap128": dict(output_maxnreg=128, dqk_maxnreg=128, dv_maxnreg=128),
     # the score gradients' float32 operands in three TF32 passes instead of one: d β nearer the interpreter's
-    # float32 result (3.0e-3 on an H100 against 1.5e-3 in the CPU test); the sm90 compile of dq/d log λ grows from
-    # 6,072 to 7,232 instructions, 600 to 840 spilled bytes a thread and 32 to 64 KB of shared memory
+    # float32 result (3.0e-3 on an H100 against 1.5e-3 in the CPU test); the sm90 compile (Triton 3.8) of
+    # dq/d log λ grows from 6,072 to 7,232 instructions, 600 to 840 spilled bytes a thread, 32 to 64 KB of shared
+    # memory
     "tf32x3": dict(intra_precision="tf32x3"),
     # chunks of 32 steps: half the work between a chunk's own steps (T·C per head), twice the chunk states' bytes
     # and a walk twice as long; in the sm90 compile (Triton 3.6) dv needs no spill at 128 registers, the output
