@@ -108,8 +108,10 @@ BUILDERS = {
 
 # kernel-name fragments → what they are, for the profile summary (first match wins)
 KERNEL_GROUPS = [
-    ("recurrence (hgrn2 chunk kernels)", ("state_walk", "state_scan", "chunk_delta", "output_fwd", "dqk_bwd")),
-    ("recurrence (hgrn2 chunk kernels)", ("dv_bwd", "log_forget", "gate_grad")),
+    (
+        "recurrence (hgrn2 chunk kernels)",
+        ("state_walk", "state_scan", "chunk_delta", "output_fwd", "dqk_bwd", "dv_bwd", "log_forget", "gate_grad"),
+    ),
     ("recurrence (fla)", ("chunk_", "fused_recurrent", "gla")),
     ("cross-entropy", ("ce_rows", "cross_entropy", "log_softmax", "nll_loss", "logsumexp")),
     ("add + rmsnorm (fused)", ("add_rmsnorm",)),

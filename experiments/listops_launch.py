@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import runpy
 import sys
 from pathlib import Path
 
@@ -29,13 +28,14 @@ def main() -> None:
         axes.append([(key, type(defaults[key])(v)) for v in values.split(",")])
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import small_state_throughput  # the chunk op reads LAUNCH at each call, so one import serves every setting
+
     for combination in itertools.product(*axes):
         chunk.LAUNCH.clear()
         chunk.LAUNCH.update(defaults | dict(combination))
         name = "-".join(f"{k}{v}" for k, v in combination) or "default"
         print(f"=== {name}", flush=True)
-        sys.argv = ["small_state_throughput.py", "--jobs", "listops", "--out", str(args.out / f"listops-{name}.json")]
-        runpy.run_path("benchmarks/small_state_throughput.py", run_name="__main__")
+        small_state_throughput.main(["--jobs", "listops", "--out", str(args.out / f"listops-{name}.json")])
 
 
 if __name__ == "__main__":

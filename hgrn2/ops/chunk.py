@@ -127,8 +127,11 @@ class _Launch:
         self.scores_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
 
     def warps(self, kernel: str) -> int:
-        """Warps of a chunk-parallel kernel ('delta', 'output', 'dqk' or 'dv') for this call's head size."""
-        return LAUNCH["small_head_warps"] if self.small_head else LAUNCH[f"{kernel}_warps"]
+        """Warps of a kernel ('walk', or a chunk-parallel 'delta', 'output', 'dqk' or 'dv') for this call's head
+        size."""
+        if self.small_head:
+            return LAUNCH["small_head_walk_warps" if kernel == "walk" else "small_head_warps"]
+        return LAUNCH[f"{kernel}_warps"]
 
     def options(self, kernel: str) -> dict:
         """Launch options of the output, dqk or dv kernel: its warps and any register cap."""
@@ -164,7 +167,7 @@ class _Launch:
             q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
-            num_warps=LAUNCH["small_head_walk_warps"] if self.small_head else LAUNCH["walk_warps"], **flags,
+            num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
     def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
