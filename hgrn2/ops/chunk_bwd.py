@@ -89,7 +89,7 @@ def intra_grads(
 
 @triton.jit
 def dqk_bwd_kernel(
-    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale, T,
+    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
     IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
@@ -153,9 +153,9 @@ def dqk_bwd_kernel(
 
 @triton.jit
 def dv_bwd_kernel(
-    g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, DT: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # dv_s = Σ_{t >= s} A[t, s] scale · do_t + (k_s · exp(b_C - b_s)) dS_out
     NV: tl.constexpr = (V + BV - 1) // BV

@@ -98,7 +98,7 @@ def chunk_delta(
 
 @triton.jit
 def chunk_delta_kernel(
-    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BACKWARD: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
@@ -125,7 +125,7 @@ def chunk_delta_kernel(
 
 @triton.jit
 def state_walk_kernel(
-    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale, T, H: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
     STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
@@ -206,7 +206,7 @@ def state_scan_kernel(
 
 @triton.jit
 def output_fwd_kernel(
-    q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, scale, T, H: tl.constexpr,
+    q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
     ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
     IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,

@@ -43,8 +43,8 @@ def add_rmsnorm_reference(
 
 @triton.jit
 def add_rmsnorm_fwd_kernel(
-    x_ptr, y_ptr, w_ptr, r_ptr, out_ptr, rstd_ptr, eps, G: tl.constexpr, GS: tl.constexpr, BG: tl.constexpr,
-    BS: tl.constexpr, HAS_Y: tl.constexpr, HAS_W: tl.constexpr, STORE_RSTD: tl.constexpr,
+    x_ptr, y_ptr, w_ptr, r_ptr, out_ptr, rstd_ptr, eps: tl.constexpr, G: tl.constexpr, GS: tl.constexpr,
+    BG: tl.constexpr, BS: tl.constexpr, HAS_Y: tl.constexpr, HAS_W: tl.constexpr, STORE_RSTD: tl.constexpr,
 ):  # fmt: skip
     # one program per token: a [groups, group size] tile of its row
     row = tl.program_id(0).to(tl.int64)

@@ -18,7 +18,7 @@ __all__ = ["fused_recurrent_hgrn2", "fused_recurrent_hgrn2_step"]
 
 @triton.jit
 def recurrent_fwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, scale, T, H: tl.constexpr, K: tl.constexpr,
+    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, scale: tl.constexpr, T, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr,
     IS_VARLEN: tl.constexpr,
 ):  # fmt: skip

@@ -156,7 +156,7 @@ def _log_forget_block(g_ptr, rows, hk, m_bk, log_beta, log1m_beta, GATED: tl.con
 
 @triton.jit
 def small_state_fwd_kernel(
-    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, log_beta_ptr, log1m_beta_ptr, scale, T, W,
+    q_ptr, v_ptr, g_ptr, h0_ptr, o_ptr, ht_ptr, cu_seqlens, log_beta_ptr, log1m_beta_ptr, scale: tl.constexpr, T, W,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
     COLUMNS: tl.constexpr, REVERSE: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
@@ -186,7 +186,7 @@ def small_state_fwd_kernel(
 @triton.jit
 def small_state_bwd_kernel(
     q_ptr, v_ptr, g_ptr, h0_ptr, do_ptr, dht_ptr, dq_ptr, dv_ptr, dg_ptr, dh0_ptr, states_ptr, cu_seqlens,
-    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, d_beta_ptr, scale, T, W, H: tl.constexpr,
+    log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, d_beta_ptr, scale: tl.constexpr, T, W, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     COLUMNS: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr, GATED: tl.constexpr,

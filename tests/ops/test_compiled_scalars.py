@@ -1,0 +1,110 @@
+"""The Triton kernels keep float32 arithmetic when ``torch.compile`` launches them.
+
+Triton types a Python float argument as float32; Inductor, which launches user kernels inside a compiled graph,
+types it as float64. A kernel that multiplies by such a scalar then computes in float64 from there on, and one
+whose loop carries a float32 value touched by it does not compile at all ("Loop-carried variable ... fp32 but is
+re-assigned to fp64"): the small-state models' step-by-step backward failed so under ``torch.compile`` on an H100.
+
+The kernels take such scalars (the output scale, the norm's epsilon) as compile-time constants. Every kernel
+launch of each op is captured on CPU tensors (nothing runs), and each kernel is lowered to Triton IR for sm90 with
+any Python float argument typed float64, as Inductor types it: the IR must hold no float64 value. Lowering needs
+Triton's compiler, not its interpreter (which tests/conftest.py turns on), so it runs in a child process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = r"""
+import json, re, torch, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from triton.compiler.compiler import make_backend
+from triton._C.libtriton import ir
+from triton.runtime.jit import JITFunction
+from hgrn2.ops import chunk, fused_norm, recurrent, small_state
+
+launches = []
+original = JITFunction.run
+
+def record(self, *args, grid, warmup, **kwargs):
+    bound = dict(zip([p.name for p in self.params], args)) | kwargs
+    signature, constants = {}, {}
+    for param in self.params:
+        value = bound.get(param.name, param.default)
+        if param.is_constexpr or value is None:
+            signature[param.name], constants[param.name] = "constexpr", value
+        elif isinstance(value, torch.Tensor):
+            signature[param.name] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int32: "i32",
+                                           torch.int64: "i64"}[value.dtype]
+        elif isinstance(value, bool):
+            signature[param.name] = "i1"
+        elif isinstance(value, int):
+            signature[param.name] = "i32"
+        else:
+            signature[param.name] = "fp64"  # a Python float, as Inductor types it
+    launches.append((self, signature, constants))
+
+JITFunction.run = record
+B, T, H, D = 2, 128, 2, 32
+q, v, g = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+beta = torch.rand(H, D, requires_grad=True)
+x, y, f = (torch.randn(B, T, H, 2, requires_grad=True) for _ in range(3))
+
+def grads(out, *leaves):
+    torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
+
+grads(chunk.chunk_hgrn2(q, v, g, scale=0.5)[0], q, v, g)
+grads(chunk.chunk_hgrn2_gated(q, v, g, beta, scale=0.5, precise_bound_grad=True)[0], q, v, g, beta)
+saved = chunk.LAUNCH["walk_programs_per_sm"]
+chunk.LAUNCH["walk_programs_per_sm"] = float("inf")  # the other path: every delta at once, then the walk
+grads(chunk.chunk_hgrn2(q, v, g, scale=0.5)[0], q, v, g)
+chunk.LAUNCH["walk_programs_per_sm"] = saved
+grads(small_state.small_state_hgrn2(x, y, f, scale=0.5)[0], x, y, f)
+grads(small_state.small_state_hgrn2_gated(x, y, f, beta[:, :2], scale=0.5)[0], x, y, f)
+recurrent.fused_recurrent_hgrn2(q.detach(), v.detach(), g.detach(), scale=0.5)
+w = torch.randn(2 * D, requires_grad=True)
+grads(fused_norm._AddRMSNorm.apply(torch.randn(4, 2 * D, requires_grad=True), None, w, 1, 1e-6, None)[0], w)
+JITFunction.run = original
+
+target = GPUTarget("cuda", 90, 32)
+backend = make_backend(target)
+options = backend.parse_options({})
+report = {}
+for kernel, signature, constants in launches:
+    if kernel.__name__ in report:
+        continue
+    context = ir.context()
+    ir.load_dialects(context)
+    backend.load_dialects(context)
+    source = ASTSource(fn=kernel, signature=signature, constexprs=constants)
+    try:
+        module = source.make_ir(target, options, backend.get_codegen_implementation(options),
+                                backend.get_module_map(), context)
+    except Exception as error:
+        report[kernel.__name__] = {"error": str(error).splitlines()[-1][:300]}
+        continue
+    lines = [line for line in str(module).splitlines() if "f64" in line]
+    report[kernel.__name__] = {"float64_ops": [line.strip() for line in lines][:5]}
+print(json.dumps(report))
+"""
+
+
+def test_kernels_keep_float32_arithmetic_when_inductor_passes_float_scalars_as_float64():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    expected = {
+        "chunk_delta_kernel", "state_walk_kernel", "output_fwd_kernel", "dqk_bwd_kernel", "dv_bwd_kernel",
+        "small_state_fwd_kernel", "small_state_bwd_kernel", "recurrent_fwd_kernel", "add_rmsnorm_fwd_kernel",
+    }  # fmt: skip
+    assert expected <= set(report), sorted(report)
+    failures = {name: entry for name, entry in report.items() if entry.get("error") or entry["float64_ops"]}
+    assert not failures, json.dumps(failures, indent=1)
