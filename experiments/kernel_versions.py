@@ -59,6 +59,15 @@ VARIANTS = {
     "c32": dict(chunk=32),
     "c32-cap128": dict(chunk=32, output_maxnreg=128, dv_maxnreg=128),
     "c32-cap128-all": dict(chunk=32, output_maxnreg=128, dqk_maxnreg=128, dv_maxnreg=128),
+    # K tiles of 32 in the chunk-parallel kernels: half of each [C, BK] tile live at once, the score tiles [C, C]
+    # formed from twice as many tiles; in the sm90 compile (Triton 3.6), plain / gated precise: dq/d log λ
+    # spills 152 / 160 bytes a thread (512 / 568 at 64), nothing with 32 values a step as well; the output kernel
+    # needs 232 / 240 registers and no spill, and half the shared memory on the precise path (64 KB, was 128)
+    "bk32": dict(output_bk=32, dqk_bk=32, dv_bk=32),
+    "bk32-dqk-bv32": dict(output_bk=32, dqk_bk=32, dv_bk=32, dqk_bv=32),
+    "dqk-bk32-bv32": dict(dqk_bk=32, dqk_bv=32),
+    "out-bk32": dict(output_bk=32),
+    "out-bk32-bv64": dict(output_bk=32, output_bv=64),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

@@ -72,10 +72,10 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # (``state_walk_kernel``); with fewer (few, long sequences), every chunk's delta is formed at once and an
 # elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``).
 LAUNCH = dict(
-    chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bv=128, output_warps=8, dqk_bv=64,
-    dqk_warps=8, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2, walk_programs_per_sm=2.0,
-    small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0,
-    dv_maxnreg=0, intra_precision="tf32",
+    chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
+    dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
+    walk_programs_per_sm=2.0, small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2, output_maxnreg=0,
+    dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -132,6 +132,10 @@ class _Launch:
         if self.small_head:
             return LAUNCH["small_head_walk_warps" if kernel == "walk" else "small_head_warps"]
         return LAUNCH[f"{kernel}_warps"]
+
+    def key_tile(self, kernel: str) -> int:
+        """K tile of the output, dqk or dv kernel: ``LAUNCH[f"{kernel}_bk"]``, at most the head's (padded) size."""
+        return min(LAUNCH[f"{kernel}_bk"], self.bk)
 
     def options(self, kernel: str) -> dict:
         """Launch options of the output, dqk or dv kernel: its warps and any register cap."""
@@ -199,7 +203,8 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.bk, BV=bv, ACT=L.act, STORE_SCORES=keep_scores, **L.options("output"), **L.flags,
+        BK=L.key_tile("output"), BV=bv, ACT=L.act, STORE_SCORES=keep_scores, **L.options("output"),
+        **L.flags,
         **L.intra,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
@@ -212,8 +217,9 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     dht = d_final.contiguous() if d_final is not None else None
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
-    dqk_bwd_kernel[(triton.cdiv(L.key_dim, L.bk) * L.n_chunks, L.heads)](
-        q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=L.bk,
+    bk = L.key_tile("dqk")
+    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)](
+        q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
         BV=L.value_tile["dqk"], ACT=L.act,
         PAIRS=q.dtype == torch.float32, **L.options("dqk"),
         **(L.flags | L.precise_flags), **L.intra,
@@ -221,7 +227,7 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.bk, BV=bv, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
+        BK=L.key_tile("dv"), BV=bv, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
     return dq, dv, dg, (d_initial if need_d_initial else None)
 
