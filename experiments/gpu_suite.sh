@@ -13,6 +13,7 @@
 #   by side through the hgrn2 CLI with CONFIG_FLAGS, then each tested (experiments/config_seeds.py); the report and
 #   each seed's log and last checkpoint come back in $OUT.
 # - mqar: experiments/mqar_sweep.py with MQAR_FLAGS.
+# - listops-fit: one part of the ListOps fit at the paper's budget, chained over suites (see the job).
 # - listops-data: the LRA ListOps splits at the paper's sizes (96,000 / 2,000 / 2,000 expressions, the generator's
 #   defaults and seed) in data/lra/listops, unless already there; the same files on every machine, so a fit chained
 #   over several suites (config-seeds with CONFIG=configs/lra/listops.yaml, --trainer.max_time in CONFIG_FLAGS and,
@@ -90,6 +91,36 @@ for job in "$@"; do
     listops-data)
       if [ ! -f data/lra/listops/basic_test.tsv ]; then
         run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
+      fi ;;
+    listops-fit)
+      # one part of the ListOps fit at the paper's budget (configs/lra/listops.yaml, 37,500 steps): the data as in
+      # listops-data, then `hgrn2 fit` for at most LISTOPS_SECONDS (default 480), resumed from
+      # runs/lra_listops/checkpoints/last.ckpt when it is there (saved every 250 steps). The checkpoints and this
+      # part's metrics come back in $OUT/listops/ (put the checkpoints back in runs/lra_listops/checkpoints/ for the
+      # next part); once the fit has ended, `hgrn2 test` scores the last and the best checkpoint.
+      if [ ! -f data/lra/listops/basic_test.tsv ]; then
+        run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
+      fi
+      part=part-$(date +%s)
+      resume=()
+      [ -f runs/lra_listops/checkpoints/last.ckpt ] && resume=(--ckpt_path runs/lra_listops/checkpoints/last.ckpt)
+      mkdir -p "$OUT/listops"
+      run listops-fit timeout "${LISTOPS_SECONDS:-480}" python -m hgrn2 fit --config configs/lra/listops.yaml \
+        --trainer.enable_progress_bar false --trainer.logger lightning.pytorch.loggers.CSVLogger \
+        --trainer.logger.save_dir runs/lra_listops --trainer.logger.name "$part" "${resume[@]}"
+      cp runs/lra_listops/checkpoints/*.ckpt "$OUT/listops/"
+      cp "runs/lra_listops/$part/version_0/metrics.csv" "$OUT/listops/$part-metrics.csv"
+      step=$(python -c "import torch; print(torch.load('runs/lra_listops/checkpoints/last.ckpt', map_location='cpu', weights_only=False)['global_step'])")
+      echo "=== listops-fit: last checkpoint at step $step"
+      if [ "$step" -ge 37500 ]; then
+        best=$(ls -t runs/lra_listops/checkpoints/best-*.ckpt | head -1)
+        for checkpoint in runs/lra_listops/checkpoints/last.ckpt "$best"; do
+          name=$(basename "$checkpoint" .ckpt)
+          run listops-test python -m hgrn2 test --config configs/lra/listops.yaml --ckpt_path "$checkpoint" \
+            --trainer.enable_progress_bar false --trainer.logger lightning.pytorch.loggers.CSVLogger \
+            --trainer.logger.save_dir runs/lra_listops --trainer.logger.name "test-$name"
+          cp "runs/lra_listops/test-$name/version_0/metrics.csv" "$OUT/listops/test-$name-metrics.csv"
+        done
       fi ;;
     kernel-profile)
       run kernel-profile python experiments/kernel_profile.py --out "$RESULTS/kernel-profile-16k.json"
