@@ -94,10 +94,11 @@ for job in "$@"; do
       fi ;;
     listops-fit)
       # one part of the ListOps fit at the paper's budget (configs/lra/listops.yaml, 37,500 steps): the data as in
-      # listops-data, then `hgrn2 fit` for at most LISTOPS_SECONDS (default 480), resumed from
-      # runs/lra_listops/checkpoints/last.ckpt when it is there (saved every 250 steps). The checkpoints and this
-      # part's metrics come back in $OUT/listops/ (put the checkpoints back in runs/lra_listops/checkpoints/ for the
-      # next part); once the fit has ended, `hgrn2 test` scores the last and the best checkpoint.
+      # listops-data, then `hgrn2 fit` for at most LISTOPS_SECONDS (default 480; LISTOPS_FLAGS: more of its flags),
+      # resumed from runs/lra_listops/checkpoints/last.ckpt when it is there (saved every 250 steps). The
+      # checkpoints and this part's metrics come back in $OUT/listops/ (put the checkpoints back in
+      # runs/lra_listops/checkpoints/ for the next part); once the fit has reached LISTOPS_STEPS (default 37,500),
+      # `hgrn2 test` scores the last and the best checkpoint.
       if [ ! -f data/lra/listops/basic_test.tsv ]; then
         run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
       fi
@@ -107,19 +108,27 @@ for job in "$@"; do
       mkdir -p "$OUT/listops"
       run listops-fit timeout "${LISTOPS_SECONDS:-480}" python -m hgrn2 fit --config configs/lra/listops.yaml \
         --trainer.enable_progress_bar false --trainer.logger lightning.pytorch.loggers.CSVLogger \
-        --trainer.logger.save_dir runs/lra_listops --trainer.logger.name "$part" "${resume[@]}"
-      cp runs/lra_listops/checkpoints/*.ckpt "$OUT/listops/"
+        --trainer.logger.save_dir runs/lra_listops --trainer.logger.name "$part" "${resume[@]}" ${LISTOPS_FLAGS:-}
       cp "runs/lra_listops/$part/version_0/metrics.csv" "$OUT/listops/$part-metrics.csv"
-      step=$(python -c "import torch; print(torch.load('runs/lra_listops/checkpoints/last.ckpt', map_location='cpu', weights_only=False)['global_step'])")
-      echo "=== listops-fit: last checkpoint at step $step"
-      if [ "$step" -ge 37500 ]; then
-        best=$(ls -t runs/lra_listops/checkpoints/best-*.ckpt | head -1)
-        for checkpoint in runs/lra_listops/checkpoints/last.ckpt "$best"; do
+      if [ ! -f runs/lra_listops/checkpoints/last.ckpt ]; then
+        echo "=== listops-fit: no checkpoint saved yet (one comes every 250 steps)"; continue
+      fi
+      cp runs/lra_listops/checkpoints/*.ckpt "$OUT/listops/"
+      # the last checkpoint's step, and the best checkpoint its validation-accuracy callback points at
+      read -r step best < <(python -c "
+import os, torch
+c = torch.load('runs/lra_listops/checkpoints/last.ckpt', map_location='cpu', weights_only=False)
+best = [s['best_model_path'] for k, s in c['callbacks'].items() if 'val/acc' in k]
+print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last.ckpt')")
+      echo "=== listops-fit: last checkpoint at step $step, best $best"
+      if [ "$step" -ge "${LISTOPS_STEPS:-37500}" ]; then
+        for checkpoint in runs/lra_listops/checkpoints/last.ckpt "runs/lra_listops/checkpoints/$best"; do
           name=$(basename "$checkpoint" .ckpt)
           run listops-test python -m hgrn2 test --config configs/lra/listops.yaml --ckpt_path "$checkpoint" \
             --trainer.enable_progress_bar false --trainer.logger lightning.pytorch.loggers.CSVLogger \
-            --trainer.logger.save_dir runs/lra_listops --trainer.logger.name "test-$name"
-          cp "runs/lra_listops/test-$name/version_0/metrics.csv" "$OUT/listops/test-$name-metrics.csv"
+            --trainer.logger.save_dir runs/lra_listops --trainer.logger.name "test-$name" ${LISTOPS_FLAGS:-}
+          latest=$(ls -td "runs/lra_listops/test-$name"/version_* | head -1)
+          cp "$latest/metrics.csv" "$OUT/listops/test-$name-metrics.csv"
         done
       fi ;;
     kernel-profile)
