@@ -22,56 +22,42 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 PROBE = r"""
-import json, re, torch, triton
+import json, sys, torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from triton.compiler.compiler import make_backend
 from triton._C.libtriton import ir
-from triton.runtime.jit import JITFunction
+sys.path.insert(0, "experiments")
+from kernel_resources import capture  # launches recorded, not run
 from hgrn2.ops import chunk, fused_norm, recurrent, small_state
 
-launches = []
-original = JITFunction.run
+def ops():
+    B, T, H, D = 2, 128, 2, 32
+    q, v, g = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
+    beta = torch.rand(H, D, requires_grad=True)
+    x, y, f = (torch.randn(B, T, H, 2, requires_grad=True) for _ in range(3))
 
-def record(self, *args, grid, warmup, **kwargs):
-    bound = dict(zip([p.name for p in self.params], args)) | kwargs
-    signature, constants = {}, {}
-    for param in self.params:
-        value = bound.get(param.name, param.default)
-        if param.is_constexpr or value is None:
-            signature[param.name], constants[param.name] = "constexpr", value
-        elif isinstance(value, torch.Tensor):
-            signature[param.name] = "*" + {torch.float32: "fp32", torch.bfloat16: "bf16", torch.int32: "i32",
-                                           torch.int64: "i64"}[value.dtype]
-        elif isinstance(value, bool):
-            signature[param.name] = "i1"
-        elif isinstance(value, int):
-            signature[param.name] = "i32"
-        else:
-            signature[param.name] = "fp64"  # a Python float, as Inductor types it
-    launches.append((self, signature, constants))
+    def grads(out, *leaves):
+        torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
 
-JITFunction.run = record
-B, T, H, D = 2, 128, 2, 32
-q, v, g = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
-beta = torch.rand(H, D, requires_grad=True)
-x, y, f = (torch.randn(B, T, H, 2, requires_grad=True) for _ in range(3))
+    grads(chunk.chunk_hgrn2(q, v, g, scale=0.5)[0], q, v, g)
+    grads(chunk.chunk_hgrn2_gated(q, v, g, beta, scale=0.5, precise_bound_grad=True)[0], q, v, g, beta)
+    saved = chunk.LAUNCH["walk_programs_per_sm"]
+    chunk.LAUNCH["walk_programs_per_sm"] = float("inf")  # the other path: every delta at once, then the walk
+    grads(chunk.chunk_hgrn2(q, v, g, scale=0.5)[0], q, v, g)
+    chunk.LAUNCH["walk_programs_per_sm"] = saved
+    grads(small_state.small_state_hgrn2(x, y, f, scale=0.5)[0], x, y, f)
+    grads(small_state.small_state_hgrn2_gated(x, y, f, beta[:, :2], scale=0.5)[0], x, y, f)
+    recurrent.fused_recurrent_hgrn2(q.detach(), v.detach(), g.detach(), scale=0.5)
+    w = torch.randn(2 * D, requires_grad=True)
+    grads(fused_norm._AddRMSNorm.apply(torch.randn(4, 2 * D, requires_grad=True), None, w, 1, 1e-6, None)[0], w)
 
-def grads(out, *leaves):
-    torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
 
-grads(chunk.chunk_hgrn2(q, v, g, scale=0.5)[0], q, v, g)
-grads(chunk.chunk_hgrn2_gated(q, v, g, beta, scale=0.5, precise_bound_grad=True)[0], q, v, g, beta)
-saved = chunk.LAUNCH["walk_programs_per_sm"]
-chunk.LAUNCH["walk_programs_per_sm"] = float("inf")  # the other path: every delta at once, then the walk
-grads(chunk.chunk_hgrn2(q, v, g, scale=0.5)[0], q, v, g)
-chunk.LAUNCH["walk_programs_per_sm"] = saved
-grads(small_state.small_state_hgrn2(x, y, f, scale=0.5)[0], x, y, f)
-grads(small_state.small_state_hgrn2_gated(x, y, f, beta[:, :2], scale=0.5)[0], x, y, f)
-recurrent.fused_recurrent_hgrn2(q.detach(), v.detach(), g.detach(), scale=0.5)
-w = torch.randn(2 * D, requires_grad=True)
-grads(fused_norm._AddRMSNorm.apply(torch.randn(4, 2 * D, requires_grad=True), None, w, 1, 1e-6, None)[0], w)
-JITFunction.run = original
+# capture types a Python float argument as Triton does (fp32); Inductor types it fp64
+launches = [
+    (kernel, {name: "fp64" if kind == "fp32" else kind for name, kind in signature.items()}, constants)
+    for kernel, signature, constants, _ in capture(ops)
+]
 
 target = GPUTarget("cuda", 90, 32)
 backend = make_backend(target)
