@@ -116,10 +116,11 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
     args = parser.parse_args()
     for item in args.launch:
-        key, _, value = item.partition("=")
-        if key not in chunk.LAUNCH:
-            parser.error(f"--launch {item}: LAUNCH has no {key!r} (it has {', '.join(chunk.LAUNCH)})")
-        chunk.LAUNCH[key] = type(chunk.LAUNCH[key])(value)
+        try:
+            key, value = chunk.launch_setting(item)
+        except ValueError as error:
+            parser.error(f"--launch {error}")
+        chunk.LAUNCH[key] = value
     dtype = DTYPES[args.dtype]
     shape = (2, 256, 4, args.dim)
     q, v, g = (torch.randn(shape, dtype=dtype, requires_grad=True) for _ in range(3))

@@ -23,9 +23,10 @@ def main() -> None:
     axes = []
     for setting in args.settings:
         key, _, values = setting.partition("=")
-        if key not in defaults:
-            parser.error(f"{key} is not a LAUNCH setting; choose from {sorted(defaults)}")
-        axes.append([(key, type(defaults[key])(v)) for v in values.split(",")])
+        try:
+            axes.append([chunk.launch_setting(f"{key}={value}") for value in values.split(",")])
+        except ValueError as error:
+            parser.error(str(error))
     args.out.mkdir(parents=True, exist_ok=True)
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import small_state_throughput  # the chunk op reads LAUNCH at each call, so one import serves every setting

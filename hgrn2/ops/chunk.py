@@ -73,12 +73,29 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``).
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
-    dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=2.0, small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2, output_maxnreg=0,
-    dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    dqk_bk=64, dqk_bv=64, dqk_warps=8, dqk_k_loop=False, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4,
+    walk_stages=2, walk_programs_per_sm=2.0, small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2,
+    output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
+
+
+def launch_setting(text: str) -> tuple[str, object]:
+    """``"key=value"`` as an entry of ``LAUNCH``, the value in the type of that entry's default ("true" or "false"
+    for a flag): for command-line overrides of the launch settings. Raises ``ValueError`` naming what is wrong."""
+    key, sep, value = text.partition("=")
+    if not sep or key not in LAUNCH:
+        raise ValueError(f"{text!r}: expected KEY=VALUE with KEY one of {', '.join(LAUNCH)}")
+    kind = type(LAUNCH[key])
+    if kind is bool:
+        if value.lower() not in ("true", "false"):
+            raise ValueError(f"{text!r}: {key} takes true or false")
+        return key, value.lower() == "true"
+    try:
+        return key, kind(value)
+    except ValueError:
+        raise ValueError(f"{text!r}: {key} takes values of type {kind.__name__}, such as {LAUNCH[key]!r}") from None
 
 
 def _pow2(n: int) -> int:
@@ -218,10 +235,11 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     bk = L.key_tile("dqk")
-    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)](
+    k_loop = LAUNCH["dqk_k_loop"]  # one program walks a chunk's K tiles, forming do v^T once
+    dqk_bwd_kernel[((1 if k_loop else triton.cdiv(L.key_dim, bk)) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
         BV=L.value_tile["dqk"], ACT=L.act,
-        PAIRS=q.dtype == torch.float32, **L.options("dqk"),
+        PAIRS=q.dtype == torch.float32, K_LOOP=k_loop, **L.options("dqk"),
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]

@@ -330,3 +330,21 @@ def test_short_scans_without_gradients_run_on_the_step_kernel_in_one_launch(monk
     q_proj.requires_grad_()  # a gradient is wanted: the chunked kernels, which have a backward
     run()
     assert steps == ["fused_recurrent_hgrn2"] and len(chunked) == 1
+
+
+def test_launch_settings_parse_in_their_defaults_types_and_name_what_is_wrong():
+    from hgrn2.ops.chunk import launch_setting
+
+    assert launch_setting("dqk_bk=32") == ("dqk_bk", 32)
+    assert launch_setting("walk_programs_per_sm=0.5") == ("walk_programs_per_sm", 0.5)
+    assert launch_setting("intra_precision=tf32x3") == ("intra_precision", "tf32x3")
+    assert launch_setting("dqk_k_loop=True") == ("dqk_k_loop", True)
+    assert launch_setting("dqk_k_loop=false") == ("dqk_k_loop", False)  # not bool("false"), which is True
+    for text, words in (
+        ("dqk_k_loop=0", "takes true or false"),
+        ("dqk_bk=wide", "takes values of type int"),
+        ("no_such_setting=1", "expected KEY=VALUE"),
+        ("dqk_bk", "expected KEY=VALUE"),
+    ):
+        with pytest.raises(ValueError, match=words):
+            launch_setting(text)
