@@ -66,7 +66,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # Steps per chunk (LAUNCH["chunk"]): every chunk-parallel matmul has that many rows. Tiles and warps of each
 # kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
-# share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants).
+# share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants). With ``dqk_k_loop`` one
+# dq / d log λ program walks all of a chunk's K tiles instead of one program per K tile.
 # The chunk states come from one of two paths: with at least ``walk_programs_per_sm`` programs per SM of
 # [walk_tile, walk_tile] state tiles, one kernel walks the chunks and forms each chunk's delta on the way
 # (``state_walk_kernel``); with fewer (few, long sequences), every chunk's delta is formed at once and an
@@ -220,8 +221,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
         q, g, v, h, o, scores, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.key_tile("output"), BV=bv, ACT=L.act, STORE_SCORES=keep_scores, **L.options("output"),
-        **L.flags,
+        BK=L.key_tile("output"), BV=bv, ACT=L.act, STORE_SCORES=keep_scores, **L.options("output"), **L.flags,
         **L.intra,
     )  # fmt: skip
     return o, h, scores, (final_state if output_final_state else None)
