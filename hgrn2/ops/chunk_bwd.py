@@ -30,12 +30,11 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_fwd import reference_spread
+from hgrn2.ops.chunk_fwd import key_tile, reference_spread
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     chunk_bounds,
     load_log_forget,
-    load_query,
     log_decay_to_end,
     matmul,
     one_minus_exp,
@@ -128,13 +127,7 @@ def dqk_bwd_kernel(
             raw += matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)
         chunk_scores, chunk_diagonal = causal_score_grads(raw, o_t, scale)
     for tile in tl.static_range(TILES):
-        o_k = (i_k0 + tile) * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-        q = load_query(q_ptr + k_offs, m_tk, ACT)
-        g = load_log_forget(g_ptr + k_offs, m_tk)
-        b = tl.cumsum(g, 0)
+        o_k, m_k, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k0 + tile, o_t, m_t, H, K, BK, ACT)
         k = one_minus_exp(g)
         # over V: the score gradients dA = do v^T (unless formed above), do against the entering state (-> dq), v
         # against the gradient of the leaving state (-> dk), and Σ_v S_in ⊙ dS_out (-> d log λ of every step)

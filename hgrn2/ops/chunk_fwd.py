@@ -74,6 +74,21 @@ def intra_scores(
 
 
 @triton.jit
+def key_tile(
+    q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr
+):  # fmt: skip
+    """K tile i_k of the chunk starting at token row0 ([C, BK], rows m_t valid): its channels o_k and their mask,
+    the tile's mask and offsets, q = act(q_proj), the log gates g and their running sum b."""
+    o_k = i_k * BK + tl.arange(0, BK)
+    m_k = o_k < K
+    m_tk = m_t[:, None] & m_k[None, :]
+    k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
+    q = load_query(q_ptr + k_offs, m_tk, ACT)
+    g = load_log_forget(g_ptr + k_offs, m_tk)
+    return o_k, m_k, m_tk, k_offs, q, g, tl.cumsum(g, 0)
+
+
+@triton.jit
 def chunk_delta(
     q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, scale, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
@@ -226,13 +241,7 @@ def output_fwd_kernel(
     acc = tl.zeros([C, BV], dtype=tl.float32)
     scores = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(NK):
-        o_k = i_k * BK + tl.arange(0, BK)
-        m_k = o_k < K
-        m_tk = m_t[:, None] & m_k[None, :]
-        k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-        q = load_query(q_ptr + k_offs, m_tk, ACT)
-        g = load_log_forget(g_ptr + k_offs, m_tk)
-        b = tl.cumsum(g, 0)
+        o_k, m_k, _, _, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
         s_in = tl.load(
             h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
             other=0.0,
