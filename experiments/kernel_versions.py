@@ -69,7 +69,7 @@ VARIANTS = {
     "out-bk32": dict(output_bk=32),
     "out-bk32-bv64": dict(output_bk=32, output_bv=64),
     # one dq / d log λ program per chunk walks both K tiles after forming do v^T once (half the programs, half the
-    # do v^T products); sm90 compile (Triton 3.6), plain op: 872 spilled bytes a thread against 528, 6,120 SASS
+    # do v^T products); sm90 compile (Triton 3.6), plain op: 872 spilled bytes a thread against 520, 6,120 SASS
     # instructions per K tile against 6,216
     "dqk-kloop": dict(dqk_k_loop=True),
     "default": {},
