@@ -43,6 +43,13 @@ unpack_lra_data() {
   return 0
 }
 
+listops_data() {
+  # the ListOps splits at the paper's sizes in data/lra/listops, unless already there
+  if [ ! -f data/lra/listops/basic_test.tsv ]; then
+    run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
+  fi
+}
+
 for job in "$@"; do
   case $job in
     lra-variants)
@@ -89,9 +96,7 @@ for job in "$@"; do
       cp "$RESULTS"/*-lra.json "$OUT/"
       [ -n "${LRA_TOTAL_MINUTES:-}" ] && mkdir -p "$OUT/lra-ckpt" && cp runs/lra_learning/ckpt/*.ckpt "$OUT/lra-ckpt/" ;;
     listops-data)
-      if [ ! -f data/lra/listops/basic_test.tsv ]; then
-        run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
-      fi ;;
+      listops_data ;;
     listops-fit)
       # one part of the ListOps fit at the paper's budget (configs/lra/listops.yaml, 37,500 steps): the data as in
       # listops-data, then `hgrn2 fit` for at most LISTOPS_SECONDS (default 480; LISTOPS_FLAGS: more of its flags),
@@ -99,9 +104,7 @@ for job in "$@"; do
       # checkpoints and this part's metrics come back in $OUT/listops/ (put the checkpoints back in
       # runs/lra_listops/checkpoints/ for the next part); once the fit has reached LISTOPS_STEPS (default 37,500),
       # `hgrn2 test` scores the last and the best checkpoint.
-      if [ ! -f data/lra/listops/basic_test.tsv ]; then
-        run listops-data python -m datamodules.lra.generate_listops --out data/lra/listops --workers "$(nproc)"
-      fi
+      listops_data
       part=part-$(date +%s)
       resume=()
       [ -f runs/lra_listops/checkpoints/last.ckpt ] && resume=(--ckpt_path runs/lra_listops/checkpoints/last.ckpt)

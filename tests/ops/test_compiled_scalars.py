@@ -76,8 +76,7 @@ for kernel, signature, constants in launches:
     except Exception as error:
         report[kernel.__name__] = {"error": str(error).splitlines()[-1][:300]}
         continue
-    lines = [line for line in str(module).splitlines() if "f64" in line]
-    report[kernel.__name__] = {"float64_ops": [line.strip() for line in lines][:5]}
+    report[kernel.__name__] = {"float64_ops": [line.strip() for line in str(module).splitlines() if "f64" in line][:5]}
 print(json.dumps(report))
 """
 
