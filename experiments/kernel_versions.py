@@ -68,10 +68,11 @@ VARIANTS = {
     "dqk-bk32-bv32": dict(dqk_bk=32, dqk_bv=32),
     "out-bk32": dict(output_bk=32),
     "out-bk32-bv64": dict(output_bk=32, output_bv=64),
-    # one dq / d log λ program per chunk walks both K tiles after forming do v^T once (half the programs, half the
-    # do v^T products); sm90 compile (Triton 3.6), plain op: 872 spilled bytes a thread against 520, 6,120 SASS
-    # instructions per K tile against 6,216
-    "dqk-kloop": dict(dqk_k_loop=True),
+    # the chunk-parallel deltas in bfloat16 (half their bytes written and read) where few programs take that path
+    "half-deltas": dict(half_deltas=True),
+    "half-deltas-walk-from-1": dict(half_deltas=True, walk_programs_per_sm=0.9),
+    # the gated entry's backward reads the forward's float32 log λ instead of forming it again
+    "keep-log-forget": dict(keep_log_forget=True),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

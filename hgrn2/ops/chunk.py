@@ -66,17 +66,19 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # Steps per chunk (LAUNCH["chunk"]): every chunk-parallel matmul has that many rows. Tiles and warps of each
 # kernel (a tile is capped by the head size). The chunk-parallel kernels hold several
 # [64, 64] float32 tiles, so their warps set how many registers each thread needs and so how many programs
-# share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants). With ``dqk_k_loop`` one
-# dq / d log λ program walks all of a chunk's K tiles instead of one program per K tile.
+# share an SM. Chosen by timing on an H100 (experiments/kernel_versions.py --variants).
 # The chunk states come from one of two paths: with at least ``walk_programs_per_sm`` programs per SM of
 # [walk_tile, walk_tile] state tiles, one kernel walks the chunks and forms each chunk's delta on the way
 # (``state_walk_kernel``); with fewer (few, long sequences), every chunk's delta is formed at once and an
-# elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``).
+# elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``). With ``half_deltas`` that path
+# stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
+# precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
+# the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
-    dqk_bk=64, dqk_bv=64, dqk_warps=8, dqk_k_loop=False, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4,
-    walk_stages=2, walk_programs_per_sm=2.0, small_head_chunk=64, small_head_warps=2, small_head_walk_warps=2,
-    output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
+    walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
+    small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -161,9 +163,11 @@ class _Launch:
         return dict(num_warps=self.warps(kernel)) | (dict(maxnreg=cap) if cap else {})
 
     def deltas(self, q, g, x, scale, backward: bool):
-        """Every chunk's Δ (float32 [chunks, H, K, V]) and decay exp(b_C) (float32 [chunks, H, K])."""
+        """Every chunk's Δ ([chunks, H, K, V], float32 or with ``LAUNCH["half_deltas"]`` the states' dtype) and
+        decay exp(b_C) (float32 [chunks, H, K])."""
         shape = (self.n_chunks, self.heads, self.key_dim, self.value_dim)
-        delta = torch.empty(shape, dtype=torch.float32, device=g.device)
+        dtype = self.state_dtype if LAUNCH["half_deltas"] else torch.float32
+        delta = torch.empty(shape, dtype=dtype, device=g.device)
         decay = torch.empty(self.n_chunks, self.heads, self.key_dim, dtype=torch.float32, device=g.device)
         bv = self.value_tile["delta"]
         tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, bv)
@@ -235,11 +239,10 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     bk = L.key_tile("dqk")
-    k_loop = LAUNCH["dqk_k_loop"]  # one program walks a chunk's K tiles, forming do v^T once
-    dqk_bwd_kernel[((1 if k_loop else triton.cdiv(L.key_dim, bk)) * L.n_chunks, L.heads)](
+    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)](
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
         BV=L.value_tile["dqk"], ACT=L.act,
-        PAIRS=q.dtype == torch.float32, K_LOOP=k_loop, **L.options("dqk"),
+        PAIRS=q.dtype == torch.float32, **L.options("dqk"),
         **(L.flags | L.precise_flags), **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
@@ -272,7 +275,9 @@ class ChunkHGRN2Function(torch.autograd.Function):
         o, h, scores, final_state = _forward(
             q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores
         )
-        ctx.save_for_backward(q, v, g, h, scores)  # the raw projection: log λ is formed again, not kept
+        # the raw projection; log λ is formed again in the backward unless LAUNCH["keep_log_forget"]
+        kept = log_lambda if gated and LAUNCH["keep_log_forget"] else None
+        ctx.save_for_backward(q, v, g, h, scores, kept)
         ctx.launch, ctx.scale = launch, scale
         ctx.lower_bound_shape = None if lower_bound is None else lower_bound.shape
         ctx.lower_bound_dtype = None if lower_bound is None else lower_bound.dtype
@@ -283,10 +288,13 @@ class ChunkHGRN2Function(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, do, d_final):
-        q, v, g, h, scores = ctx.saved_tensors
+        q, v, g, h, scores, kept = ctx.saved_tensors
         need_d_initial = ctx.needs_input_grad[4]
         launch = ctx.launch
-        log_lambda = log_forget(g, launch.bound) if launch.gated else g
+        if kept is not None:
+            log_lambda = kept
+        else:
+            log_lambda = log_forget(g, launch.bound) if launch.gated else g
         dq, dv, dg, d_initial = _backward(
             q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
         )

@@ -117,8 +117,8 @@ def chunk_delta_kernel(
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BACKWARD: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # Δ float32 [chunks, H, K, V] (see chunk_delta); the chunk's decay exp(b_C) float32 [chunks, H, K] (written
-    # by the first V tile)
+    # Δ [chunks, H, K, V] (see chunk_delta; float32, or the states' dtype); the chunk's decay exp(b_C) float32
+    # [chunks, H, K] (written by the first V tile)
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
     i_v = tl.program_id(0) % NV
@@ -134,7 +134,8 @@ def chunk_delta_kernel(
         BACKWARD, ACT, DT, PRECISION, INTERPRET,
     )  # fmt: skip
     base = i_c.to(tl.int64) * H + i_h
-    tl.store(delta_ptr + base * K * V + o_k[:, None] * V + o_v[None, :], delta, mask=m_k[:, None] & m_v[None, :])
+    d_offs = base * K * V + o_k[:, None] * V + o_v[None, :]
+    tl.store(delta_ptr + d_offs, delta.to(delta_ptr.dtype.element_ty), mask=m_k[:, None] & m_v[None, :])
     tl.store(decay_ptr + base * K + o_k, tl.exp(b_end), mask=m_k & (i_v == 0))
 
 
@@ -212,7 +213,7 @@ def state_scan_kernel(
         base = (first_chunk + c_next) * H + i_h
         delta_next = tl.load(delta_ptr + base * K * V + kv_tile, mask=m_kv & has_next, other=0.0)
         decay_next = tl.load(decay_ptr + base * K + o_k, mask=m_k & has_next, other=1.0)
-        state = state * decay[:, None] + delta
+        state = state * decay[:, None] + delta.to(tl.float32)
     if not REVERSE:
         tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
     if STORE_HT:

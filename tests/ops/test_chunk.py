@@ -96,6 +96,43 @@ def test_bfloat16_output_and_dv_stay_near_their_own_rounding_where_gates_forget_
         assert error <= 5 * rounding, f"{name}: relative error {error:.2e}, {error / rounding:.1f}x its rounding"
 
 
+def test_bfloat16_deltas_keep_the_final_state_near_the_float32_deltas_error(monkeypatch):
+    """``LAUNCH["half_deltas"]`` stores the chunk-parallel deltas in bfloat16 (the walk still sums them in float32).
+    Against the float64 loop, the final state's error grew 1.7-1.9x over float32 deltas through the interpreter
+    (long and short memories, 512 steps); o's barely moved."""
+    torch.manual_seed(4)
+    q = kernel_leaf(torch.randn(1, 512, 1, 32), torch.bfloat16)
+    v = kernel_leaf(torch.randn(1, 512, 1, 32), torch.bfloat16)
+    log_forget = kernel_leaf(F.logsigmoid(torch.randn(1, 512, 1, 32) + 4), torch.bfloat16)
+    exact = hgrn2_recurrence_naive(*(x.detach().double().cpu() for x in (q, v, log_forget)), output_final_state=True)
+    errors = {}
+    with chunk_state_path("deltas"):
+        for half in (False, True):
+            monkeypatch.setitem(chunk.LAUNCH, "half_deltas", half)
+            out, state = chunk.chunk_hgrn2(q, v, log_forget, output_final_state=True)
+            errors[half] = relative_error(out, exact[0]), relative_error(state, exact[1])
+    assert errors[True][0] <= 1.5 * errors[False][0], errors
+    assert errors[False][1] <= errors[True][1] <= 2.5 * errors[False][1], errors
+    assert errors[True][1] <= TOL[torch.bfloat16] / 2, errors
+
+
+def test_gated_backward_with_the_kept_log_forget_gives_the_same_gradients(monkeypatch):
+    """``LAUNCH["keep_log_forget"]`` keeps the forward's float32 log λ for the backward instead of forming it again
+    from the raw projection: the same function of the same inputs, so every gradient is the same."""
+    torch.manual_seed(5)
+    leaves = gated_kernel_leaves(1, 100, 2, 16, 16, torch.bfloat16, forget_scale=2)
+    d_out = torch.randn(1, 100, 2, 16, device=DEVICE)
+    grads, passes = {}, _spy(monkeypatch, chunk, "log_forget")
+    for keep in (False, True):
+        monkeypatch.setitem(chunk.LAUNCH, "keep_log_forget", keep)
+        passes.clear()
+        o, _ = chunk.chunk_hgrn2_gated(*leaves, output_gate="silu")
+        grads[keep] = torch.autograd.grad((o.float() * d_out).sum(), leaves)
+        assert len(passes) == (1 if keep else 2)  # the log λ pass: forward, and backward unless kept
+    for name, kept, formed in zip(("dq_proj", "dv", "dforget_proj", "dlower_bound"), grads[True], grads[False]):
+        assert torch.equal(kept, formed), name
+
+
 def _extreme_gates(kind: str, shape) -> torch.Tensor:
     if kind == "uniform_log":  # log λ anywhere in [-30, 0]: forget gates from e^-30 to 1
         return -30 * torch.rand(shape)
@@ -338,10 +375,10 @@ def test_launch_settings_parse_in_their_defaults_types_and_name_what_is_wrong():
     assert launch_setting("dqk_bk=32") == ("dqk_bk", 32)
     assert launch_setting("walk_programs_per_sm=0.5") == ("walk_programs_per_sm", 0.5)
     assert launch_setting("intra_precision=tf32x3") == ("intra_precision", "tf32x3")
-    assert launch_setting("dqk_k_loop=True") == ("dqk_k_loop", True)
-    assert launch_setting("dqk_k_loop=false") == ("dqk_k_loop", False)  # not bool("false"), which is True
+    assert launch_setting("half_deltas=True") == ("half_deltas", True)
+    assert launch_setting("half_deltas=false") == ("half_deltas", False)  # not bool("false"), which is True
     for text, words in (
-        ("dqk_k_loop=0", "takes true or false"),
+        ("half_deltas=0", "takes true or false"),
         ("dqk_bk=wide", "takes values of type int"),
         ("no_such_setting=1", "expected KEY=VALUE"),
         ("dqk_bk", "expected KEY=VALUE"),
