@@ -73,6 +73,14 @@ VARIANTS = {
     "half-deltas-walk-from-1": dict(half_deltas=True, walk_programs_per_sm=0.9),
     # the gated entry's backward reads the forward's float32 log λ instead of forming it again
     "keep-log-forget": dict(keep_log_forget=True),
+    # the state terms of dq and d log λ in a kernel of their own (float32 partial sums written and read back), so
+    # that each of the two holds fewer tiles: sm90 compile (Triton 3.6), plain op, 0 and 104 spilled bytes a thread
+    # against 384 for the one kernel
+    "dqk-split": dict(dqk_split=True, dqk_state_warps=8),
+    "dqk-split-w4": dict(dqk_split=True, dqk_state_warps=4),
+    # the walk loads each chunk's tiles one step ahead (num_stages does not pipeline it: the same SASS at 1, 2, 3)
+    "walk-prefetch": dict(walk_prefetch=True),
+    "walk-prefetch-w8": dict(walk_prefetch=True, walk_warps=8),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

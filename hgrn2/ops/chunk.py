@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
+from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dqk_state_bwd_kernel, dv_bwd_kernel
 from hgrn2.ops.chunk_fwd import (
     chunk_delta_kernel,
     output_fwd_kernel,
@@ -74,11 +74,16 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
 # the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
+# With ``dqk_split`` the terms of dq and d log λ that come through the chunk states are formed by a kernel of their
+# own (``dqk_state_warps`` warps) and written in float32, and dq / d log λ adds the chunk's own terms to them:
+# two kernels that each hold fewer tiles than the one. With ``walk_prefetch`` the walk loads each chunk's tiles one
+# step ahead of its work (Triton 3.6 does not pipeline that loop at any ``walk_stages``).
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
-    small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32", dqk_split=False,
+    dqk_state_warps=4, walk_prefetch=False,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -193,6 +198,7 @@ class _Launch:
             q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
+            PREFETCH=LAUNCH["walk_prefetch"],
             num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
@@ -239,11 +245,19 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     bk = L.key_tile("dqk")
-    dqk_bwd_kernel[(triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)](
-        q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
-        BV=L.value_tile["dqk"], ACT=L.act,
-        PAIRS=q.dtype == torch.float32, **L.options("dqk"),
-        **(L.flags | L.precise_flags), **L.intra,
+    grid = (triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)
+    flags = L.flags | L.precise_flags
+    split = LAUNCH["dqk_split"]
+    parts = (torch.empty_like(q, dtype=torch.float32), torch.empty_like(q, dtype=torch.float32)) if split else (dq, dg)
+    if split:  # the state terms of dq and d log λ first, in float32
+        dqk_state_bwd_kernel[grid](
+            q, g, v, do, h, d_states, *parts, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
+            BV=L.value_tile["dqk"], ACT=L.act, num_warps=LAUNCH["dqk_state_warps"], **flags,
+        )  # fmt: skip
+    dqk_bwd_kernel[grid](
+        q, g, v, do, h, d_states, dq, dg, *parts, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
+        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, SPLIT=split, **L.options("dqk"), **flags,
+        **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](

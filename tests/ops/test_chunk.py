@@ -116,6 +116,32 @@ def test_bfloat16_deltas_keep_the_final_state_near_the_float32_deltas_error(monk
     assert errors[True][1] <= TOL[torch.bfloat16] / 2, errors
 
 
+@pytest.mark.parametrize("setting", ["dqk_split", "walk_prefetch"])
+def test_launch_options_match_the_float64_loop(monkeypatch, setting):
+    """``LAUNCH["dqk_split"]`` (the state terms of dq and d log λ in a kernel of their own) and
+    ``LAUNCH["walk_prefetch"]`` (the walk over chunks loading each chunk one step ahead), off by default: the plain
+    op in float32 over a ragged three-chunk sequence with an initial state, and the gated entry in bfloat16 with
+    the output gate and a lower bound, against the float64 loop."""
+    monkeypatch.setitem(chunk.LAUNCH, setting, True)
+    torch.manual_seed(6)
+    q = kernel_leaf(torch.randn(1, 150, 2, 20), torch.float32)
+    v = kernel_leaf(torch.randn(1, 150, 2, 36), torch.float32)
+    log_forget = kernel_leaf(F.logsigmoid(2 * torch.randn(1, 150, 2, 20)), torch.float32)
+    h0 = kernel_leaf(torch.randn(1, 2, 20, 36), torch.float32)
+    check_hgrn2_kernel(chunk.chunk_hgrn2, q, v, log_forget, scale=0.7, initial_state=h0, tol=TOL[torch.float32])
+    leaves = gated_kernel_leaves(1, 150, 2, 16, 24, torch.bfloat16, forget_scale=2)
+
+    def run(q_proj, v, forget_proj, beta):
+        return chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, beta, output_gate="silu", output_final_state=True)
+
+    def reference(q_proj, v, forget_proj, beta):
+        q, g = activation(q_proj, "silu"), lower_bounded_log_forget(forget_proj, beta)
+        return hgrn2_recurrence_naive(q, v, g, output_final_state=True)
+
+    names = ("dq_proj", "dv", "dforget_proj", "dlower_bound")
+    check_against_float64(run, reference, list(leaves), names, TOL[torch.bfloat16])
+
+
 def test_gated_backward_with_the_kept_log_forget_gives_the_same_gradients(monkeypatch):
     """``LAUNCH["keep_log_forget"]`` keeps the forward's float32 log λ for the backward instead of forming it again
     from the raw projection: the same function of the same inputs, so every gradient is the same."""
