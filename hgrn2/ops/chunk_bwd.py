@@ -95,27 +95,29 @@ def causal_score_grads(raw, o_t, scale):
 
 
 @triton.jit
-def dqk_bwd_kernel(
-    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, part_q_ptr, part_g_ptr, cu_seqlens, chunk_indices,
-    scale: tl.constexpr, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
-    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
-):  # fmt: skip
-    # one program per (K tile, chunk, head). With SPLIT, dqk_state_bwd_kernel has already written the state terms
-    # of dq and d log λ (float32) into part_q_ptr and part_g_ptr: this kernel adds the chunk's own terms to them
+def key_tile_program(
+    T, cu_seqlens, chunk_indices, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr
+):
+    """This program's K tile, chunk and head (grid: K tiles x chunks, heads), the chunk's steps and their mask, its
+    first token, the slot of its entering state, and the tile's channels and their mask."""
     NK: tl.constexpr = (K + BK - 1) // BK
-    NV: tl.constexpr = (V + BV - 1) // BV
     i_k, i_c, i_h = tl.program_id(0) % NK, tl.program_id(0) // NK, tl.program_id(1)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
     o_t = tl.arange(0, C)
-    m_t = c * C + o_t < length
-    row0 = bos + c * C
-    slot = i_c.to(tl.int64) + i_n
     o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    # over V: the score gradients dA = do v^T, do against the entering state (-> dq), v against the gradient of
-    # the leaving state (-> dk), and Σ_v S_in ⊙ dS_out (-> d log λ of every step)
+    return i_k, i_c, i_h, o_t, c * C + o_t < length, bos + c * C, i_c.to(tl.int64) + i_n, o_k, o_k < K
+
+
+@triton.jit
+def state_products(
+    do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
+    V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr, SCORES: tl.constexpr, STATES: tl.constexpr,
+):  # fmt: skip
+    """Sums over V for one K tile of a chunk: with SCORES the score gradients dA = do v^T [C, C]; with STATES do
+    against the entering state (-> dq) and v against the gradient of the leaving state (-> dk), [C, BK] each, and
+    Σ_v S_in ⊙ dS_out [BK] (-> d log λ of every step)."""
+    NV: tl.constexpr = (V + BV - 1) // BV
     raw = tl.zeros([C, C], dtype=tl.float32)
     dq_state = tl.zeros([C, BK], dtype=tl.float32)
     dk_state = tl.zeros([C, BK], dtype=tl.float32)
@@ -129,16 +131,35 @@ def dqk_bwd_kernel(
         m_tv = m_t[:, None] & m_v[None, :]
         do = tl.load(do_ptr + v_offs, mask=m_tv, other=0.0)
         v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
-        if not SPLIT:
+        if STATES:
             s_in = tl.load(h_ptr + (slot * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
             ds_out = tl.load(
                 dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0
             ).to(tl.float32)  # fmt: skip
-        raw += matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)
-        if not SPLIT:
+        if SCORES:
+            raw += matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)
+        if STATES:
             dq_state += matmul(do, tl.trans(s_in), DT, PRECISION, INTERPRET)
             dk_state += matmul(v, tl.trans(ds_out), DT, PRECISION, INTERPRET)
             through += tl.sum(s_in * ds_out, 1)
+    return raw, dq_state, dk_state, through
+
+
+@triton.jit
+def dqk_bwd_kernel(
+    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, part_q_ptr, part_g_ptr, cu_seqlens, chunk_indices,
+    scale: tl.constexpr, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
+):  # fmt: skip
+    # one program per (K tile, chunk, head). With SPLIT, dqk_state_bwd_kernel has already written the state terms
+    # of dq and d log λ (float32) into part_q_ptr and part_g_ptr: this kernel adds the chunk's own terms to them
+    i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
+    raw, dq_state, dk_state, through = state_products(
+        do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
+        INTERPRET, True, not SPLIT,
+    )  # fmt: skip
     # q and the log gates of this K tile, loaded after the walk over V so that they are not live during it
     o_k, m_k, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
     k = one_minus_exp(g)
@@ -177,33 +198,11 @@ def dqk_state_bwd_kernel(
     # float32 dq_ptr and dg_ptr for dqk_bwd_kernel with SPLIT: dq from the entering state, and in d log λ the pairs
     # from earlier chunks, the pairs into later chunks, the pairs across the chunk, and - λ ⊙ dk from the leaving
     # state (the module docstring's sums, each over the same pairs as in dqk_bwd_kernel)
-    NK: tl.constexpr = (K + BK - 1) // BK
-    NV: tl.constexpr = (V + BV - 1) // BV
-    i_k, i_c, i_h = tl.program_id(0) % NK, tl.program_id(0) // NK, tl.program_id(1)
-    i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
-    o_t = tl.arange(0, C)
-    m_t = c * C + o_t < length
-    row0 = bos + c * C
-    slot = i_c.to(tl.int64) + i_n
-    o_k = i_k * BK + tl.arange(0, BK)
-    m_k = o_k < K
-    dq_state = tl.zeros([C, BK], dtype=tl.float32)
-    dk_state = tl.zeros([C, BK], dtype=tl.float32)
-    through = tl.zeros([BK], dtype=tl.float32)
-    for i_v in range(NV):
-        o_v = i_v * BV + tl.arange(0, BV)
-        m_v = o_v < V
-        m_kv = m_k[:, None] & m_v[None, :]
-        kv_tile = o_k[:, None] * V + o_v[None, :]
-        v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        do = tl.load(do_ptr + v_offs, mask=m_tv, other=0.0)
-        v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
-        s_in = tl.load(h_ptr + (slot * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-        ds_out = tl.load(dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-        dq_state += matmul(do, tl.trans(s_in), DT, PRECISION, INTERPRET)
-        dk_state += matmul(v, tl.trans(ds_out), DT, PRECISION, INTERPRET)
-        through += tl.sum(s_in * ds_out, 1)
+    i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
+    _, dq_state, dk_state, through = state_products(
+        do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
+        INTERPRET, False, True,
+    )  # fmt: skip
     o_k, m_k, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
     dq_in = tl.exp(b) * dq_state * scale
     dk_out = tl.exp(log_decay_to_end(g)) * dk_state
