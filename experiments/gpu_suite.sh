@@ -19,7 +19,8 @@
 #   over several suites (config-seeds with CONFIG=configs/lra/listops.yaml, --trainer.max_time in CONFIG_FLAGS and,
 #   from the second suite on, --ckpt_path <the last suite's checkpoint>) resumes on the data it started on.
 # - kernel-profile: per-kernel CUDA times of the chunked op, plain and gated (experiments/kernel_profile.py), at
-#   16K tokens (T = 1K) and 64K tokens (T = 4K); kernel-variants: experiments/kernel_versions.py --variants --fla;
+#   16K tokens (T = 1K) and 64K tokens (T = 4K); kernel-variants: experiments/kernel_versions.py --variants --fla
+#   (KERNEL_VARIANTS: a comma-separated choice of its variants, default all);
 #   kernel-ncu: Nsight Compute's throughput, occupancy, launch, warp-stall and memory sections of the chunk kernels
 #   (NCU_KERNELS, a regex, and NCU_LAUNCHES choose which and how many launches) as CSV.
 # LRA data drawn beforehand (experiments/lra_learning.py's runs/lra_learning/<name>/) can be brought packed as
@@ -140,14 +141,15 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
         --out "$RESULTS/kernel-profile-64k.json"
       cp "$RESULTS"/kernel-profile-*.json "$OUT/" ;;
     kernel-ncu)  # Nsight Compute on the chunk kernels of one gated forward + backward (B = 4, T = 4096)
-      kernels="dqk_bwd|state_walk|chunk_delta|state_scan|output_fwd|dv_bwd|log_forget|gate_grad"
+      kernels="dqk_bwd|dqk_state|state_walk|chunk_delta|state_scan|output_fwd|dv_bwd|log_forget|gate_grad"
       run kernel-ncu ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-$kernels}" \
         --launch-count "${NCU_LAUNCHES:-16}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --csv --page details \
         --log-file "$RESULTS/kernel-ncu.csv" python experiments/kernel_versions.py --profile
       cp "$RESULTS/kernel-ncu.csv" "$OUT/" ;;
     kernel-variants)
-      run kernel-variants python experiments/kernel_versions.py --variants --fla --out "$RESULTS/kernel-variants.json"
+      run kernel-variants python experiments/kernel_versions.py --variants --fla ${KERNEL_VARIANTS:+--only "$KERNEL_VARIANTS"} \
+        --out "$RESULTS/kernel-variants.json"
       cp "$RESULTS/kernel-variants.json" "$OUT/" ;;
     mqar)
       run mqar python experiments/mqar_sweep.py --out "$RESULTS/mqar" ${MQAR_FLAGS:-}
