@@ -32,7 +32,9 @@ import argparse
 import gc
 import importlib
 import platform
+import sys
 import time
+import traceback
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -337,7 +339,12 @@ def main(argv: list[str] | None = None) -> dict:
         triton_version = None
     jobs = []
     for job in args.jobs:
-        jobs.append(run_job(job, args, device, dtype))
+        try:
+            jobs.append(run_job(job, args, device, dtype))
+        except Exception as error:  # recorded whole, and the other jobs still run; the exit status says so
+            trace = traceback.format_exc()
+            print(trace, file=sys.stderr, flush=True)
+            jobs.append({"job": job, "error": f"failed: {type(error).__name__}: {error}", "traceback": trace})
         print(summary(jobs[-1]), flush=True)
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
@@ -356,6 +363,9 @@ def main(argv: list[str] | None = None) -> dict:
     out = args.out or Path(__file__).parent / "results" / f"{device_slug(device)}-small-state.json"
     write_json_atomically(out, result)
     print(f"wrote {out}")
+    failed = [job["job"] for job in jobs if "traceback" in job]
+    if failed:
+        raise SystemExit(f"{', '.join(failed)} failed (tracebacks above and in {out})")
     return result
 
 

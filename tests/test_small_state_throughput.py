@@ -83,3 +83,22 @@ def test_compiled_blocks_train_and_are_recorded(benchmark, tmp_path, monkeypatch
     assert all(run["compiled_blocks"] is True and run["images_per_s"] > 0 for run in jobs["vision"]["runs"])
     # the LRA encoder's 5 blocks, then HGRN2-Tiny's and DeiT-Tiny's 12 each
     assert len(compiled) == 5 + 12 + 12 and torch._dynamo.utils.counters["stats"]["unique_graphs"] > 0
+
+
+def test_a_failing_job_is_recorded_with_its_traceback_and_the_others_still_run(benchmark, tmp_path, monkeypatch):
+    run_job = benchmark.run_job
+
+    def fail_on_listops(job, *args):
+        if job == "listops":
+            raise RuntimeError("kernel launch refused")
+        return run_job(job, *args)
+
+    monkeypatch.setattr(benchmark, "run_job", fail_on_listops)
+    out = tmp_path / "small-state.json"
+    with pytest.raises(SystemExit, match="listops failed"):
+        benchmark.main([*TINY, "--jobs", "listops,pathfinder", "--out", str(out)])
+    jobs = {job["job"]: job for job in json.loads(out.read_text())["jobs"]}
+
+    assert jobs["listops"]["error"] == "failed: RuntimeError: kernel launch refused"
+    assert "fail_on_listops" in jobs["listops"]["traceback"]
+    assert jobs["pathfinder"]["steps_per_s"] > 0
