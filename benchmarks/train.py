@@ -8,7 +8,9 @@ vocabulary (fla's default, 32000) so that the heads cost the same. ``hgrn2`` tra
 the blockwise loss (``return_logits=False``); ``hgrn2-unfused`` is the same model on the plain modules with
 full logits, for reference; ``hgrn2-precise`` is ``hgrn2`` with float32 chunk states and TF32 matmuls
 where the lower bound's gradient is formed (``precise_bound_grad=True``; the default keeps half-precision
-states). ``--profile`` adds a torch.profiler table of one step of each HGRN2 model. Run on a GPU::
+states). A name may carry launch settings of the chunked kernels (``hgrn2.ops.chunk.LAUNCH``) after ``+``, e.g.
+``hgrn2+half_deltas=true``: that model runs with them, the others with the defaults, so that one run times
+both. ``--profile`` adds a torch.profiler table of one step of each HGRN2 model. Run on a GPU::
 
     PYTHONPATH=$PWD python benchmarks/train.py --out benchmarks/results
 
@@ -18,6 +20,7 @@ fla and transformers are optional: a model whose package is missing is skipped.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import statistics
@@ -147,7 +150,44 @@ def profile_step(step, name, seq_len, batch, out: Path) -> dict:
     return {g: ms / 1e3 for g, ms in groups.items()}
 
 
-def measure(name, args, seq_len, batch):
+def model_spec(spec: str) -> tuple[str, dict]:
+    """``"hgrn2+key=value+..."`` as the builder's name and its launch settings (``hgrn2.ops.chunk.LAUNCH``
+    entries, typed as their defaults). Raises ``ValueError`` naming an unknown model or setting."""
+    name, *settings = spec.split("+")
+    if name not in BUILDERS:
+        raise ValueError(f"unknown model {name!r} in {spec!r}; choose from {sorted(BUILDERS)}")
+    if not settings:
+        return name, {}
+    from hgrn2.ops.chunk import launch_setting
+
+    return name, dict(launch_setting(text) for text in settings)
+
+
+@contextlib.contextmanager
+def launch_settings(settings: dict):
+    """The chunked kernels' launch settings changed for the duration, then restored."""
+    if not settings:
+        yield
+        return
+    from hgrn2.ops import chunk
+
+    saved = dict(chunk.LAUNCH)
+    chunk.LAUNCH.update(settings)
+    try:
+        yield
+    finally:
+        chunk.LAUNCH.clear()
+        chunk.LAUNCH.update(saved)
+
+
+def measure(spec, args, seq_len, batch):
+    name, settings = model_spec(spec)
+    with launch_settings(settings):
+        result = measure_model(name, args, seq_len, batch)
+    return {**result, "model": spec, **({"launch": settings} if settings else {})}
+
+
+def measure_model(name, args, seq_len, batch):
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -224,7 +264,11 @@ def print_table(results):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", default="hgrn2,fla,llama", help=f"comma-separated, from {sorted(BUILDERS)}")
+    parser.add_argument(
+        "--models",
+        default="hgrn2,fla,llama",
+        help=f"comma-separated, from {sorted(BUILDERS)}, each with optional +KEY=VALUE launch settings",
+    )
     parser.add_argument("--shapes", default="2048x8,8192x2", help="comma-separated TxB")
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=2)
@@ -233,9 +277,11 @@ def main():
     parser.add_argument("--profile", default="", help="comma-separated models to profile for one step per shape")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    unknown = sorted(set(args.models.split(",")) - set(BUILDERS))
-    if unknown:
-        parser.error(f"unknown models {unknown}; choose from {sorted(BUILDERS)}")
+    for spec in args.models.split(","):
+        try:
+            model_spec(spec)
+        except ValueError as error:
+            parser.error(str(error))
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes.split(",")]
     args.shapes_max_len = max(t for t, _ in shapes)
     results = []
