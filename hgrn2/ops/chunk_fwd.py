@@ -29,14 +29,14 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.kernel_utils import (
-    LOG_FORGET_FLOOR,
+    bound_log_forget,
     chunk_bounds,
+    gate_query,
     load_log_forget,
     load_query,
     log_decay_to_end,
     matmul,
     one_minus_exp,
-    output_gate,
     sequence_bounds,
 )
 
@@ -112,10 +112,10 @@ def chunk_delta_from(
 ):  # fmt: skip
     """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK] from the tiles of chunk_delta_inputs:
     forward x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do."""
-    g = tl.minimum(tl.maximum(g.to(tl.float32), LOG_FORGET_FLOOR), 0.0)  # as load_log_forget
+    g = bound_log_forget(g)
     b_end = tl.sum(g, 0)  # [BK]
     if BACKWARD:
-        q = tl.where(m_t[:, None] & m_k[None, :], output_gate(q.to(tl.float32), ACT), 0.0)  # as load_query
+        q = gate_query(q, m_t[:, None] & m_k[None, :], ACT)
         w = q * tl.exp(tl.cumsum(g, 0)) * scale
     else:
         w = one_minus_exp(g) * tl.exp(log_decay_to_end(g))
