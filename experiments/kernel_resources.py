@@ -37,29 +37,37 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
               torch.int64: "i64", torch.float64: "fp64"}  # fmt: skip
 
 
-def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict]]:
-    """(kernel, signature, constants, options) of every launch ``run_op`` makes, with no kernel run."""
+def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict, dict]]:
+    """(kernel, signature, constants, options, attributes) of every launch ``run_op`` makes, with no kernel run.
+
+    The attributes are the specialisation Triton's JIT gives a launch: a pointer whose address, or an integer whose
+    value, is a multiple of 16 is marked divisible by 16. Without them the compiler cannot vectorise loads or
+    pipeline loops with asynchronous copies, and the compile would not be the one the GPU runs."""
     launches = []
     original = JITFunction.run
 
     def record(self, *args, grid, warmup, **kwargs):
         bound = dict(zip([p.name for p in self.params], args)) | kwargs
-        signature, constants = {}, {}
-        for param in self.params:
+        signature, constants, attributes = {}, {}, {}
+        for index, param in enumerate(self.params):
             value = bound.get(param.name, param.default)
             if param.is_constexpr or value is None:
                 signature[param.name] = "constexpr"
                 constants[param.name] = value
             elif isinstance(value, torch.Tensor):
                 signature[param.name] = "*" + TYPE_NAMES[value.dtype]
+                if value.data_ptr() % 16 == 0:
+                    attributes[(index,)] = [["tt.divisibility", 16]]
             elif isinstance(value, bool):
                 signature[param.name] = "i1"
             elif isinstance(value, int):
                 signature[param.name] = "i32" if abs(value) < 2**31 else "i64"
+                if value % 16 == 0 and not getattr(param, "do_not_specialize", False):
+                    attributes[(index,)] = [["tt.divisibility", 16]]
             else:
                 signature[param.name] = "fp32"
         options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
-        launches.append((self, signature, constants, options))
+        launches.append((self, signature, constants, options, attributes))
         return None
 
     JITFunction.run = record
@@ -70,11 +78,14 @@ def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict]]:
     return launches
 
 
-def resources(kernel: JITFunction, signature: dict, constants: dict, options: dict, arch: int) -> dict:
-    """Registers per thread, spill bytes and static shared memory of one compiled launch."""
+def resources(
+    kernel: JITFunction, signature: dict, constants: dict, options: dict, arch: int, attributes: dict | None = None
+) -> dict:
+    """Registers per thread, spill bytes and static shared memory of one compiled launch (``attributes``: the
+    JIT's specialisation, as ``capture`` records it)."""
     compiled = triton.compile(
-        ASTSource(fn=kernel, signature=signature, constexprs=constants), target=GPUTarget("cuda", arch, 32),
-        options=options,
+        ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
+        target=GPUTarget("cuda", arch, 32), options=options,
     )  # fmt: skip
     tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:
@@ -153,8 +164,8 @@ def main() -> None:
     report = {}
     for op in args.op:
         rows = []
-        for kernel, signature, constants, options in capture(call(op)):
-            row = {"kernel": kernel.__name__} | resources(kernel, signature, constants, options, args.arch)
+        for kernel, signature, constants, options, attributes in capture(call(op)):
+            row = {"kernel": kernel.__name__} | resources(kernel, signature, constants, options, args.arch, attributes)
             rows.append(row)
             print(f"{op:14s} {row['kernel']:22s} regs {row['registers']:4d}  spilled {row['stack_bytes']:5d} B  "
                   f"shared {row['shared_bytes']:6d} B  warps {row['num_warps']}  "

@@ -74,11 +74,12 @@ VARIANTS = {
     # the gated entry's backward reads the forward's float32 log λ instead of forming it again
     "keep-log-forget": dict(keep_log_forget=True),
     # the state terms of dq and d log λ in a kernel of their own (float32 partial sums written and read back), so
-    # that each of the two holds fewer tiles: sm90 compile (Triton 3.6), plain op, 0 and 104 spilled bytes a thread
-    # against 384 for the one kernel
+    # that each of the two holds fewer tiles: sm90 compile (Triton 3.6), plain op, 200 and 255 registers, no spills,
+    # against 255 registers and 136 spilled bytes a thread for the one kernel
     "dqk-split": dict(dqk_split=True, dqk_state_warps=8),
     "dqk-split-w4": dict(dqk_split=True, dqk_state_warps=4),
-    # the walk loads each chunk's tiles one step ahead (num_stages does not pipeline it: the same SASS at 1, 2, 3)
+    # the walk loads each chunk's tiles one step ahead into registers instead of Triton's pipelining through shared
+    # memory
     "walk-prefetch": dict(walk_prefetch=True),
     "walk-prefetch-w8": dict(walk_prefetch=True, walk_warps=8),
     "default": {},

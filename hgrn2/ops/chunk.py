@@ -77,7 +77,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # With ``dqk_split`` the terms of dq and d log λ that come through the chunk states are formed by a kernel of their
 # own (``dqk_state_warps`` warps) and written in float32, and dq / d log λ adds the chunk's own terms to them:
 # two kernels that each hold fewer tiles than the one. With ``walk_prefetch`` the walk loads each chunk's tiles one
-# step ahead of its work (Triton 3.6 does not pipeline that loop at any ``walk_stages``).
+# step ahead of its work into registers, instead of Triton's pipelining of that loop over ``walk_stages`` (which
+# stages the loads through shared memory).
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,

@@ -25,11 +25,12 @@ def step():
     o = small_state.SmallStateHGRN2Function.apply(q, v, g, None, 1.0, False, None)[0]
     torch.autograd.grad(o, (q, v, g), torch.ones_like(o))
 launches = kr.capture(step)
-kernel, signature, constants, options = launches[0]
+kernel, signature, constants, options, attributes = launches[0]
 print(json.dumps({
     "kernels": [launch[0].__name__ for launch in launches], "steps_per_load": small_state.STEPS_PER_LOAD,
     "signature": signature, "constants": {k: str(v) for k, v in constants.items()}, "options": options,
-    "resources": kr.resources(kernel, signature, constants, options, 90),
+    "attributes": {kernel.arg_names[k[0]]: v for k, v in attributes.items()},
+    "resources": kr.resources(kernel, signature, constants, options, 90, attributes),
 }))
 """
 
@@ -44,6 +45,8 @@ def test_a_call_is_captured_launch_by_launch_and_compiled_for_hopper():
     assert report["signature"]["q_ptr"] == "*fp32" and report["signature"]["T"] == "i32"
     assert report["constants"]["K"] == "4" and report["constants"]["BT"] == str(report["steps_per_load"])
     assert report["constants"]["HAS_H0"] == "False" and report["signature"]["HAS_H0"] == "constexpr"
+    # as Triton's JIT specialises them: allocations are 16-byte aligned, T = 20 is not a multiple of 16
+    assert report["attributes"]["q_ptr"] == [["tt.divisibility", 16]] and "T" not in report["attributes"]
     resources = report["resources"]
     assert 0 < resources["registers"] <= 255 and resources["stack_bytes"] >= 0
     assert resources["num_warps"] == report["options"]["num_warps"]

@@ -56,7 +56,7 @@ def ops():
 # capture types a Python float argument as Triton does (fp32); Inductor types it fp64
 launches = [
     (kernel, {name: "fp64" if kind == "fp32" else kind for name, kind in signature.items()}, constants)
-    for kernel, signature, constants, _ in capture(ops)
+    for kernel, signature, constants, *_ in capture(ops)
 ]
 
 target = GPUTarget("cuda", 90, 32)
