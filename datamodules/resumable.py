@@ -28,7 +28,9 @@ class ResumableSampler(DistributedSampler):
     """``DistributedSampler``'s order for one rank (a function of seed and epoch), able to start mid-epoch.
 
     Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it. ``start`` items are
-    skipped by the next iteration only (a run resumed from a mid-epoch checkpoint).
+    skipped by the next iteration only (a run resumed from a mid-epoch checkpoint), and only if that iteration
+    is of ``start_epoch`` (when set): a checkpoint saved at an epoch's last batch records the whole epoch as
+    trained, and Lightning resumes it with the next epoch, which must then start from its first item.
     """
 
     def __init__(
@@ -43,10 +45,14 @@ class ResumableSampler(DistributedSampler):
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
+        self.start_epoch: int | None = None
         self.tag_epoch = tag_epoch  # yield (epoch, index) pairs, the keys of SeededItems
 
     def __iter__(self):
         start, self.start = self.start, 0
+        if self.start_epoch is not None and self.start_epoch != self.epoch:
+            start = 0
+        self.start_epoch = None
         order = list(super().__iter__())[start:]
         return iter([(self.epoch, index) for index in order] if self.tag_epoch else order)
 
@@ -119,6 +125,7 @@ class ResumableDataLoader(DataLoader):
             return
         self.sampler.set_epoch(state["epoch"])
         self.sampler.start = state["batches"] * self.batch_size
+        self.sampler.start_epoch = state["epoch"]
 
 
 def replicas(trainer: pl.Trainer | None) -> tuple[int, int]:

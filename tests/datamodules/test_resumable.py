@@ -27,6 +27,13 @@ def test_resumable_sampler_matches_distributed_sampler_and_skips_once():
     sampler.start = 10
     assert list(sampler) == full[10:]
     assert list(sampler) == full
+    # a position recorded in epoch 2 is not applied to epoch 3 (a checkpoint at epoch 2's last batch)
+    sampler.start, sampler.start_epoch = 10, 2
+    sampler.set_epoch(3)
+    reference.set_epoch(3)
+    assert list(sampler) == list(reference)
+    sampler.start, sampler.start_epoch = 10, 3
+    assert list(sampler) == list(reference)[10:]
 
 
 def tiny_classifier(seed: int) -> SequenceClassifier:
@@ -46,25 +53,33 @@ def fit(data_dir, max_steps: int, callbacks, seed: int = 0, max_epochs: int | No
     return trainer
 
 
-@pytest.mark.parametrize("max_epochs", [None, 3], ids=["max_steps", "max_epochs_and_max_steps"])
+@pytest.mark.parametrize(
+    "max_epochs, saved_at",
+    [(None, 7), (3, 7), (3, 5)],
+    ids=["max_steps", "max_epochs_and_max_steps", "checkpoint_at_an_epochs_last_batch"],
+)
 def test_an_lra_fit_resumed_mid_epoch_continues_the_loss_curve_of_an_uninterrupted_one(
-    pathfinder_baseline_dir, tmp_path, max_epochs
+    pathfinder_baseline_dir, tmp_path, max_epochs, saved_at
 ):
     # 32 training images in batches of 6: 5 batches an epoch, so the interruption at step 7 is mid-epoch. With
     # max_epochs set the schedule's length needs the epoch's length, which Lightning counts by setting up the
-    # training data: before the restore, that loader would never be given the checkpoint's position.
+    # training data: before the restore, that loader would never be given the checkpoint's position. A checkpoint
+    # at step 5, the first epoch's last batch, records that epoch as trained: Lightning resumes with the second
+    # epoch, whose data must then start from its first batch (skipping 5 batches of it would leave it empty and,
+    # under max_epochs, end the fit an epoch early).
     straight = LossRecorder()
     fit(pathfinder_baseline_dir, 12, [straight], max_epochs=max_epochs)
-    first = LossRecorder(stop_at=7)
-    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=7, save_top_k=0)
+    first = LossRecorder(stop_at=saved_at)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=saved_at, save_top_k=0)
     fit(pathfinder_baseline_dir, 12, [first, checkpoint], max_epochs=max_epochs)
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
-    assert state["combined_loader"][0] == {"epoch": 1, "batches": 2, "seed": 4, "num_samples": 32}
+    epoch, batches = divmod(saved_at, 5) if saved_at % 5 else (saved_at // 5 - 1, 5)
+    assert state["combined_loader"][0] == {"epoch": epoch, "batches": batches, "seed": 4, "num_samples": 32}
     resumed = LossRecorder()
     fit(pathfinder_baseline_dir, 12, [resumed], seed=1, max_epochs=max_epochs, ckpt_path=tmp_path / "last.ckpt")
-    assert len(straight.losses) == 12 and len(first.losses) == 7 and len(resumed.losses) == 5
-    assert first.losses == pytest.approx(straight.losses[:7], rel=1e-6)
-    assert resumed.losses == pytest.approx(straight.losses[7:], rel=1e-5)
+    assert len(straight.losses) == 12 and len(first.losses) == saved_at and len(resumed.losses) == 12 - saved_at
+    assert first.losses == pytest.approx(straight.losses[:saved_at], rel=1e-6)
+    assert resumed.losses == pytest.approx(straight.losses[saved_at:], rel=1e-5)
 
 
 def test_the_lra_training_loader_is_resumable_and_evaluation_keeps_every_sample(pathfinder_baseline_dir):
