@@ -141,7 +141,7 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
         --out "$RESULTS/kernel-profile-64k.json"
       cp "$RESULTS"/kernel-profile-*.json "$OUT/" ;;
     kernel-ncu)  # Nsight Compute on the chunk kernels of one gated forward + backward (B = 4, T = 4096)
-      kernels="dqk_bwd|dqk_state|state_walk|chunk_delta|state_scan|output_fwd|dv_bwd|log_forget|gate_grad"
+      kernels="dqk_bwd|state_walk|chunk_delta|state_scan|output_fwd|dv_bwd|log_forget|gate_grad"
       run kernel-ncu ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-$kernels}" \
         --launch-count "${NCU_LAUNCHES:-16}" --section SpeedOfLight --section Occupancy --section LaunchStats \
         --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --csv --page details \

@@ -73,15 +73,9 @@ VARIANTS = {
     "half-deltas-walk-from-1": dict(half_deltas=True, walk_programs_per_sm=0.9),
     # the gated entry's backward reads the forward's float32 log λ instead of forming it again
     "keep-log-forget": dict(keep_log_forget=True),
-    # the state terms of dq and d log λ in a kernel of their own (float32 partial sums written and read back), so
-    # that each of the two holds fewer tiles: sm90 compile (Triton 3.6), plain op, 200 and 255 registers, no spills,
-    # against 255 registers and 136 spilled bytes a thread for the one kernel
-    "dqk-split": dict(dqk_split=True, dqk_state_warps=8),
-    "dqk-split-w4": dict(dqk_split=True, dqk_state_warps=4),
     # the walk loads each chunk's tiles one step ahead into registers instead of Triton's pipelining through shared
     # memory
     "walk-prefetch": dict(walk_prefetch=True),
-    "walk-prefetch-w8": dict(walk_prefetch=True, walk_warps=8),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dqk_state_bwd_kernel, dv_bwd_kernel
+from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
 from hgrn2.ops.chunk_fwd import (
     chunk_delta_kernel,
     output_fwd_kernel,
@@ -74,17 +74,14 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
 # the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
-# With ``dqk_split`` the terms of dq and d log λ that come through the chunk states are formed by a kernel of their
-# own (``dqk_state_warps`` warps) and written in float32, and dq / d log λ adds the chunk's own terms to them:
-# two kernels that each hold fewer tiles than the one. With ``walk_prefetch`` the walk loads each chunk's tiles one
-# step ahead of its work into registers, instead of Triton's pipelining of that loop over ``walk_stages`` (which
-# stages the loads through shared memory).
+# With ``walk_prefetch`` the walk loads each chunk's tiles one step ahead of its work into registers, instead of
+# Triton's pipelining of that loop over ``walk_stages`` (which stages the loads through shared memory).
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
-    small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32", dqk_split=False,
-    dqk_state_warps=4, walk_prefetch=False,
+    small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    walk_prefetch=False,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -223,11 +220,11 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     h = torch.empty(L.n_chunks + L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=L.state_dtype, device=q.device)
     final_state = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     h0 = initial_state.contiguous() if initial_state is not None else None
-    L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     o = torch.empty_like(v)
     scores = torch.empty(
         q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, dtype=L.scores_dtype, device=q.device
     )
+    L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
@@ -248,17 +245,9 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     bk = L.key_tile("dqk")
     grid = (triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)
     flags = L.flags | L.precise_flags
-    split = LAUNCH["dqk_split"]
-    parts = (torch.empty_like(q, dtype=torch.float32), torch.empty_like(q, dtype=torch.float32)) if split else (dq, dg)
-    if split:  # the state terms of dq and d log λ first, in float32
-        dqk_state_bwd_kernel[grid](
-            q, g, v, do, h, d_states, *parts, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
-            BV=L.value_tile["dqk"], ACT=L.act, num_warps=LAUNCH["dqk_state_warps"], **flags,
-        )  # fmt: skip
     dqk_bwd_kernel[grid](
-        q, g, v, do, h, d_states, dq, dg, *parts, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
-        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, SPLIT=split, **L.options("dqk"), **flags,
-        **L.intra,
+        q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
+        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](

@@ -112,11 +112,11 @@ def key_tile_program(
 def state_products(
     do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, SCORES: tl.constexpr, STATES: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    """Sums over V for one K tile of a chunk: with SCORES the score gradients dA = do v^T [C, C]; with STATES do
-    against the entering state (-> dq) and v against the gradient of the leaving state (-> dk), [C, BK] each, and
-    Σ_v S_in ⊙ dS_out [BK] (-> d log λ of every step)."""
+    """Sums over V for one K tile of a chunk: the score gradients dA = do v^T [C, C], do against the entering state
+    (-> dq) and v against the gradient of the leaving state (-> dk), [C, BK] each, and Σ_v S_in ⊙ dS_out [BK]
+    (-> d log λ of every step)."""
     NV: tl.constexpr = (V + BV - 1) // BV
     raw = tl.zeros([C, C], dtype=tl.float32)
     dq_state = tl.zeros([C, BK], dtype=tl.float32)
@@ -131,86 +131,47 @@ def state_products(
         m_tv = m_t[:, None] & m_v[None, :]
         do = tl.load(do_ptr + v_offs, mask=m_tv, other=0.0)
         v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
-        if STATES:
-            s_in = tl.load(h_ptr + (slot * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-            ds_out = tl.load(
-                dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0
-            ).to(tl.float32)  # fmt: skip
-        if SCORES:
-            raw += matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)
-        if STATES:
-            dq_state += matmul(do, tl.trans(s_in), DT, PRECISION, INTERPRET)
-            dk_state += matmul(v, tl.trans(ds_out), DT, PRECISION, INTERPRET)
-            through += tl.sum(s_in * ds_out, 1)
+        s_in = tl.load(h_ptr + (slot * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
+        ds_out = tl.load(dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
+        raw += matmul(do, tl.trans(v), DT, PRECISION, INTERPRET)
+        dq_state += matmul(do, tl.trans(s_in), DT, PRECISION, INTERPRET)
+        dk_state += matmul(v, tl.trans(ds_out), DT, PRECISION, INTERPRET)
+        through += tl.sum(s_in * ds_out, 1)
     return raw, dq_state, dk_state, through
 
 
 @triton.jit
 def dqk_bwd_kernel(
-    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, part_q_ptr, part_g_ptr, cu_seqlens, chunk_indices,
-    scale: tl.constexpr, T,
+    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
-    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr, SPLIT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
-    # one program per (K tile, chunk, head). With SPLIT, dqk_state_bwd_kernel has already written the state terms
-    # of dq and d log λ (float32) into part_q_ptr and part_g_ptr: this kernel adds the chunk's own terms to them
+    # one program per (K tile, chunk, head)
     i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
     raw, dq_state, dk_state, through = state_products(
         do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
-        INTERPRET, True, not SPLIT,
+        INTERPRET,
     )  # fmt: skip
     # q and the log gates of this K tile, loaded after the walk over V so that they are not live during it
-    o_k, m_k, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
+    _, _, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
     k = one_minus_exp(g)
     d_scores, diagonal = causal_score_grads(raw, o_t, scale)
-    if SPLIT:
-        dq, dk, span = intra_grads(q, k, g, b, d_scores, tl.zeros_like(q), o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
-        dq += tl.load(part_q_ptr + k_offs, mask=m_tk, other=0.0) + diagonal[:, None] * k
-        dk += diagonal[:, None] * q
-        dg = tl.load(part_g_ptr + k_offs, mask=m_tk, other=0.0) + span
-        dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)
-    else:
-        dq_in = tl.exp(b) * dq_state * scale
-        # q ⊙ dq from the entering state is summed from the chunk's end in the same scan as the chunk's own pairs
-        dq, dk, span = intra_grads(q, k, g, b, d_scores, q * dq_in, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
-        dk_out = tl.exp(log_decay_to_end(g)) * dk_state
-        k_out = k * dk_out  # k ⊙ dk from the leaving state
-        # d log λ_t = Σ over the pairs r < t <= s (module docstring) - λ_t ⊙ dk_t; none below the floor
-        dg = span + (tl.cumsum(k_out, 0) - k_out)
-        dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :]
-        dq += dq_in + diagonal[:, None] * k
-        dk += dk_out + diagonal[:, None] * q
-        dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)  # none below the floor
+    dq_in = tl.exp(b) * dq_state * scale
+    # q ⊙ dq from the entering state is summed from the chunk's end in the same scan as the chunk's own pairs
+    dq, dk, span = intra_grads(q, k, g, b, d_scores, q * dq_in, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
+    dk_out = tl.exp(log_decay_to_end(g)) * dk_state
+    k_out = k * dk_out  # k ⊙ dk from the leaving state
+    # d log λ_t = Σ over the pairs r < t <= s (module docstring) - λ_t ⊙ dk_t; none below the floor
+    dg = span + (tl.cumsum(k_out, 0) - k_out)
+    dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :]
+    dq += dq_in + diagonal[:, None] * k
+    dk += dk_out + diagonal[:, None] * q
+    dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)  # none below the floor
     if ACT != 0:
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
     tl.store(dq_ptr + k_offs, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
     tl.store(dg_ptr + k_offs, dg.to(dg_ptr.dtype.element_ty), mask=m_tk)
-
-
-@triton.jit
-def dqk_state_bwd_kernel(
-    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-):  # fmt: skip
-    # The terms of dq and d log λ that come through the chunk states, one program per (K tile, chunk, head), into
-    # float32 dq_ptr and dg_ptr for dqk_bwd_kernel with SPLIT: dq from the entering state, and in d log λ the pairs
-    # from earlier chunks, the pairs into later chunks, the pairs across the chunk, and - λ ⊙ dk from the leaving
-    # state (the module docstring's sums, each over the same pairs as in dqk_bwd_kernel)
-    i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
-    _, dq_state, dk_state, through = state_products(
-        do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
-        INTERPRET, False, True,
-    )  # fmt: skip
-    o_k, m_k, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
-    dq_in = tl.exp(b) * dq_state * scale
-    dk_out = tl.exp(log_decay_to_end(g)) * dk_state
-    k_out = one_minus_exp(g) * dk_out
-    dg = tl.cumsum(q * dq_in, 0, reverse=True) + (tl.cumsum(k_out, 0) - k_out)
-    dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :] - tl.exp(g) * dk_out
-    tl.store(dq_ptr + k_offs, dq_in, mask=m_tk)
-    tl.store(dg_ptr + k_offs, dg, mask=m_tk)
 
 
 @triton.jit

@@ -116,12 +116,11 @@ def test_bfloat16_deltas_keep_the_final_state_near_the_float32_deltas_error(monk
     assert errors[True][1] <= TOL[torch.bfloat16] / 2, errors
 
 
-@pytest.mark.parametrize("setting", ["dqk_split", "walk_prefetch"])
+@pytest.mark.parametrize("setting", ["walk_prefetch"])
 def test_launch_options_match_the_float64_loop(monkeypatch, setting):
-    """``LAUNCH["dqk_split"]`` (the state terms of dq and d log λ in a kernel of their own) and
-    ``LAUNCH["walk_prefetch"]`` (the walk over chunks loading each chunk one step ahead), off by default: the plain
-    op in float32 over a ragged three-chunk sequence with an initial state, and the gated entry in bfloat16 with
-    the output gate and a lower bound, against the float64 loop."""
+    """``LAUNCH["walk_prefetch"]`` (the walk over chunks loading each chunk one step ahead), off by default: the
+    plain op in float32 over a ragged three-chunk sequence with an initial state, and the gated entry in bfloat16
+    with the output gate and a lower bound, against the float64 loop."""
     monkeypatch.setitem(chunk.LAUNCH, setting, True)
     torch.manual_seed(6)
     q = kernel_leaf(torch.randn(1, 150, 2, 20), torch.float32)
