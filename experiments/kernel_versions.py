@@ -76,6 +76,14 @@ VARIANTS = {
     # the walk loads each chunk's tiles one step ahead into registers instead of Triton's pipelining through shared
     # memory
     "walk-prefetch": dict(walk_prefetch=True),
+    # the forward's walk forms each chunk's output too (fused_forward_kernel: K in one tile, V tiles of fused_bv,
+    # where the call gives at least one program per SM); sm90 compile (Triton 3.6), plain op: 255 registers at 8
+    # warps, 264 spilled bytes (fused_bv 64), 488 (128), 112 (32)
+    "fused": dict(fused_forward=True),
+    "fused-bv128": dict(fused_forward=True, fused_bv=128, fused_programs_per_sm=0.5),
+    "fused-bv32": dict(fused_forward=True, fused_bv=32),
+    "fused-s3": dict(fused_forward=True, fused_stages=3),
+    "fused-half-sm": dict(fused_forward=True, fused_programs_per_sm=0.4),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

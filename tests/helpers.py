@@ -138,12 +138,20 @@ class LossRecorder(pl.Callback):
 @contextlib.contextmanager
 def chunk_state_path(path: str):
     """Run the chunked kernels' states through one path of ``hgrn2.ops.chunk.LAUNCH``: "walk" (the deltas formed
-    inside the walk over chunks) or "deltas" (every chunk's delta at once, then the elementwise walk)."""
+    inside the walk over chunks), "deltas" (every chunk's delta at once, then the elementwise walk) or "fused" (the
+    forward's walk forming the outputs too, ``fused_forward_kernel``, wherever the key dimension allows; the
+    backward's states by the walk)."""
     from hgrn2.ops import chunk
 
-    saved = chunk.LAUNCH["walk_programs_per_sm"]
-    chunk.LAUNCH["walk_programs_per_sm"] = {"walk": 0.0, "deltas": math.inf}[path]
+    settings = {
+        "walk": dict(walk_programs_per_sm=0.0),
+        "deltas": dict(walk_programs_per_sm=math.inf),
+        "fused": dict(walk_programs_per_sm=0.0, fused_forward=True, fused_programs_per_sm=0.0),
+    }[path]
+    saved = dict(chunk.LAUNCH)
+    chunk.LAUNCH.update(settings)
     try:
         yield
     finally:
-        chunk.LAUNCH["walk_programs_per_sm"] = saved
+        chunk.LAUNCH.clear()
+        chunk.LAUNCH.update(saved)

@@ -28,6 +28,7 @@ import triton.language as tl
 from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
 from hgrn2.ops.chunk_fwd import (
     chunk_delta_kernel,
+    fused_forward_kernel,
     output_fwd_kernel,
     state_scan_kernel,
     state_walk_kernel,
@@ -75,13 +76,18 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
 # the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
 # With ``walk_prefetch`` the walk loads each chunk's tiles one step ahead of its work into registers, instead of
-# Triton's pipelining of that loop over ``walk_stages`` (which stages the loads through shared memory).
+# Triton's pipelining of that loop over ``walk_stages`` (which stages the loads through shared memory). With
+# ``fused_forward``, calls whose key dimension fits one tile (at most ``fused_max_k``) and that give at least
+# ``fused_programs_per_sm`` programs per SM of ``fused_bv`` values run the forward as one walk that also forms each
+# chunk's output (``fused_forward_kernel``, ``fused_warps`` warps, its loop pipelined over ``fused_stages``)
+# instead of the walk and then the output kernel.
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
     small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
-    walk_prefetch=False,
+    walk_prefetch=False, fused_forward=False, fused_max_k=128, fused_bv=64, fused_warps=8, fused_stages=2,
+    fused_programs_per_sm=1.0,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -200,6 +206,14 @@ class _Launch:
             num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
+    def fused_value_tile(self, device: torch.device) -> int | None:
+        """V tile of ``fused_forward_kernel`` when ``LAUNCH`` sends this call's forward there, else None."""
+        if not LAUNCH["fused_forward"] or self.small_head or _pow2(self.key_dim) > LAUNCH["fused_max_k"]:
+            return None
+        bv = min(LAUNCH["fused_bv"], _pow2(self.value_dim))
+        programs = self.n_seqs * self.heads * triton.cdiv(self.value_dim, bv)
+        return bv if programs >= LAUNCH["fused_programs_per_sm"] * sm_count(device) else None
+
     def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
         """Walk the chunks of every sequence (backwards with ``reverse``), see ``state_scan_kernel``."""
         grid = (
@@ -224,6 +238,17 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     scores = torch.empty(
         q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, dtype=L.scores_dtype, device=q.device
     )
+    fused_bv = L.fused_value_tile(q.device)
+    if fused_bv is not None:  # the walk and the output in one kernel
+        walk = L.flags | L.precise_flags  # the walk's matmul settings for the states
+        fused_forward_kernel[(L.n_seqs * L.heads, triton.cdiv(L.value_dim, fused_bv))](
+            q, g, v, h0 if h0 is not None else final_state, h, final_state, o, scores, L.cu_seqlens,
+            L.chunk_offsets, scale, L.seq_len, BK=_pow2(L.key_dim), BV=fused_bv, HAS_S0=h0 is not None,
+            STORE_HT=output_final_state, ACT=L.act, STORE_SCORES=keep_scores, SDT=walk["DT"],
+            SPRECISION=walk["PRECISION"], STAGES=LAUNCH["fused_stages"], num_warps=LAUNCH["fused_warps"], **L.flags,
+            **L.intra,
+        )  # fmt: skip
+        return o, h, scores, (final_state if output_final_state else None)
     L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)

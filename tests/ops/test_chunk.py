@@ -31,9 +31,9 @@ chunk = pytest.importorskip("hgrn2.ops.chunk")
 pytestmark = pytest.mark.usefixtures("no_tf32", "state_path")
 
 
-@pytest.fixture(params=["walk", "deltas"], autouse=False)
+@pytest.fixture(params=["walk", "deltas", "fused"], autouse=False)
 def state_path(request):
-    """Every test here runs both ways of forming the chunk states (``hgrn2.ops.chunk.LAUNCH``)."""
+    """Every test here runs each way of forming the chunk states (``tests.helpers.chunk_state_path``)."""
     with chunk_state_path(request.param):
         yield request.param
 
