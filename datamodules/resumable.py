@@ -28,9 +28,7 @@ class ResumableSampler(DistributedSampler):
     """``DistributedSampler``'s order for one rank (a function of seed and epoch), able to start mid-epoch.
 
     Being a ``DistributedSampler``, Lightning uses it as is instead of wrapping it. ``start`` items are
-    skipped by the next iteration only (a run resumed from a mid-epoch checkpoint), and only if that iteration
-    is of ``start_epoch`` (when set): a checkpoint saved at an epoch's last batch records the whole epoch as
-    trained, and Lightning resumes it with the next epoch, which must then start from its first item.
+    skipped by the next iteration only (a run resumed from a mid-epoch checkpoint).
     """
 
     def __init__(
@@ -45,14 +43,10 @@ class ResumableSampler(DistributedSampler):
     ):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=True)
         self.start = 0
-        self.start_epoch: int | None = None
         self.tag_epoch = tag_epoch  # yield (epoch, index) pairs, the keys of SeededItems
 
     def __iter__(self):
         start, self.start = self.start, 0
-        if self.start_epoch is not None and self.start_epoch != self.epoch:
-            start = 0
-        self.start_epoch = None
         order = list(super().__iter__())[start:]
         return iter([(self.epoch, index) for index in order] if self.tag_epoch else order)
 
@@ -105,7 +99,9 @@ class ResumableDataLoader(DataLoader):
 
     ``state_dict`` records the epoch and the number of batches trained in it (from ``progress``, the
     trainer's count, which unlike a count of fetched batches does not run ahead by the prefetched ones);
-    ``load_state_dict`` makes the next iteration start right after them.
+    ``load_state_dict`` makes the next iteration start right after them. A position at the end of an epoch is
+    the start of the next one, where Lightning resumes such a checkpoint: a loader with workers builds its
+    iterator, and so draws the epoch's order, before Lightning moves the sampler to that epoch.
     """
 
     def __init__(self, *args, progress: Callable[[], tuple[int, int]], **kwargs):
@@ -123,9 +119,11 @@ class ResumableDataLoader(DataLoader):
                 f"run's (seed {self.sampler.seed}, {len(self.dataset)} samples): its epoch starts from the beginning"
             )
             return
-        self.sampler.set_epoch(state["epoch"])
-        self.sampler.start = state["batches"] * self.batch_size
-        self.sampler.start_epoch = state["epoch"]
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):  # written at an epoch's last batch (before the position below said so)
+            epoch, batches = epoch + 1, 0
+        self.sampler.set_epoch(epoch)
+        self.sampler.start = batches * self.batch_size
 
 
 def replicas(trainer: pl.Trainer | None) -> tuple[int, int]:
@@ -134,8 +132,13 @@ def replicas(trainer: pl.Trainer | None) -> tuple[int, int]:
 
 
 def training_position(trainer: pl.Trainer) -> tuple[int, int]:
-    """(epoch, batches of it trained so far): the training position a checkpoint records."""
-    return trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    """(epoch, batches of it trained so far): the training position a checkpoint records; (next epoch, 0) once an
+    epoch's batches are all trained (Lightning's count, which ``limit_train_batches`` sets), since Lightning resumes
+    such a checkpoint with the next epoch."""
+    epoch, batches = trainer.current_epoch, trainer.fit_loop.epoch_loop.batch_progress.current.processed
+    if batches >= trainer.num_training_batches:
+        return epoch + 1, 0
+    return epoch, batches
 
 
 def ordered_loader(

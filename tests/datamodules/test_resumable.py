@@ -27,13 +27,20 @@ def test_resumable_sampler_matches_distributed_sampler_and_skips_once():
     sampler.start = 10
     assert list(sampler) == full[10:]
     assert list(sampler) == full
-    # a position recorded in epoch 2 is not applied to epoch 3 (a checkpoint at epoch 2's last batch)
-    sampler.start, sampler.start_epoch = 10, 2
-    sampler.set_epoch(3)
+
+
+def test_a_position_at_an_epochs_end_resumes_at_the_start_of_the_next_epoch():
+    # what a checkpoint written at an epoch's last batch recorded before the trainer's position said so
+    data = list(range(12))
+    loader = ResumableDataLoader(
+        data, batch_size=4, sampler=ResumableSampler(data, shuffle=True, seed=3), progress=lambda: (0, 0)
+    )
+    reference = DistributedSampler(data, num_replicas=1, rank=0, shuffle=True, seed=3, drop_last=True)
     reference.set_epoch(3)
-    assert list(sampler) == list(reference)
-    sampler.start, sampler.start_epoch = 10, 3
-    assert list(sampler) == list(reference)[10:]
+    loader.load_state_dict({"epoch": 2, "batches": 3, "seed": 3, "num_samples": 12})
+    assert loader.sampler.epoch == 3 and list(loader.sampler) == list(reference)
+    loader.load_state_dict({"epoch": 3, "batches": 1, "seed": 3, "num_samples": 12})
+    assert list(loader.sampler) == list(reference)[4:]
 
 
 def tiny_classifier(seed: int) -> SequenceClassifier:
@@ -42,41 +49,47 @@ def tiny_classifier(seed: int) -> SequenceClassifier:
     return SequenceClassifier("pathfinder", overrides={"hidden_size": 8, "num_layers": 2}, optim=optim)
 
 
-def fit(data_dir, max_steps: int, callbacks, seed: int = 0, max_epochs: int | None = None, **kwargs) -> pl.Trainer:
+def fit(
+    data_dir, max_steps: int, callbacks, seed: int = 0, max_epochs: int | None = None, workers: int = 0, **kwargs
+) -> pl.Trainer:
     trainer = pl.Trainer(
         accelerator="cpu", max_steps=max_steps, max_epochs=max_epochs, logger=False, enable_progress_bar=False,
         enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0, callbacks=callbacks,
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks),
     )  # fmt: skip
-    data = PathfinderDataModule(data_dir, difficulty="curv_baseline", batch_size=6, num_workers=0, seed=4)
+    data = PathfinderDataModule(data_dir, difficulty="curv_baseline", batch_size=6, num_workers=workers, seed=4)
     trainer.fit(tiny_classifier(seed), datamodule=data, **kwargs)
     return trainer
 
 
 @pytest.mark.parametrize(
-    "max_epochs, saved_at",
-    [(None, 7), (3, 7), (3, 5)],
-    ids=["max_steps", "max_epochs_and_max_steps", "checkpoint_at_an_epochs_last_batch"],
+    "max_epochs, saved_at, workers",
+    [(None, 7, 0), (3, 7, 0), (3, 5, 0), (3, 5, 2)],
+    ids=["max_steps", "max_epochs_and_max_steps", "at_an_epochs_last_batch", "at_an_epochs_last_batch_with_workers"],
 )
 def test_an_lra_fit_resumed_mid_epoch_continues_the_loss_curve_of_an_uninterrupted_one(
-    pathfinder_baseline_dir, tmp_path, max_epochs, saved_at
+    pathfinder_baseline_dir, tmp_path, max_epochs, saved_at, workers
 ):
     # 32 training images in batches of 6: 5 batches an epoch, so the interruption at step 7 is mid-epoch. With
     # max_epochs set the schedule's length needs the epoch's length, which Lightning counts by setting up the
     # training data: before the restore, that loader would never be given the checkpoint's position. A checkpoint
     # at step 5, the first epoch's last batch, records that epoch as trained: Lightning resumes with the second
     # epoch, whose data must then start from its first batch (skipping 5 batches of it would leave it empty and,
-    # under max_epochs, end the fit an epoch early).
+    # under max_epochs, end the fit an epoch early); a loader with workers draws that order before Lightning sets
+    # the new epoch.
     straight = LossRecorder()
-    fit(pathfinder_baseline_dir, 12, [straight], max_epochs=max_epochs)
+    fit(pathfinder_baseline_dir, 12, [straight], max_epochs=max_epochs, workers=workers)
     first = LossRecorder(stop_at=saved_at)
     checkpoint = ModelCheckpoint(dirpath=tmp_path, save_last=True, every_n_train_steps=saved_at, save_top_k=0)
-    fit(pathfinder_baseline_dir, 12, [first, checkpoint], max_epochs=max_epochs)
+    fit(pathfinder_baseline_dir, 12, [first, checkpoint], max_epochs=max_epochs, workers=workers)
     state = torch.load(tmp_path / "last.ckpt", weights_only=False)["loops"]["fit_loop"]["state_dict"]
-    epoch, batches = divmod(saved_at, 5) if saved_at % 5 else (saved_at // 5 - 1, 5)
+    epoch, batches = divmod(saved_at, 5)  # at step 5: epoch 1, nothing of it trained
     assert state["combined_loader"][0] == {"epoch": epoch, "batches": batches, "seed": 4, "num_samples": 32}
     resumed = LossRecorder()
-    fit(pathfinder_baseline_dir, 12, [resumed], seed=1, max_epochs=max_epochs, ckpt_path=tmp_path / "last.ckpt")
+    fit(
+        pathfinder_baseline_dir, 12, [resumed], seed=1, max_epochs=max_epochs, workers=workers,
+        ckpt_path=tmp_path / "last.ckpt",
+    )  # fmt: skip
     assert len(straight.losses) == 12 and len(first.losses) == saved_at and len(resumed.losses) == 12 - saved_at
     assert first.losses == pytest.approx(straight.losses[:saved_at], rel=1e-6)
     assert resumed.losses == pytest.approx(straight.losses[saved_at:], rel=1e-5)
