@@ -78,12 +78,15 @@ VARIANTS = {
     "walk-prefetch": dict(walk_prefetch=True),
     # the forward's walk forms each chunk's output too (fused_forward_kernel: K in one tile, V tiles of fused_bv,
     # where the call gives at least one program per SM); sm90 compile (Triton 3.6), plain op: 255 registers at 8
-    # warps, 264 spilled bytes (fused_bv 64), 488 (128), 112 (32)
+    # warps, 264 spilled bytes (fused_bv 64), 488 (128), 112 (32). The backward's walk forms dv too
+    # (fused_backward_kernel): 255 registers, no spills
     "fused": dict(fused_forward=True),
+    "fused-bwd": dict(fused_backward=True),
+    "fused-both": dict(fused_forward=True, fused_backward=True),
+    "fused-both-bv32": dict(fused_forward=True, fused_backward=True, fused_bv=32),
+    "fused-both-s3": dict(fused_forward=True, fused_backward=True, fused_stages=3),
     "fused-bv128": dict(fused_forward=True, fused_bv=128, fused_programs_per_sm=0.5),
-    "fused-bv32": dict(fused_forward=True, fused_bv=32),
-    "fused-s3": dict(fused_forward=True, fused_stages=3),
-    "fused-half-sm": dict(fused_forward=True, fused_programs_per_sm=0.4),
+    "fused-both-half-sm": dict(fused_forward=True, fused_backward=True, fused_programs_per_sm=0.4),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
