@@ -32,7 +32,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_fwd import chunk_delta_from, chunk_delta_inputs, key_tile, reference_spread
+from hgrn2.ops.chunk_fwd import chunk_delta_from, chunk_delta_inputs, key_tile, reference_spread, walk_start
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     bound_log_forget,
@@ -42,7 +42,6 @@ from hgrn2.ops.kernel_utils import (
     matmul,
     one_minus_exp,
     output_gate_grad,
-    sequence_bounds,
 )
 
 
@@ -225,19 +224,11 @@ def fused_backward_kernel(
     # gradient [BK, BV] in registers, and at each chunk stores the gradient leaving it (dq / d log λ read it),
     # forms the chunk's dv from it and the kept scores, and moves it on. It stores what state_walk_kernel
     # (BACKWARD) and dv_bwd_kernel store, with the same arithmetic.
-    i_nh, i_v = tl.program_id(0), tl.program_id(1)
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
-    n_chunks = tl.cdiv(length, C)
+    i_n, i_h, bos, length, first_chunk, n_chunks, o_k, o_v, m_k, m_v, m_kv, kv_tile, state = walk_start(
+        dht_ptr, tl.program_id(0), 0, tl.program_id(1), T, cu_seqlens, chunk_offsets, H, K, V, C, BK, BV, HAS_DHT,
+        IS_VARLEN,
+    )  # fmt: skip
     o_t = tl.arange(0, C)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    kv_tile = o_k[:, None] * V + o_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_DHT:
-        state += tl.load(dht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
     for step in tl.range(0, n_chunks, num_stages=STAGES):
         c = n_chunks - 1 - step
         tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * K * V + kv_tile, state.to(dh_ptr.dtype.element_ty), mask=m_kv)
