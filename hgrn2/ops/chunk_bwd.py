@@ -37,6 +37,7 @@ from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     bound_log_forget,
     chunk_bounds,
+    key_to_chunk_end,
     load_log_forget,
     log_decay_to_end,
     matmul,
@@ -203,7 +204,7 @@ def dv_bwd_kernel(
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
         g = load_log_forget(g_ptr + row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :], m_tk)
-        k_end = one_minus_exp(g) * tl.exp(log_decay_to_end(g))  # decay to the chunk's end
+        k_end = key_to_chunk_end(g)  # decay to the chunk's end
         ds_out = tl.load(
             dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],
             mask=m_k[:, None] & m_v[None, :], other=0.0,
@@ -239,8 +240,7 @@ def fused_backward_kernel(
         scores = tl.load(
             a_ptr + (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :], mask=m_t[:, None], other=0.0
         )  # fmt: skip
-        log_forget = bound_log_forget(g)
-        k_end = one_minus_exp(log_forget) * tl.exp(log_decay_to_end(log_forget))
+        k_end = key_to_chunk_end(bound_log_forget(g))
         dv = matmul(tl.trans(scores), do.to(tl.float32) * scale, DT, PRECISION, INTERPRET)
         dv += matmul(k_end, state, DT, PRECISION, INTERPRET)
         v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]

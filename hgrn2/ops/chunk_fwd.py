@@ -35,9 +35,9 @@ from hgrn2.ops.kernel_utils import (
     bound_log_forget,
     chunk_bounds,
     gate_query,
+    key_to_chunk_end,
     load_log_forget,
     load_query,
-    log_decay_to_end,
     matmul,
     one_minus_exp,
     sequence_bounds,
@@ -121,7 +121,7 @@ def chunk_delta_from(
         q = gate_query(q, m_t[:, None] & m_k[None, :], ACT)
         w = q * tl.exp(tl.cumsum(g, 0)) * scale
     else:
-        w = one_minus_exp(g) * tl.exp(log_decay_to_end(g))
+        w = key_to_chunk_end(g)
     return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
 
 
@@ -358,7 +358,7 @@ def fused_forward_kernel(
         out = matmul(q * tl.exp(b), state, DT, PRECISION, INTERPRET) + matmul(scores, v, DT, PRECISION, INTERPRET)
         tl.store(o_ptr + v_offs, (out * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
         # the state leaving the chunk: S ← exp(b_C) ⊙ S + (k · exp(b_C - b))^T v
-        w = k * tl.exp(log_decay_to_end(g))
+        w = key_to_chunk_end(g)
         state = state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(w), v, SDT, SPRECISION, INTERPRET)
     tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
     if STORE_HT:

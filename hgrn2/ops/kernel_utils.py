@@ -255,6 +255,13 @@ def log_decay_to_end(g):
 
 
 @triton.jit
+def key_to_chunk_end(g):
+    """k_t · exp(b_C - b_t) for a chunk's log gates g [C, BK]: step t's key 1 - λ_t decayed to the chunk's end,
+    the weight with which v_t enters the state leaving the chunk (and dS_out reaches dv_t)."""
+    return one_minus_exp(g) * tl.exp(log_decay_to_end(g))
+
+
+@triton.jit
 def load_query(ptrs, mask, ACT: tl.constexpr):
     """q (float32, 0 where masked), through the output gate (``gate_query``)."""
     return gate_query(tl.load(ptrs, mask=mask, other=0.0), mask, ACT)
