@@ -25,10 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel, fused_backward_kernel
+from hgrn2.ops.chunk_bwd import dqk_bwd_kernel, dv_bwd_kernel
 from hgrn2.ops.chunk_fwd import (
     chunk_delta_kernel,
-    fused_forward_kernel,
     output_fwd_kernel,
     state_scan_kernel,
     state_walk_kernel,
@@ -76,19 +75,13 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
 # the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
 # With ``walk_prefetch`` the walk loads each chunk's tiles one step ahead of its work into registers, instead of
-# Triton's pipelining of that loop over ``walk_stages`` (which stages the loads through shared memory). With
-# ``fused_forward``, calls whose key dimension fits one tile (at most ``fused_max_k``) and that give at least
-# ``fused_programs_per_sm`` programs per SM of ``fused_bv`` values run the forward as one walk that also forms each
-# chunk's output (``fused_forward_kernel``, ``fused_warps`` warps, its loop pipelined over ``fused_stages``)
-# instead of the walk and then the output kernel; with ``fused_backward``, such calls run the backward's walk and
-# dv as one kernel (``fused_backward_kernel``) in the same way.
+# Triton's pipelining of that loop over ``walk_stages`` (which stages the loads through shared memory).
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
     small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
-    walk_prefetch=False, fused_forward=False, fused_backward=False, fused_max_k=128, fused_bv=64, fused_warps=8,
-    fused_stages=2, fused_programs_per_sm=1.0,
+    walk_prefetch=False,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -207,17 +200,6 @@ class _Launch:
             num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
-    def fused_value_tile(self, device: torch.device, backward: bool) -> int | None:
-        """V tile of ``fused_forward_kernel`` (``fused_backward_kernel`` with ``backward``) when ``LAUNCH`` sends
-        this call's forward (backward) there, else None."""
-        if not LAUNCH["fused_backward" if backward else "fused_forward"]:
-            return None
-        if self.small_head or _pow2(self.key_dim) > LAUNCH["fused_max_k"]:
-            return None
-        bv = min(LAUNCH["fused_bv"], _pow2(self.value_dim))
-        programs = self.n_seqs * self.heads * triton.cdiv(self.value_dim, bv)
-        return bv if programs >= LAUNCH["fused_programs_per_sm"] * sm_count(device) else None
-
     def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
         """Walk the chunks of every sequence (backwards with ``reverse``), see ``state_scan_kernel``."""
         grid = (
@@ -242,17 +224,6 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     scores = torch.empty(
         q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, dtype=L.scores_dtype, device=q.device
     )
-    fused_bv = L.fused_value_tile(q.device, backward=False)
-    if fused_bv is not None:  # the walk and the output in one kernel
-        walk = L.flags | L.precise_flags  # the walk's matmul settings for the states
-        fused_forward_kernel[(L.n_seqs * L.heads, triton.cdiv(L.value_dim, fused_bv))](
-            q, g, v, h0 if h0 is not None else final_state, h, final_state, o, scores, L.cu_seqlens,
-            L.chunk_offsets, scale, L.seq_len, BK=_pow2(L.key_dim), BV=fused_bv, HAS_S0=h0 is not None,
-            STORE_HT=output_final_state, ACT=L.act, STORE_SCORES=keep_scores, SDT=walk["DT"],
-            SPRECISION=walk["PRECISION"], STAGES=LAUNCH["fused_stages"], num_warps=LAUNCH["fused_warps"], **L.flags,
-            **L.intra,
-        )  # fmt: skip
-        return o, h, scores, (final_state if output_final_state else None)
     L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
@@ -270,16 +241,7 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
     dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
-    fused_bv = L.fused_value_tile(q.device, backward=True)
-    if fused_bv is not None:  # the state gradients' walk and dv in one kernel
-        fused_backward_kernel[(L.n_seqs * L.heads, triton.cdiv(L.value_dim, fused_bv))](
-            q, g, do, scores, dht if dht is not None else d_initial, d_states, d_initial, dv, L.cu_seqlens,
-            L.chunk_offsets, scale, L.seq_len, BK=_pow2(L.key_dim), BV=fused_bv, HAS_DHT=dht is not None,
-            STORE_DS0=need_d_initial, ACT=L.act, STAGES=LAUNCH["fused_stages"], num_warps=LAUNCH["fused_warps"],
-            **L.flags,
-        )  # fmt: skip
-    else:
-        L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
+    L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
     bk = L.key_tile("dqk")
     grid = (triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)
     flags = L.flags | L.precise_flags
@@ -287,8 +249,6 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
         BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
-    if fused_bv is not None:
-        return dq, dv, dg, (d_initial if need_d_initial else None)
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,

@@ -7,8 +7,6 @@ Then, chunk-parallel:
 * ``dqk_bwd_kernel``: one program per (K tile, chunk, head) gives dq and d log λ of the chunk.
 * ``dv_bwd_kernel``: one program per (V tile, chunk, head) gives dv = A^T do + (k · exp(b_C - b)) dS_out, with
   the scores A the forward kept.
-* ``fused_backward_kernel``: the state gradients' walk and dv in one, for heads whose keys fit one tile
-  (``hgrn2.ops.chunk.LAUNCH["fused_backward"]``).
 
 The gradient of the log gates needs no extra pass. Write A_sr = q_s ⊙ k_r ⊙ exp(b_s - b_r) (do_s · v_r) for
 the contribution of step r's key to step s's output (r <= s; b the running sum of log λ). log λ_t sits in the
@@ -32,10 +30,9 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from hgrn2.ops.chunk_fwd import chunk_delta_from, chunk_delta_inputs, key_tile, reference_spread, walk_start
+from hgrn2.ops.chunk_fwd import key_tile, reference_spread
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
-    bound_log_forget,
     chunk_bounds,
     key_to_chunk_end,
     load_log_forget,
@@ -211,41 +208,3 @@ def dv_bwd_kernel(
         ).to(tl.float32)  # fmt: skip
         dv += matmul(k_end, ds_out, DT, PRECISION, INTERPRET)
     tl.store(dv_ptr + v_offs, dv.to(dv_ptr.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit
-def fused_backward_kernel(
-    q_ptr, g_ptr, do_ptr, a_ptr, dht_ptr, dh_ptr, ds0_ptr, dv_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr,
-    T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_DHT: tl.constexpr, STORE_DS0: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
-):  # fmt: skip
-    # The backward's walk over chunks and dv_bwd_kernel in one, for heads whose whole key dimension fits one tile
-    # (BK >= K): each program walks the chunks of one (sequence, head, V tile) backwards holding the state
-    # gradient [BK, BV] in registers, and at each chunk stores the gradient leaving it (dq / d log λ read it),
-    # forms the chunk's dv from it and the kept scores, and moves it on. It stores what state_walk_kernel
-    # (BACKWARD) and dv_bwd_kernel store, with the same arithmetic.
-    i_n, i_h, bos, length, first_chunk, n_chunks, o_k, o_v, m_k, m_v, m_kv, kv_tile, state = walk_start(
-        dht_ptr, tl.program_id(0), 0, tl.program_id(1), T, cu_seqlens, chunk_offsets, H, K, V, C, BK, BV, HAS_DHT,
-        IS_VARLEN,
-    )  # fmt: skip
-    o_t = tl.arange(0, C)
-    for step in tl.range(0, n_chunks, num_stages=STAGES):
-        c = n_chunks - 1 - step
-        tl.store(dh_ptr + ((first_chunk + c) * H + i_h) * K * V + kv_tile, state.to(dh_ptr.dtype.element_ty), mask=m_kv)
-        row0 = bos + c * C
-        m_t = c * C + o_t < length
-        q, g, do = chunk_delta_inputs(q_ptr, g_ptr, do_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, H, K, V, True)
-        # dv_s = Σ_{t >= s} A[t, s] scale · do_t + (k_s · exp(b_C - b_s)) dS_out
-        scores = tl.load(
-            a_ptr + (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :], mask=m_t[:, None], other=0.0
-        )  # fmt: skip
-        k_end = key_to_chunk_end(bound_log_forget(g))
-        dv = matmul(tl.trans(scores), do.to(tl.float32) * scale, DT, PRECISION, INTERPRET)
-        dv += matmul(k_end, state, DT, PRECISION, INTERPRET)
-        v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
-        tl.store(dv_ptr + v_offs, dv.to(dv_ptr.dtype.element_ty), mask=m_t[:, None] & m_v[None, :])
-        delta, b_end = chunk_delta_from(q, g, do, m_t, m_k, scale, True, ACT, DT, PRECISION, INTERPRET)
-        state = state * tl.exp(b_end)[:, None] + delta
-    if STORE_DS0:
-        tl.store(ds0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, state, mask=m_kv)

@@ -12,9 +12,6 @@ Per head, with chunks of C steps, g = log λ and b its running sum inside a chun
   its chunks and forms every chunk's Δ on the way, so the deltas never reach memory.
 * ``output_fwd_kernel``: one program per (V tile, chunk, head): o = (q · exp(b)) S_in + A v with the chunk's
   causal scores A = (q ⊙ exp(b_t - b_s)) k^T, s <= t, which it can keep for the backward.
-* ``fused_forward_kernel``: the walk and the output kernel in one, for heads whose keys fit one tile: each program
-  walks the chunks of one (sequence, head, V tile) and forms each chunk's output from the state it holds
-  (``hgrn2.ops.chunk.LAUNCH["fused_forward"]``).
 
 The chunk-parallel kernels work on whole [C, ·] tiles. The scores use one reference point per chunk and channel,
 half the chunk's log decay r = b_C / 2: A = (q · exp(b - r)) (k · exp(r - b))^T, exact for causal entries. Log gates
@@ -317,49 +314,3 @@ def output_fwd_kernel(
     v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
     acc += matmul(scores, v, DT, PRECISION, INTERPRET)
     tl.store(o_ptr + v_offs, (acc * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
-
-
-@triton.jit
-def fused_forward_kernel(
-    q_ptr, g_ptr, v_ptr, s0_ptr, h_ptr, ht_ptr, o_ptr, a_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr, T,
-    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    HAS_S0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr,
-    STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, SDT: tl.constexpr,
-    SPRECISION: tl.constexpr, IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    STAGES: tl.constexpr,
-):  # fmt: skip
-    # The walk over chunks and the output kernel in one, for heads whose whole key dimension fits one tile
-    # (BK >= K): each program walks the chunks of one (sequence, head, V tile) holding the state [BK, BV] in
-    # registers, and at each chunk stores the entering state (for the backward), forms the chunk's output from it
-    # and the chunk's own scores, and moves the state on. The states never have to be read back, nor q, log λ
-    # and v loaded a second time. It stores what state_walk_kernel and output_fwd_kernel store, with the same
-    # arithmetic: the output's matmul against the state rounds it to DT as the stored state would be, and the
-    # state's update uses the walk's operand dtype SDT.
-    i_v = tl.program_id(1)
-    i_n, i_h, bos, length, first_chunk, n_chunks, o_k, o_v, m_k, m_v, m_kv, kv_tile, state = walk_start(
-        s0_ptr, tl.program_id(0), 0, i_v, T, cu_seqlens, chunk_offsets, H, K, V, C, BK, BV, HAS_S0, IS_VARLEN
-    )  # fmt: skip
-    o_t = tl.arange(0, C)
-    slot0 = first_chunk + i_n
-    for c in tl.range(0, n_chunks, num_stages=STAGES):
-        tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-        row0 = bos + c * C
-        m_t = c * C + o_t < length
-        _, _, _, _, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, 0, o_t, m_t, H, K, BK, ACT)
-        k = one_minus_exp(g)
-        v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
-        m_tv = m_t[:, None] & m_v[None, :]
-        v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
-        scores = intra_scores(q, k, g, b, o_t, C, IDT, IPRECISION, INTERPRET)
-        scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
-        if STORE_SCORES:
-            a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
-            tl.store(a_ptr + a_offs, scores.to(a_ptr.dtype.element_ty), mask=m_t[:, None] & (i_v == 0))
-        out = matmul(q * tl.exp(b), state, DT, PRECISION, INTERPRET) + matmul(scores, v, DT, PRECISION, INTERPRET)
-        tl.store(o_ptr + v_offs, (out * scale).to(o_ptr.dtype.element_ty), mask=m_tv)
-        # the state leaving the chunk: S ← exp(b_C) ⊙ S + (k · exp(b_C - b))^T v
-        w = key_to_chunk_end(g)
-        state = state * tl.exp(tl.sum(g, 0))[:, None] + matmul(tl.trans(w), v, SDT, SPRECISION, INTERPRET)
-    tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-    if STORE_HT:
-        tl.store(ht_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, state, mask=m_kv)

@@ -31,7 +31,7 @@ chunk = pytest.importorskip("hgrn2.ops.chunk")
 pytestmark = pytest.mark.usefixtures("no_tf32", "state_path")
 
 
-@pytest.fixture(params=["walk", "deltas", "fused"], autouse=False)
+@pytest.fixture(params=["walk", "deltas"], autouse=False)
 def state_path(request):
     """Every test here runs each way of forming the chunk states (``tests.helpers.chunk_state_path``)."""
     with chunk_state_path(request.param):

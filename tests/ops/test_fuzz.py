@@ -258,9 +258,9 @@ def test_the_lower_bounds_terms_sum_to_its_gradient():
 
 
 def _state_path(case: Case) -> str:
-    """The chunked kernels form their states one of three ways (``tests.helpers.chunk_state_path``): a third of the
+    """The chunked kernels form their states one way or the other (``tests.helpers.chunk_state_path``): half the
     cases each."""
-    return ("deltas", "walk", "fused")[case.seed % 3]
+    return "walk" if case.seed % 2 else "deltas"
 
 
 def test_fuzz_cases_cover_every_backend_edge_and_wide_tile():
@@ -285,7 +285,7 @@ def test_fuzz_cases_cover_every_backend_edge_and_wide_tile():
     assert any(c.op == "gated" and c.backend == "triton" and c.lengths for c in CASES)
     chunked = [c for c in CASES if c.backend == "triton" and c.op in ("hgrn2", "gated")]
     paths = Counter(_state_path(c) for c in chunked)
-    assert min(paths[path] for path in ("deltas", "walk", "fused")) >= 4, paths  # each way of forming the states
+    assert min(paths[path] for path in ("deltas", "walk")) >= 4, paths  # each way of forming the states
     assert any(c.op == "step" and c.backend == "triton" and c.scale != 1.0 for c in CASES)
     for op in ("hgrn2", "hgrn1", "step"):  # float32 keys of 1e-7 without an initial state to hide them
         near_one = [c for c in CASES if c.op == op and c.backend == "triton" and c.gates == "near_one"]
