@@ -76,17 +76,19 @@ VARIANTS = {
     # the walk loads each chunk's tiles one step ahead into registers instead of Triton's pipelining through shared
     # memory
     "walk-prefetch": dict(walk_prefetch=True),
-    # the forward's walk forms each chunk's output too (fused_forward_kernel: K in one tile, V tiles of fused_bv,
-    # where the call gives at least one program per SM); sm90 compile (Triton 3.6), plain op: 255 registers at 8
-    # warps, 264 spilled bytes (fused_bv 64), 488 (128), 112 (32). The backward's walk forms dv too
-    # (fused_backward_kernel): 255 registers, no spills
-    "fused": dict(fused_forward=True),
-    "fused-bwd": dict(fused_backward=True),
-    "fused-both": dict(fused_forward=True, fused_backward=True),
-    "fused-both-bv32": dict(fused_forward=True, fused_backward=True, fused_bv=32),
-    "fused-both-s3": dict(fused_forward=True, fused_backward=True, fused_stages=3),
-    "fused-bv128": dict(fused_forward=True, fused_bv=128, fused_programs_per_sm=0.5),
-    "fused-both-half-sm": dict(fused_forward=True, fused_backward=True, fused_programs_per_sm=0.4),
+    # 16 warps for the chunk-parallel kernels that run one 8-warp program per SM (registers or shared memory):
+    # twice the warps to hide latency with. sm90 compile (Triton 3.6), plain op: output 128 registers, no spills
+    # (249 at 8 warps); dq/d log λ 128 registers, 160 spilled bytes a thread (255 and 136 at 8 warps), gated 280
+    # (312); dv 106 registers (128)
+    "w16": dict(dqk_warps=16, output_warps=16, dv_warps=16),
+    "dqk-w16": dict(dqk_warps=16),
+    "out-w16": dict(output_warps=16),
+    # the deltas path at every shape: every chunk's delta at once, then the elementwise walk; at 64K tokens
+    # (T = 4K, 128 sequence-heads) its scan has 2M state elements to spread, where at 16K tokens and T = 16K it has
+    # 131K
+    "deltas-all": dict(walk_programs_per_sm=1e9),
+    "half-deltas-all": dict(half_deltas=True, walk_programs_per_sm=1e9),
+    "w16-half-deltas-all": dict(dqk_warps=16, output_warps=16, dv_warps=16, half_deltas=True, walk_programs_per_sm=1e9),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
