@@ -46,7 +46,12 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", required=True)
+    parser.add_argument(
+        "--launch", nargs="*", default=[], type=chunk.launch_setting, metavar="KEY=VALUE",
+        help="hgrn2.ops.chunk.LAUNCH overrides, e.g. dqk_warps=16",
+    )  # fmt: skip
     args = parser.parse_args()
+    chunk.LAUNCH.update(dict(args.launch))
     shape = (args.tokens // args.seq_len, args.seq_len, HEADS, DIM)
     q = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -64,7 +69,9 @@ def main() -> None:
         ),
         "gated_no_bound": (lambda: chunk.chunk_hgrn2_gated(q, v, g, None, output_gate="silu")[0], [q, v, g]),
     }
-    report = {"shape": list(shape), "device": torch.cuda.get_device_name(), "us_per_call": {}}
+    report = {
+        "shape": list(shape), "device": torch.cuda.get_device_name(), "launch": dict(args.launch), "us_per_call": {}
+    }  # fmt: skip
     for name, (fn, leaves) in runs.items():
         report["us_per_call"][name] = kernels(fn, leaves, args.repeats)
         total = sum(report["us_per_call"][name].values())
