@@ -240,8 +240,8 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
-    dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
+    dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     bk = L.key_tile("dqk")
     grid = (triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)
     flags = L.flags | L.precise_flags

@@ -163,27 +163,6 @@ def chunk_delta_kernel(
 
 
 @triton.jit
-def walk_start(
-    s0_ptr, i_nh, i_k, i_v, T, cu_seqlens, chunk_offsets, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr, IS_VARLEN: tl.constexpr,
-):  # fmt: skip
-    """What a program walking the chunks of sequence-head i_nh starts from: its sequence and head, the sequence's
-    first token, length, first chunk and chunk count, the channels of state tile (i_k, i_v) and their masks, the
-    tile's offsets in a [K, V] state, and the state itself (from s0_ptr with HAS_S0, else zeros; float32)."""
-    i_n, i_h = i_nh // H, i_nh % H
-    bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
-    o_k = i_k * BK + tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_k, m_v = o_k < K, o_v < V
-    m_kv = m_k[:, None] & m_v[None, :]
-    kv_tile = o_k[:, None] * V + o_v[None, :]
-    state = tl.zeros([BK, BV], dtype=tl.float32)
-    if HAS_S0:
-        state += tl.load(s0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
-    return i_n, i_h, bos, length, first_chunk, tl.cdiv(length, C), o_k, o_v, m_k, m_v, m_kv, kv_tile, state
-
-
-@triton.jit
 def state_walk_kernel(
     q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
@@ -193,11 +172,19 @@ def state_walk_kernel(
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
     # what state_scan_kernel stores (BACKWARD walks backwards, as its REVERSE).
-    i_n, i_h, bos, length, first_chunk, n_chunks, o_k, o_v, m_k, m_v, m_kv, kv_tile, state = walk_start(
-        s0_ptr, tl.program_id(0), tl.program_id(1), tl.program_id(2), T, cu_seqlens, chunk_offsets, H, K, V, C, BK, BV,
-        HAS_S0, IS_VARLEN,
-    )  # fmt: skip
+    i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    i_n, i_h = i_nh // H, i_nh % H
+    bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
+    n_chunks = tl.cdiv(length, C)
     o_t = tl.arange(0, C)
+    o_k = i_k * BK + tl.arange(0, BK)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_k, m_v = o_k < K, o_v < V
+    m_kv = m_k[:, None] & m_v[None, :]
+    kv_tile = o_k[:, None] * V + o_v[None, :]
+    state = tl.zeros([BK, BV], dtype=tl.float32)
+    if HAS_S0:
+        state += tl.load(s0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
     slot0 = first_chunk if BACKWARD else first_chunk + i_n
     if PREFETCH:  # each chunk's tiles are loaded one step ahead, so that their latency overlaps a step's work
         c = n_chunks - 1 if BACKWARD else 0
