@@ -47,11 +47,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", required=True)
     parser.add_argument(
-        "--launch", nargs="*", default=[], type=chunk.launch_setting, metavar="KEY=VALUE",
-        help="hgrn2.ops.chunk.LAUNCH overrides, e.g. dqk_warps=16",
-    )  # fmt: skip
+        "--launch", nargs="*", default=[], metavar="KEY=VALUE", help="chunk.LAUNCH overrides, e.g. dqk_warps=16"
+    )
     args = parser.parse_args()
-    chunk.LAUNCH.update(dict(args.launch))
+    try:  # as experiments/kernel_resources.py: a bad setting is an error that names the keys and types
+        args.launch = dict(chunk.launch_setting(item) for item in args.launch)
+    except ValueError as error:
+        parser.error(f"--launch {error}")
+    chunk.LAUNCH.update(args.launch)
     shape = (args.tokens // args.seq_len, args.seq_len, HEADS, DIM)
     q = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
     v = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -70,7 +73,7 @@ def main() -> None:
         "gated_no_bound": (lambda: chunk.chunk_hgrn2_gated(q, v, g, None, output_gate="silu")[0], [q, v, g]),
     }
     report = {
-        "shape": list(shape), "device": torch.cuda.get_device_name(), "launch": dict(args.launch), "us_per_call": {}
+        "shape": list(shape), "device": torch.cuda.get_device_name(), "launch": args.launch, "us_per_call": {}
     }  # fmt: skip
     for name, (fn, leaves) in runs.items():
         report["us_per_call"][name] = kernels(fn, leaves, args.repeats)
