@@ -23,6 +23,9 @@
 #   (KERNEL_VARIANTS: a comma-separated choice of its variants, default all);
 #   kernel-ncu: Nsight Compute's throughput, occupancy, launch, warp-stall and memory sections of the chunk kernels
 #   (NCU_KERNELS, a regex, and NCU_LAUNCHES choose which and how many launches) as CSV.
+#   kernel-ncu-source: Nsight Compute's per-instruction counters and warp-stall samples of the chunk kernels of one
+#   plain forward + backward (B = 16, T = 4096; NCU_KERNELS, default dqk_bwd|output_fwd|state_walk): the report
+#   (kernel-source.ncu-rep) and its source page as CSV, SASS and Python lines (kernel-source-*.csv).
 # LRA data drawn beforehand (experiments/lra_learning.py's runs/lra_learning/<name>/) can be brought packed as
 # runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
 # PF_IMAGES=N; pathfinder-c6-<N>-s<seed> for --pathfinder-contour-length 6): the LRA jobs unpack it and the script
@@ -147,6 +150,17 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
         --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --csv --page details \
         --log-file "$RESULTS/kernel-ncu.csv" python experiments/kernel_versions.py --profile
       cp "$RESULTS/kernel-ncu.csv" "$OUT/" ;;
+    kernel-ncu-source)
+      run kernel-ncu-source ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-dqk_bwd|output_fwd|state_walk}" \
+        --launch-count "${NCU_LAUNCHES:-4}" --section SourceCounters --section WarpStateStats --section SpeedOfLight \
+        --section Occupancy --section LaunchStats --import-source yes -f -o "$RESULTS/kernel-source" \
+        python experiments/kernel_versions.py --profile --profile-op plain --profile-shape 16 4096
+      for view in sass cuda; do
+        ncu -i "$RESULTS/kernel-source.ncu-rep" --page source --csv --print-source "$view" \
+          > "$OUT/kernel-source-$view.csv" 2> "$OUT/kernel-source-$view.err"
+      done
+      ncu -i "$RESULTS/kernel-source.ncu-rep" --page details --csv > "$OUT/kernel-source-details.csv"
+      cp "$RESULTS/kernel-source.ncu-rep" "$OUT/" ;;
     kernel-variants)
       run kernel-variants python experiments/kernel_versions.py --variants --fla ${KERNEL_VARIANTS:+--only "$KERNEL_VARIANTS"} \
         --out "$RESULTS/kernel-variants.json"

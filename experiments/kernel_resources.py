@@ -79,10 +79,17 @@ def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict, dict]]:
 
 
 def resources(
-    kernel: JITFunction, signature: dict, constants: dict, options: dict, arch: int, attributes: dict | None = None
+    kernel: JITFunction,
+    signature: dict,
+    constants: dict,
+    options: dict,
+    arch: int,
+    attributes: dict | None = None,
+    dump: Path | None = None,
 ) -> dict:
     """Registers per thread, spill bytes and static shared memory of one compiled launch (``attributes``: the
-    JIT's specialisation, as ``capture`` records it)."""
+    JIT's specialisation, as ``capture`` records it). ``dump``: a path stem under which its Triton GPU IR
+    (``.ttgir``), PTX and SASS (``.sass``) are written."""
     compiled = triton.compile(
         ASTSource(fn=kernel, signature=signature, constexprs=constants, attrs=attributes),
         target=GPUTarget("cuda", arch, 32), options=options,
@@ -93,6 +100,10 @@ def resources(
         cubin.flush()
         usage = subprocess.run([str(tool), "--dump-resource-usage", cubin.name], capture_output=True, text=True)
         sass = subprocess.run([str(tool), "--dump-sass", cubin.name], capture_output=True, text=True).stdout
+    if dump is not None:
+        for suffix, text in ((".ttgir", compiled.asm["ttgir"]), (".ptx", compiled.asm["ptx"]), (".sass", sass)):
+            dump.with_suffix(suffix).write_text(text)
+        dump.with_suffix(".cubin").write_bytes(compiled.asm["cubin"])  # nvdisasm --print-line-info reads it
     found = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage.stdout))
     # one instruction per line "/*0a30*/  @!P0 FFMA.FTZ R3, ..." : its opcode, without modifiers or predicate
     opcodes = Counter(re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", sass))
@@ -125,6 +136,9 @@ def main() -> None:
     )
     parser.add_argument("--opcodes", type=int, default=0, help="print each kernel's N most frequent SASS opcodes")
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
+    parser.add_argument(
+        "--dump", type=Path, default=None, help="folder for each kernel's Triton GPU IR, PTX, SASS and cubin"
+    )
     args = parser.parse_args()
     for item in args.launch:
         try:
@@ -164,8 +178,13 @@ def main() -> None:
     report = {}
     for op in args.op:
         rows = []
-        for kernel, signature, constants, options, attributes in capture(call(op)):
-            row = {"kernel": kernel.__name__} | resources(kernel, signature, constants, options, args.arch, attributes)
+        for index, (kernel, signature, constants, options, attributes) in enumerate(capture(call(op))):
+            dump = None
+            if args.dump is not None:
+                args.dump.mkdir(parents=True, exist_ok=True)
+                dump = args.dump / f"{op}-{index}-{kernel.__name__}"
+            resource = resources(kernel, signature, constants, options, args.arch, attributes, dump)
+            row = {"kernel": kernel.__name__} | resource
             rows.append(row)
             print(f"{op:14s} {row['kernel']:22s} regs {row['registers']:4d}  spilled {row['stack_bytes']:5d} B  "
                   f"shared {row['shared_bytes']:6d} B  warps {row['num_warps']}  "

@@ -3,6 +3,7 @@ and time of each kernel version (bf16, H = 8, K = V = 128), optionally fla's chu
 
     python experiments/kernel_versions.py --old-root DIR [--fla] [--out report.json]
     python experiments/kernel_versions.py --profile          # one forward+backward per version, for ncu
+    python experiments/kernel_versions.py --profile --profile-op plain --profile-shape 16 4096
 
 DIR holds a copy of an earlier ``hgrn2.ops`` chunk package, importable as ``hgrn2_v2.ops.chunk``.
 """
@@ -89,6 +90,12 @@ VARIANTS = {
     "deltas-all": dict(walk_programs_per_sm=1e9),
     "half-deltas-all": dict(half_deltas=True, walk_programs_per_sm=1e9),
     "w16-half-deltas-all": dict(dqk_warps=16, output_warps=16, dv_warps=16, half_deltas=True, walk_programs_per_sm=1e9),
+    # dq / d log λ with two scans along the chunk instead of four, or none (matmuls), for half-precision inputs
+    "dqk-fewer-scans": dict(dqk_sums="fewer-scans"),
+    "dqk-matmul-sums": dict(dqk_sums="matmuls"),
+    # the walks' running sums along each chunk as matmuls with a matrix of ones
+    "walk-matmul-sums": dict(walk_matmul_sums=True),
+    "matmul-sums": dict(walk_matmul_sums=True, dqk_sums="fewer-scans"),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
@@ -169,7 +176,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--old-root", help="folder holding the package hgrn2_v2 (an earlier version)")
     parser.add_argument("--fla", action="store_true", help="time fla's chunk_gla too")
-    parser.add_argument("--profile", action="store_true", help="one gated forward+backward per version and exit")
+    parser.add_argument("--profile", action="store_true", help="one forward+backward per version and exit")
+    parser.add_argument("--profile-op", choices=("gated", "plain"), default="gated", help="the op --profile runs")
+    parser.add_argument(
+        "--profile-shape", type=int, nargs=2, default=(4, 4096), metavar=("B", "T"), help="--profile's batch and length"
+    )
     parser.add_argument("--variants", action="store_true", help="time the launch settings of VARIANTS and exit")
     parser.add_argument("--only", help="comma-separated names of VARIANTS to time (default: all)")
     parser.add_argument("--out", help="JSON report")
@@ -182,10 +193,13 @@ def main() -> None:
         sys.path.insert(0, args.old_root)
         versions["old"] = importlib.import_module("hgrn2_v2.ops.chunk")
     if args.profile:
-        q, v, g = inputs(4, 4096)
+        q, v, g = inputs(*args.profile_shape)
         beta = torch.rand(HEADS, DIM, device="cuda", requires_grad=True)
         for op in versions.values():
-            fwd_bwd(lambda op=op: op.chunk_hgrn2_gated(q, v, g, beta)[0], [q, v, g, beta])()
+            if args.profile_op == "plain":
+                fwd_bwd(lambda op=op: op.chunk_hgrn2(q, v, g)[0], [q, v, g])()
+            else:
+                fwd_bwd(lambda op=op: op.chunk_hgrn2_gated(q, v, g, beta)[0], [q, v, g, beta])()
             torch.cuda.synchronize()
         return
     report = {"device": torch.cuda.get_device_name(0), "accuracy": {}, "timing": []}

@@ -81,7 +81,7 @@ LAUNCH = dict(
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
     small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
-    walk_prefetch=False,
+    walk_prefetch=False, dqk_sums="scans", walk_matmul_sums=False,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -196,7 +196,7 @@ class _Launch:
             q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
-            PREFETCH=LAUNCH["walk_prefetch"],
+            PREFETCH=LAUNCH["walk_prefetch"], SUMS_BY_MATMUL=LAUNCH["walk_matmul_sums"],
             num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
@@ -247,7 +247,8 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     flags = L.flags | L.precise_flags
     dqk_bwd_kernel[grid](
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
-        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, **L.options("dqk"), **flags, **L.intra,
+        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, SUMS=_DQK_SUMS[LAUNCH["dqk_sums"]],
+        **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
@@ -257,6 +258,9 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     return dq, dv, dg, (d_initial if need_d_initial else None)
 
 
+# LAUNCH["dqk_sums"]: how dq / d log λ forms its running sums along the chunk for half-precision inputs (float32
+# inputs always scan): four scans, two scans, or matmuls with matrices of ones (ops-notes.md)
+_DQK_SUMS = {"scans": 0, "fewer-scans": 1, "matmuls": 2}
 _DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "DT", "PRECISION", "INTERPRET")
 
 

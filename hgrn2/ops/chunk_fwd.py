@@ -37,6 +37,7 @@ from hgrn2.ops.kernel_utils import (
     load_query,
     matmul,
     one_minus_exp,
+    running_sum,
     sequence_bounds,
 )
 
@@ -108,17 +109,18 @@ def chunk_delta_inputs(
 @triton.jit
 def chunk_delta_from(
     q, g, x, m_t, m_k, scale, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
 ):  # fmt: skip
     """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK] from the tiles of chunk_delta_inputs:
-    forward x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do."""
+    forward x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do. SUMS_BY_MATMUL:
+    the running sums along the chunk as matmuls with a matrix of ones instead of scans."""
     g = bound_log_forget(g)
     b_end = tl.sum(g, 0)  # [BK]
     if BACKWARD:
         q = gate_query(q, m_t[:, None] & m_k[None, :], ACT)
-        w = q * tl.exp(tl.cumsum(g, 0)) * scale
+        w = q * tl.exp(running_sum(g, SUMS_BY_MATMUL, INTERPRET)) * scale
     else:
-        w = key_to_chunk_end(g)
+        w = key_to_chunk_end(g, SUMS_BY_MATMUL, INTERPRET)
     return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
 
 
@@ -126,12 +128,12 @@ def chunk_delta_from(
 def chunk_delta(
     q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, scale, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr,
+    INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
 ):  # fmt: skip
     """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk starting at token row0 (see
     chunk_delta_from)."""
     q, g, x = chunk_delta_inputs(q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, H, K, V, BACKWARD)
-    return chunk_delta_from(q, g, x, m_t, m_k, scale, BACKWARD, ACT, DT, PRECISION, INTERPRET)
+    return chunk_delta_from(q, g, x, m_t, m_k, scale, BACKWARD, ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL)
 
 
 @triton.jit
@@ -168,6 +170,7 @@ def state_walk_kernel(
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
     STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
     PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
+    SUMS_BY_MATMUL: tl.constexpr,
 ):  # fmt: skip
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
@@ -202,7 +205,8 @@ def state_walk_kernel(
                 o_v, m_k, m_v, i_h, H, K, V, BACKWARD,
             )  # fmt: skip
             delta, b_end = chunk_delta_from(
-                q_c, g_c, x_c, c * C + o_t < length, m_k, scale, BACKWARD, ACT, DT, PRECISION, INTERPRET
+                q_c, g_c, x_c, c * C + o_t < length, m_k, scale, BACKWARD, ACT, DT, PRECISION, INTERPRET,
+                SUMS_BY_MATMUL,
             )  # fmt: skip
             state = state * tl.exp(b_end)[:, None] + delta
     else:
@@ -211,7 +215,7 @@ def state_walk_kernel(
             tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
             delta, b_end = chunk_delta(
                 q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
-                BACKWARD, ACT, DT, PRECISION, INTERPRET,
+                BACKWARD, ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
             )  # fmt: skip
             state = state * tl.exp(b_end)[:, None] + delta
     if not BACKWARD:

@@ -111,6 +111,24 @@ def matmul(a, b, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.conste
         return tl.dot(a.to(DT), b.to(DT), input_precision=PRECISION)
 
 
+@triton.jit
+def ones_matmul(mask, x, INTERPRET: tl.constexpr):
+    """Σ_s mask[t, s] x_s for a [C, C] mask and float32 x [C, N]: a running sum along the chunk's steps as a matmul
+    with a matrix of ones, which bfloat16 holds exactly. x enters as three bfloat16 parts: its leading 8 bits of
+    mantissa (the low 16 bits of its float32 pattern cleared), the next 8 bits of what is left, and the rest
+    rounded to bfloat16, each difference exact in float32, so that each term keeps 2^-24 of its relative
+    precision, float32's. A scan along the steps crosses warps through shared memory for each column; the
+    matmuls do not."""
+    ones = tl.where(mask, 1.0, 0.0)
+    high = (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    rest = x - high
+    middle = (rest.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    acc = matmul(ones, high, tl.bfloat16, "ieee", INTERPRET)
+    acc += matmul(ones, middle, tl.bfloat16, "ieee", INTERPRET)
+    acc += matmul(ones, rest - middle, tl.bfloat16, "ieee", INTERPRET)
+    return acc
+
+
 def interpreting() -> bool:
     """Whether Triton runs through its CPU interpreter in this process."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -246,19 +264,32 @@ def bound_log_forget(x):
 
 
 @triton.jit
-def log_decay_to_end(g):
+def log_decay_to_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False):
     """Σ_{s > t} g_s for each row t of a chunk's log gates g [C, BK]: the log decay from step t to the chunk's
     end. Formed as a suffix sum, it keeps float32's relative precision where b_C - b_t (a difference of running
     sums) would not: after strong gates |b| reaches hundreds and the difference loses ~|b| · 6e-8 in absolute
-    terms, i.e. that much relative error in exp(b_C - b_t) (1e-4 at |b| = 2,000)."""
+    terms, i.e. that much relative error in exp(b_C - b_t) (1e-4 at |b| = 2,000). BY_MATMUL: the same sum as a
+    matmul with a matrix of ones (``ones_matmul``) instead of a scan."""
+    if BY_MATMUL:
+        o_t = tl.arange(0, g.shape[0])
+        return ones_matmul(o_t[:, None] < o_t[None, :], g, INTERPRET)
     return tl.cumsum(g, 0, reverse=True) - g
 
 
 @triton.jit
-def key_to_chunk_end(g):
+def running_sum(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False):
+    """Σ_{s <= t} g_s for each row t of g [C, BK], by a scan or (BY_MATMUL) a matmul with a matrix of ones."""
+    if BY_MATMUL:
+        o_t = tl.arange(0, g.shape[0])
+        return ones_matmul(o_t[:, None] >= o_t[None, :], g, INTERPRET)
+    return tl.cumsum(g, 0)
+
+
+@triton.jit
+def key_to_chunk_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False):
     """k_t · exp(b_C - b_t) for a chunk's log gates g [C, BK]: step t's key 1 - λ_t decayed to the chunk's end,
     the weight with which v_t enters the state leaving the chunk (and dS_out reaches dv_t)."""
-    return one_minus_exp(g) * tl.exp(log_decay_to_end(g))
+    return one_minus_exp(g) * tl.exp(log_decay_to_end(g, BY_MATMUL, INTERPRET))
 
 
 @triton.jit
