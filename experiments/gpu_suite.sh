@@ -20,7 +20,7 @@
 #   from the second suite on, --ckpt_path <the last suite's checkpoint>) resumes on the data it started on.
 # - kernel-profile: per-kernel CUDA times of the chunked op, plain and gated (experiments/kernel_profile.py), at
 #   16K tokens (T = 1K) and 64K tokens (T = 4K); kernel-variants: experiments/kernel_versions.py --variants --fla
-#   (KERNEL_VARIANTS: a comma-separated choice of its variants, default all);
+#   (KERNEL_VARIANTS: a comma-separated choice of its variants, default all; KERNEL_SHAPES: TOKENSxT,... to time);
 #   kernel-ncu: Nsight Compute's throughput, occupancy, launch, warp-stall and memory sections of the chunk kernels
 #   (NCU_KERNELS, a regex, and NCU_LAUNCHES choose which and how many launches) as CSV.
 #   kernel-ncu-source: Nsight Compute's per-instruction counters and warp-stall samples of the chunk kernels of one
@@ -162,7 +162,7 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
       ncu -i "$RESULTS/kernel-source.ncu-rep" --page details --csv > "$OUT/kernel-source-details.csv"
       cp "$RESULTS/kernel-source.ncu-rep" "$OUT/" ;;
     kernel-variants)
-      run kernel-variants python experiments/kernel_versions.py --variants --fla ${KERNEL_VARIANTS:+--only "$KERNEL_VARIANTS"} \
+      run kernel-variants python experiments/kernel_versions.py --variants --fla ${KERNEL_VARIANTS:+--only "$KERNEL_VARIANTS"} ${KERNEL_SHAPES:+--shapes "$KERNEL_SHAPES"} \
         --out "$RESULTS/kernel-variants.json"
       cp "$RESULTS/kernel-variants.json" "$OUT/" ;;
     mqar)

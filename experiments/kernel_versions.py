@@ -184,7 +184,16 @@ def main() -> None:
     parser.add_argument("--variants", action="store_true", help="time the launch settings of VARIANTS and exit")
     parser.add_argument("--only", help="comma-separated names of VARIANTS to time (default: all)")
     parser.add_argument("--out", help="JSON report")
+    parser.add_argument(
+        "--shapes", help="comma-separated TOKENSxT shapes that --variants times (default: all four), e.g. 65536x4096"
+    )
     args = parser.parse_args()
+    if args.shapes:
+        global VARIANT_SHAPES
+        try:
+            VARIANT_SHAPES = tuple(tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(","))
+        except ValueError:
+            parser.error(f"--shapes {args.shapes!r}: expected TOKENSxT[,TOKENSxT...], e.g. 65536x4096,16384x1024")
     if args.variants:
         time_variants(args.out, args.fla, args.only.split(",") if args.only else list(VARIANTS))
         return
