@@ -116,9 +116,9 @@ def ones_matmul(mask, x, INTERPRET: tl.constexpr):
     """Σ_s mask[t, s] x_s for a [C, C] mask and float32 x [C, N]: a running sum along the chunk's steps as a matmul
     with a matrix of ones, which bfloat16 holds exactly. x enters as three bfloat16 parts: its leading 8 bits of
     mantissa (the low 16 bits of its float32 pattern cleared), the next 8 bits of what is left, and the rest
-    rounded to bfloat16, each difference exact in float32, so that each term keeps 2^-24 of its relative
-    precision, float32's. A scan along the steps crosses warps through shared memory for each column; the
-    matmuls do not."""
+    rounded to bfloat16, each difference exact in float32, so that each term is off by at most 2^-24 of itself and
+    the sums are as close as a float32 scan's (tests/ops/test_kernel_utils.py). A scan along the steps crosses
+    warps through shared memory for each column; the matmuls do not."""
     ones = tl.where(mask, 1.0, 0.0)
     high = (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
     rest = x - high
