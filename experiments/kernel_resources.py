@@ -175,14 +175,13 @@ def main() -> None:
 
         return run
 
+    if args.dump is not None:
+        args.dump.mkdir(parents=True, exist_ok=True)
     report = {}
     for op in args.op:
         rows = []
         for index, (kernel, signature, constants, options, attributes) in enumerate(capture(call(op))):
-            dump = None
-            if args.dump is not None:
-                args.dump.mkdir(parents=True, exist_ok=True)
-                dump = args.dump / f"{op}-{index}-{kernel.__name__}"
+            dump = None if args.dump is None else args.dump / f"{op}-{index}-{kernel.__name__}"
             resource = resources(kernel, signature, constants, options, args.arch, attributes, dump)
             row = {"kernel": kernel.__name__} | resource
             rows.append(row)

@@ -188,14 +188,14 @@ def main() -> None:
         "--shapes", help="comma-separated TOKENSxT shapes that --variants times (default: all four), e.g. 65536x4096"
     )
     args = parser.parse_args()
+    shapes = VARIANT_SHAPES
     if args.shapes:
-        global VARIANT_SHAPES
         try:
-            VARIANT_SHAPES = tuple(tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(","))
+            shapes = tuple(tuple(int(n) for n in shape.split("x")) for shape in args.shapes.split(","))
         except ValueError:
             parser.error(f"--shapes {args.shapes!r}: expected TOKENSxT[,TOKENSxT...], e.g. 65536x4096,16384x1024")
     if args.variants:
-        time_variants(args.out, args.fla, args.only.split(",") if args.only else list(VARIANTS))
+        time_variants(args.out, args.fla, args.only.split(",") if args.only else list(VARIANTS), shapes)
         return
     versions = {"new": new}
     if args.old_root:
@@ -236,7 +236,7 @@ def main() -> None:
         Path(args.out).write_text(json.dumps(report, indent=1))
 
 
-def time_variants(out: str | None, with_fla: bool, names: list[str]) -> None:
+def time_variants(out: str | None, with_fla: bool, names: list[str], shapes=VARIANT_SHAPES) -> None:
     unknown = sorted(set(names) - set(VARIANTS))
     if unknown:
         raise SystemExit(f"unknown variants {unknown}; choose from {sorted(VARIANTS)}")
@@ -247,7 +247,7 @@ def time_variants(out: str | None, with_fla: bool, names: list[str]) -> None:
         new.LAUNCH.clear()
         new.LAUNCH.update(defaults | overrides)
         rows = []
-        for tokens, seq_len in VARIANT_SHAPES:
+        for tokens, seq_len in shapes:
             row = {"tokens": tokens, "T": seq_len, **timing(new, tokens, seq_len)}
             rows.append(row)
             print(name, json.dumps(row), flush=True)
@@ -259,7 +259,7 @@ def time_variants(out: str | None, with_fla: bool, names: list[str]) -> None:
     new.LAUNCH.clear()
     new.LAUNCH.update(defaults)
     if with_fla:  # fla last: its first call autotunes for minutes
-        report["fla"] = [{"tokens": t, "T": s, **fla_timing(t, s)} for t, s in VARIANT_SHAPES]
+        report["fla"] = [{"tokens": t, "T": s, **fla_timing(t, s)} for t, s in shapes]
         print("fla", json.dumps(report["fla"]), flush=True)
     for precise in (True, False):  # the lower bound's gradient with and without the float32 path, B = 4, T = 4096
         errors = accuracy(new, torch.bfloat16, 2.0, batch=4, seq_len=4096, precise=precise)
@@ -267,7 +267,7 @@ def time_variants(out: str | None, with_fla: bool, names: list[str]) -> None:
         print(f"precise={precise}", {k: f"{e:.2e}" for k, e in errors.items()}, flush=True)
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
-    print("\nvariant      | " + " | ".join(f"{t // 1024}K T={s:5d} fwd  f+b gated" for t, s in VARIANT_SHAPES))
+    print("\nvariant      | " + " | ".join(f"{t // 1024}K T={s:5d} fwd  f+b gated" for t, s in shapes))
     for name, entry in report["variants"].items():
         cells = [f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f} {r['gated_fwdbwd']:6.3f}" for r in entry["rows"]]
         print(f"{name:12s} | " + " | ".join(cells))

@@ -41,6 +41,7 @@ from hgrn2.ops.kernel_utils import (
     one_minus_exp,
     ones_matmul,
     output_gate_grad,
+    running_sum,
 )
 
 
@@ -162,16 +163,16 @@ def dqk_bwd_kernel(
     )  # fmt: skip
     # q and the log gates of this K tile, loaded after the walk over V so that they are not live during it
     _, _, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
+    if SUMS == 2 and not PAIRS:  # b as a matmul; key_tile's scan then goes unused
+        b = running_sum(g, True, INTERPRET)
     k = one_minus_exp(g)
     d_scores, diagonal = causal_score_grads(raw, o_t, scale)
     dq_in = tl.exp(b) * dq_state * scale
     if SUMS == 2 and not PAIRS:
-        # every running sum along the chunk as a matmul with a matrix of ones (kernel_utils.ones_matmul): b, the
-        # decay to the chunk's end Σ_{s > t} g_s, the reverse sum of the chunk's pairs and q ⊙ dq from the
+        # every running sum along the chunk as a matmul with a matrix of ones (kernel_utils.ones_matmul): b above,
+        # the decay to the chunk's end Σ_{s > t} g_s, the reverse sum of the chunk's pairs and q ⊙ dq from the
         # entering state, and the sum of k ⊙ dk from the leaving state up to t - 1
-        b = ones_matmul(o_t[:, None] >= o_t[None, :], g, INTERPRET)
-        dq_in = tl.exp(b) * dq_state * scale
-        dk_out = tl.exp(ones_matmul(o_t[:, None] < o_t[None, :], g, INTERPRET)) * dk_state
+        dk_out = tl.exp(log_decay_to_end(g, True, INTERPRET)) * dk_state
         k_out = k * dk_out
         dq, dk, summand = intra_grads(
             q, k, g, b, d_scores, q * dq_in, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS, False

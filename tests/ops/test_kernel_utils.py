@@ -20,14 +20,13 @@ def _running_sums_kernel(x_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr, INTER
     o_t = tl.arange(0, C)
     offs = o_t[:, None] * N + tl.arange(0, N)[None, :]
     x = tl.load(x_ptr + offs)
-    inclusive = kernel_utils.ones_matmul(o_t[:, None] >= o_t[None, :], x, INTERPRET)
-    suffix = kernel_utils.ones_matmul(o_t[:, None] < o_t[None, :], x, INTERPRET)
-    tl.store(out_ptr + offs, inclusive)
-    tl.store(out_ptr + C * N + offs, suffix)
+    tl.store(out_ptr + offs, kernel_utils.running_sum(x, True, INTERPRET))
+    tl.store(out_ptr + C * N + offs, kernel_utils.log_decay_to_end(x, True, INTERPRET))
 
 
 def test_sums_by_matmul_keep_float32_precision():
-    """``ones_matmul`` sums along a chunk with bfloat16 matmuls, x split into three bfloat16 parts: log gates
+    """``ones_matmul`` sums along a chunk with bfloat16 matmuls, x split into three bfloat16 parts (here through
+    ``running_sum`` and ``log_decay_to_end`` with BY_MATMUL, as the kernels call it): log gates
     spanning eight orders of magnitude (-30 to -1e-6) give running and suffix sums as close to the float64 sums as
     float32 scans of the same values are (within 2x, or 2^-21 of the sums' magnitude), where one bfloat16 part would
     be off by ~2^-9."""
