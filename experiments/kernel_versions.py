@@ -74,9 +74,6 @@ VARIANTS = {
     "half-deltas-walk-from-1": dict(half_deltas=True, walk_programs_per_sm=0.9),
     # the gated entry's backward reads the forward's float32 log λ instead of forming it again
     "keep-log-forget": dict(keep_log_forget=True),
-    # the walk loads each chunk's tiles one step ahead into registers instead of Triton's pipelining through shared
-    # memory
-    "walk-prefetch": dict(walk_prefetch=True),
     # 16 warps for the chunk-parallel kernels that run one 8-warp program per SM (registers or shared memory):
     # twice the warps to hide latency with. sm90 compile (Triton 3.6), plain op: output 128 registers, no spills
     # (249 at 8 warps); dq/d log λ 128 registers, 160 spilled bytes a thread (255 and 136 at 8 warps), gated 280
@@ -90,12 +87,12 @@ VARIANTS = {
     "deltas-all": dict(walk_programs_per_sm=1e9),
     "half-deltas-all": dict(half_deltas=True, walk_programs_per_sm=1e9),
     "w16-half-deltas-all": dict(dqk_warps=16, output_warps=16, dv_warps=16, half_deltas=True, walk_programs_per_sm=1e9),
-    # dq / d log λ with two scans along the chunk instead of four, or none (matmuls), for half-precision inputs
-    "dqk-fewer-scans": dict(dqk_sums="fewer-scans"),
-    "dqk-matmul-sums": dict(dqk_sums="matmuls"),
-    # the walks' running sums along each chunk as matmuls with a matrix of ones
-    "walk-matmul-sums": dict(walk_matmul_sums=True),
-    "matmul-sums": dict(walk_matmul_sums=True, dqk_sums="fewer-scans"),
+    # the walk, now that its running sums are matmuls (walk-from-1 above sends 16K tokens at T = 4K to it with 128
+    # programs): twice the warps for its matmuls, three stages of loads, or state tiles of 32 (four times the
+    # programs, each chunk's sums formed by each of four V tiles)
+    "walk-warps8": dict(walk_warps=8),
+    "walk-stages3": dict(walk_stages=3),
+    "walk-tile32": dict(walk_tile=32),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

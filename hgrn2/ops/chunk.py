@@ -74,14 +74,15 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
 # the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
-# With ``walk_prefetch`` the walk loads each chunk's tiles one step ahead of its work into registers, instead of
-# Triton's pipelining of that loop over ``walk_stages`` (which stages the loads through shared memory).
+# The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
+# for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
+# between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
+# span few warps, keep the scans.
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
     small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
-    walk_prefetch=False, dqk_sums="scans", walk_matmul_sums=False,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -196,7 +197,7 @@ class _Launch:
             q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
-            PREFETCH=LAUNCH["walk_prefetch"], SUMS_BY_MATMUL=LAUNCH["walk_matmul_sums"],
+            SUMS_BY_MATMUL=not self.small_head,
             num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
@@ -247,7 +248,7 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     flags = L.flags | L.precise_flags
     dqk_bwd_kernel[grid](
         q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
-        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32, SUMS=_DQK_SUMS[LAUNCH["dqk_sums"]],
+        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32,
         **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
@@ -258,9 +259,6 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     return dq, dv, dg, (d_initial if need_d_initial else None)
 
 
-# LAUNCH["dqk_sums"]: how dq / d log λ forms its running sums along the chunk for half-precision inputs (float32
-# inputs always scan): four scans, two scans, or matmuls with matrices of ones (ops-notes.md)
-_DQK_SUMS = {"scans": 0, "fewer-scans": 1, "matmuls": 2}
 _DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "DT", "PRECISION", "INTERPRET")
 
 

@@ -39,16 +39,14 @@ from hgrn2.ops.kernel_utils import (
     log_decay_to_end,
     matmul,
     one_minus_exp,
-    ones_matmul,
     output_gate_grad,
-    running_sum,
 )
 
 
 @triton.jit
 def intra_grads(
     q, k, g, b, d_scores, extra, o_t, C: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, PAIRS: tl.constexpr, SCAN: tl.constexpr = True,
+    INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     """dq and dk of this K tile from the strictly causal score gradients dA [C, C]:
     dq_t = Σ_s dA_ts k_s exp(b_t - b_s), dk_s = Σ_t dA_ts q_t exp(b_t - b_s); and the chunk's own part of
@@ -59,17 +57,14 @@ def intra_grads(
     q ⊙ dq - k ⊙ dk, in which the pairs after t cancel. With PAIRS (float32 inputs), or past the spread, one
     column s at a time forms b_t - b_s from the gates between s and t, as ``intra_scores`` does; with PAIRS it
     also sums the spanning pairs themselves, so that d log λ keeps float32's relative precision where λ_t is
-    small and the pairs after t are not. Without SCAN (and without PAIRS) the third result is what the reverse
-    sum would sum, q ⊙ dq - k ⊙ dk + extra, for the caller to sum."""
+    small and the pairs after t are not."""
     spread, by_matmul = reference_spread(b, g)
     if PAIRS:
         by_matmul = False
     if by_matmul:
         dq = tl.exp(spread) * matmul(d_scores, k * tl.exp(-spread), DT, PRECISION, INTERPRET)
         dk = tl.exp(-spread) * matmul(tl.trans(d_scores), q * tl.exp(spread), DT, PRECISION, INTERPRET)
-        span = q * dq - k * dk + extra
-        if SCAN:
-            span = tl.cumsum(span, 0, reverse=True)
+        span = tl.cumsum(q * dq - k * dk + extra, 0, reverse=True)
     else:
         dq = tl.zeros_like(q)
         dk = tl.zeros_like(q)
@@ -87,10 +82,8 @@ def intra_grads(
                 span += tl.where(o_t[:, None] > s, tl.cumsum(q * from_s, 0, reverse=True), 0.0)
         if PAIRS:
             span += tl.cumsum(extra, 0, reverse=True)
-        elif SCAN:
-            span = tl.cumsum(q * dq - k * dk + extra, 0, reverse=True)
         else:
-            span = q * dq - k * dk + extra
+            span = tl.cumsum(q * dq - k * dk + extra, 0, reverse=True)
     return dq, dk, span
 
 
@@ -153,7 +146,7 @@ def dqk_bwd_kernel(
     q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
-    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr, SUMS: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
     # one program per (K tile, chunk, head)
     i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
@@ -163,42 +156,29 @@ def dqk_bwd_kernel(
     )  # fmt: skip
     # q and the log gates of this K tile, loaded after the walk over V so that they are not live during it
     _, _, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
-    if SUMS == 2 and not PAIRS:  # b as a matmul; key_tile's scan then goes unused
-        b = running_sum(g, True, INTERPRET)
     k = one_minus_exp(g)
     d_scores, diagonal = causal_score_grads(raw, o_t, scale)
     dq_in = tl.exp(b) * dq_state * scale
-    if SUMS == 2 and not PAIRS:
-        # every running sum along the chunk as a matmul with a matrix of ones (kernel_utils.ones_matmul): b above,
-        # the decay to the chunk's end Σ_{s > t} g_s, the reverse sum of the chunk's pairs and q ⊙ dq from the
-        # entering state, and the sum of k ⊙ dk from the leaving state up to t - 1
-        dk_out = tl.exp(log_decay_to_end(g, True, INTERPRET)) * dk_state
-        k_out = k * dk_out
-        dq, dk, summand = intra_grads(
-            q, k, g, b, d_scores, q * dq_in, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS, False
-        )  # fmt: skip
-        dg = ones_matmul(o_t[:, None] <= o_t[None, :], summand, INTERPRET)
-        dg += ones_matmul(o_t[:, None] > o_t[None, :], k_out, INTERPRET)
-    elif SUMS == 1 and not PAIRS:
-        # two scans along the chunk instead of four. The decay to the chunk's end is b_C - b_t, off by at most
-        # ~1e-4 in its exponent (log_decay_to_end), below half precision's rounding; and Σ_{r < t} k_out_r =
-        # Σ_r k_out_r - Σ_{r >= t} k_out_r, so the pairs into later chunks are summed in the scan from the chunk's
-        # end that sums the chunk's own pairs and q ⊙ dq from the entering state
-        b_end = tl.sum(g, 0)
-        dk_out = tl.exp(b_end[None, :] - b) * dk_state
-        k_out = k * dk_out  # k ⊙ dk from the leaving state
-        dq, dk, span = intra_grads(
-            q, k, g, b, d_scores, q * dq_in - k_out, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS
-        )  # fmt: skip
-        dg = span + tl.sum(k_out, 0)[None, :]
-    else:
+    b_end = tl.sum(g, 0)
+    if PAIRS:
         # q ⊙ dq from the entering state is summed from the chunk's end in the same scan as the chunk's own pairs
         dq, dk, span = intra_grads(q, k, g, b, d_scores, q * dq_in, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS)
         dk_out = tl.exp(log_decay_to_end(g)) * dk_state
         k_out = k * dk_out  # k ⊙ dk from the leaving state
         # d log λ_t = Σ over the pairs r < t <= s (module docstring) - λ_t ⊙ dk_t; none below the floor
         dg = span + (tl.cumsum(k_out, 0) - k_out)
-    dg += tl.exp(tl.sum(g, 0))[None, :] * through[None, :]
+    else:
+        # half-precision inputs: two scans along the chunk instead of four. The decay to the chunk's end is
+        # b_C - b_t, off by at most ~1e-4 in its exponent (log_decay_to_end), below half precision's rounding; and
+        # Σ_{r < t} k_out_r = Σ_r k_out_r - Σ_{r >= t} k_out_r, so the pairs into later chunks are summed in the scan
+        # from the chunk's end that sums the chunk's own pairs and q ⊙ dq from the entering state
+        dk_out = tl.exp(b_end[None, :] - b) * dk_state
+        k_out = k * dk_out  # k ⊙ dk from the leaving state
+        dq, dk, span = intra_grads(
+            q, k, g, b, d_scores, q * dq_in - k_out, o_t, C, IDT, IPRECISION, INTERPRET, PAIRS
+        )  # fmt: skip
+        dg = span + tl.sum(k_out, 0)[None, :]
+    dg += tl.exp(b_end)[None, :] * through[None, :]
     dq += dq_in + diagonal[:, None] * k
     dk += dk_out + diagonal[:, None] * q
     dg = tl.where(g > LOG_FORGET_FLOOR, dg - tl.exp(g) * dk, 0.0)  # none below the floor

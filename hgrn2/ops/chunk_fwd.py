@@ -29,9 +29,7 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.kernel_utils import (
-    bound_log_forget,
     chunk_bounds,
-    gate_query,
     key_to_chunk_end,
     load_log_forget,
     load_query,
@@ -92,48 +90,26 @@ def key_tile(
 
 
 @triton.jit
-def chunk_delta_inputs(
-    q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr,
-    BACKWARD: tl.constexpr,
-):  # fmt: skip
-    """The tiles chunk_delta_from needs, as stored: log gates and (BACKWARD) q_proj [C, BK], x [C, BV]."""
-    m_tk = m_t[:, None] & m_k[None, :]
-    k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-    g = tl.load(g_ptr + k_offs, mask=m_tk, other=0.0)
-    q = tl.load(q_ptr + k_offs, mask=m_tk, other=0.0) if BACKWARD else g
-    v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
-    x = tl.load(x_ptr + v_offs, mask=m_t[:, None] & m_v[None, :], other=0.0)
-    return q, g, x
-
-
-@triton.jit
-def chunk_delta_from(
-    q, g, x, m_t, m_k, scale, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
-):  # fmt: skip
-    """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK] from the tiles of chunk_delta_inputs:
-    forward x = v, Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do. SUMS_BY_MATMUL:
-    the running sums along the chunk as matmuls with a matrix of ones instead of scans."""
-    g = bound_log_forget(g)
-    b_end = tl.sum(g, 0)  # [BK]
-    if BACKWARD:
-        q = gate_query(q, m_t[:, None] & m_k[None, :], ACT)
-        w = q * tl.exp(running_sum(g, SUMS_BY_MATMUL, INTERPRET)) * scale
-    else:
-        w = key_to_chunk_end(g, SUMS_BY_MATMUL, INTERPRET)
-    return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
-
-
-@triton.jit
 def chunk_delta(
     q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, scale, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
 ):  # fmt: skip
-    """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk starting at token row0 (see
-    chunk_delta_from)."""
-    q, g, x = chunk_delta_inputs(q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, H, K, V, BACKWARD)
-    return chunk_delta_from(q, g, x, m_t, m_k, scale, BACKWARD, ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL)
+    """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk starting at token row0: forward x = v,
+    Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do. SUMS_BY_MATMUL: the running sum
+    along the chunk as a matmul with a matrix of ones (``kernel_utils.ones_matmul``) instead of a scan."""
+    m_tk = m_t[:, None] & m_k[None, :]
+    k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
+    g = load_log_forget(g_ptr + k_offs, m_tk)
+    v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
+    x = tl.load(x_ptr + v_offs, mask=m_t[:, None] & m_v[None, :], other=0.0)
+    b_end = tl.sum(g, 0)  # [BK]
+    if BACKWARD:
+        q = load_query(q_ptr + k_offs, m_tk, ACT)
+        w = q * tl.exp(running_sum(g, SUMS_BY_MATMUL, INTERPRET)) * scale
+    else:
+        w = key_to_chunk_end(g, SUMS_BY_MATMUL, INTERPRET)
+    return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
 
 
 @triton.jit
@@ -169,8 +145,7 @@ def state_walk_kernel(
     q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
     STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr, PREFETCH: tl.constexpr,
-    SUMS_BY_MATMUL: tl.constexpr,
+    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr,
 ):  # fmt: skip
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
@@ -189,35 +164,14 @@ def state_walk_kernel(
     if HAS_S0:
         state += tl.load(s0_ptr + (i_n.to(tl.int64) * H + i_h) * K * V + kv_tile, mask=m_kv, other=0.0).to(tl.float32)
     slot0 = first_chunk if BACKWARD else first_chunk + i_n
-    if PREFETCH:  # each chunk's tiles are loaded one step ahead, so that their latency overlaps a step's work
-        c = n_chunks - 1 if BACKWARD else 0
-        q_next, g_next, x_next = chunk_delta_inputs(
-            q_ptr, g_ptr, x_ptr, bos + c * C, (c * C + o_t < length) & (n_chunks > 0), o_t, o_k, o_v, m_k, m_v, i_h,
-            H, K, V, BACKWARD,
+    for step in tl.range(0, n_chunks, num_stages=STAGES):
+        c = n_chunks - 1 - step if BACKWARD else step
+        tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+        delta, b_end = chunk_delta(
+            q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
+            BACKWARD, ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
         )  # fmt: skip
-        for step in range(n_chunks):
-            c = n_chunks - 1 - step if BACKWARD else step
-            tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-            q_c, g_c, x_c = q_next, g_next, x_next
-            c_next = c - 1 if BACKWARD else c + 1
-            q_next, g_next, x_next = chunk_delta_inputs(
-                q_ptr, g_ptr, x_ptr, bos + c_next * C, (c_next * C + o_t < length) & (step + 1 < n_chunks), o_t, o_k,
-                o_v, m_k, m_v, i_h, H, K, V, BACKWARD,
-            )  # fmt: skip
-            delta, b_end = chunk_delta_from(
-                q_c, g_c, x_c, c * C + o_t < length, m_k, scale, BACKWARD, ACT, DT, PRECISION, INTERPRET,
-                SUMS_BY_MATMUL,
-            )  # fmt: skip
-            state = state * tl.exp(b_end)[:, None] + delta
-    else:
-        for step in tl.range(0, n_chunks, num_stages=STAGES):
-            c = n_chunks - 1 - step if BACKWARD else step
-            tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
-            delta, b_end = chunk_delta(
-                q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
-                BACKWARD, ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
-            )  # fmt: skip
-            state = state * tl.exp(b_end)[:, None] + delta
+        state = state * tl.exp(b_end)[:, None] + delta
     if not BACKWARD:
         tl.store(h_ptr + ((slot0 + n_chunks) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
     if STORE_HT:

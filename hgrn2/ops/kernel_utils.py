@@ -252,8 +252,7 @@ LOG_FORGET_FLOOR = tl.constexpr(-30.0)
 @triton.jit
 def load_log_forget(ptrs, mask):
     """log λ (float32, 0 where masked), raised to ``LOG_FORGET_FLOOR`` and capped at 0 (``bound_log_forget``)."""
-    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-    return tl.minimum(tl.maximum(x, LOG_FORGET_FLOOR), 0.0)
+    return bound_log_forget(tl.load(ptrs, mask=mask, other=0.0))
 
 
 @triton.jit
