@@ -70,7 +70,9 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # The chunk states come from one of two paths: with at least ``walk_programs_per_sm`` programs per SM of
 # [walk_tile, walk_tile] state tiles, one kernel walks the chunks and forms each chunk's delta on the way
 # (``state_walk_kernel``); with fewer (few, long sequences), every chunk's delta is formed at once and an
-# elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``). With ``half_deltas`` that path
+# elementwise walk follows (``chunk_delta_kernel``, then ``state_scan_kernel``). Since the walk's sums became
+# matmuls, one program per SM is enough for it: from 0.9 per SM, 16K tokens at T = 4K (128 programs on an H100's
+# 132 SMs) run the walk, 11% faster forward than the deltas path. With ``half_deltas`` that path
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
 # the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
@@ -81,7 +83,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=2.0, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
     small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
