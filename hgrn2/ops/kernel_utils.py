@@ -251,15 +251,10 @@ LOG_FORGET_FLOOR = tl.constexpr(-30.0)
 
 @triton.jit
 def load_log_forget(ptrs, mask):
-    """log λ (float32, 0 where masked), raised to ``LOG_FORGET_FLOOR`` and capped at 0 (``bound_log_forget``)."""
-    return bound_log_forget(tl.load(ptrs, mask=mask, other=0.0))
-
-
-@triton.jit
-def bound_log_forget(x):
-    """Loaded log gates in float32, raised to ``LOG_FORGET_FLOOR`` and capped at 0: the public ops reject positive
-    values unless told not to check, and the chunk kernels' bounds on their exponents assume none."""
-    return tl.minimum(tl.maximum(x.to(tl.float32), LOG_FORGET_FLOOR), 0.0)
+    """log λ (float32, 0 where masked), raised to ``LOG_FORGET_FLOOR`` and capped at 0: the public ops reject
+    positive values unless told not to check, and the chunk kernels' bounds on their exponents assume none."""
+    x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.minimum(tl.maximum(x, LOG_FORGET_FLOOR), 0.0)
 
 
 @triton.jit
@@ -293,11 +288,6 @@ def key_to_chunk_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr
 
 @triton.jit
 def load_query(ptrs, mask, ACT: tl.constexpr):
-    """q (float32, 0 where masked), through the output gate (``gate_query``)."""
-    return gate_query(tl.load(ptrs, mask=mask, other=0.0), mask, ACT)
-
-
-@triton.jit
-def gate_query(p, mask, ACT: tl.constexpr):
-    """q = act(p) in float32 for loaded q_proj p, 0 where masked."""
-    return tl.where(mask, output_gate(p.to(tl.float32), ACT), 0.0)
+    """q (float32, 0 where masked), through the output gate."""
+    p = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(mask, output_gate(p, ACT), 0.0)
