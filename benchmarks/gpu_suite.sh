@@ -4,8 +4,9 @@
 # Jobs: check (every `gpu`-marked test but the fuzz: the kernels at full size against float64, the LRA encoder, the
 # fused LM), fuzz (the fuzz's GPU set, FUZZ_WORKERS processes, HGRN2_FUZZ_SECONDS each), parity (fla_parity.py),
 # lm374m (200 steps of configs/lm/374m.yaml through hgrn2 fit), vision, vision-chunked, small-state (training steps
-# of ListOps, Pathfinder-32 and HGRN2-Tiny against their target rates, ListOps' kernels profiled), ops (kernels
-# against fla; FLA_BUDGET_S caps fla's autotuning), train-8192, scaling (scaling-ddp, scaling-fsdp and
+# of ListOps, Pathfinder-32 and HGRN2-Tiny against their target rates, ListOps' kernels profiled),
+# small-state-compile (SMALL_STATE_JOBS, default pathfinder,vision, with torch.compile), decode (the decoding step
+# and the public op at T = 1, fla's step beside them), ops (kernels against fla; FLA_BUDGET_S caps fla's autotuning), train-8192, scaling (scaling-ddp, scaling-fsdp and
 # scaling-fsdp-ckpt, each also a job alone) and, on two GPUs, scaling-2gpu (the 374m LM on one GPU, then on two
 # under DDP and under FSDP, at one global batch). The research studies have their own suite: experiments/gpu_suite.sh.
 # Each job writes its JSON or log to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
@@ -54,6 +55,13 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
     small-state)  # the profile runs after the timed steps and does not slow them
       run small-state python benchmarks/small_state_throughput.py --profile listops
       cp "$RESULTS"/*-small-state.json "$OUT/" ;;
+    small-state-compile)  # SMALL_STATE_JOBS (default pathfinder,vision) with each block through torch.compile
+      run small-state-compile python benchmarks/small_state_throughput.py --jobs "${SMALL_STATE_JOBS:-pathfinder,vision}" \
+        --compile --out "$RESULTS/small-state-compile.json"
+      cp "$RESULTS"/small-state-compile.json "$OUT/" ;;
+    decode)  # the decoding step and the public op at T = 1, fla's step kernel beside them when installed
+      run decode python benchmarks/ops.py --decode-only --out "$RESULTS"
+      cp "$RESULTS"/*-ops-decode.json "$OUT/" ;;
     ops)  # kernels against fla: its first call autotunes for minutes
       run ops python benchmarks/ops.py --out "$RESULTS" --fla-budget-s "${FLA_BUDGET_S:-200}"
       cp "$RESULTS"/*-ops.json "$OUT/" ;;

@@ -1,6 +1,7 @@
 """Benchmark of the HGRN2/HGRN1 Triton kernels on one CUDA GPU, side by side with fla and PyTorch SDPA.
 
     python benchmarks/ops.py --out benchmarks/results           # writes <gpu>-ops.json, prints a table
+    python benchmarks/ops.py --decode-only                      # the decoding step alone: <gpu>-ops-decode.json
 
 bf16, H = 8, K = V = 128; 16K and 64K tokens per launch as B x T with T in {1K, 2K, 4K, 8K, 16K}; each time
 is the median of ``triton.testing.do_bench`` (L2 flushed between runs). Compared with fla's ``chunk_gla``
@@ -147,6 +148,10 @@ def time_decode(batch, with_fla=False):
             q[:, None], v[:, None], g[:, None], initial_state=state, output_final_state=True
         )
         row["public_op_T1_us"] = 1e3 * ms(one_step)
+        unchecked = lambda: hgrn2_recurrence(  # noqa: E731
+            q[:, None], v[:, None], g[:, None], initial_state=state, output_final_state=True, check_values=False
+        )
+        row["public_op_T1_unchecked_us"] = 1e3 * ms(unchecked)  # no value check, so no device sync
     if with_fla:
         k = (-torch.expm1(g.float())).to(torch.bfloat16)
         step = lambda: fused_recurrent_gla(  # noqa: E731
@@ -244,13 +249,7 @@ def print_tables(result):
             f"{ratio(r['ours_fwdbwd'], fla_fb)} | {ratio(r['ours_fwdbwd'], r['floor_fwdbwd'])}"
         )
     print_gated(result)
-    print("\ndecode step (one layer's recurrence), us")
-    for r in result["decode"]:
-        print(
-            f"B={r['B']:3d} ours {r['ours_us']:7.1f} (hgrn2_recurrence, T = 1: {r['public_op_T1_us']:7.1f}) | "
-            f"fla {r.get('fla_us', 0):7.1f} | "
-            f"{ratio(r['ours_us'], r.get('fla_us'))}"
-        )
+    print_decode(result)
     print("\nHGRN1 scan bf16, ms")
     for r in result["hgrn1"]:
         print(
@@ -270,11 +269,24 @@ def print_tables(result):
         print(f"{name:28s} {seconds:7.1f}")
 
 
+def print_decode(result: dict) -> None:
+    print("\ndecode step (one layer's recurrence), us")
+    for r in result["decode"]:
+        print(
+            f"B={r['B']:3d} ours {r['ours_us']:7.1f} (hgrn2_recurrence, T = 1: {r['public_op_T1_us']:7.1f}, "
+            f"check_values=False: {r['public_op_T1_unchecked_us']:7.1f}) | fla {r.get('fla_us', 0):7.1f} | "
+            f"{ratio(r['ours_us'], r.get('fla_us'))} {ratio(r['public_op_T1_us'], r.get('fla_us'))}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/results", help="folder for <gpu>-ops.json")
     parser.add_argument("--no-fla", action="store_true", help="leave fla out even when installed")
     parser.add_argument("--gated-only", action="store_true", help="time the gated entry alone: <gpu>-ops-gated.json")
+    parser.add_argument(
+        "--decode-only", action="store_true", help="time the decoding step alone: <gpu>-ops-decode.json"
+    )
     parser.add_argument(
         "--fla-budget-s", type=float, default=300.0, help="stop timing fla rows this long after fla's first call"
     )
@@ -292,7 +304,14 @@ def main() -> None:
 
         fla_version = fla.__version__
     result = {"device": device, "torch": torch.__version__, "triton": triton.__version__, "fla": fla_version}
-    path = Path(args.out) / f"{device.replace(' ', '-')}-ops{'-gated' if args.gated_only else ''}.json"
+    suffix = "-gated" if args.gated_only else "-decode" if args.decode_only else ""
+    path = Path(args.out) / f"{device.replace(' ', '-')}-ops{suffix}.json"
+    if args.decode_only:
+        result["decode"] = [time_decode(1, chunk_gla is not None), time_decode(64, chunk_gla is not None)]
+        save(result, path)
+        print_decode(result)
+        print(f"\nwrote {path}")
+        return
     if args.gated_only:
         result["gated"] = [time_gated(16384, 2048), time_gated(65536, 4096)]
         save(result, path)

@@ -19,7 +19,7 @@ import torch
 
 from hgrn2.ops import reference
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
-from hgrn2.ops.validation import check_hgrn1_inputs, check_hgrn2_inputs
+from hgrn2.ops.validation import check_hgrn1_inputs, check_hgrn2_inputs, check_log_forget
 
 BACKENDS = ("auto", "torch", "naive", "triton", "recurrent")
 TRITON_BACKENDS = ("triton", "recurrent")  # the backends that run Triton kernels
@@ -134,8 +134,8 @@ def hgrn2_recurrence(
         backend: ``"auto"``, ``"torch"``, ``"naive"``, ``"triton"`` or ``"recurrent"``.
         chunk_size: chunk length of the ``"torch"`` chunked form (default 16).
         check_values: check that log_forget is ``<= 0`` and not NaN, else raise ValueError (this reads the
-            tensor back: a device sync on a GPU); False where it comes from :func:`lower_bounded_log_forget`,
-            which guarantees it.
+            tensor back: on a GPU a device sync, made once the kernels are launched); False where it comes from
+            :func:`lower_bounded_log_forget`, which guarantees it.
         reverse: scan each sequence from its last step to its first; outputs stay at their positions (the
             same as flipping the inputs along T, scanning and flipping the output back).
         columns: W to take each of the B sequences of T = h·W steps as a row-major h × W grid and scan its W
@@ -156,18 +156,41 @@ def hgrn2_recurrence(
         >>> o.shape, state.shape
         (torch.Size([2, 10, 4, 8]), torch.Size([2, 4, 8, 8]))
     """
-    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values=check_values, columns=columns)
+    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values=False, columns=columns)
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
     resolved = _resolve_backend(backend, q, _scan_length(q, columns), _state_elements(q, v))
     if q.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns)
-    order = _ScanOrder(q.shape[0], reverse, columns)
-    if order.in_place(resolved):
-        return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
-    o, final_state = _hgrn2_on(resolved, *order.copies(q, v, log_forget), chunk_size=chunk_size, **kwargs)
-    return order.put_back(o), final_state
+    with _ValueCheck(check_values, log_forget, resolved):
+        order = _ScanOrder(q.shape[0], reverse, columns)
+        if order.in_place(resolved):
+            return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
+        o, final_state = _hgrn2_on(resolved, *order.copies(q, v, log_forget), chunk_size=chunk_size, **kwargs)
+        return order.put_back(o), final_state
+
+
+class _ValueCheck:
+    """``check_values`` of the public ops: log λ must be <= 0 and not NaN (``check_log_forget``, which reads the
+    tensor back). For the PyTorch backends the check runs before the scan. For the Triton kernels it runs once
+    they are launched, so that on a GPU its device sync waits on them instead of leaving the GPU idle while the
+    host launches them (a one-step scan: the launches are most of its time). The scan writes only tensors of its
+    own, so raising then loses nothing."""
+
+    def __init__(self, enabled: bool, log_forget: torch.Tensor, resolved: str):
+        self.log_forget = log_forget if enabled else None
+        self.after = resolved in TRITON_BACKENDS
+        if self.log_forget is not None and not self.after:
+            check_log_forget("log_forget", log_forget)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, error_type, error, traceback) -> bool:
+        if error_type is None and self.log_forget is not None and self.after:
+            check_log_forget("log_forget", self.log_forget)
+        return False
 
 
 class _ScanOrder:
@@ -359,7 +382,7 @@ def hgrn1_recurrence(
         >>> h.shape
         torch.Size([2, 16, 32])
     """
-    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values=check_values)
+    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values=False)
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     resolved = _resolve_backend(backend, x, x.shape[1])
     if x.numel() == 0:  # B, T or D is 0: nothing to scan
@@ -367,9 +390,10 @@ def hgrn1_recurrence(
         acc = reference.accumulation_dtype(x.dtype)
         final_state = _initial_or_zeros(initial_state, (n_states, x.shape[2]), acc, x.device)
         return x.new_zeros(x.shape), (final_state if output_final_state else None)
-    scan = _kernel_module("scan")
-    if resolved in TRITON_BACKENDS and scan is not None:
-        return scan.scan_hgrn1(x, log_forget, **kwargs)
-    if resolved == "naive":
-        return reference.hgrn1_recurrence_naive(x, log_forget, **kwargs)
-    return reference.hgrn1_recurrence_chunked(x, log_forget, chunk_size=chunk_size or 16, **kwargs)
+    with _ValueCheck(check_values, log_forget, resolved):
+        scan = _kernel_module("scan")
+        if resolved in TRITON_BACKENDS and scan is not None:
+            return scan.scan_hgrn1(x, log_forget, **kwargs)
+        if resolved == "naive":
+            return reference.hgrn1_recurrence_naive(x, log_forget, **kwargs)
+        return reference.hgrn1_recurrence_chunked(x, log_forget, chunk_size=chunk_size or 16, **kwargs)

@@ -95,6 +95,24 @@ def test_nan_and_positive_log_forget_are_value_errors_that_name_the_fix(value, m
             call()
 
 
+@pytest.mark.parametrize("backend", ["triton", "recurrent"])
+def test_the_kernels_check_the_gates_once_launched_and_change_no_input(backend):
+    """On the Triton backends the value check runs after the kernels are launched (its device sync then waits on
+    them): the error is the same, and the caller's tensors, the initial state among them, are untouched."""
+    torch.manual_seed(0)
+    q, v = torch.randn(1, 5, 2, 4, device=DEVICE), torch.randn(1, 5, 2, 4, device=DEVICE)
+    log_forget = -torch.rand(1, 5, 2, 4, device=DEVICE)
+    log_forget[0, 2, 0, 0] = 0.25
+    h0 = torch.randn(1, 2, 4, 4, device=DEVICE)
+    copies = [t.clone() for t in (q, v, log_forget, h0)]
+    with pytest.raises(ValueError, match=r"log_forget .* must be <= 0 .*largest value is 0.25"):
+        hgrn2_recurrence(q, v, log_forget, initial_state=h0, output_final_state=True, backend=backend)
+    with pytest.raises(ValueError, match=r"log_forget .* must be <= 0 .*largest value is 0.25"):
+        hgrn1_recurrence(q[..., 0], log_forget[..., 0], backend=backend)
+    for before, after in zip(copies, (q, v, log_forget, h0)):
+        assert torch.equal(before, after)
+
+
 def test_minus_inf_log_forget_passes_the_check_and_check_values_false_skips_it():
     q, v = torch.randn(1, 5, 2, 3), torch.randn(1, 5, 2, 4)
     resets = torch.full((1, 5, 2, 3), -math.inf)
