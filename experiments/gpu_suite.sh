@@ -13,6 +13,8 @@
 #   by side through the hgrn2 CLI with CONFIG_FLAGS, then each tested (experiments/config_seeds.py); the report and
 #   each seed's log and last checkpoint come back in $OUT.
 # - mqar: experiments/mqar_sweep.py with MQAR_FLAGS.
+# - listops-launch: ListOps training steps/s under launch settings of the chunk kernels (experiments/listops_launch.py),
+#   LISTOPS_LAUNCH="KEY=V1,V2 KEY=V1;..." (each ';'-separated group's combinations).
 # - listops-fit: one part of the ListOps fit at the paper's budget, chained over suites (see the job).
 # - listops-data: the LRA ListOps splits at the paper's sizes (96,000 / 2,000 / 2,000 expressions, the generator's
 #   defaults and seed) in data/lra/listops, unless already there; the same files on every machine, so a fit chained
@@ -165,6 +167,12 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
       run kernel-variants python experiments/kernel_versions.py --variants --fla ${KERNEL_VARIANTS:+--only "$KERNEL_VARIANTS"} ${KERNEL_SHAPES:+--shapes "$KERNEL_SHAPES"} \
         --out "$RESULTS/kernel-variants.json"
       cp "$RESULTS/kernel-variants.json" "$OUT/" ;;
+    listops-launch)  # LISTOPS_LAUNCH="KEY=V1,V2 KEY=V1;...": each group's combinations of experiments/listops_launch.py
+      IFS=';' read -ra groups <<<"${LISTOPS_LAUNCH:?set LISTOPS_LAUNCH}"
+      for group in "${groups[@]}"; do
+        run listops-launch python experiments/listops_launch.py --out "$RESULTS/listops-launch" $group
+      done
+      cp "$RESULTS"/listops-launch/*.json "$OUT/" ;;
     mqar)
       run mqar python experiments/mqar_sweep.py --out "$RESULTS/mqar" ${MQAR_FLAGS:-}
       cp "$RESULTS"/mqar/* "$OUT/" 2>/dev/null ;;

@@ -93,6 +93,11 @@ VARIANTS = {
     "walk-warps8": dict(walk_warps=8),
     "walk-stages3": dict(walk_stages=3),
     "walk-tile32": dict(walk_tile=32),
+    # the gated entry's gradients of the forget projection and of the lower bound formed in dq / d log λ's last
+    # lines instead of a pass after it (predicted: the pass's ~220 us at 64K tokens, less what the kernel's extra
+    # load of f and gate arithmetic cost it, ~3-4% of the gated forward + backward); with the kept log λ as well
+    "dqk-gate-grads": dict(dqk_gate_grads=True),
+    "dqk-gate-grads-keep": dict(dqk_gate_grads=True, keep_log_forget=True),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES
@@ -154,9 +159,9 @@ def timing(op, tokens, seq_len) -> dict:
         "fwdbwd": ms(fwd_bwd(plain, [q, v, g])),
         "gated_fwdbwd": ms(fwd_bwd(gated, [q, v, g, beta])),
     }
-    if op is new:  # the gated entry without the float32 path for the lower bound's gradient
-        half = lambda: op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu", precise_bound_grad=False)[0]  # noqa: E731
-        times["gated_fwdbwd_half"] = ms(fwd_bwd(half, [q, v, g, beta]))
+    if op is new:  # the gated entry with the float32 path for the lower bound's gradient
+        precise = lambda: op.chunk_hgrn2_gated(q, v, g, beta, output_gate="silu", precise_bound_grad=True)[0]  # noqa: E731
+        times["gated_fwdbwd_precise"] = ms(fwd_bwd(precise, [q, v, g, beta]))
     return times
 
 
@@ -264,9 +269,12 @@ def time_variants(out: str | None, with_fla: bool, names: list[str], shapes=VARI
         print(f"precise={precise}", {k: f"{e:.2e}" for k, e in errors.items()}, flush=True)
     if out:
         Path(out).write_text(json.dumps(report, indent=1))
-    print("\nvariant      | " + " | ".join(f"{t // 1024}K T={s:5d} fwd  f+b gated" for t, s in shapes))
+    print("\nvariant      | " + " | ".join(f"{t // 1024}K T={s:5d} fwd  f+b gated precise" for t, s in shapes))
     for name, entry in report["variants"].items():
-        cells = [f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f} {r['gated_fwdbwd']:6.3f}" for r in entry["rows"]]
+        cells = [
+            f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f} {r['gated_fwdbwd']:6.3f} {r['gated_fwdbwd_precise']:6.3f}"
+            for r in entry["rows"]
+        ]
         print(f"{name:12s} | " + " | ".join(cells))
     if with_fla:
         print(f"{'fla':12s} | " + " | ".join(f"{r['fwd']:6.3f} {r['fwdbwd']:6.3f}       " for r in report["fla"]))
