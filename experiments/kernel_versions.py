@@ -93,11 +93,6 @@ VARIANTS = {
     "walk-warps8": dict(walk_warps=8),
     "walk-stages3": dict(walk_stages=3),
     "walk-tile32": dict(walk_tile=32),
-    # the gated entry's gradients of the forget projection and of the lower bound formed in dq / d log λ's last
-    # lines instead of a pass after it (predicted: the pass's ~220 us at 64K tokens, less what the kernel's extra
-    # load of f and gate arithmetic cost it, ~3-4% of the gated forward + backward); with the kept log λ as well
-    "dqk-gate-grads": dict(dqk_gate_grads=True),
-    "dqk-gate-grads-keep": dict(dqk_gate_grads=True, keep_log_forget=True),
     "default": {},
 }
 VARIANT_SHAPES = SHAPES

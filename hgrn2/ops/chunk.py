@@ -75,9 +75,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # 132 SMs) run the walk, 11% faster forward than the deltas path. With ``half_deltas`` that path
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
-# the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again; with
-# ``dqk_gate_grads`` its dq / d log λ kernel turns d log λ into the gradients of the forget projection and of the lower
-# bound itself (``chunk_bwd.gate_grads_of_tile``) instead of writing float32 d log λ for a pass after it.
+# the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
@@ -85,8 +83,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=False, dqk_gate_grads=False, small_head_chunk=64,
-    small_head_warps=2,
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
     small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
@@ -119,7 +116,6 @@ class _Launch:
 
     def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise):
         self.gated = gated  # log λ from the raw projection by hgrn2.ops.gate_pass, then the same kernels
-        self.dqk_gate_grads = gated and LAUNCH["dqk_gate_grads"]
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
         small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
@@ -242,33 +238,27 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     return o, h, scores, (final_state if output_final_state else None)
 
 
-def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial, forget_proj=None):
-    """dq, dv, d log λ and the initial state's gradient (or None); with ``launch.dqk_gate_grads`` the gradient of
-    ``forget_proj`` in place of d log λ, and the lower bound's float32 [H, K] gradient (or None) after them."""
+def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial):
     L = launch
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
-    dq, dv = torch.empty_like(q), torch.empty_like(v)
-    has_bound = L.dqk_gate_grads and L.bound[0].numel() > 0
-    dg = torch.empty_like(forget_proj if L.dqk_gate_grads else g)
-    d_beta = torch.empty(L.n_chunks if has_bound else 1, L.heads, L.key_dim, device=q.device)
+    dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
     bk = L.key_tile("dqk")
     grid = (triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)
     flags = L.flags | L.precise_flags
-    bound = L.bound if has_bound else (d_beta, d_beta, d_beta)
     dqk_bwd_kernel[grid](
-        q, g, v, do, h, d_states, dq, dg, forget_proj if L.dqk_gate_grads else g, d_beta, *bound, L.cu_seqlens,
-        L.chunk_indices, scale, L.seq_len, BK=bk, BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32,
-        GATE_GRAD=L.dqk_gate_grads, HAS_BOUND=has_bound, **L.options("dqk"), **flags, **L.intra,
+        q, g, v, do, h, d_states, dq, dg, L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=bk,
+        BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32,
+        **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
         g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
         BK=L.key_tile("dv"), BV=bv, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
-    return dq, dv, dg, (d_initial if need_d_initial else None), (d_beta.sum(0) if has_bound else None)
+    return dq, dv, dg, (d_initial if need_d_initial else None)
 
 
 _DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "DT", "PRECISION", "INTERPRET")
@@ -313,11 +303,11 @@ class ChunkHGRN2Function(torch.autograd.Function):
             log_lambda = kept
         else:
             log_lambda = log_forget(g, launch.bound) if launch.gated else g
-        dq, dv, dg, d_initial, d_beta = _backward(
-            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial,
-            forget_proj=g if launch.gated else None,
-        )  # fmt: skip
-        if launch.gated and not launch.dqk_gate_grads:
+        dq, dv, dg, d_initial = _backward(
+            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
+        )
+        d_beta = None
+        if launch.gated:
             dg, d_beta = gate_grads(g, dg, launch.bound)
         d_lower_bound = None
         if ctx.needs_input_grad[3] and d_beta is not None:

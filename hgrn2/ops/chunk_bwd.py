@@ -34,10 +34,7 @@ from hgrn2.ops.chunk_fwd import key_tile, reference_spread
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     chunk_bounds,
-    gate_log_forget,
-    gate_log_forget_grads,
     key_to_chunk_end,
-    load_bound,
     load_log_forget,
     log_decay_to_end,
     matmul,
@@ -146,15 +143,12 @@ def state_products(
 
 @triton.jit
 def dqk_bwd_kernel(
-    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, f_ptr, dbeta_ptr, log_beta_ptr, log1m_beta_ptr,
-    inv_beta_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr,
-    DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    PAIRS: tl.constexpr, GATE_GRAD: tl.constexpr, HAS_BOUND: tl.constexpr,
+    q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T,
+    H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
+    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
-    # one program per (K tile, chunk, head). GATE_GRAD (the gated entry): g_ptr holds log λ formed from the raw
-    # forget projection at f_ptr, and the kernel writes the gradient of that projection to dg_ptr instead of
-    # d log λ, and this chunk's share of the lower bound's gradient to dbeta_ptr ([chunks, H, K], with HAS_BOUND)
+    # one program per (K tile, chunk, head)
     i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
     raw, dq_state, dk_state, through = state_products(
         do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
@@ -191,30 +185,7 @@ def dqk_bwd_kernel(
     if ACT != 0:
         dq = dq * output_gate_grad(tl.load(q_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32), ACT)
     tl.store(dq_ptr + k_offs, dq.to(dq_ptr.dtype.element_ty), mask=m_tk)
-    if GATE_GRAD:
-        dg = gate_grads_of_tile(
-            dg, f_ptr, dbeta_ptr + i_c.to(tl.int64) * H * K, log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, k_offs, m_tk,
-            i_h * K + o_k, m_k, BK, HAS_BOUND,
-        )  # fmt: skip
     tl.store(dg_ptr + k_offs, dg.to(dg_ptr.dtype.element_ty), mask=m_tk)
-
-
-@triton.jit
-def gate_grads_of_tile(
-    dg, f_ptr, dbeta_ptr, log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, offs, mask, o_hk, m_k, BK: tl.constexpr,
-    HAS_BOUND: tl.constexpr,
-):  # fmt: skip
-    """For a [C, BK] tile of d log λ at ``offs`` of the raw forget projection f, its channels ``o_hk`` of H·K: the
-    gradient of f, returned, and the tile's share of the lower bound's gradient, Σ_t d log λ_t · d log λ_t / d β,
-    stored at ``dbeta_ptr + o_hk`` (with HAS_BOUND), as ``hgrn2.ops.gate_pass.gate_grad_kernel`` forms them."""
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, o_hk, m_k, BK, HAS_BOUND)
-    inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, o_hk, m_k, BK, HAS_BOUND)
-    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
-    d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)
-    if HAS_BOUND:
-        tl.store(dbeta_ptr + o_hk, tl.sum(tl.where(mask, dg * d_beta, 0.0), 0), mask=m_k)
-    return dg * d_f
 
 
 @triton.jit

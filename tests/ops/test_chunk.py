@@ -133,51 +133,6 @@ def test_gated_backward_with_the_kept_log_forget_gives_the_same_gradients(monkey
         assert torch.equal(kept, formed), name
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_gate_gradients_formed_in_the_dq_kernel_match_the_pass_after_it(monkeypatch, dtype):
-    """``LAUNCH["dqk_gate_grads"]``: the dq / d log λ kernel turns d log λ into the gradients of the forget projection
-    and of the lower bound itself, where ``gate_pass.gate_grad_kernel`` otherwise does it after the kernel. The same
-    arithmetic on the same float32 d log λ: every gradient but the lower bound's is the same bit for bit, and that
-    one, summed over chunks instead of 32-token tiles, within float32 rounding; across packed sequences, with
-    β = 0, β = 0.999 and no lower bound at all. The fused path is also held to the float64 loop."""
-    torch.manual_seed(6)
-    q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 150, 2, 20, 24, dtype, forget_scale=3)
-    with torch.no_grad():
-        beta[0, :4], beta[1, :3] = 0.0, 0.999
-    cu_seqlens = torch.tensor([0, 70, 150], device=DEVICE)
-    d_out = torch.randn(1, 150, 2, 24, device=DEVICE)
-    passes = _spy(monkeypatch, chunk, "gate_grads")
-    for lower_bound in (beta, None):
-        leaves = [q_proj, v, forget_proj] + ([lower_bound] if lower_bound is not None else [])
-        grads = {}
-        for fused in (False, True):
-            monkeypatch.setitem(chunk.LAUNCH, "dqk_gate_grads", fused)
-            passes.clear()
-            o, _ = chunk.chunk_hgrn2_gated(
-                q_proj, v, forget_proj, lower_bound, output_gate="silu", cu_seqlens=cu_seqlens
-            )  # fmt: skip
-            grads[fused] = torch.autograd.grad((o.float() * d_out).sum(), leaves)
-            assert len(passes) == (0 if fused else 1)
-        for name, fused, after in zip(("dq_proj", "dv", "dforget_proj"), grads[True], grads[False]):
-            assert torch.equal(fused, after), name
-        if lower_bound is not None:
-            assert relative_error(grads[True][3], grads[False][3]) <= 1e-5
-
-    monkeypatch.setitem(chunk.LAUNCH, "dqk_gate_grads", True)
-
-    def run(q_proj, v, forget_proj, lower_bound):
-        return chunk.chunk_hgrn2_gated(
-            q_proj, v, forget_proj, lower_bound, output_gate="silu", output_final_state=True, cu_seqlens=cu_seqlens
-        )
-
-    def reference(q_proj, v, forget_proj, lower_bound):
-        q, log_forget = activation(q_proj, "silu"), lower_bounded_log_forget(forget_proj, lower_bound)
-        return hgrn2_recurrence_naive(q, v, log_forget, output_final_state=True, cu_seqlens=cu_seqlens.cpu())
-
-    names = ("dq_proj", "dv", "dforget_proj", "dlower_bound")
-    check_against_float64(run, reference, [q_proj, v, forget_proj, beta], names, TOL[dtype])
-
-
 def _extreme_gates(kind: str, shape) -> torch.Tensor:
     if kind == "uniform_log":  # log λ anywhere in [-30, 0]: forget gates from e^-30 to 1
         return -30 * torch.rand(shape)
