@@ -1,15 +1,15 @@
 """Chunked Triton kernels of the HGRN2 recurrence, forward and backward, as a ``torch.autograd.Function``.
 
 Per head: S_t = diag(λ_t) S_{t-1} + (1 - λ_t) ⊗ v_t and o_t = scale · q_t^T S_t. A call runs, in chunks of 64 steps
-(``LAUNCH["chunk"]``): the state entering each chunk (bfloat16 for bfloat16 inputs, else float32), then every
-chunk's output and its causal scores, kept for the backward (bfloat16 for half-precision inputs); the backward forms
-the state gradients the same way, backwards, then dq/d log λ and dv chunk by chunk. The states come from a walk over
-the chunks that forms each chunk's state delta on the way when the call has enough (sequence, head) pairs to fill
-the GPU, else from every chunk's delta at once followed by an elementwise walk. The key 1 - λ is derived inside the
-kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and ``hgrn2.ops.chunk_bwd``. The gated
-entry's log λ comes from one elementwise pass over the raw forget projection before them, and the gradients of that
-projection and of the lower bound from one pass after them (``hgrn2.ops.gate_pass``); the output gate q =
-act(q_proj) is applied inside the kernels.
+(``LAUNCH["chunk"]``; 16 for heads of at most 16 channels): the state entering each chunk (bfloat16 for bfloat16
+inputs, else float32), then every chunk's output and its causal scores, kept for the backward (bfloat16 for
+half-precision inputs); the backward forms the state gradients the same way, backwards, then dq/d log λ and dv chunk
+by chunk. The states come from a walk over the chunks that forms each chunk's state delta on the way when the call
+has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta at once followed by an elementwise
+walk. The key 1 - λ is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and
+``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from one elementwise pass over the raw forget projection
+before them, and the gradients of that projection and of the lower bound from one pass after them
+(``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside the kernels.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
 magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
@@ -46,12 +46,13 @@ from hgrn2.ops.kernel_utils import (
 )
 from hgrn2.ops.validation import check_lower_bound
 
-# Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps. Shorter chunks do less
-# work between a chunk's own steps (C x C scores per chunk), which outweighs the state's (K x V) there, but make
-# the walk over chunks longer: at ListOps' training shape (K = V = 4, T = 2,000, B = 128) chunks of 16 gave 8.2
-# training steps/s on an H100 and chunks of 64 10.6, so 64 is the default. Their [C, 16] tiles need few threads:
-# the chunk-parallel kernels run LAUNCH["small_head_warps"] warps for them (ListOps: 11.8 steps/s with 8 warps,
-# 15.2 with 2) and the walk LAUNCH["small_head_walk_warps"].
+# Heads of at most 16 channels (K and V) run in chunks of LAUNCH["small_head_chunk"] steps, the chunk-parallel
+# kernels with LAUNCH["small_head_warps"] warps and the walk with LAUNCH["small_head_walk_warps"]. Shorter chunks do
+# less work between a chunk's own steps (C x C scores per chunk), which outweighs the state's (K x V) there, but
+# make the walk over chunks longer; their [C, 16] tiles need few threads. At ListOps' training shape (K = V = 4,
+# T = 2,000, B = 128) on an H100, training steps/s: chunks of 64 with 8 warps 11.8, with 2 warps 15.2-16.2; chunks
+# of 16 with 8 warps 8.2, with 2 warps 15.8, with one warp 18.9, and one warp in the walk too 19.5; chunks of 32 with
+# one warp 18.5 (benchmarks/results/ops-notes.md). Heads of exactly 16 channels were not timed.
 # LAUNCH["<kernel>_maxnreg"] (0: no limit) caps the registers of a thread of the output, dq/d log λ or dv kernel, so
 # that two of its programs can share an SM at the price of spills. LAUNCH["intra_precision"] is the precision of
 # INTRA_DOT's float32 operands ("tf32x3": three TF32 passes, about float32's).
@@ -83,8 +84,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=False, small_head_chunk=64, small_head_warps=2,
-    small_head_walk_warps=2, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=False, small_head_chunk=16, small_head_warps=1,
+    small_head_walk_warps=1, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]

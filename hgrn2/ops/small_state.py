@@ -1,6 +1,6 @@
 """Step-by-step Triton kernels of HGRN2 for small per-head states, forward and backward.
 
-The chunked kernels (``chunk.py``) compute in tiles of at least 16 × 16 and chunks of 64 steps, which suits
+The chunked kernels (``chunk.py``) compute in tiles of at least 16 × 16 and chunks of 16 to 64 steps, which suits
 K = V = 128 but wastes most of the work when a head holds a 2 × 2 or 4 × 4 state (expand ratios 2 and 4 of
 the image and LRA models) and when sequences are short (the 14-step row and column scans of a 224-pixel
 image). These kernels keep a block of heads' [K, V] states in registers, with no matrix tiles, and walk the
