@@ -11,7 +11,6 @@ K = V); HGRN1's scan is step-by-step already, so there it is the same as ``"trit
 
 from __future__ import annotations
 
-import functools
 import importlib
 import os
 
@@ -39,13 +38,18 @@ __all__ = [
 ]
 
 
-@functools.cache
+_KERNEL_MODULES: dict[str, object] = {}
+
+
 def _kernel_module(name: str):
-    """Import ``hgrn2.ops.<name>`` (a Triton kernel module), or return None when Triton is unusable."""
-    try:
-        return importlib.import_module(f"hgrn2.ops.{name}")
-    except ImportError:
-        return None
+    """Import ``hgrn2.ops.<name>`` (a Triton kernel module), or return None when Triton is unusable. Kept in a plain
+    dict rather than behind ``functools.cache``, whose wrapper ``torch.compile`` warns about at every traced call."""
+    if name not in _KERNEL_MODULES:
+        try:
+            _KERNEL_MODULES[name] = importlib.import_module(f"hgrn2.ops.{name}")
+        except ImportError:
+            _KERNEL_MODULES[name] = None
+    return _KERNEL_MODULES[name]
 
 
 def triton_available(device: torch.device | str) -> bool:

@@ -9,6 +9,9 @@ The kernels take such scalars (the output scale, the norm's epsilon) as compile-
 launch of each op is captured on CPU tensors (nothing runs), and each kernel is lowered to Triton IR for sm90 with
 any Python float argument typed float64, as Inductor types it: the IR must hold no float64 value. Lowering needs
 Triton's compiler, not its interpreter (which tests/conftest.py turns on), so it runs in a child process.
+
+The public ops' dispatch around the kernels (backend resolution, the lookup of the kernel modules) is traced by
+``torch.compile`` into one graph, with no break and no warning.
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ import json
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from hgrn2.ops import fuses_gates, hgrn2_gated_recurrence, hgrn2_recurrence
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -93,3 +102,24 @@ def test_kernels_keep_float32_arithmetic_when_inductor_passes_float_scalars_as_f
     assert expected <= set(report), sorted(report)
     failures = {name: entry for name, entry in report.items() if entry.get("error") or entry["float64_ops"]}
     assert not failures, json.dumps(failures, indent=1)
+
+
+def test_the_public_ops_trace_into_one_graph_without_warnings():
+    torch.manual_seed(0)
+    q, v, forget = (torch.randn(2, 24, 2, 8) for _ in range(3))
+    beta = torch.rand(2, 8)
+
+    def layer(q, v, forget):
+        # as the directional layer asks, with the kernels' backend: triton_available and the kernel modules' lookup
+        scale = 2.0 if fuses_gates("triton", q, v) else 1.0
+        o, _ = hgrn2_gated_recurrence(q, v, forget, beta)
+        o2, _ = hgrn2_recurrence(q, v, F.logsigmoid(forget), check_values=False)  # the check reads values back
+        return scale * (o + o2)
+
+    torch._dynamo.reset()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        explanation = torch._dynamo.explain(layer)(q, v, forget)
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+    dynamo_warnings = [str(w.message) for w in caught if "Dynamo" in str(w.message)]
+    assert not dynamo_warnings, dynamo_warnings
