@@ -95,15 +95,17 @@ def test_nan_and_positive_log_forget_are_value_errors_that_name_the_fix(value, m
             call()
 
 
-@pytest.mark.parametrize("backend", ["triton", "recurrent"])
-def test_the_kernels_check_the_gates_once_launched_and_change_no_input(backend):
-    """On the Triton backends the value check runs after the kernels are launched (its device sync then waits on
-    them): the error is the same, and the caller's tensors, the initial state among them, are untouched."""
+def _check_values_raise_and_change_nothing(backend: str, device: str, seq_len: int) -> None:
     torch.manual_seed(0)
-    q, v = torch.randn(1, 5, 2, 4, device=DEVICE), torch.randn(1, 5, 2, 4, device=DEVICE)
-    log_forget = -torch.rand(1, 5, 2, 4, device=DEVICE)
+    q, v = torch.randn(1, seq_len, 2, 4, device=device), torch.randn(1, seq_len, 2, 4, device=device)
+    log_forget = -torch.rand(1, seq_len, 2, 4, device=device)
+    h0 = torch.randn(1, 2, 4, 4, device=device)
+    good = hgrn2_recurrence(q, v, log_forget, initial_state=h0, output_final_state=True, backend=backend)
+    unchecked = hgrn2_recurrence(
+        q, v, log_forget, initial_state=h0, output_final_state=True, backend=backend, check_values=False
+    )
+    assert all(torch.equal(a, b) for a, b in zip(good, unchecked))
     log_forget[0, 2, 0, 0] = 0.25
-    h0 = torch.randn(1, 2, 4, 4, device=DEVICE)
     copies = [t.clone() for t in (q, v, log_forget, h0)]
     with pytest.raises(ValueError, match=r"log_forget .* must be <= 0 .*largest value is 0.25"):
         hgrn2_recurrence(q, v, log_forget, initial_state=h0, output_final_state=True, backend=backend)
@@ -111,6 +113,22 @@ def test_the_kernels_check_the_gates_once_launched_and_change_no_input(backend):
         hgrn1_recurrence(q[..., 0], log_forget[..., 0], backend=backend)
     for before, after in zip(copies, (q, v, log_forget, h0)):
         assert torch.equal(before, after)
+
+
+@pytest.mark.parametrize("backend", HGRN2_BACKENDS)
+def test_the_value_check_raises_on_every_backend_and_changes_no_input(backend):
+    """With ``check_values`` a positive log λ is the same ValueError on every backend, though the Triton backends
+    check once their kernels are launched; the caller's tensors (the initial state among them) are untouched, and
+    good gates give what ``check_values=False`` gives."""
+    _check_values_raise_and_change_nothing(backend, _device(backend), 5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend, seq_len", [("triton", 1), ("triton", 300), ("recurrent", 40)])
+def test_the_value_check_on_a_gpu_after_the_launches(backend, seq_len):
+    """The same on a GPU, where the check's device sync follows the launches: one step, the chunked kernels, the
+    step-by-step ones."""
+    _check_values_raise_and_change_nothing(backend, "cuda", seq_len)
 
 
 def test_minus_inf_log_forget_passes_the_check_and_check_values_false_skips_it():
