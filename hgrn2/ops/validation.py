@@ -32,7 +32,7 @@ def check_same_shape(name: str, t: torch.Tensor, expected: tuple[int, ...], layo
 def check_log_forget(name: str, t: torch.Tensor) -> None:
     """log λ must be <= 0 and not NaN: λ = exp(log λ) in [0, 1], where -inf (λ = 0) is a full reset of the
     state. A positive value or +inf would make the state grow without bound; a NaN would spread through it."""
-    if not t.numel() or float(t.max()) <= 0:  # one reduction; max propagates NaN, which fails the comparison
+    if not t.numel() or float(t.detach().max()) <= 0:  # one reduction; max propagates NaN, failing the comparison
         return
     nan = torch.isnan(t)
     n_nan, n_positive = int(nan.sum()), int((t > 0).sum())

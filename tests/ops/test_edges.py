@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import decimal
 import math
+import warnings
 
 import pytest
 import torch
@@ -121,6 +122,15 @@ def test_the_value_check_raises_on_every_backend_and_changes_no_input(backend):
     check once their kernels are launched; the caller's tensors (the initial state among them) are untouched, and
     good gates give what ``check_values=False`` gives."""
     _check_values_raise_and_change_nothing(backend, _device(backend), 5)
+
+
+def test_checking_gates_that_require_grad_warns_nothing():
+    q, v = torch.randn(1, 6, 2, 3), torch.randn(1, 6, 2, 4)
+    log_forget = (-torch.rand(1, 6, 2, 3)).requires_grad_()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reading a tensor that requires grad back as a number warns
+        hgrn2_recurrence(q, v, log_forget, backend="torch")
+        hgrn1_recurrence(q[..., 0], log_forget[..., 0], backend="torch")
 
 
 @pytest.mark.gpu
