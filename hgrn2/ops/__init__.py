@@ -168,7 +168,7 @@ def hgrn2_recurrence(
     if q.numel() == 0 or v.numel() == 0:
         return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns)
     with _ValueCheck(check_values, log_forget, resolved):
-        order = _ScanOrder(q.shape[0], reverse, columns)
+        order = _ScanOrder(q.shape[0], reverse, columns, cu_seqlens)
         if order.in_place(resolved):
             return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
         o, final_state = _hgrn2_on(resolved, *order.copies(q, v, log_forget), chunk_size=chunk_size, **kwargs)
@@ -199,24 +199,33 @@ class _ValueCheck:
 
 class _ScanOrder:
     """``reverse`` and ``columns`` of a scan (see :func:`hgrn2_recurrence`): whether a backend reads them in place,
-    else the reordered copies to scan and the output put back."""
+    else the reordered copies to scan and the output put back. Reversed packed sequences (``cu_seqlens``) are
+    reversed each within its own span, so that each still starts from its own initial state."""
 
-    def __init__(self, batch: int, reverse: bool, columns: int | None):
+    def __init__(self, batch: int, reverse: bool, columns: int | None, cu_seqlens: torch.Tensor | None = None):
         self.batch, self.reverse, self.columns = batch, bool(reverse), columns
+        self.steps = None  # the packed steps in reversed order: their own inverse
+        if self.reverse and cu_seqlens is not None:
+            bounds = cu_seqlens.tolist()
+            spans = [torch.arange(end - 1, start - 1, -1) for start, end in zip(bounds, bounds[1:])]
+            self.steps = torch.cat(spans).to(cu_seqlens.device)
 
     def in_place(self, resolved: str) -> bool:
         return resolved == "recurrent" or (not self.reverse and self.columns is None)
+
+    def _reversed(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1) if self.steps is None else x.index_select(1, self.steps)
 
     def copies(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         out = []
         for x in tensors:
             if self.columns is not None:  # [B, h·W, ...] -> [B·W, h, ...]
                 x = x.unflatten(1, (x.shape[1] // self.columns, self.columns)).transpose(1, 2).flatten(0, 1)
-            out.append(x.flip(1) if self.reverse else x)
+            out.append(self._reversed(x) if self.reverse else x)
         return out
 
     def put_back(self, o: torch.Tensor) -> torch.Tensor:
-        o = o.flip(1) if self.reverse else o
+        o = self._reversed(o) if self.reverse else o
         if self.columns is not None:  # [B·W, h, ...] -> [B, h·W, ...]
             o = o.unflatten(0, (self.batch, self.columns)).transpose(1, 2).flatten(1, 2)
         return o
@@ -315,7 +324,7 @@ def hgrn2_gated_recurrence(
         return _kernel_module("small_state").small_state_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, reverse=reverse, columns=columns, **kwargs
         )
-    order = _ScanOrder(q_proj.shape[0], reverse, columns)
+    order = _ScanOrder(q_proj.shape[0], reverse, columns, cu_seqlens)
     short = _short_inference(steps, q_proj, v, forget_proj, lower_bound, initial_state)
     if resolved == "triton" and not short:
         q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)

@@ -96,6 +96,44 @@ def test_gated_recurrence_scans_reversed_and_by_columns(backend, reverse, column
     )
 
 
+def _reversed_within(x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Each packed sequence of x [1, T, ...] reversed within its own span."""
+    return torch.cat([x[:, start:end].flip(1) for start, end in zip(bounds, bounds[1:])], 1)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_reversed_packed_sequences_are_each_reversed_within_their_own_span(backend, gated):
+    """``reverse`` with ``cu_seqlens``: each packed sequence runs from its own last step to its first, from its own
+    initial state, as the float64 loop does on each sequence flipped alone. (Flipping the whole packed row instead
+    would run sequences into one another wherever their lengths differ.)"""
+    backend = _backend_or_skip(backend)
+    bounds = [0, 3, 10, 17]
+    cu_seqlens = torch.tensor(bounds, device=DEVICE)
+    q, v, log_forget, h0 = recurrence_leaves(1, bounds[-1], 2, 3, len(bounds) - 1)
+
+    def run(q, v, log_forget, h0):
+        kwargs = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, backend=backend, reverse=True)
+        if gated:
+            o, final = hgrn2_gated_recurrence(q, v, log_forget, output_gate="identity", **kwargs)
+        else:
+            o, final = hgrn2_recurrence(q, v, log_forget, scale=0.7, **kwargs)
+        return o, final.float()
+
+    def reference(q, v, log_forget, h0):
+        if gated:  # log_forget holds the raw forget projection
+            log_forget = lower_bounded_log_forget(log_forget, None)
+        o, final = hgrn2_recurrence_naive(
+            *(_reversed_within(x, bounds) for x in (q, v, log_forget)), scale=1.0 if gated else 0.7,
+            initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor(bounds),
+        )  # fmt: skip
+        return _reversed_within(o, bounds), final
+
+    check_against_float64(
+        run, reference, [q, v, log_forget, h0], ["dq", "dv", "dlog_forget", "dh0"], TOL[torch.float32]
+    )
+
+
 def test_scan_orders_name_what_is_wrong():
     x = torch.randn(2, 12, 2, 2, device=DEVICE)
     g = -x.abs()
