@@ -134,6 +134,7 @@ def main() -> None:
     parser.add_argument(
         "--launch", nargs="*", default=[], metavar="KEY=VALUE", help="chunk.LAUNCH overrides, e.g. output_bv=64"
     )
+    parser.add_argument("--reverse", action="store_true", help="the chunked ops' reversed scans (reverse=True)")
     parser.add_argument("--opcodes", type=int, default=0, help="print each kernel's N most frequent SASS opcodes")
     parser.add_argument("--out", type=Path, default=None, help="JSON report")
     parser.add_argument(
@@ -165,11 +166,12 @@ def main() -> None:
                 )[0]
                 leaves = (x, y, f, beta_steps) if gated else (x, y, f)
             elif op == "plain":
-                out = chunk.ChunkHGRN2Function.apply(q, v, g, None, None, 1.0, False, None, False, 0, False)[0]
+                out = chunk.chunk_hgrn2(q, v, g, reverse=args.reverse)[0]
                 leaves = (q, v, g)
             else:
-                out = chunk.ChunkHGRN2Function.apply(q, v, g, beta, None, 1.0, False, None, True, 1,
-                                                     op == "gated-precise")[0]  # fmt: skip
+                out = chunk.chunk_hgrn2_gated(
+                    q, v, g, beta, output_gate="silu", precise_bound_grad=op == "gated-precise", reverse=args.reverse
+                )[0]
                 leaves = (q, v, g, beta)
             torch.autograd.grad(out, leaves, torch.ones_like(out), allow_unused=True)
 

@@ -4,9 +4,10 @@ Both compute the projections once and run the causal recurrence in other orders 
 down the columns of a grid: the ops' ``reverse`` and ``columns``), summing the outputs before the shared norm and
 output projection (the 2-D mixer's ``series`` mode does that twice: rows, then the columns of the rows' output).
 Every scan is one call of the recurrence op, so it runs on the kernels, not on a loop over positions; the
-step-by-step kernels of small states read every order where the data lie, the others scan reordered copies. The
-gates (output gate, lower-bounded log λ) are elementwise, so they are computed once for all the scans, except
-where the Triton kernels (chunked and step-by-step) compute them inside (:func:`hgrn2.ops.fuses_gates`).
+step-by-step kernels of small states read every order where the data lie, the chunked kernels a reversed one, and
+the rest scan reordered copies. The gates (output gate, lower-bounded log λ) are elementwise, so they are computed
+once for all the scans, except where the Triton kernels (chunked and step-by-step) compute them inside
+(:func:`hgrn2.ops.fuses_gates`).
 """
 
 from __future__ import annotations

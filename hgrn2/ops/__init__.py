@@ -141,11 +141,13 @@ def hgrn2_recurrence(
             tensor back: on a GPU a device sync, made once the kernels are launched); False where it comes from
             :func:`lower_bounded_log_forget`, which guarantees it.
         reverse: scan each sequence from its last step to its first; outputs stay at their positions (the
-            same as flipping the inputs along T, scanning and flipping the output back).
+            same as flipping the inputs along T, scanning and flipping the output back; with ``cu_seqlens``, each
+            packed sequence within its own span).
         columns: W to take each of the B sequences of T = h·W steps as a row-major h × W grid and scan its W
             columns top to bottom (B·W sequences of h steps; initial and final states ``[B·W, H, K, V]``, grid by
             grid, column by column); outputs stay at their positions. Not with ``cu_seqlens``. The step-by-step
-            kernels read both orders where the data lie; the other backends scan reordered copies.
+            kernels read both orders where the data lie, the chunked kernels a reversed one; the other backends
+            scan reordered copies.
 
     Returns:
         ``(o, final_state)``: o ``[B, T, H, V]`` in the input dtype; final_state or None. Where B, T or H is
@@ -169,7 +171,8 @@ def hgrn2_recurrence(
         return _empty_hgrn2(q, v, initial_state, output_final_state, cu_seqlens, columns)
     with _ValueCheck(check_values, log_forget, resolved):
         order = _ScanOrder(q.shape[0], reverse, columns, cu_seqlens)
-        if order.in_place(resolved):
+        chunked = resolved == "triton" and not _short_inference(q.shape[1], q, v, log_forget, initial_state)
+        if order.in_place(resolved, chunked):
             return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
         o, final_state = _hgrn2_on(resolved, *order.copies(q, v, log_forget), chunk_size=chunk_size, **kwargs)
         return order.put_back(o), final_state
@@ -210,8 +213,12 @@ class _ScanOrder:
             spans = [torch.arange(end - 1, start - 1, -1) for start, end in zip(bounds, bounds[1:])]
             self.steps = torch.cat(spans).to(cu_seqlens.device)
 
-    def in_place(self, resolved: str) -> bool:
-        return resolved == "recurrent" or (not self.reverse and self.columns is None)
+    def in_place(self, resolved: str, chunked: bool = False) -> bool:
+        """Whether the backend reads this order where the data lie: the step-by-step kernels any order, the chunked
+        kernels (``chunked``: the call runs on them) a reversed one, the others the plain order alone."""
+        if resolved == "recurrent":
+            return True
+        return self.columns is None and (not self.reverse or chunked)
 
     def _reversed(self, x: torch.Tensor) -> torch.Tensor:
         return x.flip(1) if self.steps is None else x.index_select(1, self.steps)
@@ -270,12 +277,13 @@ def _short_inference(seq_len: int, *tensors: torch.Tensor | None) -> bool:
 
 
 def _hgrn2_on(resolved: str, q, v, log_forget, *, chunk_size: int | None = None, reverse=False, columns=None, **kwargs):
-    """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ; ``reverse`` and ``columns``
-    only on the step-by-step kernels (the others take reordered copies, :class:`_ScanOrder`)."""
+    """The HGRN2 recurrence on a resolved backend (not ``"auto"``), from q and log λ; ``reverse`` on the chunked and
+    the step-by-step kernels, ``columns`` on the step-by-step ones (the others take reordered copies,
+    :class:`_ScanOrder`)."""
     if resolved == "triton":
         if _short_inference(q.shape[1], q, v, log_forget, kwargs["initial_state"]):
             return _kernel_module("recurrent").fused_recurrent_hgrn2(q, v, log_forget, **kwargs)
-        return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, **kwargs)
+        return _kernel_module("chunk").chunk_hgrn2(q, v, log_forget, reverse=reverse, **kwargs)
     if resolved == "recurrent":
         return _kernel_module("small_state").small_state_hgrn2(
             q, v, log_forget, reverse=reverse, columns=columns, **kwargs
@@ -326,13 +334,14 @@ def hgrn2_gated_recurrence(
         )
     order = _ScanOrder(q_proj.shape[0], reverse, columns, cu_seqlens)
     short = _short_inference(steps, q_proj, v, forget_proj, lower_bound, initial_state)
-    if resolved == "triton" and not short:
-        q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
+    if resolved == "triton" and not short:  # the chunked kernels read a reversed order in place, not columns
+        if columns is not None:
+            q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
         o, final_state = _kernel_module("chunk").chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,
-            **kwargs,
+            reverse=reverse and columns is None, **kwargs,
         )  # fmt: skip
-        return order.put_back(o), final_state
+        return (order.put_back(o) if columns is not None else o), final_state
     q, log_forget = activation(q_proj, output_gate), lower_bounded_log_forget(forget_proj, lower_bound)
     if order.in_place(resolved):
         return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)

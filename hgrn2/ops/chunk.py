@@ -115,7 +115,7 @@ def _pow2(n: int) -> int:
 class _Launch:
     """Shapes, chunk layout, tiles and compile-time flags shared by the kernels of one call."""
 
-    def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise):
+    def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise, reverse=False):
         self.gated = gated  # log λ from the raw projection by hgrn2.ops.gate_pass, then the same kernels
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
@@ -140,7 +140,7 @@ class _Launch:
         dot_dtype, precision = dot_config(q.dtype)
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, C=self.chunk, IS_VARLEN=cu_seqlens is not None,
-            DT=dot_dtype, PRECISION=precision,
+            FLIP=bool(reverse), DT=dot_dtype, PRECISION=precision,
             INTERPRET=interpreting(),
         )  # fmt: skip
         self.act = act
@@ -262,7 +262,7 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     return dq, dv, dg, (d_initial if need_d_initial else None)
 
 
-_DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "DT", "PRECISION", "INTERPRET")
+_DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "FLIP", "DT", "PRECISION", "INTERPRET")
 
 
 def _only(flags: dict, *names: str) -> dict:
@@ -275,10 +275,12 @@ class ChunkHGRN2Function(torch.autograd.Function):
     ``hgrn2.ops.gate_pass``."""
 
     @staticmethod
-    def forward(ctx, q, v, g, lower_bound, initial_state, scale, output_final_state, cu_seqlens, gated, act, precise):
+    def forward(
+        ctx, q, v, g, lower_bound, initial_state, scale, output_final_state, cu_seqlens, gated, act, precise, reverse
+    ):  # fmt: skip
         q, v, g = q.contiguous(), v.contiguous(), g.contiguous()
         precise = precise and lower_bound is not None and ctx.needs_input_grad[3]
-        launch = _Launch(q, v, cu_seqlens, gated, act, lower_bound, precise)
+        launch = _Launch(q, v, cu_seqlens, gated, act, lower_bound, precise, reverse)
         keep_scores = any(ctx.needs_input_grad[:5])
         log_lambda = log_forget(g, launch.bound) if gated else g
         o, h, scores, final_state = _forward(
@@ -315,7 +317,7 @@ class ChunkHGRN2Function(torch.autograd.Function):
             d_lower_bound = d_beta.sum_to_size(ctx.lower_bound_shape).to(ctx.lower_bound_dtype)
         if d_initial is not None:
             d_initial = d_initial.to(ctx.initial_state_dtype)
-        return dq, dv, dg, d_lower_bound, d_initial, None, None, None, None, None, None
+        return dq, dv, dg, d_lower_bound, d_initial, None, None, None, None, None, None, None
 
 
 def chunk_hgrn2(
@@ -327,8 +329,10 @@ def chunk_hgrn2(
     initial_state: torch.Tensor | None = None,
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """HGRN2 through the chunked Triton kernels; arguments as in :func:`hgrn2.ops.hgrn2_recurrence`.
+    """HGRN2 through the chunked Triton kernels; arguments as in :func:`hgrn2.ops.hgrn2_recurrence`
+    (``reverse``: each sequence scanned from its last step to its first, read where it lies).
 
     q and log_forget ``[B, T, H, K]``, v ``[B, T, H, V]`` (float16, bfloat16 or float32; 16 <= K, V <= 256);
     returns o ``[B, T, H, V]`` in the input dtype and the float32 final state ``[B or N, H, K, V]`` or None.
@@ -342,8 +346,9 @@ def chunk_hgrn2(
     """
     check_kernel_dtype(q, v, log_forget)
     return ChunkHGRN2Function.apply(
-        q, v, log_forget, None, initial_state, float(scale), output_final_state, cu_seqlens, False, 0, False
-    )
+        q, v, log_forget, None, initial_state, float(scale), output_final_state, cu_seqlens, False, 0, False,
+        bool(reverse),
+    )  # fmt: skip
 
 
 def chunk_hgrn2_gated(
@@ -358,13 +363,14 @@ def chunk_hgrn2_gated(
     output_final_state: bool = False,
     cu_seqlens: torch.Tensor | None = None,
     precise_bound_grad: bool | None = None,
+    reverse: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """HGRN2 from the raw projections, gates formed in Triton (the output gate inside the chunk kernels, log λ in
     one elementwise pass before them, and their gradients likewise):
     q = output_gate(q_proj) for 'silu', 'sigmoid' or 'identity' (other activations run unfused) and
     log λ = logaddexp(log β, log1p(-β) + logsigmoid(forget_proj)) with β = ``lower_bound`` (broadcasting to
     ``[H, K]``, values in [0, 1); None means β = 0). Differentiable in q_proj, v, forget_proj, lower_bound and
-    initial_state; matches ``hgrn2.ops.gates`` followed by :func:`chunk_hgrn2`.
+    initial_state; matches ``hgrn2.ops.gates`` followed by :func:`chunk_hgrn2` (``reverse`` likewise).
 
     ``precise_bound_grad`` (None: ``PRECISE_BOUND_GRAD``, False by default): True keeps the chunk states in
     float32 and multiplies in TF32 where the lower bound's gradient is formed, when the inputs are half precision
@@ -378,4 +384,5 @@ def chunk_hgrn2_gated(
     return ChunkHGRN2Function.apply(
         q_proj, v, forget_proj, lower_bound, initial_state, float(scale), output_final_state, cu_seqlens, True,
         FUSED_ACTIVATIONS[output_gate], PRECISE_BOUND_GRAD if precise_bound_grad is None else precise_bound_grad,
+        bool(reverse),
     )  # fmt: skip

@@ -34,6 +34,7 @@ from hgrn2.ops.chunk_fwd import key_tile, reference_spread
 from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     chunk_bounds,
+    chunk_rows,
     key_to_chunk_end,
     load_log_forget,
     log_decay_to_end,
@@ -97,16 +98,19 @@ def causal_score_grads(raw, o_t, scale):
 
 @triton.jit
 def key_tile_program(
-    T, cu_seqlens, chunk_indices, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr
-):
+    T, cu_seqlens, chunk_indices, K: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, IS_VARLEN: tl.constexpr,
+    FLIP: tl.constexpr,
+):  # fmt: skip
     """This program's K tile, chunk and head (grid: K tiles x chunks, heads), the chunk's steps and their mask, its
-    first token, the slot of its entering state, and the tile's channels and their mask."""
+    tokens (first token and offsets, ``kernel_utils.chunk_rows``), the slot of its entering state, and the tile's
+    channels and their mask."""
     NK: tl.constexpr = (K + BK - 1) // BK
     i_k, i_c, i_h = tl.program_id(0) % NK, tl.program_id(0) // NK, tl.program_id(1)
     i_n, c, bos, length = chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C, IS_VARLEN)
     o_t = tl.arange(0, C)
     o_k = i_k * BK + tl.arange(0, BK)
-    return i_k, i_c, i_h, o_t, c * C + o_t < length, bos + c * C, i_c.to(tl.int64) + i_n, o_k, o_k < K
+    row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)
+    return i_k, i_c, i_h, o_t, c * C + o_t < length, row0, o_r, i_c.to(tl.int64) + i_n, o_k, o_k < K
 
 
 @triton.jit
@@ -145,17 +149,19 @@ def state_products(
 def dqk_bwd_kernel(
     q_ptr, g_ptr, v_ptr, do_ptr, h_ptr, dh_ptr, dq_ptr, dg_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T,
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
-    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
+    IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr, PAIRS: tl.constexpr,
 ):  # fmt: skip
-    # one program per (K tile, chunk, head)
-    i_k, i_c, i_h, o_t, m_t, row0, slot, o_k, m_k = key_tile_program(T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN)
+    # one program per (K tile, chunk, head); o_r: each step's token offset from row0 (o_t, or -o_t with FLIP)
+    i_k, i_c, i_h, o_t, m_t, row0, o_r, slot, o_k, m_k = key_tile_program(
+        T, cu_seqlens, chunk_indices, K, C, BK, IS_VARLEN, FLIP
+    )
     raw, dq_state, dk_state, through = state_products(
-        do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_t, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
+        do_ptr, v_ptr, h_ptr, dh_ptr, row0, slot, i_c, i_h, o_r, m_t, o_k, m_k, H, K, V, C, BK, BV, DT, PRECISION,
         INTERPRET,
     )  # fmt: skip
     # q and the log gates of this K tile, loaded after the walk over V so that they are not live during it
-    _, _, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
+    _, _, m_tk, k_offs, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_r, m_t, H, K, BK, ACT)
     k = one_minus_exp(g)
     d_scores, diagonal = causal_score_grads(raw, o_t, scale)
     dq_in = tl.exp(b) * dq_state * scale
@@ -192,7 +198,7 @@ def dqk_bwd_kernel(
 def dv_bwd_kernel(
     g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    FLIP: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # dv_s = Σ_{t >= s} A[t, s] scale · do_t + (k_s · exp(b_C - b_s)) dS_out
     NV: tl.constexpr = (V + BV - 1) // BV
@@ -204,16 +210,17 @@ def dv_bwd_kernel(
     m_v = o_v < V
     m_t = c * C + o_t < length
     m_tv = m_t[:, None] & m_v[None, :]
-    row0 = bos + c * C
-    v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
-    scores = tl.load(a_ptr + (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :], mask=m_t[:, None], other=0.0)
+    row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)  # the chunk's tokens
+    v_offs = row0 * (H * V) + i_h * V + o_r[:, None] * (H * V) + o_v[None, :]
+    a_offs = ((bos + c * C) * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]  # the forward's, in scan order
+    scores = tl.load(a_ptr + a_offs, mask=m_t[:, None], other=0.0)
     do = tl.load(do_ptr + v_offs, mask=m_tv, other=0.0).to(tl.float32) * scale
     dv = matmul(tl.trans(scores), do, DT, PRECISION, INTERPRET)
     for i_k in range(NK):
         o_k = i_k * BK + tl.arange(0, BK)
         m_k = o_k < K
         m_tk = m_t[:, None] & m_k[None, :]
-        g = load_log_forget(g_ptr + row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :], m_tk)
+        g = load_log_forget(g_ptr + row0 * (H * K) + i_h * K + o_r[:, None] * (H * K) + o_k[None, :], m_tk)
         k_end = key_to_chunk_end(g)  # decay to the chunk's end
         ds_out = tl.load(
             dh_ptr + (i_c.to(tl.int64) * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :],

@@ -30,6 +30,7 @@ import triton.language as tl
 
 from hgrn2.ops.kernel_utils import (
     chunk_bounds,
+    chunk_rows,
     key_to_chunk_end,
     load_log_forget,
     load_query,
@@ -78,7 +79,7 @@ def intra_scores(
 def key_tile(
     q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H: tl.constexpr, K: tl.constexpr, BK: tl.constexpr, ACT: tl.constexpr
 ):  # fmt: skip
-    """K tile i_k of the chunk starting at token row0 ([C, BK], rows m_t valid): its channels o_k and their mask,
+    """K tile i_k of the chunk of tokens row0 + o_t ([C, BK], rows m_t valid): its channels o_k and their mask,
     the tile's mask and offsets, q = act(q_proj), the log gates g and their running sum b."""
     o_k = i_k * BK + tl.arange(0, BK)
     m_k = o_k < K
@@ -95,7 +96,7 @@ def chunk_delta(
     V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
 ):  # fmt: skip
-    """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk starting at token row0: forward x = v,
+    """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk of tokens row0 + o_t: forward x = v,
     Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do. SUMS_BY_MATMUL: the running sum
     along the chunk as a matmul with a matrix of ones (``kernel_utils.ones_matmul``) instead of a scan."""
     m_tk = m_t[:, None] & m_k[None, :]
@@ -116,7 +117,8 @@ def chunk_delta(
 def chunk_delta_kernel(
     q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BACKWARD: tl.constexpr,
-    IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # Δ [chunks, H, K, V] (see chunk_delta; float32, or the states' dtype); the chunk's decay exp(b_C) float32
     # [chunks, H, K] (written by the first V tile)
@@ -130,9 +132,10 @@ def chunk_delta_kernel(
     o_k = i_k * BK + tl.arange(0, BK)
     o_v = i_v * BV + tl.arange(0, BV)
     m_k, m_v = o_k < K, o_v < V
+    row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)
     delta, b_end = chunk_delta(
-        q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
-        BACKWARD, ACT, DT, PRECISION, INTERPRET,
+        q_ptr, g_ptr, x_ptr, row0, c * C + o_t < length, o_r, o_k, o_v, m_k, m_v, i_h, scale, H, K, V, BACKWARD, ACT,
+        DT, PRECISION, INTERPRET,
     )  # fmt: skip
     base = i_c.to(tl.int64) * H + i_h
     d_offs = base * K * V + o_k[:, None] * V + o_v[None, :]
@@ -144,8 +147,9 @@ def chunk_delta_kernel(
 def state_walk_kernel(
     q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
-    STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr,
-    PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr,
+    STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
+    SUMS_BY_MATMUL: tl.constexpr,
 ):  # fmt: skip
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
@@ -167,9 +171,10 @@ def state_walk_kernel(
     for step in tl.range(0, n_chunks, num_stages=STAGES):
         c = n_chunks - 1 - step if BACKWARD else step
         tl.store(h_ptr + ((slot0 + c) * H + i_h) * K * V + kv_tile, state.to(h_ptr.dtype.element_ty), mask=m_kv)
+        row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)
         delta, b_end = chunk_delta(
-            q_ptr, g_ptr, x_ptr, bos + c * C, c * C + o_t < length, o_t, o_k, o_v, m_k, m_v, i_h, scale, H, K, V,
-            BACKWARD, ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
+            q_ptr, g_ptr, x_ptr, row0, c * C + o_t < length, o_r, o_k, o_v, m_k, m_v, i_h, scale, H, K, V, BACKWARD,
+            ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
         )  # fmt: skip
         state = state * tl.exp(b_end)[:, None] + delta
     if not BACKWARD:
@@ -225,11 +230,11 @@ def state_scan_kernel(
 def output_fwd_kernel(
     q_ptr, g_ptr, v_ptr, h_ptr, o_ptr, a_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
-    ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, IDT: tl.constexpr,
-    IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
+    FLIP: tl.constexpr, ACT: tl.constexpr, STORE_SCORES: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    IDT: tl.constexpr, IPRECISION: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # With STORE_SCORES the first V tile also writes the causal scores A (without scale), [B * T, H, C]
-    # (bfloat16 for half-precision inputs, else float32).
+    # (bfloat16 for half-precision inputs, else float32), at the positions of the scan's order.
     NV: tl.constexpr = (V + BV - 1) // BV
     NK: tl.constexpr = (K + BK - 1) // BK
     i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
@@ -238,12 +243,12 @@ def output_fwd_kernel(
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < V
     m_t = c * C + o_t < length
-    row0 = bos + c * C
+    row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)  # the chunk's tokens
     slot = i_c.to(tl.int64) + i_n
     acc = tl.zeros([C, BV], dtype=tl.float32)
     scores = tl.zeros([C, C], dtype=tl.float32)
     for i_k in range(NK):
-        o_k, m_k, _, _, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_t, m_t, H, K, BK, ACT)
+        o_k, m_k, _, _, q, g, b = key_tile(q_ptr, g_ptr, row0, i_h, i_k, o_r, m_t, H, K, BK, ACT)
         s_in = tl.load(
             h_ptr + (slot * H + i_h) * K * V + o_k[:, None] * V + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
             other=0.0,
@@ -252,9 +257,9 @@ def output_fwd_kernel(
         scores += intra_scores(q, one_minus_exp(g), g, b, o_t, C, IDT, IPRECISION, INTERPRET)
     scores = tl.where(o_t[:, None] >= o_t[None, :], scores, 0.0)
     if STORE_SCORES:
-        a_offs = (row0 * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]
+        a_offs = ((bos + c * C) * H + i_h) * C + o_t[:, None] * (H * C) + o_t[None, :]  # positions in scan order
         tl.store(a_ptr + a_offs, scores.to(a_ptr.dtype.element_ty), mask=m_t[:, None] & (i_v == 0))
-    v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
+    v_offs = row0 * (H * V) + i_h * V + o_r[:, None] * (H * V) + o_v[None, :]
     m_tv = m_t[:, None] & m_v[None, :]
     v = tl.load(v_ptr + v_offs, mask=m_tv, other=0.0)
     acc += matmul(scores, v, DT, PRECISION, INTERPRET)

@@ -231,6 +231,18 @@ def chunk_bounds(i_c, T, cu_seqlens, chunk_indices, C: tl.constexpr, IS_VARLEN: 
 
 
 @triton.jit
+def chunk_rows(bos, length, start, o_t, FLIP: tl.constexpr):
+    """The tokens of the chunk whose first step is ``start``, in a sequence of ``length`` tokens from token ``bos``,
+    as a first token (int64) and each step's offset from it: (bos + start, o_t); with FLIP (the sequence scanned
+    from its last token to its first, the ops' ``reverse``) the steps count from the sequence's end,
+    (bos + length - 1 - start, -o_t). Steps past the sequence's end are masked by the caller."""
+    if FLIP:
+        return bos + (length - 1 - start), -o_t
+    else:
+        return bos + start, o_t
+
+
+@triton.jit
 def load_bound(log_beta_ptr, log1m_beta_ptr, offs, mask, BK: tl.constexpr, HAS_BOUND: tl.constexpr):
     """Two per-channel constants of one head's lower bound (zeros without a lower bound)."""
     if HAS_BOUND:

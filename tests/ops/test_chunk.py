@@ -67,6 +67,43 @@ def test_chunk_matches_naive_with_packed_sequences():
     )
 
 
+def _reversed_within(x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    return torch.cat([x[:, start:end].flip(1) for start, end in zip(bounds, bounds[1:])], 1)
+
+
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("key_dim, value_dim", [(20, 36), (4, 4)])  # chunks of 64; a small head's chunks of 16
+def test_chunk_reads_a_reversed_order_in_place(key_dim, value_dim, gated):
+    """``reverse``: the kernels read each packed sequence from its last step to its first where it lies; against
+    the float64 loop on each sequence flipped alone, outputs, final states and every gradient."""
+    torch.manual_seed(7)
+    bounds = [0, 5, 75, 150]  # lengths 5, 70 (a chunk and 6 steps) and 75
+    cu_seqlens = torch.tensor(bounds, device=DEVICE)
+    q = kernel_leaf(torch.randn(1, bounds[-1], 2, key_dim), torch.float32)
+    v = kernel_leaf(torch.randn(1, bounds[-1], 2, value_dim), torch.float32)
+    forget = kernel_leaf(2 * torch.randn(1, bounds[-1], 2, key_dim), torch.float32)
+    beta = kernel_leaf(0.9 * torch.rand(2, key_dim), torch.float32) if gated else None
+    h0 = kernel_leaf(torch.randn(len(bounds) - 1, 2, key_dim, value_dim), torch.float32)
+
+    def run(q, v, forget, beta, h0):
+        kwargs = dict(initial_state=h0, output_final_state=True, cu_seqlens=cu_seqlens, reverse=True)
+        if gated:
+            return chunk.chunk_hgrn2_gated(q, v, forget, beta, output_gate="silu", scale=0.5, **kwargs)
+        return chunk.chunk_hgrn2(q, v, F.logsigmoid(forget), scale=0.5, **kwargs)
+
+    def reference(q, v, forget, beta, h0):
+        q = F.silu(q) if gated else q
+        log_forget = lower_bounded_log_forget(forget, beta)
+        o, final = hgrn2_recurrence_naive(
+            *(_reversed_within(x, bounds) for x in (q, v, log_forget)), scale=0.5, initial_state=h0,
+            output_final_state=True, cu_seqlens=torch.tensor(bounds),
+        )  # fmt: skip
+        return _reversed_within(o, bounds), final
+
+    names = ("dq", "dv", "dforget", "dlower_bound", "dinitial_state")
+    check_against_float64(run, reference, [q, v, forget, beta, h0], names, TOL[torch.float32])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_chunk_matches_naive_in_half_precision(dtype):
     q = kernel_leaf(torch.randn(1, 100, 2, 32), dtype)
@@ -319,6 +356,28 @@ def test_triton_backend_runs_the_chunk_kernels_and_auto_keeps_cpu_tensors_on_tor
     o_auto, _ = hgrn2_recurrence(q, v, log_forget, backend="auto")
     assert calls == ["chunk_hgrn2"], "auto must not pick the kernels for CPU tensors"
     assert_rel_close(o_auto, expected, 1e-4, "o (auto)")
+
+
+@pytest.mark.parametrize("gated", [False, True])
+def test_the_public_ops_reverse_on_the_chunk_kernels_without_copies(monkeypatch, gated):
+    """A reversed scan (the bidirectional mixers' second one) reaches the chunked kernels with the tensors as they
+    lie: no flipped copy in, none out."""
+    import hgrn2.ops as ops
+
+    def no_copies(*args, **kwargs):
+        raise AssertionError("reordered copies made for the chunked kernels")
+
+    monkeypatch.setattr(ops._ScanOrder, "copies", no_copies)
+    monkeypatch.setattr(ops._ScanOrder, "put_back", no_copies)
+    q, v, forget = (torch.randn(1, 40, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+    if gated:
+        o, _ = ops.hgrn2_gated_recurrence(q, v, forget, output_gate="silu", backend="triton", reverse=True)
+        q_ref, log_forget = F.silu(q), F.logsigmoid(forget)
+    else:
+        o, _ = ops.hgrn2_recurrence(q, v, F.logsigmoid(forget), backend="triton", reverse=True)
+        q_ref, log_forget = q, F.logsigmoid(forget)
+    expected, _ = hgrn2_recurrence_naive(*(x.detach().double().cpu().flip(1) for x in (q_ref, v, log_forget)))
+    assert_rel_close(o, expected.flip(1), 1e-4, "o")
 
 
 def test_gated_recurrence_uses_the_fused_gated_kernel_under_the_triton_backend(monkeypatch):

@@ -1,7 +1,8 @@
 """``reverse`` and ``columns`` of the public HGRN2 ops on every backend, against the float64 loop run on explicitly
 reordered copies (flipped along T; a grid's columns as sequences), the outputs put back in place.
 
-The step-by-step kernels read these orders where the data lie; the other backends scan reordered copies.
+The step-by-step kernels read these orders where the data lie, the chunked kernels a reversed one; the other
+backends scan reordered copies.
 On the CPU the kernels run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
 """
 
