@@ -11,6 +11,7 @@ K = V); HGRN1's scan is step-by-step already, so there it is the same as ``"trit
 
 from __future__ import annotations
 
+import functools
 import importlib
 import os
 
@@ -206,12 +207,7 @@ class _ScanOrder:
     reversed each within its own span, so that each still starts from its own initial state."""
 
     def __init__(self, batch: int, reverse: bool, columns: int | None, cu_seqlens: torch.Tensor | None = None):
-        self.batch, self.reverse, self.columns = batch, bool(reverse), columns
-        self.steps = None  # the packed steps in reversed order: their own inverse
-        if self.reverse and cu_seqlens is not None:
-            bounds = cu_seqlens.tolist()
-            spans = [torch.arange(end - 1, start - 1, -1) for start, end in zip(bounds, bounds[1:])]
-            self.steps = torch.cat(spans).to(cu_seqlens.device)
+        self.batch, self.reverse, self.columns, self.cu_seqlens = batch, bool(reverse), columns, cu_seqlens
 
     def in_place(self, resolved: str, chunked: bool = False) -> bool:
         """Whether the backend reads this order where the data lie: the step-by-step kernels any order, the chunked
@@ -220,8 +216,17 @@ class _ScanOrder:
             return True
         return self.columns is None and (not self.reverse or chunked)
 
+    @functools.cached_property
+    def _packed_steps_reversed(self) -> torch.Tensor:
+        """The packed steps, each sequence's in reversed order (their own inverse); formed only for copies."""
+        bounds = self.cu_seqlens.tolist()
+        spans = [torch.arange(end - 1, start - 1, -1) for start, end in zip(bounds, bounds[1:])]
+        return torch.cat(spans).to(self.cu_seqlens.device)
+
     def _reversed(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flip(1) if self.steps is None else x.index_select(1, self.steps)
+        if self.cu_seqlens is None:
+            return x.flip(1)
+        return x.index_select(1, self._packed_steps_reversed)
 
     def copies(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
         out = []
@@ -334,14 +339,15 @@ def hgrn2_gated_recurrence(
         )
     order = _ScanOrder(q_proj.shape[0], reverse, columns, cu_seqlens)
     short = _short_inference(steps, q_proj, v, forget_proj, lower_bound, initial_state)
-    if resolved == "triton" and not short:  # the chunked kernels read a reversed order in place, not columns
-        if columns is not None:
+    if resolved == "triton" and not short:  # the chunked kernels, gates inside
+        in_place = order.in_place(resolved, chunked=True)
+        if not in_place:
             q_proj, v, forget_proj = order.copies(q_proj, v, forget_proj)
         o, final_state = _kernel_module("chunk").chunk_hgrn2_gated(
             q_proj, v, forget_proj, lower_bound, output_gate=output_gate, precise_bound_grad=precise_bound_grad,
-            reverse=reverse and columns is None, **kwargs,
+            reverse=reverse and in_place, **kwargs,
         )  # fmt: skip
-        return (order.put_back(o) if columns is not None else o), final_state
+        return (o if in_place else order.put_back(o)), final_state
     q, log_forget = activation(q_proj, output_gate), lower_bounded_log_forget(forget_proj, lower_bound)
     if order.in_place(resolved):
         return _hgrn2_on(resolved, q, v, log_forget, reverse=reverse, columns=columns, **kwargs)
