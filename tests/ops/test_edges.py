@@ -106,7 +106,7 @@ def _check_values_raise_and_change_nothing(backend: str, device: str, seq_len: i
         q, v, log_forget, initial_state=h0, output_final_state=True, backend=backend, check_values=False
     )
     assert all(torch.equal(a, b) for a, b in zip(good, unchecked))
-    log_forget[0, 2, 0, 0] = 0.25
+    log_forget[0, seq_len // 2, 0, 0] = 0.25  # a middle step (the only one at T = 1)
     copies = [t.clone() for t in (q, v, log_forget, h0)]
     with pytest.raises(ValueError, match=r"log_forget .* must be <= 0 .*largest value is 0.25"):
         hgrn2_recurrence(q, v, log_forget, initial_state=h0, output_final_state=True, backend=backend)
