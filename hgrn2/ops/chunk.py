@@ -43,6 +43,7 @@ from hgrn2.ops.kernel_utils import (
     sequence_layout,
     sm_count,
     state_dtype,
+    unused,
 )
 from hgrn2.ops.validation import check_lower_bound
 
@@ -125,7 +126,7 @@ class _Launch:
         self.n_seqs, self.n_chunks, self.chunk_offsets, self.chunk_indices = sequence_layout(
             self.batch, self.seq_len, cu_seqlens, self.chunk
         )
-        dummy = torch.zeros(1, dtype=torch.int32, device=q.device)
+        dummy = unused(q.device, torch.int32)
         self.cu_seqlens = cu_seqlens if cu_seqlens is not None else dummy
         self.chunk_offsets = self.chunk_offsets if self.chunk_offsets is not None else dummy
         self.chunk_indices = self.chunk_indices if self.chunk_indices is not None else dummy
@@ -197,7 +198,7 @@ class _Launch:
             return
         flags = self.flags if backward else self.flags | self.precise_flags
         state_walk_kernel[grid](
-            q, g, x, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
+            q, g, x, s0 if s0 is not None else unused(q.device), out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
             SUMS_BY_MATMUL=not self.small_head,
@@ -212,7 +213,8 @@ class _Launch:
             triton.cdiv(self.value_dim, self.scan_bv),
         )
         state_scan_kernel[grid](
-            delta, decay, s0 if s0 is not None else out_last, out, out_last, self.cu_seqlens, self.chunk_offsets,
+            delta, decay, s0 if s0 is not None else unused(delta.device), out, out_last, self.cu_seqlens,
+            self.chunk_offsets,
             self.seq_len, H=self.heads, K=self.key_dim, V=self.value_dim, C=self.chunk, BK=self.scan_bk,
             BV=self.scan_bv, HAS_S0=s0 is not None, STORE_HT=store_last, REVERSE=reverse,
             IS_VARLEN=self.flags["IS_VARLEN"], num_warps=LAUNCH["scan_warps"],

@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.cross_entropy import check_inputs, linear_cross_entropy
+from hgrn2.ops.kernel_utils import unused
 from hgrn2.ops.reference import output_dtype
 
 __all__ = ["cross_entropy_rows", "fused_linear_cross_entropy"]
@@ -74,7 +75,7 @@ def cross_entropy_rows(logits: torch.Tensor, labels: torch.Tensor, scale: torch.
     correct = torch.empty(n, dtype=torch.int32, device=logits.device)
     if n:
         ce_rows_kernel[(n,)](
-            logits, labels, loss, correct, scale if scale is not None else loss, vocab, ignore_index,
+            logits, labels, loss, correct, scale if scale is not None else unused(logits.device), vocab, ignore_index,
             BLOCK_V=min(_BLOCK_V, triton.next_power_of_2(vocab)), STORE_GRAD=scale is not None, num_warps=8,
         )  # fmt: skip
     return loss, correct

@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
+from hgrn2.ops.kernel_utils import unused
 from hgrn2.ops.reference import accumulation_dtype, output_dtype
 
 __all__ = ["add_rmsnorm_reference", "fused_add_rmsnorm"]
@@ -122,8 +123,10 @@ class _AddRMSNorm(torch.autograd.Function):
         rstd = torch.empty(x2.shape[0], groups, dtype=torch.float32, device=x.device)
         n_rows = x2.shape[0]
         if n_rows:
+            none = unused(x.device)
             add_rmsnorm_fwd_kernel[(n_rows,)](
-                x2, y2 if y2 is not None else x2, weight if weight is not None else x2, residual, normed, rstd,
+                x2, y2 if y2 is not None else none, weight if weight is not None else none,
+                residual if y2 is not None else none, normed, rstd,
                 eps, HAS_Y=y2 is not None, HAS_W=weight is not None, STORE_RSTD=True,
                 num_warps=_warps(dim), **_tiles(dim, groups),
             )  # fmt: skip
@@ -154,11 +157,13 @@ class _AddRMSNorm(torch.autograd.Function):
         rows_per_program = triton.cdiv(n_rows, programs)
         dw = torch.empty(programs, dim, dtype=torch.float32, device=residual.device) if weight is not None else None
         if n_rows:
+            none = unused(dx.device)
             add_rmsnorm_bwd_kernel[(programs,)](
-                residual, weight if weight is not None else residual, rstd, d_normed,
-                d_residual if d_residual is not None else d_normed, dx, dy if dy is not None else dx,
-                dw if dw is not None else rstd, n_rows, rows_per_program, HAS_W=weight is not None,
-                HAS_DRES=d_residual is not None, HAS_Y=dy is not None, num_warps=_warps(dim),
+                residual, weight if weight is not None else none, rstd, d_normed,
+                d_residual if d_residual is not None else none, dx, dy if dy is not None else none,
+                dw if dw is not None else none, n_rows,
+                rows_per_program, HAS_W=weight is not None, HAS_DRES=d_residual is not None, HAS_Y=dy is not None,
+                num_warps=_warps(dim),
                 **_tiles(dim, ctx.groups),
             )  # fmt: skip
         d_weight = dw.sum(0).to(weight.dtype) if weight is not None and ctx.needs_input_grad[2] else None

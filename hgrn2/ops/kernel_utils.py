@@ -142,6 +142,16 @@ def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
     return tl.bfloat16, "tf32"
 
 
+def unused(device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A new one-element tensor for pointer arguments that the launch's flags leave unread and unwritten. Never
+    pass another argument there instead, an output least of all: under ``torch.compile`` each argument a kernel
+    may write (every one, where torch cannot analyse the kernel) is copied, the copies are written, and each is
+    then taken as its argument's new value in turn, so an output passed twice comes back as whichever copy is
+    taken last, possibly one the kernel never wrote. Made for each call, not kept: a tensor kept across calls
+    would be a constant of a compiled graph, and one that the kernels may write breaks its compilation."""
+    return torch.empty(1, dtype=dtype, device=device)
+
+
 def sm_count(device: torch.device) -> int:
     """Streaming multiprocessors of a CUDA device (1 elsewhere, e.g. under the Triton interpreter)."""
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

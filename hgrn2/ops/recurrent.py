@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import check_kernel_dtype, decay_toward, one_minus_exp, sequence_bounds
+from hgrn2.ops.kernel_utils import check_kernel_dtype, decay_toward, one_minus_exp, sequence_bounds, unused
 
 __all__ = ["fused_recurrent_hgrn2", "fused_recurrent_hgrn2_step"]
 
@@ -51,10 +51,11 @@ def _launch(q, v, log_forget, initial_state, final_state, o, cu_seqlens, scale, 
     block_k = max(16, triton.next_power_of_2(key_dim))
     block_v = min(max(16, triton.next_power_of_2(value_dim)), 32 if block_k <= 128 else 16)
     seq_len = q.shape[1] if q.dim() == 4 else 1
-    dummy = o
+    none = unused(q.device) if initial_state is None or final_state is None else None
     recurrent_fwd_kernel[(n_seqs * heads, triton.cdiv(value_dim, block_v))](
-        q, v, log_forget, initial_state if initial_state is not None else dummy, o,
-        final_state if final_state is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
+        q, v, log_forget, initial_state if initial_state is not None else none, o,
+        final_state if final_state is not None else none,
+        cu_seqlens if cu_seqlens is not None else unused(q.device, torch.int32),
         scale, seq_len, H=heads, K=key_dim, V=value_dim, BK=block_k, BV=block_v,
         HAS_H0=initial_state is not None, STORE_HT=final_state is not None, IS_VARLEN=cu_seqlens is not None,
         num_warps=4,

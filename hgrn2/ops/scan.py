@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds, sm_count
+from hgrn2.ops.kernel_utils import check_kernel_dtype, one_minus_exp, sequence_bounds, sm_count, unused
 
 __all__ = ["scan_hgrn1"]
 
@@ -115,8 +115,8 @@ class ScanHGRN1Function(torch.autograd.Function):
         block = _channel_block(n_seqs, dim, x.device)
         h = torch.empty_like(x)
         final_state = torch.empty(n_seqs, dim, dtype=torch.float32, device=x.device)
-        h0 = initial_state.contiguous() if initial_state is not None else final_state
-        cu = cu_seqlens if cu_seqlens is not None else final_state
+        h0 = initial_state.contiguous() if initial_state is not None else unused(x.device)
+        cu = cu_seqlens if cu_seqlens is not None else unused(x.device, torch.int32)
         scan_fwd_kernel[(n_seqs, triton.cdiv(dim, block))](
             x, log_forget, h0, h, final_state, cu, seq_len, D=dim, BT=TILE, BD=block,
             HAS_H0=initial_state is not None, STORE_HT=output_final_state, IS_VARLEN=cu_seqlens is not None,
@@ -132,9 +132,10 @@ class ScanHGRN1Function(torch.autograd.Function):
         batch, seq_len, dim = x.shape
         dx, dg = torch.empty_like(x), torch.empty_like(log_forget)
         d_initial = torch.empty(ctx.n_seqs, dim, dtype=torch.float32, device=x.device)
-        dht = d_final.contiguous() if d_final is not None else d_initial
-        h0 = initial_state.contiguous() if initial_state is not None else d_initial
-        cu = cu_seqlens if cu_seqlens is not None else d_initial
+        none = unused(x.device)
+        dht = d_final.contiguous() if d_final is not None else none
+        h0 = initial_state.contiguous() if initial_state is not None else none
+        cu = cu_seqlens if cu_seqlens is not None else unused(x.device, torch.int32)
         need_d_initial = ctx.needs_input_grad[2]
         # 16 channels a program: with 32 the backward ran 5x slower per tile on an H100 (triton 3.6)
         scan_bwd_kernel[(ctx.n_seqs, triton.cdiv(dim, 16))](

@@ -50,6 +50,7 @@ from hgrn2.ops.kernel_utils import (
     output_gate_grad,
     sequence_bounds,
     sm_count,
+    unused,
 )
 from hgrn2.ops.validation import check_lower_bound, check_scan_order
 
@@ -323,11 +324,11 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         o = torch.empty_like(v)
         final_state = launch.state(q.device) if output_final_state else None
         h0 = initial_state.float().contiguous() if initial_state is not None else None
-        dummy = o
+        none = unused(q.device)
         small_state_fwd_kernel[launch.grid](
-            q, v, log_forget, h0 if h0 is not None else dummy, o,
-            final_state if final_state is not None else dummy, cu_seqlens if cu_seqlens is not None else dummy,
-            *(bound[:2] if has_bound else (dummy, dummy)), scale, launch.seq_len, launch.width,
+            q, v, log_forget, h0 if h0 is not None else none, o, final_state if final_state is not None else none,
+            cu_seqlens if cu_seqlens is not None else unused(q.device, torch.int32),
+            *(bound[:2] if has_bound else (none, none)), scale, launch.seq_len, launch.width,
             HAS_H0=h0 is not None, STORE_HT=final_state is not None, num_warps=launch.num_warps, **flags,
         )  # fmt: skip
         ctx.save_for_backward(q, v, log_forget, h0, cu_seqlens, *bound)
@@ -347,20 +348,21 @@ class SmallStateHGRN2Function(torch.autograd.Function):
         dh0 = launch.state(q.device) if need_dh0 else None
         has_bound = flags["HAS_BOUND"]
         d_beta = torch.empty(launch.n_seqs, launch.heads, launch.key_dim, device=q.device) if has_bound else None
-        dummy = dq
+        none = unused(q.device)
         # float32 inputs: every step's state, read back for an exact d log λ (see the kernel)
         exact = q.dtype == torch.float32
         states = (
             torch.empty(q.shape[0] * q.shape[1], launch.heads, launch.key_dim, launch.value_dim, device=q.device)
             if exact
-            else dummy
+            else none
         )
         small_state_bwd_kernel[launch.grid](
-            q, v, log_forget, h0 if h0 is not None else dummy, do.contiguous(),
-            d_final.contiguous() if d_final is not None else dummy, dq, dv, dg, dh0 if dh0 is not None else dummy,
-            states, cu_seqlens if cu_seqlens is not None else dummy, *(bound if has_bound else [dummy] * 3),
-            d_beta if has_bound else dummy, ctx.scale, launch.seq_len, launch.width, HAS_H0=h0 is not None,
-            HAS_DHT=d_final is not None, STORE_DH0=need_dh0, EXACT=exact, num_warps=launch.num_warps, **flags,
+            q, v, log_forget, h0 if h0 is not None else none, do.contiguous(),
+            d_final.contiguous() if d_final is not None else none, dq, dv, dg, dh0 if dh0 is not None else none,
+            states, cu_seqlens if cu_seqlens is not None else unused(q.device, torch.int32),
+            *(bound if has_bound else [none] * 3), d_beta if has_bound else none, ctx.scale, launch.seq_len,
+            launch.width, HAS_H0=h0 is not None, HAS_DHT=d_final is not None, STORE_DH0=need_dh0, EXACT=exact,
+            num_warps=launch.num_warps, **flags,
         )  # fmt: skip
         dh0 = dh0.to(ctx.initial_dtype) if dh0 is not None else None
         d_bound = d_beta.sum(0).sum_to_size(ctx.bound_shape).to(ctx.bound_dtype) if has_bound else None
