@@ -3,9 +3,10 @@
 The LRA and image models run HGRN2 with tiny per-head states (4 × 4 on ListOps, 2 × 2 on Pathfinder and the vision
 model). Each job trains on one device with bf16 autocast on random inputs of the real shapes, already on the
 device: a few warm-up steps (the first timed apart: it includes kernel compilation and autotuning), then
-``--steps`` timed steps between synchronisations (``--compile``: each block of every model through
-``torch.compile`` first, so that the step launches fewer, fused kernels). A step is forward, backward and the
-optimizer step:
+``--steps`` timed steps between synchronisations (each block of a model through ``torch.compile`` first where its
+config's ``compile_blocks`` says so, ``configs/imagenet/hgrn2_tiny.yaml`` for the vision models, or for every
+model with ``--compile``, for none with ``--no-compile``: the step then launches fewer, fused kernels). A step is
+forward, backward and the optimizer step:
 
 * ``listops`` and ``pathfinder`` build the LightningModule of ``configs/lra/{listops,pathfinder}.yaml`` from the
   file's ``model.init_args`` (batch size and ListOps length from its ``data.init_args``) and time the module's own
@@ -71,6 +72,7 @@ TARGETS = {
     "vision": ("images_per_s", 1800.0, {"batch_size": 128, "image_size": 224}),
 }
 VISION_EXPAND_RATIO = 2  # hgrn2_vit_tiny_patch16_224's own
+VISION_CONFIG = CONFIGS.parent / "imagenet" / "hgrn2_tiny.yaml"  # whose compile_blocks the vision job follows
 
 
 def scan_backend(backend: str, device: torch.device, scan_length: int, expand_ratio: int) -> str:
@@ -204,7 +206,9 @@ def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: tor
     batch_size = args.batch_size or data_args["batch_size"]
     shape = {"batch_size": batch_size, **shape}
     module = module.to(device).train()
-    if args.compile:
+    # the config's compile_blocks, as `hgrn2 fit` applies it, unless --compile / --no-compile says otherwise
+    compiled = args.compile if args.compile is not None else bool(model_section["init_args"].get("compile_blocks"))
+    if compiled:
         for block in module.model.blocks:
             block.compile()
     batch = random_lra_batch(config, batch_size, length, device)
@@ -224,7 +228,7 @@ def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: tor
         "expand_ratio": config.expand_ratio,
         "recurrence_backend": scan_backend(config.backend, device, scan_length, config.expand_ratio),
         "fused": config.fused,
-        "compiled_blocks": args.compile,
+        "compiled_blocks": compiled,
         "params_m": round(sum(p.numel() for p in module.parameters()) / 1e6, 3),
         "steps_per_s": round(args.steps / elapsed, 2),
         "step_ms": round(1e3 * elapsed / args.steps, 2),
@@ -242,7 +246,13 @@ def vision_job(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     """HGRN2-Tiny and DeiT-Tiny in one run; ``images_per_s`` is HGRN2-Tiny's."""
     image_size, batch_size = args.image_size, args.batch_size or 128
     backend = args.backend or "auto"
-    common = dict(device=device, batch_size=batch_size, image_size=image_size, dtype=dtype, compile_blocks=args.compile)
+    # configs/imagenet/hgrn2_tiny.yaml's compile_blocks, unless --compile / --no-compile says otherwise
+    compiled = (
+        args.compile
+        if args.compile is not None
+        else bool(load_lra_config(VISION_CONFIG)[0]["init_args"].get("compile_blocks"))
+    )
+    common = dict(device=device, batch_size=batch_size, image_size=image_size, dtype=dtype, compile_blocks=compiled)
     timing = dict(steps=args.steps, warmup=args.warmup)
     hgrn2_kwargs = dict(expand_ratio=VISION_EXPAND_RATIO, backend=backend)
     runs = [
@@ -314,7 +324,11 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--dtype", choices=("bf16", "fp32"), default="bf16")
     parser.add_argument(
-        "--compile", action="store_true", help="torch.compile each block of every model (DeiT-Tiny's too)"
+        "--compile",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="torch.compile each block of every model (DeiT-Tiny's too), or with --no-compile none; default: as "
+        "each config's compile_blocks says (configs/imagenet/hgrn2_tiny.yaml's for both vision models)",
     )
     parser.add_argument(
         "--backend", default=None, help="recurrence backend for every job (default: the configs' own, auto if unset)"

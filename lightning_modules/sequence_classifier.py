@@ -30,7 +30,7 @@ from hgrn2.models.lra import LRAClassifier, LRAConfig
 from lightning_modules.image_classifier import check_data_classes
 from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
-from lightning_modules.sharding import clip_gradients, shard_modules
+from lightning_modules.sharding import clip_gradients, compile_units, shard_modules
 
 STAGES = ("train", "val", "test")
 
@@ -47,6 +47,8 @@ class SequenceClassifier(pl.LightningModule):
         init_from: a checkpoint of the same preset and overrides whose weights a fit starts from, with a fresh
             optimiser and schedule (e.g. Pathfinder's easiest difficulty before the LRA one); read only by ``fit``,
             and a resumed fit restores its own weights over them (:mod:`lightning_modules.init_from`).
+        compile_blocks: put each block of the encoder through ``torch.compile`` (fewer, fused kernel launches
+            around the recurrence; the first steps of each stage compile). Checkpoints are the same either way.
     """
 
     def __init__(
@@ -56,6 +58,7 @@ class SequenceClassifier(pl.LightningModule):
         optim: OptimizerConfig | None = None,
         label_smoothing: float = 0.0,
         init_from: str | None = None,
+        compile_blocks: bool = False,
     ):
         super().__init__()
         if not 0.0 <= label_smoothing < 1.0:
@@ -66,6 +69,7 @@ class SequenceClassifier(pl.LightningModule):
         self.optim = optim if optim is not None else OptimizerConfig()
         self.label_smoothing = label_smoothing
         self.init_from = init_from
+        self.compile_blocks = compile_blocks
         self._init_pending = False  # set by setup("fit") while init_from is still to be loaded
         # keyed "<stage>_acc": a ModuleDict key may not shadow an nn.Module attribute such as `train`
         self.accuracy = nn.ModuleDict(
@@ -125,6 +129,8 @@ class SequenceClassifier(pl.LightningModule):
     def configure_model(self) -> None:
         # under FSDP: one unit per block plus the root (embedding, final norm, head); elsewhere a no-op
         self.model = shard_modules(self.model, lambda name, module: isinstance(module, Block))
+        if self.compile_blocks:
+            compile_units(self.model, lambda name, module: isinstance(module, Block))
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -51,6 +51,24 @@ def shard_modules(backbone: nn.Module, is_unit: UnitFilter) -> nn.Module:
     return wrap(backbone)
 
 
+def compile_units(backbone: nn.Module, is_unit: UnitFilter) -> list[str]:
+    """Put each module ``is_unit`` selects (as in :func:`shard_modules`, by its name outside any FSDP wrapper)
+    through ``torch.compile`` in place (``nn.Module.compile``: the same parameters and state-dict keys, so
+    checkpoints load either way; compiled at its first call, and again for each new input shape). Returns the
+    names; modules compiled already are left as they are, so calling it again is a no-op."""
+    names: list[str] = []
+    for name, module in backbone.named_modules():
+        plain = name.replace("._fsdp_wrapped_module", "").replace("_fsdp_wrapped_module.", "")
+        if isinstance(module, FSDP) or not plain or plain == "_fsdp_wrapped_module" or not is_unit(plain, module):
+            continue
+        if any(plain.startswith(outer + ".") for outer in names):
+            continue
+        if getattr(module, "_compiled_call_impl", None) is None:
+            module.compile()
+        names.append(plain)
+    return names
+
+
 def fsdp_roots(module: nn.Module) -> list[FSDP]:
     """The outermost FSDP units inside ``module`` (empty when nothing is sharded)."""
     if isinstance(module, FSDP):

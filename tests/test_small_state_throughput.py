@@ -12,6 +12,7 @@ from tests.helpers import load_benchmark
 
 TINY = ["--device", "cpu", "--dtype", "fp32", "--batch-size", "2", "--seq-len", "16", "--grid-size", "4"]
 TINY += ["--image-size", "32", "--steps", "2", "--warmup", "1"]
+UNCOMPILED = [*TINY, "--no-compile"]  # the configs compile their blocks: Inductor takes minutes on two CPU cores
 
 
 @pytest.fixture
@@ -21,7 +22,8 @@ def benchmark(monkeypatch):
 
 def test_smoke_run_reports_every_job_against_its_target(benchmark, tmp_path):
     out = tmp_path / "small-state.json"
-    benchmark.main([*TINY, "--profile", "pathfinder", "--profile-steps", "1", "--profile-top", "3", "--out", str(out)])
+    profile = ["--profile", "pathfinder", "--profile-steps", "1", "--profile-top", "3"]
+    benchmark.main([*UNCOMPILED, *profile, "--out", str(out)])
     report = json.loads(out.read_text())
 
     assert {"device", "torch", "triton", "timm", "lightning", "triton_cache", "all_targets_met"} <= report.keys()
@@ -32,6 +34,7 @@ def test_smoke_run_reports_every_job_against_its_target(benchmark, tmp_path):
         assert job[rate] > 0, f"{name}: {job}"
         assert job["target"]["value"] == value and job["target"]["met"] is None  # not at the target's shape
         assert job["recurrence_backend"] == "naive"  # what auto picks on the CPU for scans of at most 16 steps
+        assert job.get("compiled_blocks", False) is False
 
     listops, pathfinder, vision = jobs["listops"], jobs["pathfinder"], jobs["vision"]
     assert listops["config"] == "configs/lra/listops.yaml" and listops["init_args"]["preset"] == "listops"
@@ -64,8 +67,8 @@ def test_unknown_jobs_are_refused(benchmark):
 
 
 def test_compiled_blocks_train_and_are_recorded(benchmark, tmp_path, monkeypatch):
-    # TorchDynamo traces every block as on a GPU; the eager backend skips Inductor's code generation, which takes
-    # minutes on two CPU cores
+    # without --compile each job follows its config's compile_blocks, which all three set. TorchDynamo traces every
+    # block as on a GPU; the eager backend skips Inductor's code generation, which takes minutes on two CPU cores
     compiled = []
     compile_module = torch.nn.Module.compile
 
@@ -76,7 +79,7 @@ def test_compiled_blocks_train_and_are_recorded(benchmark, tmp_path, monkeypatch
     monkeypatch.setattr(torch.nn.Module, "compile", compile_eagerly)
     torch._dynamo.reset()
     out = tmp_path / "small-state.json"
-    benchmark.main([*TINY, "--jobs", "listops,vision", "--compile", "--out", str(out)])
+    benchmark.main([*TINY, "--jobs", "listops,vision", "--out", str(out)])
     jobs = {job["job"]: job for job in json.loads(out.read_text())["jobs"]}
 
     assert jobs["listops"]["compiled_blocks"] is True and jobs["listops"]["steps_per_s"] > 0
@@ -96,7 +99,7 @@ def test_a_failing_job_is_recorded_with_its_traceback_and_the_others_still_run(b
     monkeypatch.setattr(benchmark, "run_job", fail_on_listops)
     out = tmp_path / "small-state.json"
     with pytest.raises(SystemExit, match="listops failed"):
-        benchmark.main([*TINY, "--jobs", "listops,pathfinder", "--out", str(out)])
+        benchmark.main([*UNCOMPILED, "--jobs", "listops,pathfinder", "--out", str(out)])
     jobs = {job["job"]: job for job in json.loads(out.read_text())["jobs"]}
 
     assert jobs["listops"]["error"] == "failed: RuntimeError: kernel launch refused"

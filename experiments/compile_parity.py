@@ -1,0 +1,123 @@
+"""Training steps of the small-state models with their blocks through ``torch.compile`` against the same steps
+uncompiled, from one initialisation and one batch: the loss of every step, the largest gradient difference after
+the first, and where a non-finite value first appears.
+
+Models: ``listops`` and ``pathfinder`` (the LightningModules of ``configs/lra/<name>.yaml``, as
+``benchmarks/small_state_throughput.py`` builds them) and ``vision`` (``hgrn2_vit_tiny_patch16_224``). Each runs
+eagerly, then with every block compiled by each ``--backends`` entry (``inductor``; ``aot_eager`` traces the same
+graph without Inductor's code generation, which tells a tracing problem from a code-generation one). bf16 autocast,
+AdamW; a forward hook on every block records the first block whose output is not finite.
+
+    PYTHONPATH=$PWD:benchmarks python experiments/compile_parity.py --models vision listops --out parity.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import timm  # noqa: E402
+from small_state_throughput import LRA_CONFIGS, build_lra_module, load_lra_config, random_lra_batch  # noqa: E402
+
+import hgrn2.models  # noqa: E402,F401  (registers the timm models)
+
+
+def build(name: str, batch_size: int, device: torch.device):
+    """``(backbone with .blocks, loss function of the backbone, batch)`` for one model."""
+    torch.manual_seed(0)
+    if name == "vision":
+        model = timm.create_model("hgrn2_vit_tiny_patch16_224", num_classes=1000).to(device).train()
+        images = torch.randn(batch_size, 3, 224, 224, device=device)
+        labels = torch.randint(0, 1000, (batch_size,), device=device)
+        return model, lambda m: F.cross_entropy(m(images).float(), labels)
+    model_section, data_section = load_lra_config(LRA_CONFIGS[name])
+    module = build_lra_module(model_section, {}).to(device).train()
+    config = module.config
+    data_args = data_section["init_args"]
+    if config.two_d:
+        height, width = config.grid_size or (data_args["resolution"],) * 2
+        length = height * width
+    else:
+        length = data_args["max_length"]
+    batch = random_lra_batch(config, batch_size, length, device)
+    labels = batch.pop("labels")
+    return module.model, lambda m: F.cross_entropy(m(**batch).float(), labels)
+
+
+def run(model, loss_fn, steps: int, backend: str | None, dtype) -> dict:
+    """``steps`` AdamW steps; losses, the gradients after the first, the first non-finite block output."""
+    model = copy.deepcopy(model)
+    if backend is not None:
+        for block in model.blocks:
+            block.compile(backend=backend)
+    first_bad: list[str] = []
+
+    def hook(name):
+        def check(_module, _inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            if not first_bad and torch.is_tensor(out) and not torch.isfinite(out).all():
+                first_bad.append(name)
+
+        return check
+
+    handles = [block.register_forward_hook(hook(f"blocks.{i}")) for i, block in enumerate(model.blocks)]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    losses, grads = [], None
+    for step in range(steps):
+        with torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+            loss = loss_fn(model)
+        loss.backward()
+        if step == 0:
+            grads = {n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None}
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    for handle in handles:
+        handle.remove()
+    return {"losses": losses, "first_non_finite_block": first_bad[0] if first_bad else None, "grads": grads}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["vision", "listops", "pathfinder"])
+    parser.add_argument("--backends", nargs="+", default=["inductor", "aot_eager"])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "models": {}}
+    for name in args.models:
+        model, loss_fn = build(name, args.batch_size, device)
+        eager = run(model, loss_fn, args.steps, None, torch.bfloat16)
+        rows = {"eager": {k: v for k, v in eager.items() if k != "grads"}}
+        for backend in args.backends:
+            try:
+                result = run(model, loss_fn, args.steps, backend, torch.bfloat16)
+            except Exception as error:  # noqa: BLE001  (recorded, the next backend still runs)
+                rows[backend] = {"error": f"{type(error).__name__}: {error}"[:2000]}
+                continue
+            worst = max(
+                (((result["grads"][n] - g).abs().max() / g.abs().max().clamp_min(1e-30)).item(), n)
+                for n, g in eager["grads"].items()
+            )
+            rows[backend] = {k: v for k, v in result.items() if k != "grads"}
+            rows[backend]["worst_relative_grad_difference"] = {"value": worst[0], "param": worst[1]}
+        report["models"][name] = rows
+        print(name, json.dumps(rows, indent=1), flush=True)
+    if args.out:
+        args.out.write_text(json.dumps(report, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
