@@ -320,7 +320,7 @@ def hgrn2_gated_recurrence(
     Shapes as in :func:`hgrn2_recurrence`; ``lower_bound`` broadcasts to ``[H, K]`` (or is None for β = 0).
     The step-by-step kernels (``"recurrent"``) compute both gates inside, so neither q nor log λ is written to
     memory; the chunked kernels (``"triton"``) apply the output gate inside and read log λ from one elementwise
-    Triton pass (float32, formed again in the backward rather than kept, ``hgrn2.ops.gate_pass``); the other
+    Triton pass (float32, kept for the backward, ``hgrn2.ops.gate_pass``); the other
     backends compute both first with PyTorch. ``precise_bound_grad`` applies to the chunked Triton
     kernels (:func:`hgrn2.ops.chunk.chunk_hgrn2_gated`): None takes ``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``.
     ``reverse`` and ``columns`` order the scan as in :func:`hgrn2_recurrence`.

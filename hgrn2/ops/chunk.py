@@ -76,8 +76,10 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # matmuls, one program per SM is enough for it: from 0.9 per SM, 16K tokens at T = 4K (128 programs on an H100's
 # 132 SMs) run the walk, 11% faster forward than the deltas path. With ``half_deltas`` that path
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
-# precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` the gated entry keeps
-# the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it again.
+# precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` (the default) the gated
+# entry keeps the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it
+# again: on an H100 the 374M LM (T = 2048, B = 8) trains at 148,200 tokens/s in 21.6 GiB with it and at 139,126 in
+# 20.1 GiB without (benchmarks/results/ops-notes.md).
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
@@ -85,7 +87,7 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=False, small_head_chunk=16, small_head_warps=1,
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, small_head_chunk=16, small_head_warps=1,
     small_head_walk_warps=1, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
@@ -288,7 +290,7 @@ class ChunkHGRN2Function(torch.autograd.Function):
         o, h, scores, final_state = _forward(
             q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores
         )
-        # the raw projection; log λ is formed again in the backward unless LAUNCH["keep_log_forget"]
+        # the raw projection, and with LAUNCH["keep_log_forget"] log λ, which the backward otherwise forms again
         kept = log_lambda if gated and LAUNCH["keep_log_forget"] else None
         ctx.save_for_backward(q, v, g, h, scores, kept)
         ctx.launch, ctx.scale = launch, scale
