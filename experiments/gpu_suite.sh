@@ -13,6 +13,8 @@
 #   by side through the hgrn2 CLI with CONFIG_FLAGS, then each tested (experiments/config_seeds.py); the report and
 #   each seed's log and last checkpoint come back in $OUT.
 # - mqar: experiments/mqar_sweep.py with MQAR_FLAGS.
+# - compile-parity: experiments/compile_parity.py (PARITY_FLAGS: its flags, e.g. "--models vision --backends
+#   inductor aot_eager").
 # - listops-launch: ListOps training steps/s under launch settings of the chunk kernels (experiments/listops_launch.py),
 #   LISTOPS_LAUNCH="KEY=V1,V2 KEY=V1;..." (each ';'-separated group's combinations).
 # - listops-fit: one part of the ListOps fit at the paper's budget, chained over suites (see the job).
@@ -140,6 +142,9 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
           cp "$latest/metrics.csv" "$OUT/listops/test-$name-metrics.csv"
         done
       fi ;;
+    compile-parity)
+      run compile-parity python experiments/compile_parity.py --out "$RESULTS/compile-parity.json" ${PARITY_FLAGS:-}
+      cp "$RESULTS/compile-parity.json" "$OUT/" ;;
     kernel-profile)
       run kernel-profile python experiments/kernel_profile.py --out "$RESULTS/kernel-profile-16k.json"
       run kernel-profile-64k python experiments/kernel_profile.py --tokens 65536 --seq-len 4096 \
