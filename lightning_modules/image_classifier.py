@@ -30,7 +30,7 @@ from lightning_modules.optim import (
     deferred_total_steps,
     training_steps_per_epoch,
 )
-from lightning_modules.sharding import clip_gradients, compile_units, fsdp_roots, shard_modules
+from lightning_modules.sharding import clip_gradients, compile_units, fsdp_roots, log_compiled, shard_modules
 
 
 def soft_target_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -183,7 +183,7 @@ class ImageClassifier(pl.LightningModule):
         is_block = lambda name, module: re.fullmatch(r"blocks\.\d+", name) is not None  # noqa: E731
         self.model = shard_modules(self.model, is_block)
         if self.hparams.compile_blocks:
-            compile_units(self.model, is_block)
+            log_compiled(compile_units(self.model, is_block))
         if self.ema is not None and fsdp_roots(self.model):
             raise ValueError(
                 "ema_decay keeps a full copy of the weights, updated from the model's full parameters on every rank, "

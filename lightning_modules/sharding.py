@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torch.distributed.fsdp import FullStateDictConfig, StateDictType
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -55,18 +56,30 @@ def compile_units(backbone: nn.Module, is_unit: UnitFilter) -> list[str]:
     """Put each module ``is_unit`` selects (as in :func:`shard_modules`, by its name outside any FSDP wrapper)
     through ``torch.compile`` in place (``nn.Module.compile``: the same parameters and state-dict keys, so
     checkpoints load either way; compiled at its first call, and again for each new input shape). Returns the
-    names; modules compiled already are left as they are, so calling it again is a no-op."""
+    names of the modules it compiled; those compiled already are left as they are, so calling it again is a
+    no-op."""
     names: list[str] = []
+    compiled: list[str] = []
     for name, module in backbone.named_modules():
         plain = name.replace("._fsdp_wrapped_module", "").replace("_fsdp_wrapped_module.", "")
         if isinstance(module, FSDP) or not plain or plain == "_fsdp_wrapped_module" or not is_unit(plain, module):
             continue
         if any(plain.startswith(outer + ".") for outer in names):
             continue
+        names.append(plain)
         if getattr(module, "_compiled_call_impl", None) is None:
             module.compile()
-        names.append(plain)
-    return names
+            compiled.append(plain)
+    return compiled
+
+
+def log_compiled(names: list[str]) -> None:
+    """One line on rank 0 saying which modules :func:`compile_units` put through ``torch.compile``."""
+    if names:
+        rank_zero_info(
+            f"compile_blocks: {len(names)} blocks ({names[0]} ... {names[-1]}) through torch.compile; each compiles "
+            "at its first call, so the first steps of each stage take longer"
+        )
 
 
 def fsdp_roots(module: nn.Module) -> list[FSDP]:
