@@ -336,6 +336,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile", choices=JOBS, default=None, help="profile this job's step after timing it")
     parser.add_argument("--profile-steps", type=int, default=5)
     parser.add_argument("--profile-top", type=int, default=30, help="kernels kept in the profile")
+    parser.add_argument(
+        "--prefetch",
+        type=int,
+        choices=(0, 1, 2),
+        default=None,
+        help="steps ahead that the step-by-step kernels load each step's inputs (hgrn2.ops.small_state.PREFETCH; "
+        "default: its value)",
+    )
     parser.add_argument("--out", type=Path, default=None, help="default: benchmarks/results/<gpu>-small-state.json")
     args = parser.parse_args(argv)
     for name in ("steps", "profile_steps", "profile_top"):
@@ -351,6 +359,12 @@ def main(argv: list[str] | None = None) -> dict:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
+    try:  # the step-by-step kernels, where Triton is installed
+        step_kernels = importlib.import_module("hgrn2.ops.small_state")
+    except ImportError:
+        step_kernels = None
+    if args.prefetch is not None and step_kernels is not None:
+        step_kernels.PREFETCH = args.prefetch
     jobs = []
     for job in args.jobs:
         try:
@@ -371,6 +385,7 @@ def main(argv: list[str] | None = None) -> dict:
         "dtype": args.dtype,
         "timed_steps": args.steps,
         "warmup_steps": args.warmup,
+        "step_kernel_prefetch": step_kernels.PREFETCH if step_kernels is not None else None,
         "all_targets_met": all(job.get("target", {}).get("met") is True for job in jobs),
         "jobs": jobs,
     }

@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 
+from hgrn2.ops import small_state
 from tests.helpers import load_benchmark
 
 TINY = ["--device", "cpu", "--dtype", "fp32", "--batch-size", "2", "--seq-len", "16", "--grid-size", "4"]
@@ -27,6 +28,7 @@ def test_smoke_run_reports_every_job_against_its_target(benchmark, tmp_path):
     report = json.loads(out.read_text())
 
     assert {"device", "torch", "triton", "timm", "lightning", "triton_cache", "all_targets_met"} <= report.keys()
+    assert report["step_kernel_prefetch"] == small_state.PREFETCH  # the step kernels' setting, as run
     jobs = {job["job"]: job for job in report["jobs"]}
     assert list(jobs) == ["listops", "pathfinder", "vision"]
     for name, job in jobs.items():

@@ -59,6 +59,10 @@ __all__ = ["MAX_STATE", "small_state_hgrn2", "small_state_hgrn2_gated"]
 MAX_STATE = 1024  # largest K × V (each rounded up to a power of two) a head may hold in these kernels
 _PROGRAM_STATE = 1024  # state elements per program: heads are grouped up to this
 STEPS_PER_LOAD = 1  # steps whose inputs one load brings in (more are walked from registers; see the docstring)
+# With one step per load, PREFETCH (0, 1 or 2) is how many steps ahead of the walk each step's inputs are loaded:
+# their loads are issued that many steps before the step runs and converted only then, so that a load's latency
+# overlaps the steps between (with 0, each step waits for its own inputs).
+PREFETCH = 0
 
 
 @triton.jit
@@ -123,6 +127,33 @@ def _block(ptr, rows, offs, mask):
 
 
 @triton.jit
+def _raw_block(ptr, rows, offs, mask):
+    """:func:`_block` in the tensor's own dtype: a prefetched block, converted only where it is used."""
+    return tl.load(ptr + rows[:, None, None] + offs[None, :, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _step_inputs(q_ptr, g_ptr, v_ptr, x_ptr, bos, length, stride, t, o_b, hk, hv, m_hk, m_hv, H: tl.constexpr,
+                 K: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr, LOAD_Q: tl.constexpr,
+                 LOAD_X: tl.constexpr):  # fmt: skip
+    """Walk step t's input row [1] and whether it exists, and its raw q (log λ's unless LOAD_Q), log λ (or forget
+    projection), v and x (do; v's unless LOAD_X), each [1, BH, ·]: the loads a step waits on, issued PREFETCH
+    steps early. Steps past the sequence's end load zeros."""
+    rows, m_b = _block_rows(bos, length, stride, t, o_b, REVERSE)
+    m_b = m_b & (t + o_b >= 0)  # the reverse sweep looks ahead to steps before the first
+    m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+    g = _raw_block(g_ptr, rows * H * K, hk, m_bk)
+    v = _raw_block(v_ptr, rows * H * V, hv, m_bv)
+    q = g
+    x = v
+    if LOAD_Q:
+        q = _raw_block(q_ptr, rows * H * K, hk, m_bk)
+    if LOAD_X:
+        x = _raw_block(x_ptr, rows * H * V, hv, m_bv)
+    return rows, m_b, q, g, v, x
+
+
+@triton.jit
 def _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND: tl.constexpr):
     """log β and log(1 - β) of the lower bound at this program's [BH, BK] (head, channel) pairs, as [1, BH, BK]
     (zeros without a lower bound)."""
@@ -136,23 +167,49 @@ def _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND: tl.constexpr):
 
 
 @triton.jit
-def _query_block(q_ptr, rows, hk, m_bk, ACT: tl.constexpr, GATED: tl.constexpr):
-    """q for a block of steps [BT, BH, BK]: loaded, or the output gate of the loaded projection when GATED."""
-    q = _block(q_ptr, rows, hk, m_bk)
+def _query_of(q, m_bk, ACT: tl.constexpr, GATED: tl.constexpr):
+    """q for a block of steps [BT, BH, BK] from what was loaded (any dtype): itself, or the output gate of the
+    projection when GATED."""
+    q = q.to(tl.float32)
     if GATED:
         q = tl.where(m_bk, output_gate(q, ACT), 0.0)
     return q
 
 
 @triton.jit
-def _log_forget_block(g_ptr, rows, hk, m_bk, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
-    """log λ for a block of steps [BT, BH, BK]: loaded, or the lower-bounded gate of the loaded forget projection
-    when GATED; 0 (λ = 1) at masked steps either way."""
-    g = _block(g_ptr, rows, hk, m_bk)
+def _log_forget_of(g, m_bk, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log λ for a block of steps [BT, BH, BK] from what was loaded (any dtype): itself, or the lower-bounded gate
+    of the forget projection when GATED; 0 (λ = 1) at masked steps either way."""
+    g = g.to(tl.float32)
     if GATED:
         g, _, _, _ = gate_log_forget(g, log_beta, log1m_beta, HAS_BOUND)
         g = tl.where(m_bk, g, 0.0)
     return g
+
+
+@triton.jit
+def _query_block(q_ptr, rows, hk, m_bk, ACT: tl.constexpr, GATED: tl.constexpr):
+    """q for a block of steps [BT, BH, BK]: loaded, or the output gate of the loaded projection when GATED."""
+    return _query_of(_block(q_ptr, rows, hk, m_bk), m_bk, ACT, GATED)
+
+
+@triton.jit
+def _log_forget_block(g_ptr, rows, hk, m_bk, log_beta, log1m_beta, GATED: tl.constexpr, HAS_BOUND: tl.constexpr):
+    """log λ for a block of steps [BT, BH, BK]: loaded, or the lower-bounded gate of the loaded forget projection
+    when GATED; 0 (λ = 1) at masked steps either way."""
+    return _log_forget_of(_block(g_ptr, rows, hk, m_bk), m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+
+
+@triton.jit
+def _forward_block(state, q_blk, g_blk, v_blk, o_b, scale: tl.constexpr, BT: tl.constexpr):
+    """The walk through one block of steps [BT, BH, ·] (float32 q and log λ): the state after it and the block's
+    outputs."""
+    o_blk = tl.zeros_like(v_blk)
+    for i in tl.static_range(BT):
+        g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
+        state = decay_toward(state, one_minus_exp(g)[:, :, None], v[:, None, :])
+        o_blk = _put(o_blk, o_b, i, tl.sum(_row(q_blk, o_b, i)[:, :, None] * state, 1) * scale)
+    return state, o_blk
 
 
 @triton.jit
@@ -161,6 +218,7 @@ def small_state_fwd_kernel(
     H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
     BT: tl.constexpr, HAS_H0: tl.constexpr, STORE_HT: tl.constexpr, IS_VARLEN: tl.constexpr,
     COLUMNS: tl.constexpr, REVERSE: tl.constexpr, GATED: tl.constexpr, HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # GATED: q_ptr and g_ptr hold the raw projections, and q and log λ are formed here, step block by step block
     bos, length, stride, hk, hv, m_hk, m_hv, s, m_s, state = _program_start(
@@ -168,20 +226,102 @@ def small_state_fwd_kernel(
     )
     log_beta, log1m_beta = _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND)
     o_b = tl.arange(0, BT)
-    for t0 in range(0, length, BT):  # BT steps' inputs per load: one memory latency per block, not per step
-        rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
-        m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
-        q_blk = _query_block(q_ptr, rows * H * K, hk, m_bk, ACT, GATED)
-        g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
-        v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
-        o_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
-        for i in tl.static_range(BT):
-            g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
-            state = decay_toward(state, one_minus_exp(g)[:, :, None], v[:, None, :])
-            o_blk = _put(o_blk, o_b, i, tl.sum(_row(q_blk, o_b, i)[:, :, None] * state, 1) * scale)
-        tl.store(o_ptr + rows[:, None, None] * H * V + hv[None, :, :], o_blk.to(o_ptr.dtype.element_ty), mask=m_bv)
+    if PREFETCH == 0:
+        for t0 in range(0, length, BT):  # BT steps' inputs per load: one memory latency per block, not per step
+            rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
+            m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+            q_blk = _query_block(q_ptr, rows * H * K, hk, m_bk, ACT, GATED)
+            g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+            v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
+            state, o_blk = _forward_block(state, q_blk, g_blk, v_blk, o_b, scale, BT)
+            o_offs = rows[:, None, None] * H * V + hv[None, :, :]
+            tl.store(o_ptr + o_offs, o_blk.to(o_ptr.dtype.element_ty), mask=m_bv)
+    else:  # one step at a time (BT = 1), its inputs loaded PREFETCH steps ahead
+        rows1, m_b1, q1, g1, v1, _ = _step_inputs(
+            q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, 0, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True, False
+        )  # fmt: skip
+        if PREFETCH == 2:
+            rows2, m_b2, q2, g2, v2, _ = _step_inputs(
+                q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True,
+                False,
+            )  # fmt: skip
+        for t in range(0, length):
+            rows, m_b, q_raw, g_raw, v_raw = rows1, m_b1, q1, g1, v1
+            if PREFETCH == 2:
+                rows1, m_b1, q1, g1, v1 = rows2, m_b2, q2, g2, v2
+                rows2, m_b2, q2, g2, v2, _ = _step_inputs(
+                    q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, t + 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                    REVERSE, True, False,
+                )  # fmt: skip
+            else:
+                rows1, m_b1, q1, g1, v1, _ = _step_inputs(
+                    q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, t + 1, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                    REVERSE, True, False,
+                )  # fmt: skip
+            m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+            q_blk = _query_of(q_raw, m_bk, ACT, GATED)
+            g_blk = _log_forget_of(g_raw, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+            state, o_blk = _forward_block(state, q_blk, g_blk, v_raw.to(tl.float32), o_b, scale, 1)
+            o_offs = rows[:, None, None] * H * V + hv[None, :, :]
+            tl.store(o_ptr + o_offs, o_blk.to(o_ptr.dtype.element_ty), mask=m_bv)
     if STORE_HT:
         tl.store(ht_ptr + s, state, mask=m_s)
+
+
+@triton.jit
+def _states_block(state, g_blk, v_blk, do_blk, rows, t0, length, o_b, states_ptr, s_head, m_s, scale: tl.constexpr,
+                  H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                  EXACT: tl.constexpr):  # fmt: skip
+    """The backward's forward sweep through one block of steps: the state after it and the block's dq (with EXACT,
+    every state before a step stored at states_ptr)."""
+    dq_blk = tl.zeros_like(g_blk)
+    for i in tl.static_range(BT):
+        if EXACT:
+            row = tl.sum(tl.where(o_b == i, rows, 0), 0)
+            tl.store(states_ptr + row * H * K * V + s_head, state, mask=m_s & (t0 + i < length))
+        g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
+        state = decay_toward(state, one_minus_exp(g)[:, :, None], v[:, None, :])
+        dq_blk = _put(dq_blk, o_b, i, tl.sum(state * _row(do_blk, o_b, i)[:, None, :], 2) * scale)
+    return state, dq_blk
+
+
+@triton.jit
+def _reverse_block(d_state, d_b, q_blk, g_blk, v_blk, do_blk, dq_blk, rows, t0, length, o_b, states_ptr, s_head, m_s,
+                   scale: tl.constexpr, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, BT: tl.constexpr,
+                   EXACT: tl.constexpr):  # fmt: skip
+    """The backward's reverse sweep through one block of steps, its last step first: the state gradient and the
+    running sum d_b before it, and the block's dv and d log λ."""
+    dv_blk = tl.zeros_like(v_blk)
+    dg_blk = tl.zeros_like(g_blk)
+    for i in tl.static_range(BT):
+        r = BT - 1 - i
+        q, g, v = _row(q_blk, o_b, r), _row(g_blk, o_b, r), _row(v_blk, o_b, r)
+        forget, k = tl.exp(g), one_minus_exp(g)
+        d_state += (q * scale)[:, :, None] * _row(do_blk, o_b, r)[:, None, :]
+        dk = tl.sum(d_state * v[:, None, :], 2)
+        dv_blk = _put(dv_blk, o_b, r, tl.sum(d_state * k[:, :, None], 1))
+        if EXACT:
+            row = tl.sum(tl.where(o_b == r, rows, 0), 0)
+            before = tl.load(states_ptr + row * H * K * V + s_head, mask=m_s & (t0 + r < length), other=0.0)
+            dg_blk = _put(dg_blk, o_b, r, forget * (tl.sum(before * d_state, 2) - dk))
+        else:
+            d_b += q * _row(dq_blk, o_b, r) - k * dk
+            dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
+        d_state -= k[:, :, None] * d_state
+    return d_state, d_b, dv_blk, dg_blk
+
+
+@triton.jit
+def _through_gates(dq_blk, dg_blk, p_blk, f_blk, m_bk, log_beta, log1m_beta, inv_beta, d_beta, ACT: tl.constexpr,
+                   HAS_BOUND: tl.constexpr):  # fmt: skip
+    """dq and d log λ of a block taken through the gates to the raw projections p and f (float32), and the lower
+    bound's gradient summed on."""
+    dq_blk = dq_blk * output_gate_grad(p_blk, ACT)
+    _, sig, sig_neg, lam = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
+    d_f, d_bound = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta, inv_beta, HAS_BOUND)
+    if HAS_BOUND:
+        d_beta += tl.sum(tl.where(m_bk, dg_blk * d_bound, 0.0), 0)
+    return dq_blk, dg_blk * d_f, d_beta
 
 
 @triton.jit
@@ -191,7 +331,7 @@ def small_state_bwd_kernel(
     K: tl.constexpr, V: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BT: tl.constexpr,
     HAS_H0: tl.constexpr, HAS_DHT: tl.constexpr, STORE_DH0: tl.constexpr, IS_VARLEN: tl.constexpr,
     COLUMNS: tl.constexpr, REVERSE: tl.constexpr, EXACT: tl.constexpr, GATED: tl.constexpr,
-    HAS_BOUND: tl.constexpr, ACT: tl.constexpr,
+    HAS_BOUND: tl.constexpr, ACT: tl.constexpr, PREFETCH: tl.constexpr,
 ):  # fmt: skip
     # dq_ptr is float32: the reverse sweep reads back the dq the forward sweep wrote. With EXACT the forward sweep
     # also writes every state S_{t-1} (float32, one [H, K, V] per input row, at states_ptr) and the reverse sweep
@@ -204,21 +344,47 @@ def small_state_bwd_kernel(
     log_beta, log1m_beta = _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND)
     o_b = tl.arange(0, BT)
     s_head = hk[:, :, None] * V + (hv % V)[:, None, :]  # [BH, BK, BV] within one row of the saved states
-    for t0 in range(0, length, BT):  # forward sweep: the states again, and dq
-        rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
-        m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
-        g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
-        v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
-        do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
-        dq_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
-        for i in tl.static_range(BT):
-            if EXACT:
-                row = tl.sum(tl.where(o_b == i, rows, 0), 0)
-                tl.store(states_ptr + row * H * K * V + s_head, state, mask=m_s & (t0 + i < length))
-            g, v = _row(g_blk, o_b, i), _row(v_blk, o_b, i)
-            state = decay_toward(state, one_minus_exp(g)[:, :, None], v[:, None, :])
-            dq_blk = _put(dq_blk, o_b, i, tl.sum(state * _row(do_blk, o_b, i)[:, None, :], 2) * scale)
-        tl.store(dq_ptr + rows[:, None, None] * H * K + hk[None, :, :], dq_blk, mask=m_bk)
+    if PREFETCH == 0:
+        for t0 in range(0, length, BT):  # forward sweep: the states again, and dq
+            rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
+            m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+            g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+            v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
+            do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
+            state, dq_blk = _states_block(
+                state, g_blk, v_blk, do_blk, rows, t0, length, o_b, states_ptr, s_head, m_s, scale, H, K, V, BT, EXACT
+            )  # fmt: skip
+            tl.store(dq_ptr + rows[:, None, None] * H * K + hk[None, :, :], dq_blk, mask=m_bk)
+    else:  # one step at a time (BT = 1), its inputs loaded PREFETCH steps ahead
+        rows1, m_b1, _, g1, v1, do1 = _step_inputs(
+            q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, 0, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, False,
+            True,
+        )  # fmt: skip
+        if PREFETCH == 2:
+            rows2, m_b2, _, g2, v2, do2 = _step_inputs(
+                q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE,
+                False, True,
+            )  # fmt: skip
+        for t in range(0, length):
+            rows, m_b, g_raw, v_raw, do_raw = rows1, m_b1, g1, v1, do1
+            if PREFETCH == 2:
+                rows1, m_b1, g1, v1, do1 = rows2, m_b2, g2, v2, do2
+                rows2, m_b2, _, g2, v2, do2 = _step_inputs(
+                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t + 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                    REVERSE, False, True,
+                )  # fmt: skip
+            else:
+                rows1, m_b1, _, g1, v1, do1 = _step_inputs(
+                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t + 1, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                    REVERSE, False, True,
+                )  # fmt: skip
+            m_bk = m_b[:, None, None] & m_hk[None, :, :]
+            g_blk = _log_forget_of(g_raw, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+            state, dq_blk = _states_block(
+                state, g_blk, v_raw.to(tl.float32), do_raw.to(tl.float32), rows, t, length, o_b, states_ptr, s_head,
+                m_s, scale, H, K, V, 1, EXACT,
+            )  # fmt: skip
+            tl.store(dq_ptr + rows[:, None, None] * H * K + hk[None, :, :], dq_blk, mask=m_bk)
     d_state = tl.zeros([BH, BK, BV], dtype=tl.float32)
     if HAS_DHT:
         d_state += tl.load(dht_ptr + s, mask=m_s, other=0.0)
@@ -226,47 +392,86 @@ def small_state_bwd_kernel(
     d_beta = tl.zeros([BH, BK], dtype=tl.float32)
     inv_beta = _bound(inv_beta_ptr, inv_beta_ptr, hk, m_hk, HAS_BOUND and GATED)[0]  # 1/β, for the gated sweep
     n_blocks = tl.cdiv(length, BT)
-    for j in range(n_blocks):  # reverse sweep, the last block first
-        t0 = (n_blocks - 1 - j) * BT
-        rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
-        m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
-        q_blk = _query_block(q_ptr, rows * H * K, hk, m_bk, ACT, GATED)
-        g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
-        v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
-        do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
-        if not EXACT:
-            dq_blk = _block(dq_ptr, rows * H * K, hk, m_bk)
-        dv_blk = tl.zeros([BT, BH, BV], dtype=tl.float32)
-        dg_blk = tl.zeros([BT, BH, BK], dtype=tl.float32)
-        for i in tl.static_range(BT):
-            r = BT - 1 - i
-            q, g, v = _row(q_blk, o_b, r), _row(g_blk, o_b, r), _row(v_blk, o_b, r)
-            forget, k = tl.exp(g), one_minus_exp(g)
-            d_state += (q * scale)[:, :, None] * _row(do_blk, o_b, r)[:, None, :]
-            dk = tl.sum(d_state * v[:, None, :], 2)
-            dv_blk = _put(dv_blk, o_b, r, tl.sum(d_state * k[:, :, None], 1))
-            if EXACT:
-                row = tl.sum(tl.where(o_b == r, rows, 0), 0)
-                before = tl.load(states_ptr + row * H * K * V + s_head, mask=m_s & (t0 + r < length), other=0.0)
-                dg_blk = _put(dg_blk, o_b, r, forget * (tl.sum(before * d_state, 2) - dk))
-            else:
-                d_b += q * _row(dq_blk, o_b, r) - k * dk
-                dg_blk = _put(dg_blk, o_b, r, d_b - forget * dk)
-            d_state -= k[:, :, None] * d_state
-        tl.store(dv_ptr + rows[:, None, None] * H * V + hv[None, :, :], dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
-        if GATED:  # through the gates, from the projections again (just loaded, so cached)
+    if PREFETCH == 0:
+        for j in range(n_blocks):  # reverse sweep, the last block first
+            t0 = (n_blocks - 1 - j) * BT
+            rows, m_b = _block_rows(bos, length, stride, t0, o_b, REVERSE)
+            m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+            q_blk = _query_block(q_ptr, rows * H * K, hk, m_bk, ACT, GATED)
+            g_blk = _log_forget_block(g_ptr, rows * H * K, hk, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+            v_blk = _block(v_ptr, rows * H * V, hv, m_bv)
+            do_blk = _block(do_ptr, rows * H * V, hv, m_bv)
             dq_ptrs = dq_ptr + rows[:, None, None] * H * K + hk[None, :, :]
-            if EXACT:
+            dq_blk = tl.zeros_like(g_blk)
+            if not EXACT:
                 dq_blk = tl.load(dq_ptrs, mask=m_bk, other=0.0)
-            p_blk = _block(q_ptr, rows * H * K, hk, m_bk)
-            tl.store(dq_ptrs, dq_blk * output_gate_grad(p_blk, ACT), mask=m_bk)
-            f_blk = _block(g_ptr, rows * H * K, hk, m_bk)
-            _, sig, sig_neg, lam = gate_log_forget(f_blk, log_beta, log1m_beta, HAS_BOUND)
-            d_f, d_bound = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta, inv_beta, HAS_BOUND)
-            if HAS_BOUND:
-                d_beta += tl.sum(tl.where(m_bk, dg_blk * d_bound, 0.0), 0)
-            dg_blk = dg_blk * d_f
-        tl.store(dg_ptr + rows[:, None, None] * H * K + hk[None, :, :], dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
+            d_state, d_b, dv_blk, dg_blk = _reverse_block(
+                d_state, d_b, q_blk, g_blk, v_blk, do_blk, dq_blk, rows, t0, length, o_b, states_ptr, s_head, m_s,
+                scale, H, K, V, BT, EXACT,
+            )  # fmt: skip
+            dv_offs = rows[:, None, None] * H * V + hv[None, :, :]
+            tl.store(dv_ptr + dv_offs, dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
+            if GATED:  # through the gates, from the projections again (just loaded, so cached)
+                if EXACT:
+                    dq_blk = tl.load(dq_ptrs, mask=m_bk, other=0.0)
+                p_blk = _block(q_ptr, rows * H * K, hk, m_bk)
+                f_blk = _block(g_ptr, rows * H * K, hk, m_bk)
+                dq_blk, dg_blk, d_beta = _through_gates(
+                    dq_blk, dg_blk, p_blk, f_blk, m_bk, log_beta, log1m_beta, inv_beta, d_beta, ACT, HAS_BOUND
+                )  # fmt: skip
+                tl.store(dq_ptrs, dq_blk, mask=m_bk)
+            dg_offs = rows[:, None, None] * H * K + hk[None, :, :]
+            tl.store(dg_ptr + dg_offs, dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
+    else:  # one step at a time, the last first, its inputs (dq included) loaded PREFETCH steps ahead
+        rows1, m_b1, q1, g1, v1, do1 = _step_inputs(
+            q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, length - 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE,
+            True, True,
+        )  # fmt: skip
+        dq1 = _raw_block(dq_ptr, rows1 * H * K, hk, m_b1[:, None, None] & m_hk[None, :, :])
+        if PREFETCH == 2:
+            rows2, m_b2, q2, g2, v2, do2 = _step_inputs(
+                q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, length - 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                REVERSE, True, True,
+            )  # fmt: skip
+            dq2 = _raw_block(dq_ptr, rows2 * H * K, hk, m_b2[:, None, None] & m_hk[None, :, :])
+        for j in range(0, length):
+            t = length - 1 - j
+            rows, m_b, q_raw, g_raw, v_raw, do_raw, dq_blk = rows1, m_b1, q1, g1, v1, do1, dq1
+            if PREFETCH == 2:
+                rows1, m_b1, q1, g1, v1, do1, dq1 = rows2, m_b2, q2, g2, v2, do2, dq2
+                rows2, m_b2, q2, g2, v2, do2 = _step_inputs(
+                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t - 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                    REVERSE, True, True,
+                )  # fmt: skip
+                dq2 = _raw_block(dq_ptr, rows2 * H * K, hk, m_b2[:, None, None] & m_hk[None, :, :])
+            else:
+                rows1, m_b1, q1, g1, v1, do1 = _step_inputs(
+                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t - 1, o_b, hk, hv, m_hk, m_hv, H, K, V,
+                    REVERSE, True, True,
+                )  # fmt: skip
+                dq1 = _raw_block(dq_ptr, rows1 * H * K, hk, m_b1[:, None, None] & m_hk[None, :, :])
+            m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
+            q_blk = _query_of(q_raw, m_bk, ACT, GATED)
+            g_blk = _log_forget_of(g_raw, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
+            if EXACT:
+                dq_blk = tl.zeros_like(g_blk)
+            d_state, d_b, dv_blk, dg_blk = _reverse_block(
+                d_state, d_b, q_blk, g_blk, v_raw.to(tl.float32), do_raw.to(tl.float32), dq_blk, rows, t, length, o_b,
+                states_ptr, s_head, m_s, scale, H, K, V, 1, EXACT,
+            )  # fmt: skip
+            dv_offs = rows[:, None, None] * H * V + hv[None, :, :]
+            tl.store(dv_ptr + dv_offs, dv_blk.to(dv_ptr.dtype.element_ty), mask=m_bv)
+            dq_ptrs = dq_ptr + rows[:, None, None] * H * K + hk[None, :, :]
+            if GATED:  # through the gates, from the projections loaded for this step
+                if EXACT:
+                    dq_blk = tl.load(dq_ptrs, mask=m_bk, other=0.0)
+                dq_blk, dg_blk, d_beta = _through_gates(
+                    dq_blk, dg_blk, q_raw.to(tl.float32), g_raw.to(tl.float32), m_bk, log_beta, log1m_beta, inv_beta,
+                    d_beta, ACT, HAS_BOUND,
+                )  # fmt: skip
+                tl.store(dq_ptrs, dq_blk, mask=m_bk)
+            dg_offs = rows[:, None, None] * H * K + hk[None, :, :]
+            tl.store(dg_ptr + dg_offs, dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
     if STORE_DH0:
         tl.store(dh0_ptr + s, d_state, mask=m_s)
     if GATED and HAS_BOUND:
@@ -304,6 +509,7 @@ class _Launch:
         self.flags = dict(
             H=self.heads, K=self.key_dim, V=self.value_dim, BH=self.bh, BK=self.bk, BV=self.bv, BT=STEPS_PER_LOAD,
             IS_VARLEN=cu_seqlens is not None, COLUMNS=columns is not None, REVERSE=reverse,
+            PREFETCH=PREFETCH if STEPS_PER_LOAD == 1 else 0,
         )  # fmt: skip
 
     def state(self, device) -> torch.Tensor:

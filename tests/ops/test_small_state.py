@@ -51,9 +51,12 @@ def test_small_state_matches_naive_in_float32(batch, seq_len, heads, key_dim, va
     )
 
 
-@pytest.mark.parametrize("steps_per_load", [1, 16])  # 16: blocks of steps walked from registers, partly masked
-def test_small_state_matches_naive_with_packed_sequences(steps_per_load, monkeypatch):
+@pytest.mark.parametrize(
+    "steps_per_load, prefetch", [(1, 0), (16, 0), (1, 1), (1, 2)]
+)  # 16: blocks of steps walked from registers, partly masked; prefetch: each step's inputs loaded 1 or 2 steps ahead
+def test_small_state_matches_naive_with_packed_sequences(steps_per_load, prefetch, monkeypatch):
     monkeypatch.setattr(small_state, "STEPS_PER_LOAD", steps_per_load)
+    monkeypatch.setattr(small_state, "PREFETCH", prefetch)
     bounds = [0, 1, 15, 40, 44]
     seq_len, heads, key_dim, value_dim = bounds[-1], 3, 4, 4
     cu_seqlens = torch.tensor(bounds, dtype=torch.int64, device=DEVICE)
@@ -119,22 +122,25 @@ def test_step_kernels_keep_a_state_near_one_to_float32_precision_over_hundreds_o
 
 
 @pytest.mark.parametrize(
-    "output_gate, bound, dtype, packed, steps_per_load",
+    "output_gate, bound, dtype, packed, steps_per_load, prefetch",
     [
-        ("silu", "mixed", torch.float32, False, 1),  # β = 0 exactly, β in (0, 1) and β = 0.999 in one call
-        ("sigmoid", None, torch.float32, True, 1),  # packed sequences
-        ("identity", "zeros", torch.float32, False, 1),  # the first layer: β = 0 everywhere
-        ("silu", "mixed", torch.bfloat16, True, 16),  # blocks of 16 steps per load
-        ("gelu", "mixed", torch.float32, False, 1),  # not fused: the activation runs in torch first
+        ("silu", "mixed", torch.float32, False, 1, 0),  # β = 0 exactly, β in (0, 1) and β = 0.999 in one call
+        ("sigmoid", None, torch.float32, True, 1, 0),  # packed sequences
+        ("identity", "zeros", torch.float32, False, 1, 0),  # the first layer: β = 0 everywhere
+        ("silu", "mixed", torch.bfloat16, True, 16, 0),  # blocks of 16 steps per load
+        ("gelu", "mixed", torch.float32, False, 1, 0),  # not fused: the activation runs in torch first
+        ("silu", "mixed", torch.float32, True, 1, 2),  # each step's inputs loaded two steps ahead
+        ("sigmoid", "mixed", torch.bfloat16, False, 1, 1),  # one step ahead, half precision
     ],
 )
 def test_gated_step_kernels_match_torch_gates_and_the_float64_loop(
-    output_gate, bound, dtype, packed, steps_per_load, monkeypatch
+    output_gate, bound, dtype, packed, steps_per_load, prefetch, monkeypatch
 ):
     """Both gates inside the step kernels, forward and backward, against the gates in float64 PyTorch followed by
     the float64 loop: the output, the final state and the gradients of all five inputs (the lower bound's summed
     over every step of every sequence inside the kernel)."""
     monkeypatch.setattr(small_state, "STEPS_PER_LOAD", steps_per_load)
+    monkeypatch.setattr(small_state, "PREFETCH", prefetch)
     bounds = [0, 1, 19, 37, 40] if packed else None
     batch, seq_len, heads, key_dim, value_dim = (1, 40, 6, 4, 4) if packed else (2, 37, 6, 2, 4)
     q_proj, v, forget_proj, lower_bound = gated_kernel_leaves(
@@ -233,21 +239,24 @@ def _grid_rows(x: torch.Tensor, batch: int) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "reverse, width, height, steps_per_load",
+    "reverse, width, height, steps_per_load, prefetch",
     [
-        (True, None, 37, 16),  # reversed, three blocks of 16 steps, the last one partly past the end
-        (True, None, 37, 1),
-        (False, 5, 19, 16),  # the 5 columns of 19-row grids: sequences with a stride of 5 rows
-        (True, 3, 18, 1),  # columns bottom to top
-        (True, 1, 7, 1),  # one column: the whole sequence, reversed
+        (True, None, 37, 16, 0),  # reversed, three blocks of 16 steps, the last one partly past the end
+        (True, None, 37, 1, 0),
+        (False, 5, 19, 16, 0),  # the 5 columns of 19-row grids: sequences with a stride of 5 rows
+        (True, 3, 18, 1, 0),  # columns bottom to top
+        (True, 1, 7, 1, 0),  # one column: the whole sequence, reversed
+        (True, 3, 18, 1, 2),  # columns bottom to top, each step's inputs loaded two steps ahead
+        (False, None, 2, 1, 2),  # two steps: the look-ahead runs past both ends
     ],
 )
 def test_reversed_and_column_scans_read_in_place_what_reordered_copies_give(
-    reverse, width, height, steps_per_load, monkeypatch
+    reverse, width, height, steps_per_load, prefetch, monkeypatch
 ):
     """reverse= and columns= against the float64 loop on explicitly flipped / transposed copies, outputs put back
     where they belong: outputs, final states and every gradient, with an initial state per scanned sequence."""
     monkeypatch.setattr(small_state, "STEPS_PER_LOAD", steps_per_load)
+    monkeypatch.setattr(small_state, "PREFETCH", prefetch)
     batch, heads, dim = 2, 3, 4
     seq_len = height * (width or 1)
     n_seqs = batch * (width or 1)
