@@ -18,15 +18,26 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 # Triton's cache, with autotuning results, is written to $OUT/triton-cache.tar.gz at exit; put back as
 # .triton-cache.tar.gz before the next suite it spares fla minutes of autotuning. Scripts record the cache's state
 # in their JSON, since first-call times include compilation only when it was empty.
-export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=$PWD/.triton-cache
-mkdir -p "$TRITON_CACHE_DIR"
+# Inductor's cache (the graphs torch.compile built) likewise as $OUT/inductor-cache.tar.gz, put back as
+# .inductor-cache.tar.gz: a fit with compiled blocks resumed in the next suite then skips most of its compilation.
+# Files come back from a GPU machine only up to 16 MiB each: a larger Inductor cache is not kept.
+export TRITON_CACHE_AUTOTUNING=1 TRITON_CACHE_DIR=$PWD/.triton-cache TORCHINDUCTOR_CACHE_DIR=$PWD/.inductor-cache
+mkdir -p "$TRITON_CACHE_DIR" "$TORCHINDUCTOR_CACHE_DIR"
 [ -f .triton-cache.tar.gz ] && tar -xzf .triton-cache.tar.gz -C "$TRITON_CACHE_DIR"
+[ -f .inductor-cache.tar.gz ] && tar -xzf .inductor-cache.tar.gz -C "$TORCHINDUCTOR_CACHE_DIR"
 save_cache() {
   tar -czf "$OUT/triton-cache.tar.gz" -C "$TRITON_CACHE_DIR" . 2>/dev/null
   if [ "$(stat -c %s "$OUT/triton-cache.tar.gz")" -gt $((16 * 1024 * 1024)) ]; then
     # too large to keep whole: keep the autotuning results alone, so that the next suite compiles only the chosen configs
     (cd "$TRITON_CACHE_DIR" && find . -name '*.autotune.json' -print0 | tar -czf "$OUT/triton-cache.tar.gz" --null -T -)
     echo "Triton cache over 16 MiB: only its autotuning results kept"
+  fi
+  if [ -n "$(ls -A "$TORCHINDUCTOR_CACHE_DIR")" ]; then
+    tar -czf "$OUT/inductor-cache.tar.gz" -C "$TORCHINDUCTOR_CACHE_DIR" . 2>/dev/null
+    if [ "$(stat -c %s "$OUT/inductor-cache.tar.gz")" -gt $((16 * 1024 * 1024)) ]; then
+      rm -f "$OUT/inductor-cache.tar.gz"
+      echo "Inductor cache over 16 MiB: not kept"
+    fi
   fi
 }
 trap save_cache EXIT
