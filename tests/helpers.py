@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import math
+import os
+import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +49,17 @@ def load_script(folder: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Mod
     monkeypatch.setitem(sys.modules, name, module)
     spec.loader.exec_module(module)
     return module
+
+
+def run_compiler_probe(probe: str) -> dict:
+    """Run ``probe`` (Python source that prints one JSON object on its last line) in a child process from the
+    repository root, without the Triton interpreter that tests/conftest.py turns on (lowering a kernel needs
+    Triton's compiler), and return that object; the child's errors fail the test."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:

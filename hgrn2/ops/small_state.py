@@ -154,6 +154,25 @@ def _step_inputs(q_ptr, g_ptr, v_ptr, x_ptr, bos, length, stride, t, o_b, hk, hv
 
 
 @triton.jit
+def _reverse_step_inputs(q_ptr, g_ptr, v_ptr, do_ptr, dq_ptr, bos, length, stride, t, o_b, hk, hv, m_hk, m_hv,
+                         H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, REVERSE: tl.constexpr):  # fmt: skip
+    """:func:`_step_inputs` of the backward's reverse sweep: q, log λ, v and do, and the dq of its forward sweep."""
+    rows, m_b, q, g, v, do = _step_inputs(
+        q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True, True
+    )  # fmt: skip
+    return rows, m_b, q, g, v, do, _raw_block(dq_ptr, rows * H * K, hk, m_b[:, None, None] & m_hk[None, :, :])
+
+
+@triton.jit
+def _shift(ahead1, ahead2, loaded, PREFETCH: tl.constexpr):
+    """The prefetched inputs (tuples of :func:`_step_inputs`) once a step has taken ``ahead1``: with PREFETCH 2,
+    ``ahead2`` moves up and ``loaded`` (two steps on) takes its place; with 1, ``loaded`` (the next step)."""
+    if PREFETCH == 2:
+        return ahead2, loaded
+    return loaded, loaded
+
+
+@triton.jit
 def _bound(log_beta_ptr, log1m_beta_ptr, hk, m_hk, HAS_BOUND: tl.constexpr):
     """log β and log(1 - β) of the lower bound at this program's [BH, BK] (head, channel) pairs, as [1, BH, BK]
     (zeros without a lower bound)."""
@@ -237,27 +256,13 @@ def small_state_fwd_kernel(
             o_offs = rows[:, None, None] * H * V + hv[None, :, :]
             tl.store(o_ptr + o_offs, o_blk.to(o_ptr.dtype.element_ty), mask=m_bv)
     else:  # one step at a time (BT = 1), its inputs loaded PREFETCH steps ahead
-        rows1, m_b1, q1, g1, v1, _ = _step_inputs(
-            q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, 0, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True, False
-        )  # fmt: skip
-        if PREFETCH == 2:
-            rows2, m_b2, q2, g2, v2, _ = _step_inputs(
-                q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True,
-                False,
-            )  # fmt: skip
+        args = (q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride)
+        ahead1 = _step_inputs(*args, 0, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True, False)
+        ahead2 = _step_inputs(*args, 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True, False)
         for t in range(0, length):
-            rows, m_b, q_raw, g_raw, v_raw = rows1, m_b1, q1, g1, v1
-            if PREFETCH == 2:
-                rows1, m_b1, q1, g1, v1 = rows2, m_b2, q2, g2, v2
-                rows2, m_b2, q2, g2, v2, _ = _step_inputs(
-                    q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, t + 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                    REVERSE, True, False,
-                )  # fmt: skip
-            else:
-                rows1, m_b1, q1, g1, v1, _ = _step_inputs(
-                    q_ptr, g_ptr, v_ptr, v_ptr, bos, length, stride, t + 1, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                    REVERSE, True, False,
-                )  # fmt: skip
+            rows, m_b, q_raw, g_raw, v_raw, _ = ahead1
+            loaded = _step_inputs(*args, t + PREFETCH, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, True, False)
+            ahead1, ahead2 = _shift(ahead1, ahead2, loaded, PREFETCH)
             m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
             q_blk = _query_of(q_raw, m_bk, ACT, GATED)
             g_blk = _log_forget_of(g_raw, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
@@ -356,28 +361,13 @@ def small_state_bwd_kernel(
             )  # fmt: skip
             tl.store(dq_ptr + rows[:, None, None] * H * K + hk[None, :, :], dq_blk, mask=m_bk)
     else:  # one step at a time (BT = 1), its inputs loaded PREFETCH steps ahead
-        rows1, m_b1, _, g1, v1, do1 = _step_inputs(
-            q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, 0, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, False,
-            True,
-        )  # fmt: skip
-        if PREFETCH == 2:
-            rows2, m_b2, _, g2, v2, do2 = _step_inputs(
-                q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE,
-                False, True,
-            )  # fmt: skip
+        args = (q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride)
+        ahead1 = _step_inputs(*args, 0, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, False, True)
+        ahead2 = _step_inputs(*args, 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, False, True)
         for t in range(0, length):
-            rows, m_b, g_raw, v_raw, do_raw = rows1, m_b1, g1, v1, do1
-            if PREFETCH == 2:
-                rows1, m_b1, g1, v1, do1 = rows2, m_b2, g2, v2, do2
-                rows2, m_b2, _, g2, v2, do2 = _step_inputs(
-                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t + 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                    REVERSE, False, True,
-                )  # fmt: skip
-            else:
-                rows1, m_b1, _, g1, v1, do1 = _step_inputs(
-                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t + 1, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                    REVERSE, False, True,
-                )  # fmt: skip
+            rows, m_b, _, g_raw, v_raw, do_raw = ahead1
+            loaded = _step_inputs(*args, t + PREFETCH, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE, False, True)
+            ahead1, ahead2 = _shift(ahead1, ahead2, loaded, PREFETCH)
             m_bk = m_b[:, None, None] & m_hk[None, :, :]
             g_blk = _log_forget_of(g_raw, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)
             state, dq_blk = _states_block(
@@ -423,33 +413,14 @@ def small_state_bwd_kernel(
             dg_offs = rows[:, None, None] * H * K + hk[None, :, :]
             tl.store(dg_ptr + dg_offs, dg_blk.to(dg_ptr.dtype.element_ty), mask=m_bk)
     else:  # one step at a time, the last first, its inputs (dq included) loaded PREFETCH steps ahead
-        rows1, m_b1, q1, g1, v1, do1 = _step_inputs(
-            q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, length - 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE,
-            True, True,
-        )  # fmt: skip
-        dq1 = _raw_block(dq_ptr, rows1 * H * K, hk, m_b1[:, None, None] & m_hk[None, :, :])
-        if PREFETCH == 2:
-            rows2, m_b2, q2, g2, v2, do2 = _step_inputs(
-                q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, length - 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                REVERSE, True, True,
-            )  # fmt: skip
-            dq2 = _raw_block(dq_ptr, rows2 * H * K, hk, m_b2[:, None, None] & m_hk[None, :, :])
+        args = (q_ptr, g_ptr, v_ptr, do_ptr, dq_ptr, bos, length, stride)
+        ahead1 = _reverse_step_inputs(*args, length - 1, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE)
+        ahead2 = _reverse_step_inputs(*args, length - 2, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE)
         for j in range(0, length):
             t = length - 1 - j
-            rows, m_b, q_raw, g_raw, v_raw, do_raw, dq_blk = rows1, m_b1, q1, g1, v1, do1, dq1
-            if PREFETCH == 2:
-                rows1, m_b1, q1, g1, v1, do1, dq1 = rows2, m_b2, q2, g2, v2, do2, dq2
-                rows2, m_b2, q2, g2, v2, do2 = _step_inputs(
-                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t - 2, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                    REVERSE, True, True,
-                )  # fmt: skip
-                dq2 = _raw_block(dq_ptr, rows2 * H * K, hk, m_b2[:, None, None] & m_hk[None, :, :])
-            else:
-                rows1, m_b1, q1, g1, v1, do1 = _step_inputs(
-                    q_ptr, g_ptr, v_ptr, do_ptr, bos, length, stride, t - 1, o_b, hk, hv, m_hk, m_hv, H, K, V,
-                    REVERSE, True, True,
-                )  # fmt: skip
-                dq1 = _raw_block(dq_ptr, rows1 * H * K, hk, m_b1[:, None, None] & m_hk[None, :, :])
+            rows, m_b, q_raw, g_raw, v_raw, do_raw, dq_blk = ahead1
+            loaded = _reverse_step_inputs(*args, t - PREFETCH, o_b, hk, hv, m_hk, m_hv, H, K, V, REVERSE)
+            ahead1, ahead2 = _shift(ahead1, ahead2, loaded, PREFETCH)
             m_bk, m_bv = m_b[:, None, None] & m_hk[None, :, :], m_b[:, None, None] & m_hv[None, :, :]
             q_blk = _query_of(q_raw, m_bk, ACT, GATED)
             g_blk = _log_forget_of(g_raw, m_bk, log_beta, log1m_beta, GATED, HAS_BOUND)

@@ -19,17 +19,12 @@ Lowering needs Triton's compiler, not the interpreter that tests/conftest.py tur
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from hgrn2.ops import hgrn2_gated_recurrence
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_compiler_probe
 
 PROBE = r"""
 import json, sys, torch, triton
@@ -132,10 +127,7 @@ print(json.dumps({"kernels": sorted(seen), "hazards": report}))
 
 
 def test_no_launch_shares_a_tensor_that_torch_compile_may_take_as_written():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    result = json.loads(done.stdout.strip().splitlines()[-1])
+    result = run_compiler_probe(PROBE)
     expected = {
         "chunk_delta_kernel", "state_scan_kernel", "state_walk_kernel", "output_fwd_kernel", "dqk_bwd_kernel",
         "dv_bwd_kernel", "log_forget_kernel", "gate_grad_kernel", "small_state_fwd_kernel", "small_state_bwd_kernel",

@@ -17,18 +17,13 @@ The public ops' dispatch around the kernels (backend resolution, the lookup of t
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import warnings
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from hgrn2.ops import fuses_gates, hgrn2_gated_recurrence, hgrn2_recurrence
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_compiler_probe
 
 PROBE = r"""
 import json, sys, torch
@@ -91,10 +86,7 @@ print(json.dumps(report))
 
 
 def test_kernels_keep_float32_arithmetic_when_inductor_passes_float_scalars_as_float64():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_compiler_probe(PROBE)
     expected = {
         "chunk_delta_kernel", "state_walk_kernel", "output_fwd_kernel", "dqk_bwd_kernel", "dv_bwd_kernel",
         "small_state_fwd_kernel", "small_state_bwd_kernel", "recurrent_fwd_kernel", "add_rmsnorm_fwd_kernel",
