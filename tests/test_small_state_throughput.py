@@ -107,3 +107,12 @@ def test_a_failing_job_is_recorded_with_its_traceback_and_the_others_still_run(b
     assert jobs["listops"]["error"] == "failed: RuntimeError: kernel launch refused"
     assert "fail_on_listops" in jobs["listops"]["traceback"]
     assert jobs["pathfinder"]["steps_per_s"] > 0
+
+
+def test_the_step_kernels_prefetch_is_set_and_recorded(benchmark, tmp_path, monkeypatch):
+    monkeypatch.setattr(small_state, "PREFETCH", small_state.PREFETCH)  # restored after the test
+    out = tmp_path / "small-state.json"
+    benchmark.main([*UNCOMPILED, "--jobs", "pathfinder", "--prefetch", "2", "--out", str(out)])
+    assert small_state.PREFETCH == 2 and json.loads(out.read_text())["step_kernel_prefetch"] == 2
+    with pytest.raises(SystemExit):  # argparse: only 0, 1 and 2
+        benchmark.main([*UNCOMPILED, "--jobs", "pathfinder", "--prefetch", "3", "--out", str(out)])
