@@ -1,6 +1,7 @@
 """Training steps of the small-state models with their blocks through ``torch.compile`` against the same steps
 uncompiled, from one initialisation and one batch: the loss of every step, the largest gradient difference after
-the first, and where a non-finite value first appears.
+the first, where a non-finite value first appears, and the graphs and graph breaks TorchDynamo makes of the first
+block.
 
 Models: ``listops`` and ``pathfinder`` (the LightningModules of ``configs/lra/<name>.yaml``, as
 ``benchmarks/small_state_throughput.py`` builds them) and ``vision`` (``hgrn2_vit_tiny_patch16_224``). Each runs
@@ -31,7 +32,7 @@ from small_state_throughput import LRA_CONFIGS, build_lra_module, load_lra_confi
 import hgrn2.models  # noqa: E402,F401  (registers the timm models)
 
 
-def build(name: str, batch_size: int, device: torch.device):
+def build(name: str, batch_size: int, device: torch.device, seq_len: int | None = None):
     """``(backbone with .blocks, loss function of the backbone, batch)`` for one model."""
     torch.manual_seed(0)
     if name == "vision":
@@ -47,10 +48,33 @@ def build(name: str, batch_size: int, device: torch.device):
         height, width = config.grid_size or (data_args["resolution"],) * 2
         length = height * width
     else:
-        length = data_args["max_length"]
+        length = seq_len or data_args["max_length"]
     batch = random_lra_batch(config, batch_size, length, device)
     labels = batch.pop("labels")
     return module.model, lambda m: F.cross_entropy(m(**batch).float(), labels)
+
+
+def block_graphs(model, loss_fn, dtype) -> dict:
+    """What TorchDynamo makes of the first block: its graphs, graph breaks and their reasons, traced on the inputs
+    the block gets in one forward pass of the model (each break is a return to Python, and more launches)."""
+    model = copy.deepcopy(model)
+    captured = {}
+
+    def keep(_module, args, kwargs):
+        captured.setdefault("call", (args, kwargs))
+
+    handle = model.blocks[0].register_forward_pre_hook(keep, with_kwargs=True)
+    with torch.no_grad(), torch.autocast(next(model.parameters()).device.type, dtype=dtype):
+        loss_fn(model)
+        handle.remove()
+        args, kwargs = captured["call"]
+        torch._dynamo.reset()
+        explanation = torch._dynamo.explain(model.blocks[0])(*args, **kwargs)
+    return {
+        "graphs": explanation.graph_count,
+        "graph_breaks": explanation.graph_break_count,
+        "reasons": [str(reason.reason)[:300] for reason in explanation.break_reasons[:5]],
+    }
 
 
 def run(model, loss_fn, steps: int, backend: str | None, dtype) -> dict:
@@ -86,21 +110,26 @@ def run(model, loss_fn, steps: int, backend: str | None, dtype) -> dict:
     return {"losses": losses, "first_non_finite_block": first_bad[0] if first_bad else None, "grads": grads}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["vision", "listops", "pathfinder"])
     parser.add_argument("--backends", nargs="+", default=["inductor", "aot_eager"])
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--seq-len", type=int, default=None, help="ListOps length (default: the config's, 2000)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     device = torch.device(args.device)
     report = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "models": {}}
     for name in args.models:
-        model, loss_fn = build(name, args.batch_size, device)
+        model, loss_fn = build(name, args.batch_size, device, args.seq_len)
         eager = run(model, loss_fn, args.steps, None, torch.bfloat16)
         rows = {"eager": {k: v for k, v in eager.items() if k != "grads"}}
+        try:
+            rows["first_block_graphs"] = block_graphs(model, loss_fn, torch.bfloat16)
+        except Exception as error:  # noqa: BLE001  (recorded, the comparison still runs)
+            rows["first_block_graphs"] = {"error": f"{type(error).__name__}: {error}"[:2000]}
         for backend in args.backends:
             try:
                 result = run(model, loss_fn, args.steps, backend, torch.bfloat16)
@@ -117,6 +146,7 @@ def main() -> None:
         print(name, json.dumps(rows, indent=1), flush=True)
     if args.out:
         args.out.write_text(json.dumps(report, indent=1) + "\n")
+    return report
 
 
 if __name__ == "__main__":
