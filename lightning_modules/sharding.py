@@ -28,13 +28,18 @@ from torch.distributed.fsdp.wrap import wrap
 UnitFilter = Callable[[str, nn.Module], bool]
 
 
-def _selected(backbone: nn.Module, is_unit: UnitFilter) -> list[str]:
-    """Qualified names of the modules ``is_unit`` selects, outermost first, none inside another one."""
-    names: list[str] = []
+def _selected(backbone: nn.Module, is_unit: UnitFilter) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of the modules ``is_unit`` selects, outermost first, none inside another one. Names and
+    modules are those of the backbone as built: FSDP's wrappers are looked through (a unit's name without their
+    ``_fsdp_wrapped_module`` parts, the module they wrap)."""
+    selected: list[tuple[str, nn.Module]] = []
     for name, module in backbone.named_modules():
-        if name and is_unit(name, module) and not any(name.startswith(outer + ".") for outer in names):
-            names.append(name)
-    return names
+        name = name.replace("._fsdp_wrapped_module", "").replace("_fsdp_wrapped_module.", "")
+        if isinstance(module, FSDP) or name in ("", "_fsdp_wrapped_module") or not is_unit(name, module):
+            continue
+        if not any(name.startswith(outer + ".") for outer, _ in selected):
+            selected.append((name, module))
+    return selected
 
 
 def shard_modules(backbone: nn.Module, is_unit: UnitFilter) -> nn.Module:
@@ -47,8 +52,8 @@ def shard_modules(backbone: nn.Module, is_unit: UnitFilter) -> nn.Module:
     """
     if any(isinstance(module, FSDP) for module in backbone.modules()):
         return backbone
-    for name in _selected(backbone, is_unit):
-        backbone.set_submodule(name, wrap(backbone.get_submodule(name)))
+    for name, module in _selected(backbone, is_unit):
+        backbone.set_submodule(name, wrap(module))
     return wrap(backbone)
 
 
@@ -58,18 +63,11 @@ def compile_units(backbone: nn.Module, is_unit: UnitFilter) -> list[str]:
     checkpoints load either way; compiled at its first call, and again for each new input shape). Returns the
     names of the modules it compiled; those compiled already are left as they are, so calling it again is a
     no-op."""
-    names: list[str] = []
     compiled: list[str] = []
-    for name, module in backbone.named_modules():
-        plain = name.replace("._fsdp_wrapped_module", "").replace("_fsdp_wrapped_module.", "")
-        if isinstance(module, FSDP) or not plain or plain == "_fsdp_wrapped_module" or not is_unit(plain, module):
-            continue
-        if any(plain.startswith(outer + ".") for outer in names):
-            continue
-        names.append(plain)
+    for name, module in _selected(backbone, is_unit):
         if getattr(module, "_compiled_call_impl", None) is None:
             module.compile()
-            compiled.append(plain)
+            compiled.append(name)
     return compiled
 
 
