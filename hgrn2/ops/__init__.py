@@ -163,7 +163,7 @@ def hgrn2_recurrence(
         >>> o.shape, state.shape
         (torch.Size([2, 10, 4, 8]), torch.Size([2, 4, 8, 8]))
     """
-    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, check_values=False, columns=columns)
+    check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, columns=columns)
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
@@ -325,7 +325,7 @@ def hgrn2_gated_recurrence(
     kernels (:func:`hgrn2.ops.chunk.chunk_hgrn2_gated`): None takes ``hgrn2.ops.chunk.PRECISE_BOUND_GRAD``.
     ``reverse`` and ``columns`` order the scan as in :func:`hgrn2_recurrence`.
     """
-    check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, check_values=False, columns=columns)
+    check_hgrn2_inputs(q_proj, v, forget_proj, initial_state, cu_seqlens, columns=columns)
     kwargs = dict(
         scale=scale, initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens
     )
@@ -368,7 +368,7 @@ def hgrn2_step(
 
     Returns ``(o [B, H, V], new_state)``. The Triton backend updates ``state`` in place and returns it.
     """
-    check_hgrn2_inputs(q[:, None], v[:, None], log_forget[:, None], state, None, check_values=False)
+    check_hgrn2_inputs(q[:, None], v[:, None], log_forget[:, None], state, None)
     resolved = _resolve_backend(backend, q)
     if q.numel() == 0 or v.numel() == 0:  # B, H, K or V is 0: the state is empty or, with K = 0, unchanged
         return v.new_zeros(v.shape), state
@@ -410,7 +410,7 @@ def hgrn1_recurrence(
         >>> h.shape
         torch.Size([2, 16, 32])
     """
-    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values=False)
+    check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens)
     kwargs = dict(initial_state=initial_state, output_final_state=output_final_state, cu_seqlens=cu_seqlens)
     resolved = _resolve_backend(backend, x, x.shape[1])
     if x.numel() == 0:  # B, T or D is 0: nothing to scan

@@ -92,9 +92,9 @@ def check_lower_bound(lower_bound: torch.Tensor | None, heads: int, key_dim: int
         raise ValueError(f"lower_bound must broadcast to [H, K] = [{heads}, {key_dim}], got {_shape(lower_bound)}")
 
 
-def check_hgrn2_inputs(
-    q, v, log_forget, initial_state, cu_seqlens, check_values: bool = True, columns: int | None = None
-) -> None:
+def check_hgrn2_inputs(q, v, log_forget, initial_state, cu_seqlens, columns: int | None = None) -> None:
+    """Shapes, dtypes and orders of the HGRN2 ops' inputs; log λ's values are checked apart (``check_log_forget``,
+    which the public ops run beside the scan)."""
     for name, t in (("q", q), ("v", v), ("log_forget", log_forget)):
         check_floating(name, t)
     check_rank("q", q, 4, "[B, T, H, K]")
@@ -113,11 +113,10 @@ def check_hgrn2_inputs(
         if columns is not None:
             n_states, layout = batch * columns, "[B·W, H, K, V] (one state per column)"
         check_same_shape("initial_state", initial_state, (n_states, heads, key_dim, v.shape[-1]), layout)
-    if check_values:
-        check_log_forget("log_forget", log_forget)
 
 
-def check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values: bool = True) -> None:
+def check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens) -> None:
+    """Shapes and dtypes of the HGRN1 op's inputs; log λ's values as for :func:`check_hgrn2_inputs`."""
     check_floating("x", x)
     check_floating("log_forget", log_forget)
     check_rank("x", x, 3, "[B, T, D]")
@@ -130,5 +129,3 @@ def check_hgrn1_inputs(x, log_forget, initial_state, cu_seqlens, check_values: b
         check_floating("initial_state", initial_state)
         layout = "[B, D]" if cu_seqlens is None else "[N, D] (one state per packed sequence)"
         check_same_shape("initial_state", initial_state, (n_states, dim), layout)
-    if check_values:
-        check_log_forget("log_forget", log_forget)
