@@ -120,16 +120,17 @@ def _put(block, o_b, i: tl.constexpr, row):
 
 
 @triton.jit
-def _block(ptr, rows, offs, mask):
+def _raw_block(ptr, rows, offs, mask):
     """Rows ``rows`` [BT] of a [tokens, H·X]-strided tensor at ``offs`` [BH, BX] within each row: [BT, BH, BX]
-    in float32, 0 where masked (steps past the sequence's end: λ = 1 and k = 0 there keep the state as it is)."""
-    return tl.load(ptr + rows[:, None, None] + offs[None, :, :], mask=mask, other=0.0).to(tl.float32)
+    in the tensor's own dtype, 0 where masked (steps past the sequence's end: λ = 1 and k = 0 there keep the
+    state as it is). A prefetched block stays so until it is used."""
+    return tl.load(ptr + rows[:, None, None] + offs[None, :, :], mask=mask, other=0.0)
 
 
 @triton.jit
-def _raw_block(ptr, rows, offs, mask):
-    """:func:`_block` in the tensor's own dtype: a prefetched block, converted only where it is used."""
-    return tl.load(ptr + rows[:, None, None] + offs[None, :, :], mask=mask, other=0.0)
+def _block(ptr, rows, offs, mask):
+    """:func:`_raw_block` in float32."""
+    return _raw_block(ptr, rows, offs, mask).to(tl.float32)
 
 
 @triton.jit
