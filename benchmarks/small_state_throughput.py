@@ -108,6 +108,12 @@ def build_lra_module(model_section: dict, overrides: dict) -> torch.nn.Module:
     return getattr(importlib.import_module(module_name), class_name)(**init_args)
 
 
+def compiles_blocks(args: argparse.Namespace, model_section: dict) -> bool:
+    """Whether a job puts its blocks through torch.compile: as the config's ``compile_blocks`` says (as ``hgrn2
+    fit`` applies it), unless --compile / --no-compile says otherwise."""
+    return args.compile if args.compile is not None else bool(model_section["init_args"].get("compile_blocks"))
+
+
 def is_two_d(model_section: dict) -> bool:
     """Whether the config's encoder scans a pixel grid (its preset and overrides, as the module reads them)."""
     init_args = model_section["init_args"]
@@ -206,8 +212,7 @@ def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: tor
     batch_size = args.batch_size or data_args["batch_size"]
     shape = {"batch_size": batch_size, **shape}
     module = module.to(device).train()
-    # the config's compile_blocks, as `hgrn2 fit` applies it, unless --compile / --no-compile says otherwise
-    compiled = args.compile if args.compile is not None else bool(model_section["init_args"].get("compile_blocks"))
+    compiled = compiles_blocks(args, model_section)
     if compiled:
         for block in module.model.blocks:
             block.compile()
@@ -246,12 +251,7 @@ def vision_job(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     """HGRN2-Tiny and DeiT-Tiny in one run; ``images_per_s`` is HGRN2-Tiny's."""
     image_size, batch_size = args.image_size, args.batch_size or 128
     backend = args.backend or "auto"
-    # configs/imagenet/hgrn2_tiny.yaml's compile_blocks, unless --compile / --no-compile says otherwise
-    compiled = (
-        args.compile
-        if args.compile is not None
-        else bool(load_lra_config(VISION_CONFIG)[0]["init_args"].get("compile_blocks"))
-    )
+    compiled = compiles_blocks(args, load_lra_config(VISION_CONFIG)[0])
     common = dict(device=device, batch_size=batch_size, image_size=image_size, dtype=dtype, compile_blocks=compiled)
     timing = dict(steps=args.steps, warmup=args.warmup)
     hgrn2_kwargs = dict(expand_ratio=VISION_EXPAND_RATIO, backend=backend)
