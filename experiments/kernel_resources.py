@@ -37,8 +37,9 @@ TYPE_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp3
               torch.int64: "i64", torch.float64: "fp64"}  # fmt: skip
 
 
-def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict, dict]]:
-    """(kernel, signature, constants, options, attributes) of every launch ``run_op`` makes, with no kernel run.
+def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict, dict, dict]]:
+    """(kernel, signature, constants, options, attributes, arguments) of every launch ``run_op`` makes, with no
+    kernel run; ``arguments`` holds every parameter's value as launched (defaults filled in), its tensors kept.
 
     The attributes are the specialisation Triton's JIT gives a launch: a pointer whose address, or an integer whose
     value, is a multiple of 16 is marked divisible by 16. Without them the compiler cannot vectorise loads or
@@ -48,9 +49,10 @@ def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict, dict]]:
 
     def record(self, *args, grid, warmup, **kwargs):
         bound = dict(zip([p.name for p in self.params], args)) | kwargs
+        arguments = {param.name: bound.get(param.name, param.default) for param in self.params}
         signature, constants, attributes = {}, {}, {}
         for index, param in enumerate(self.params):
-            value = bound.get(param.name, param.default)
+            value = arguments[param.name]
             if param.is_constexpr or value is None:
                 signature[param.name] = "constexpr"
                 constants[param.name] = value
@@ -67,7 +69,7 @@ def capture(run_op) -> list[tuple[JITFunction, dict, dict, dict, dict]]:
             else:
                 signature[param.name] = "fp32"
         options = {k: v for k, v in kwargs.items() if k in ("num_warps", "num_stages", "maxnreg")}
-        launches.append((self, signature, constants, options, attributes))
+        launches.append((self, signature, constants, options, attributes, arguments))
         return None
 
     JITFunction.run = record
@@ -182,7 +184,7 @@ def main() -> None:
     report = {}
     for op in args.op:
         rows = []
-        for index, (kernel, signature, constants, options, attributes) in enumerate(capture(call(op))):
+        for index, (kernel, signature, constants, options, attributes, _) in enumerate(capture(call(op))):
             dump = None if args.dump is None else args.dump / f"{op}-{index}-{kernel.__name__}"
             resource = resources(kernel, signature, constants, options, args.arch, attributes, dump)
             row = {"kernel": kernel.__name__} | resource

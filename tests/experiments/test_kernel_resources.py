@@ -25,7 +25,7 @@ def step():
     o = small_state.SmallStateHGRN2Function.apply(q, v, g, None, 1.0, False, None)[0]
     torch.autograd.grad(o, (q, v, g), torch.ones_like(o))
 launches = kr.capture(step)
-kernel, signature, constants, options, attributes = launches[0]
+kernel, signature, constants, options, attributes, _ = launches[0]
 print(json.dumps({
     "kernels": [launch[0].__name__ for launch in launches], "steps_per_load": small_state.STEPS_PER_LOAD,
     "signature": signature, "constants": {k: str(v) for k, v in constants.items()}, "options": options,

@@ -42,15 +42,6 @@ triton.runtime.driver.set_active(_Sm90())
 from torch._higher_order_ops.triton_kernel_wrap import identify_accessed_tensors
 from hgrn2.ops import chunk, fused_cross_entropy, fused_norm, kernel_utils, recurrent, scan, small_state
 
-launches = []  # keeps every launch's tensors alive, so that no two of them share an address by reuse
-original = triton.runtime.jit.JITFunction.run
-
-
-def record(self, *args, grid, warmup, **kwargs):
-    names = [p.name for p in self.params]
-    launches.append((self, dict(zip(names, args)) | {k: v for k, v in kwargs.items() if k in names}))
-
-
 def ops():
     B, T, H, D = 2, 128, 2, 32
     q, v, g = (torch.randn(B, T, H, D, requires_grad=True) for _ in range(3))
@@ -103,17 +94,12 @@ def recording(make):  # kernel_utils.unused, noting the placeholders it makes
 
 for module in (chunk, fused_cross_entropy, fused_norm, recurrent, scan, small_state):
     module.unused = recording(kernel_utils.unused)
-triton.runtime.jit.JITFunction.run = record
-try:
-    ops()
-finally:
-    triton.runtime.jit.JITFunction.run = original
+launches = capture(ops)  # keeps every launch's tensors alive, so that no two of them share an address by reuse
 
 report, seen = [], set()
-for kernel, bound in launches:
-    constants = {p.name: bound.get(p.name, p.default) for p in kernel.params if p.is_constexpr}
-    tensors = {name: value for name, value in bound.items() if torch.is_tensor(value)}
-    accesses = identify_accessed_tensors(kernel, {**bound, **constants}, {})
+for kernel, *_, arguments in launches:
+    tensors = {name: value for name, value in arguments.items() if torch.is_tensor(value)}
+    accesses = identify_accessed_tensors(kernel, arguments, {})
     written = {access.name for access in accesses.read_writes.writes}
     shared = {}
     for name, tensor in tensors.items():
