@@ -51,13 +51,16 @@ def load_script(folder: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Mod
     return module
 
 
-def run_compiler_probe(probe: str) -> dict:
+def run_compiler_probe(probe: str, timeout: float = 600) -> dict:
     """Run ``probe`` (Python source that prints one JSON object on its last line) in a child process from the
     repository root, without the Triton interpreter that tests/conftest.py turns on (lowering a kernel needs
-    Triton's compiler), and return that object; the child's errors fail the test."""
+    Triton's compiler), and return that object; the child's errors, or its outlasting ``timeout`` seconds, fail the
+    test."""
     root = Path(__file__).resolve().parents[1]
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(root)}
-    done = subprocess.run([sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -6,13 +6,7 @@ process without TRITON_INTERPRET.
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.helpers import run_compiler_probe
 
 PROBE = """
 import json, sys, torch
@@ -36,10 +30,7 @@ print(json.dumps({
 
 
 def test_a_call_is_captured_launch_by_launch_and_compiled_for_hopper():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"} | {"PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
+    report = run_compiler_probe(PROBE, timeout=300)
     # the forward's one launch, then the backward's; nothing ran (outputs are empty tensors)
     assert report["kernels"] == ["small_state_fwd_kernel", "small_state_bwd_kernel"]
     assert report["signature"]["q_ptr"] == "*fp32" and report["signature"]["T"] == "i32"
