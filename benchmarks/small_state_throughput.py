@@ -193,6 +193,17 @@ def profile_steps(step: Callable[[], torch.Tensor], device: torch.device, steps:
     }
 
 
+def lra_input_shape(config: LRAConfig, data_args: dict, seq_len: int | None = None) -> tuple[int, int, dict]:
+    """``(length, scan length, shape)`` of an LRA model's inputs: a 2-D model's grid (its own, else the data's
+    resolution squared; its rows are the longest scans), or the 1-D sequence (``seq_len``, else the data's
+    ``max_length``)."""
+    if config.two_d:
+        grid = list(config.grid_size or (data_args["resolution"],) * 2)
+        return grid[0] * grid[1], grid[1], {"grid_size": grid}  # rows of grid[1] pixels
+    length = seq_len or data_args["max_length"]
+    return length, length, {"seq_len": length}
+
+
 def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype | None) -> dict:
     """Time ``configs/lra/<job>.yaml``'s training step; ``steps_per_s`` (and ``tokens_per_s`` for 1-D tasks)."""
     model_section, data_section = load_lra_config(LRA_CONFIGS[job])
@@ -203,12 +214,7 @@ def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: tor
     torch.manual_seed(0)
     module = build_lra_module(model_section, overrides)
     config = module.config
-    if config.two_d:
-        grid = list(config.grid_size or (data_args["resolution"],) * 2)
-        length, scan_length, shape = grid[0] * grid[1], grid[1], {"grid_size": grid}  # rows of grid[1] pixels
-    else:
-        length = scan_length = args.seq_len or data_args["max_length"]
-        shape = {"seq_len": length}
+    length, scan_length, shape = lra_input_shape(config, data_args, args.seq_len)
     batch_size = args.batch_size or data_args["batch_size"]
     shape = {"batch_size": batch_size, **shape}
     module = module.to(device).train()

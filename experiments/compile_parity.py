@@ -27,7 +27,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import timm  # noqa: E402
-from small_state_throughput import LRA_CONFIGS, build_lra_module, load_lra_config, random_lra_batch  # noqa: E402
+from small_state_throughput import (  # noqa: E402
+    LRA_CONFIGS,
+    build_lra_module,
+    load_lra_config,
+    lra_input_shape,
+    random_lra_batch,
+)
 
 import hgrn2.models  # noqa: E402,F401  (registers the timm models)
 
@@ -43,12 +49,7 @@ def build(name: str, batch_size: int, device: torch.device, seq_len: int | None 
     model_section, data_section = load_lra_config(LRA_CONFIGS[name])
     module = build_lra_module(model_section, {}).to(device).train()
     config = module.config
-    data_args = data_section["init_args"]
-    if config.two_d:
-        height, width = config.grid_size or (data_args["resolution"],) * 2
-        length = height * width
-    else:
-        length = seq_len or data_args["max_length"]
+    length, _, _ = lra_input_shape(config, data_section["init_args"], seq_len)
     batch = random_lra_batch(config, batch_size, length, device)
     labels = batch.pop("labels")
     return module.model, lambda m: F.cross_entropy(m(**batch).float(), labels)
