@@ -51,6 +51,11 @@ def load_script(folder: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> Mod
     return module
 
 
+def reversed_within(x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
+    """Each packed sequence of x [1, T, ...] (``bounds``: cu_seqlens as a list) reversed within its own span."""
+    return torch.cat([x[:, start:end].flip(1) for start, end in zip(bounds, bounds[1:])], 1)
+
+
 def run_compiler_probe(probe: str, timeout: float = 600) -> dict:
     """Run ``probe`` (Python source that prints one JSON object on its last line) in a child process from the
     repository root, without the Triton interpreter that tests/conftest.py turns on (lowering a kernel needs

@@ -23,6 +23,7 @@ from tests.helpers import (
     gated_kernel_leaves,
     kernel_leaf,
     relative_error,
+    reversed_within,
 )
 
 chunk = pytest.importorskip("hgrn2.ops.chunk")
@@ -67,10 +68,6 @@ def test_chunk_matches_naive_with_packed_sequences():
     )
 
 
-def _reversed_within(x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    return torch.cat([x[:, start:end].flip(1) for start, end in zip(bounds, bounds[1:])], 1)
-
-
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("key_dim, value_dim", [(20, 36), (4, 4)])  # chunks of 64; a small head's chunks of 16
 def test_chunk_reads_a_reversed_order_in_place(key_dim, value_dim, gated):
@@ -95,10 +92,10 @@ def test_chunk_reads_a_reversed_order_in_place(key_dim, value_dim, gated):
         q = F.silu(q) if gated else q
         log_forget = lower_bounded_log_forget(forget, beta)
         o, final = hgrn2_recurrence_naive(
-            *(_reversed_within(x, bounds) for x in (q, v, log_forget)), scale=0.5, initial_state=h0,
+            *(reversed_within(x, bounds) for x in (q, v, log_forget)), scale=0.5, initial_state=h0,
             output_final_state=True, cu_seqlens=torch.tensor(bounds),
         )  # fmt: skip
-        return _reversed_within(o, bounds), final
+        return reversed_within(o, bounds), final
 
     names = ("dq", "dv", "dforget", "dlower_bound", "dinitial_state")
     check_against_float64(run, reference, [q, v, forget, beta, h0], names, TOL[torch.float32])

@@ -14,7 +14,7 @@ import torch
 from hgrn2.ops import hgrn2_gated_recurrence, hgrn2_recurrence, triton_available
 from hgrn2.ops.gates import activation, lower_bounded_log_forget
 from hgrn2.ops.reference import hgrn2_recurrence_naive
-from tests.helpers import DEVICE, TOL, check_against_float64, kernel_leaf, recurrence_leaves
+from tests.helpers import DEVICE, TOL, check_against_float64, kernel_leaf, recurrence_leaves, reversed_within
 
 BACKENDS = ["naive", "torch", "triton", "recurrent"]
 ORDERS = [(True, None), (False, 4), (True, 4)]  # reversed; down the columns; up the columns
@@ -97,11 +97,6 @@ def test_gated_recurrence_scans_reversed_and_by_columns(backend, reverse, column
     )
 
 
-def _reversed_within(x: torch.Tensor, bounds: list[int]) -> torch.Tensor:
-    """Each packed sequence of x [1, T, ...] reversed within its own span."""
-    return torch.cat([x[:, start:end].flip(1) for start, end in zip(bounds, bounds[1:])], 1)
-
-
 @pytest.mark.parametrize("gated", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_reversed_packed_sequences_are_each_reversed_within_their_own_span(backend, gated):
@@ -125,10 +120,10 @@ def test_reversed_packed_sequences_are_each_reversed_within_their_own_span(backe
         if gated:  # log_forget holds the raw forget projection
             log_forget = lower_bounded_log_forget(log_forget, None)
         o, final = hgrn2_recurrence_naive(
-            *(_reversed_within(x, bounds) for x in (q, v, log_forget)), scale=1.0 if gated else 0.7,
+            *(reversed_within(x, bounds) for x in (q, v, log_forget)), scale=1.0 if gated else 0.7,
             initial_state=h0, output_final_state=True, cu_seqlens=torch.tensor(bounds),
         )  # fmt: skip
-        return _reversed_within(o, bounds), final
+        return reversed_within(o, bounds), final
 
     check_against_float64(
         run, reference, [q, v, log_forget, h0], ["dq", "dv", "dlog_forget", "dh0"], TOL[torch.float32]
