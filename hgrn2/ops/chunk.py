@@ -79,7 +79,9 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` (the default) the gated
 # entry keeps the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it
 # again: on an H100 the 374M LM (T = 2048, B = 8) trains at 148,200 tokens/s in 21.6 GiB with it and at 139,126 in
-# 20.1 GiB without (benchmarks/results/ops-notes.md).
+# 20.1 GiB without (benchmarks/results/ops-notes.md). With ``half_log_forget`` the gated entry stores that log λ in
+# its inputs' half precision instead of float32 (unless the lower bound's gradient is to be precise), as the plain
+# op takes it: half the bytes for the pass that writes it and for every kernel that reads it.
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
@@ -87,8 +89,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, small_head_chunk=16, small_head_warps=1,
-    small_head_walk_warps=1, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, half_log_forget=False, small_head_chunk=16,
+    small_head_warps=1, small_head_walk_warps=1, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -155,6 +157,9 @@ class _Launch:
         half_intra = INTRA_DOT | dict(IPRECISION=LAUNCH["intra_precision"])
         self.intra = half_intra if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
         self.scores_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
+        # the gated entry's log λ: float32, or the inputs' half precision (LAUNCH["half_log_forget"])
+        half_gates = LAUNCH["half_log_forget"] and not precise and q.dtype != torch.float32
+        self.log_forget_dtype = q.dtype if half_gates else torch.float32
 
     def warps(self, kernel: str) -> int:
         """Warps of a kernel ('walk', or a chunk-parallel 'delta', 'output', 'dqk' or 'dv') for this call's head
@@ -249,7 +254,9 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
-    dq, dg, dv = torch.empty_like(q), torch.empty_like(g), torch.empty_like(v)
+    # the gated entry's d log λ stays float32 whatever log λ's dtype: the gate pass sums it into d β
+    dq, dv = torch.empty_like(q), torch.empty_like(v)
+    dg = torch.empty_like(g, dtype=torch.float32 if L.gated else g.dtype)
     bk = L.key_tile("dqk")
     grid = (triton.cdiv(L.key_dim, bk) * L.n_chunks, L.heads)
     flags = L.flags | L.precise_flags
@@ -286,7 +293,7 @@ class ChunkHGRN2Function(torch.autograd.Function):
         precise = precise and lower_bound is not None and ctx.needs_input_grad[3]
         launch = _Launch(q, v, cu_seqlens, gated, act, lower_bound, precise, reverse)
         keep_scores = any(ctx.needs_input_grad[:5])
-        log_lambda = log_forget(g, launch.bound) if gated else g
+        log_lambda = log_forget(g, launch.bound, launch.log_forget_dtype) if gated else g
         o, h, scores, final_state = _forward(
             q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores
         )
@@ -309,7 +316,7 @@ class ChunkHGRN2Function(torch.autograd.Function):
         if kept is not None:
             log_lambda = kept
         else:
-            log_lambda = log_forget(g, launch.bound) if launch.gated else g
+            log_lambda = log_forget(g, launch.bound, launch.log_forget_dtype) if launch.gated else g
         dq, dv, dg, d_initial = _backward(
             q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
         )

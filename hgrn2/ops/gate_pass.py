@@ -1,7 +1,8 @@
 """The forget gate of the gated chunked op: one elementwise pass before the chunk kernels and one after.
 
 ``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. ``log_forget_kernel`` writes
-log λ = log(β + (1 - β) σ(f)) once, in float32 (:func:`hgrn2.ops.kernel_utils.gate_log_forget`, exact near λ = 1),
+log λ = log(β + (1 - β) σ(f)) once, formed in float32 (:func:`hgrn2.ops.kernel_utils.gate_log_forget`, exact near
+λ = 1) and stored in float32 (or, with ``hgrn2.ops.chunk.LAUNCH["half_log_forget"]``, in f's half precision),
 and the chunk kernels read it as the plain op reads its log gates (raised to the floor as they load it). The
 backward forms log λ again (it is not kept), runs the chunk kernels, which give d log λ in float32, and
 ``gate_grad_kernel`` turns that into the gradients of f and of β.
@@ -45,9 +46,9 @@ def log_forget_kernel(
     f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK: tl.constexpr, HAS_BOUND: tl.constexpr,
     BR: tl.constexpr, BC: tl.constexpr,
 ):  # fmt: skip
-    """log λ (float32) of a tile of f."""
+    """log λ of a tile of f (formed in float32, stored in g's dtype)."""
     offs, mask, _, _, _, g, _, _, _ = gate_tile(f_ptr, log_beta_ptr, log1m_beta_ptr, rows, HK, HAS_BOUND, BR, BC)
-    tl.store(g_ptr + offs, g, mask=mask)
+    tl.store(g_ptr + offs, g.to(g_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -76,11 +77,13 @@ def _layout(forget_proj: torch.Tensor, bound: tuple[torch.Tensor, ...]) -> tuple
     return grid, dict(rows=rows, HK=channels, HAS_BOUND=bound[0].numel() > 0, BR=ROWS, BC=COLUMNS, num_warps=4)
 
 
-def log_forget(forget_proj: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """float32 log λ [..., H, K] from the contiguous raw projection f and ``bound_constants``' (log β, log(1 - β),
-    1/β), which are empty without a lower bound."""
+def log_forget(
+    forget_proj: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype=torch.float32
+) -> torch.Tensor:
+    """log λ [..., H, K] (float32, or ``dtype``) from the contiguous raw projection f and ``bound_constants``'
+    (log β, log(1 - β), 1/β), which are empty without a lower bound."""
     grid, args = _layout(forget_proj, bound)
-    g = torch.empty(forget_proj.shape, dtype=torch.float32, device=forget_proj.device)
+    g = torch.empty(forget_proj.shape, dtype=dtype, device=forget_proj.device)
     log_forget_kernel[grid](forget_proj, g, bound[0], bound[1], **args)
     return g
 
