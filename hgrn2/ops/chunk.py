@@ -55,8 +55,10 @@ from hgrn2.ops.validation import check_lower_bound
 # of 16 with 8 warps 8.2, with 2 warps 15.8, with one warp 18.9, and one warp in the walk too 19.5; chunks of 32 with
 # one warp 18.5 (benchmarks/results/ops-notes.md). Heads of exactly 16 channels were not timed.
 # LAUNCH["<kernel>_maxnreg"] (0: no limit) caps the registers of a thread of the output, dq/d log λ or dv kernel, so
-# that two of its programs can share an SM at the price of spills. LAUNCH["intra_precision"] is the precision of
-# INTRA_DOT's float32 operands ("tf32x3": three TF32 passes, about float32's).
+# that two of its programs can share an SM at the price of spills; LAUNCH["<kernel>_stages"] (0: Triton's default,
+# 3) sets how many stages its loop over K tiles is software-pipelined in, which sets most of its shared memory.
+# LAUNCH["intra_precision"] is the precision of INTRA_DOT's float32 operands ("tf32x3": three TF32 passes, about
+# float32's).
 SMALL_HEAD = 16
 PRECISE_BOUND_GRAD = False  # True: float32 states and TF32 matmuls where the lower bound's gradient is formed
 # Operands and precision of the matmuls between a chunk's own steps (the scores and their gradients): float32
@@ -90,7 +92,8 @@ LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, half_log_forget=False, small_head_chunk=16,
-    small_head_warps=1, small_head_walk_warps=1, output_maxnreg=0, dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    small_head_warps=1, small_head_walk_warps=1, output_stages=0, dqk_stages=0, dv_stages=0, output_maxnreg=0,
+    dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -173,9 +176,14 @@ class _Launch:
         return min(LAUNCH[f"{kernel}_bk"], self.bk)
 
     def options(self, kernel: str) -> dict:
-        """Launch options of the output, dqk or dv kernel: its warps and any register cap."""
-        cap = LAUNCH[f"{kernel}_maxnreg"]
-        return dict(num_warps=self.warps(kernel)) | (dict(maxnreg=cap) if cap else {})
+        """Launch options of the output, dqk or dv kernel: its warps, any register cap and any number of software
+        pipeline stages (``LAUNCH[f"{kernel}_stages"]``, 0: Triton's default)."""
+        cap, stages = LAUNCH[f"{kernel}_maxnreg"], LAUNCH[f"{kernel}_stages"]
+        return (
+            dict(num_warps=self.warps(kernel))
+            | (dict(maxnreg=cap) if cap else {})
+            | (dict(num_stages=stages) if stages else {})
+        )
 
     def deltas(self, q, g, x, scale, backward: bool):
         """Every chunk's Δ ([chunks, H, K, V], float32 or with ``LAUNCH["half_deltas"]`` the states' dtype) and
