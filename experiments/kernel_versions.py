@@ -98,15 +98,13 @@ VARIANTS = {
     # software-pipeline stages of the chunk-parallel kernels (Triton's default is 3, for loops of 2 K tiles):
     # sm90 compile (Triton 3.6), plain op, registers / spilled bytes / shared memory: output 249 / 0 / 112 KB by
     # default, 243 / 0 / 32 KB with one stage, 128 / 0 / 24 KB with one stage, K tiles of 32 and a cap of 128 (two
-    # 8-warp programs an SM instead of one); dq / d log λ 255 / 216 B / 88 KB by default, 255 / 0 / 44 KB with two
-    # stages and K tiles of 32
+    # 8-warp programs an SM instead of one); dq / d log λ 255 / 216 B / 88 KB by default, 255 / 216 B / 32 KB with
+    # one stage
     "out-s1": dict(output_stages=1),
     "out-s1-bk32-cap128": dict(output_stages=1, output_bk=32, output_maxnreg=128),
     "out-s2-bk32-cap128": dict(output_stages=2, output_bk=32, output_maxnreg=128),
     "out-s1-bk16-cap128": dict(output_stages=1, output_bk=16, output_maxnreg=128),
     "dqk-s1": dict(dqk_stages=1),
-    "dqk-s1-bk32": dict(dqk_stages=1, dqk_bk=32),
-    "dqk-s2-bk32": dict(dqk_stages=2, dqk_bk=32),
     "dv-s1-bk32": dict(dv_stages=1, dv_bk=32),
     "default": {},
 }
