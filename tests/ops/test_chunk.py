@@ -464,3 +464,17 @@ def test_launch_settings_parse_in_their_defaults_types_and_name_what_is_wrong():
     ):
         with pytest.raises(ValueError, match=words):
             launch_setting(text)
+
+
+def test_launch_options_carry_the_stages_and_register_cap_only_when_set(monkeypatch):
+    """``LAUNCH["<kernel>_stages"]`` and ``["<kernel>_maxnreg"]`` reach the kernel's launch as ``num_stages`` and
+    ``maxnreg``; left at 0 they are not passed, so Triton's defaults hold."""
+    q = torch.zeros(1, 64, 2, 128)
+    launch = chunk._Launch(q, q, None, gated=False, act=None, lower_bound=None, precise=False)
+    assert launch.options("output") == {"num_warps": chunk.LAUNCH["output_warps"]}
+    monkeypatch.setitem(chunk.LAUNCH, "output_stages", 1)
+    monkeypatch.setitem(chunk.LAUNCH, "output_maxnreg", 128)
+    monkeypatch.setitem(chunk.LAUNCH, "dqk_stages", 2)
+    assert launch.options("output") == {"num_warps": chunk.LAUNCH["output_warps"], "num_stages": 1, "maxnreg": 128}
+    assert launch.options("dqk") == {"num_warps": chunk.LAUNCH["dqk_warps"], "num_stages": 2}
+    assert launch.options("dv") == {"num_warps": chunk.LAUNCH["dv_warps"]}
