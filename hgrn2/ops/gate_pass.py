@@ -2,10 +2,11 @@
 
 ``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. ``log_forget_kernel`` writes
 log λ = log(β + (1 - β) σ(f)) once, formed in float32 (:func:`hgrn2.ops.kernel_utils.gate_log_forget`, exact near
-λ = 1) and stored in float32 (or, with ``hgrn2.ops.chunk.LAUNCH["half_log_forget"]``, in f's half precision),
-and the chunk kernels read it as the plain op reads its log gates (raised to the floor as they load it). The
-backward forms log λ again (it is not kept), runs the chunk kernels, which give d log λ in float32, and
-``gate_grad_kernel`` turns that into the gradients of f and of β.
+λ = 1) and stored in float32 (or, with ``hgrn2.ops.chunk.LAUNCH["half_log_forget"]``, in the inputs' half
+precision), and the chunk kernels read it as the plain op reads its log gates (raised to the floor as they load
+it). The backward takes the log λ the forward kept (``LAUNCH["keep_log_forget"]``, the default) or forms it again,
+runs the chunk kernels, which give d log λ in float32, and ``gate_grad_kernel`` turns that into the gradients of f
+and of β.
 
 Forming the gate inside every chunk kernel instead was 13-20% slower on an H100: those kernels hold many
 [64, 64] float32 tiles at once and run at the register limit, so the gate's live values cost them more than this
@@ -78,10 +79,10 @@ def _layout(forget_proj: torch.Tensor, bound: tuple[torch.Tensor, ...]) -> tuple
 
 
 def log_forget(
-    forget_proj: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype=torch.float32
+    forget_proj: torch.Tensor, bound: tuple[torch.Tensor, torch.Tensor, torch.Tensor], dtype: torch.dtype
 ) -> torch.Tensor:
-    """log λ [..., H, K] (float32, or ``dtype``) from the contiguous raw projection f and ``bound_constants``'
-    (log β, log(1 - β), 1/β), which are empty without a lower bound."""
+    """log λ [..., H, K] in ``dtype`` (the chunked op's ``_Launch.log_forget_dtype``) from the contiguous raw
+    projection f and ``bound_constants``' (log β, log(1 - β), 1/β), which are empty without a lower bound."""
     grid, args = _layout(forget_proj, bound)
     g = torch.empty(forget_proj.shape, dtype=dtype, device=forget_proj.device)
     log_forget_kernel[grid](forget_proj, g, bound[0], bound[1], **args)
