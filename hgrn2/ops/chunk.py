@@ -57,6 +57,11 @@ from hgrn2.ops.validation import check_lower_bound
 # LAUNCH["<kernel>_maxnreg"] (0: no limit) caps the registers of a thread of the output, dq/d log λ or dv kernel, so
 # that two of its programs can share an SM at the price of spills; LAUNCH["<kernel>_stages"] (0: Triton's default,
 # 3) sets how many stages its loop over K tiles is software-pipelined in, which sets most of its shared memory.
+# Both apply to half-precision inputs with heads of more than SMALL_HEAD channels, the calls they were timed on:
+# float32 inputs spill about 2 KB a thread under a cap of 128 (sm90 compile), and small heads run one warp. The
+# output kernel's default, K tiles of 32 in two stages under a cap of 128 (two 8-warp programs an SM instead of
+# one), took the forward 4-8% below K tiles of 64 in three stages at every shape timed on an H100, and the gated
+# entry with the precise path 2% (benchmarks/results/ops-notes.md).
 # LAUNCH["intra_precision"] is the precision of INTRA_DOT's float32 operands ("tf32x3": three TF32 passes, about
 # float32's).
 SMALL_HEAD = 16
@@ -79,20 +84,22 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # 132 SMs) run the walk, 11% faster forward than the deltas path. With ``half_deltas`` that path
 # stores the deltas in the states' dtype (bfloat16 for bfloat16 inputs unless the lower bound's gradient is to be
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` (the default) the gated
-# entry keeps the float32 log λ of its forward for the backward (4 bytes per element of q) instead of forming it
-# again: on an H100 the 374M LM (T = 2048, B = 8) trains at 148,200 tokens/s in 21.6 GiB with it and at 139,126 in
-# 20.1 GiB without (benchmarks/results/ops-notes.md). With ``half_log_forget`` the gated entry stores that log λ in
-# its inputs' half precision instead of float32 (unless the lower bound's gradient is to be precise), as the plain
-# op takes it: half the bytes for the pass that writes it and for every kernel that reads it.
+# entry keeps the log λ of its forward for the backward instead of forming it again: on an H100 the 374M LM
+# (T = 2048, B = 8), with float32 log λ, trained at 148,200 tokens/s in 21.6 GiB with it and at 139,126 in 20.1 GiB
+# without (benchmarks/results/ops-notes.md). With ``half_log_forget`` the gated entry stores that log λ in its
+# inputs' half precision instead of float32 (unless the lower bound's gradient is to be precise), as the plain op
+# takes it: half the bytes for the pass that writes it and for every kernel that reads it. On an H100 the gated
+# forward + backward at 64K tokens took 4.79 ms with it against 5.09, but the lower bound's gradient over 16 chunks
+# then misses its bound (2.8e-3 against 2.5e-3, test_bfloat16_lower_bound_gradient_over_many_chunks), so it is off.
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
 # span few warps, keep the scans.
 LAUNCH = dict(
-    chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=64, output_bv=128, output_warps=8,
+    chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=32, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, half_log_forget=False, small_head_chunk=16,
-    small_head_warps=1, small_head_walk_warps=1, output_stages=0, dqk_stages=0, dv_stages=0, output_maxnreg=0,
+    small_head_warps=1, small_head_walk_warps=1, output_stages=2, dqk_stages=0, dv_stages=0, output_maxnreg=128,
     dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
 
@@ -125,6 +132,7 @@ class _Launch:
 
     def __init__(self, q, v, cu_seqlens, gated, act, lower_bound, precise, reverse=False):
         self.gated = gated  # log λ from the raw projection by hgrn2.ops.gate_pass, then the same kernels
+        self.dtype = q.dtype
         self.batch, self.seq_len, self.heads, self.key_dim = q.shape
         self.value_dim = v.shape[-1]
         small = max(self.key_dim, self.value_dim) <= SMALL_HEAD
@@ -179,6 +187,8 @@ class _Launch:
         """Launch options of the output, dqk or dv kernel: its warps, any register cap and any number of software
         pipeline stages (``LAUNCH[f"{kernel}_stages"]``, 0: Triton's default)."""
         cap, stages = LAUNCH[f"{kernel}_maxnreg"], LAUNCH[f"{kernel}_stages"]
+        if self.small_head or self.dtype == torch.float32:  # settings timed on half-precision, larger heads only
+            cap, stages = 0, 0
         return (
             dict(num_warps=self.warps(kernel))
             | (dict(maxnreg=cap) if cap else {})

@@ -468,8 +468,12 @@ def test_launch_settings_parse_in_their_defaults_types_and_name_what_is_wrong():
 
 def test_launch_options_carry_the_stages_and_register_cap_only_when_set(monkeypatch):
     """``LAUNCH["<kernel>_stages"]`` and ``["<kernel>_maxnreg"]`` reach the kernel's launch as ``num_stages`` and
-    ``maxnreg``; left at 0 they are not passed, so Triton's defaults hold."""
-    q = torch.zeros(1, 64, 2, 128)
+    ``maxnreg`` for half-precision inputs with heads over 16 channels; left at 0 they are not passed, so Triton's
+    defaults hold, and float32 inputs and small heads never take them."""
+    for key in ("output", "dqk", "dv"):
+        monkeypatch.setitem(chunk.LAUNCH, f"{key}_stages", 0)
+        monkeypatch.setitem(chunk.LAUNCH, f"{key}_maxnreg", 0)
+    q = torch.zeros(1, 64, 2, 128, dtype=torch.bfloat16)
     launch = chunk._Launch(q, q, None, gated=False, act=None, lower_bound=None, precise=False)
     assert launch.options("output") == {"num_warps": chunk.LAUNCH["output_warps"]}
     monkeypatch.setitem(chunk.LAUNCH, "output_stages", 1)
@@ -478,3 +482,6 @@ def test_launch_options_carry_the_stages_and_register_cap_only_when_set(monkeypa
     assert launch.options("output") == {"num_warps": chunk.LAUNCH["output_warps"], "num_stages": 1, "maxnreg": 128}
     assert launch.options("dqk") == {"num_warps": chunk.LAUNCH["dqk_warps"], "num_stages": 2}
     assert launch.options("dv") == {"num_warps": chunk.LAUNCH["dv_warps"]}
+    for q in (torch.zeros(1, 64, 2, 128), torch.zeros(1, 64, 2, 16, dtype=torch.bfloat16)):  # float32; small heads
+        launch = chunk._Launch(q, q, None, gated=False, act=None, lower_bound=None, precise=False)
+        assert launch.options("output") == {"num_warps": launch.warps("output")}
