@@ -18,6 +18,10 @@
 # - listops-launch: ListOps training steps/s under launch settings of the chunk kernels (experiments/listops_launch.py),
 #   LISTOPS_LAUNCH="KEY=V1,V2 KEY=V1;..." (each ';'-separated group's combinations).
 # - listops-fit: one part of the ListOps fit at the paper's budget, chained over suites (see the job).
+# - small-state-ab: benchmarks/small_state_throughput.py (flags in SMALL_STATE_FLAGS, default the Pathfinder and
+#   vision jobs) from an earlier tree and from this one, alternately AB_ROUNDS times (default 2), so that a change
+#   of rate between two versions is measured on one machine; AB_ARCHIVE is a `git archive` of the earlier commit
+#   (e.g. `git archive -o runs/ab/old.tar.gz aa50c62`). The reports come back as small-state-ab-{old,new}-<n>.json.
 # - listops-data: the LRA ListOps splits at the paper's sizes (96,000 / 2,000 / 2,000 expressions, the generator's
 #   defaults and seed) in data/lra/listops, unless already there; the same files on every machine, so a fit chained
 #   over several suites (config-seeds with CONFIG=configs/lra/listops.yaml, --trainer.max_time in CONFIG_FLAGS and,
@@ -142,6 +146,16 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
           cp "$latest/metrics.csv" "$OUT/listops/test-$name-metrics.csv"
         done
       fi ;;
+    small-state-ab)
+      archive=${AB_ARCHIVE:?set AB_ARCHIVE to a git archive of the earlier commit}
+      old_tree=$(mktemp -d) && tar -xzf "$archive" -C "$old_tree"
+      flags=${SMALL_STATE_FLAGS:---jobs pathfinder,vision}
+      for ((round = 1; round <= ${AB_ROUNDS:-2}; round++)); do
+        (cd "$old_tree" && PYTHONPATH="${PYTHONPATH//$PWD/$old_tree}" run "small-state-old-$round" \
+          python benchmarks/small_state_throughput.py $flags --out "$OUT/small-state-ab-old-$round.json")
+        run "small-state-new-$round" python benchmarks/small_state_throughput.py $flags \
+          --out "$OUT/small-state-ab-new-$round.json"
+      done ;;
     compile-parity)
       run compile-parity python experiments/compile_parity.py --out "$RESULTS/compile-parity.json" ${PARITY_FLAGS:-}
       cp "$RESULTS/compile-parity.json" "$OUT/" ;;
