@@ -96,11 +96,13 @@ VARIANTS = {
     "walk-stages3": dict(walk_stages=3),
     "walk-tile32": dict(walk_tile=32),
     # software-pipeline stages of the chunk-parallel kernels (Triton's default is 3, for loops of 2 K tiles):
-    # sm90 compile (Triton 3.6), plain op, registers / spilled bytes / shared memory: output 249 / 0 / 112 KB by
-    # default, 243 / 0 / 32 KB with one stage, 128 / 0 / 24 KB with one stage, K tiles of 32 and a cap of 128 (two
-    # 8-warp programs an SM instead of one); dq / d log λ 255 / 216 B / 88 KB by default, 255 / 216 B / 32 KB with
-    # one stage
-    "out-s1": dict(output_stages=1),
+    # sm90 compile (Triton 3.6), plain op, registers / spilled bytes / shared memory: output 249 / 0 / 112 KB with
+    # K tiles of 64 in three stages (`out-bk64`, the default until v15), 243 / 0 / 32 KB with one stage, 128 / 0 /
+    # 24 KB with one stage, K tiles of 32 and a cap of 128 (two 8-warp programs an SM instead of one), 128 / 40 B /
+    # 40 KB with two stages (`out-s2-bk32-cap128`, the default since v15); dq / d log λ 255 / 216 B / 88 KB by
+    # default, 255 / 216 B / 32 KB with one stage
+    "out-bk64": dict(output_stages=0, output_bk=64, output_maxnreg=0),
+    "out-s1": dict(output_stages=1, output_bk=64, output_maxnreg=0),
     "out-s1-bk32-cap128": dict(output_stages=1, output_bk=32, output_maxnreg=128),
     "out-s2-bk32-cap128": dict(output_stages=2, output_bk=32, output_maxnreg=128),
     "out-s1-bk16-cap128": dict(output_stages=1, output_bk=16, output_maxnreg=128),
