@@ -23,7 +23,7 @@ import datamodules  # noqa: F401  (imported so that config files can name its cl
 import lightning_modules  # noqa: F401
 from lightning_modules.init_from import check_checkpoint_file, read_checkpoint
 from lightning_modules.outputs import OutputFolderCheck, check_output_folders
-from lightning_modules.resume import RNGStates
+from lightning_modules.resume import LoopProgress, RNGStates
 
 
 class HGRN2CLI(LightningCLI):
@@ -148,7 +148,7 @@ def main(args: list[str] | None = None) -> None:
         subclass_mode_model=True,
         subclass_mode_data=True,
         save_config_kwargs={"overwrite": True},
-        trainer_defaults={"callbacks": [OutputFolderCheck(), RNGStates()]},
+        trainer_defaults={"callbacks": [OutputFolderCheck(), RNGStates(), LoopProgress()]},
         parser_kwargs={"description": "Train and evaluate HGRN2 models (LM, images, Long Range Arena, MQAR)."},
         args=args,
     )

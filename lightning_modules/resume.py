@@ -1,4 +1,4 @@
-"""Exact resume: the random generators' states travel with the checkpoint.
+"""Exact resume: the random generators' states travel with the checkpoint, and the loop's counters stay right.
 
 Dropout and drop-path draw from Python's, NumPy's and torch's global generators in every training step. A fit
 resumed from a checkpoint gets back the weights, the optimiser, the schedule and (``datamodules.resumable``) the
@@ -6,6 +6,15 @@ data position, but without this would draw different random numbers from the fir
 saves every rank's generators with the checkpoint and puts them back just before the first training step after
 the restore; ``hgrn2 fit`` adds it to every run. The loaders take no numbers from these generators
 (``datamodules.resumable``), so the states saved after step n are those step n + 1 starts from.
+
+:class:`LoopProgress` keeps Lightning's progress counters true across restores (:func:`start_next_epoch_afresh`,
+:func:`repair_loop_progress`). Lightning resumes a checkpoint written at an epoch's last batch (``last.ckpt``
+every n steps, n dividing the epoch) with the next epoch but, still marked as restarted mid-epoch, neither counts
+that epoch as started nor calls ``on_train_epoch_start`` for it. Every checkpoint written inside that epoch and the
+later ones then reads as one written after an epoch's end: where ``max_steps`` is unset, a fit resumed from it does
+not restart (``FitLoop.restarting``), so it never gives the loader its position, starts the epoch's batches from the
+first and validates that many steps late, and leaves counts behind that make a later resume train an epoch's last
+batch again and repeat its validation. ``hgrn2 fit`` adds it to every run too.
 """
 
 from __future__ import annotations
@@ -36,6 +45,53 @@ def set_generator_states(states: dict) -> None:
     torch.set_rng_state(states["torch"])
     if "cuda" in states and torch.cuda.is_available():
         torch.cuda.set_rng_state(states["cuda"])
+
+
+def start_next_epoch_afresh(trainer: pl.Trainer) -> None:
+    """Has a fit resumed from a checkpoint written at an epoch's last batch start its next epoch as an
+    uninterrupted fit does: counted as started, with ``on_train_epoch_start`` called.
+
+    Run after ``FitLoop.reset``, which counts the checkpoint's epoch as processed and completed but leaves the loop
+    marked as restarted mid-epoch; ``FitLoop.on_advance_start`` would then skip the next epoch's start.
+    """
+    fit_loop = trainer.fit_loop
+    epochs = fit_loop.epoch_progress.current
+    if fit_loop.restarted_mid_epoch and epochs.processed == epochs.ready:
+        fit_loop.reset_restart_stage()
+
+
+def repair_loop_progress(fit_loop_state: dict) -> None:
+    """Puts right, in place, the counters that fits resumed without :func:`start_next_epoch_afresh` left in a
+    checkpoint's ``loops.fit_loop``, for a checkpoint written at a training batch's end (as ``every_n_train_steps``
+    writes them): an epoch not counted as started (ready and started equal to processed, as after an epoch's end)
+    and trained batches never counted as completed (``total``'s processed ahead of its completed by more than the
+    batch being written). With them right, Lightning resumes the checkpoint as the mid-epoch position, or the
+    epoch's end, that it is."""
+    epochs, batches = fit_loop_state.get("epoch_progress"), fit_loop_state.get("epoch_loop.batch_progress")
+    if epochs is None or batches is None:
+        return
+    in_flight = batches["current"]["processed"] - batches["current"]["completed"]  # 1 at a training batch's end
+    if in_flight != 1:
+        return
+    total = batches["total"]
+    total["completed"] = total["processed"] - in_flight
+    for counts in (epochs["total"], epochs["current"]):
+        if counts["ready"] == counts["started"] == counts["processed"]:
+            counts["ready"] = counts["started"] = counts["processed"] + 1
+
+
+class LoopProgress(pl.Callback):
+    """Keeps Lightning's progress counters true across restores (the module's docstring): repairs those an earlier
+    resume left in a checkpoint before the loops read them, and starts the next epoch afresh after a checkpoint
+    written at an epoch's last batch."""
+
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict) -> None:
+        # callbacks are restored before the loops, which then read the repaired counters
+        if "fit_loop" in checkpoint.get("loops", {}):
+            repair_loop_progress(checkpoint["loops"]["fit_loop"])
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start_next_epoch_afresh(trainer)
 
 
 class RNGStates(pl.Callback):

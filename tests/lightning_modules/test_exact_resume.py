@@ -4,7 +4,9 @@ For each task family's tiny config, three ``hgrn2 fit`` processes: one uninterru
 (``tests/lightning_modules/resume_probe.py``) a few steps after a mid-epoch checkpoint, and one resumed from that
 checkpoint. The resumed losses must equal the uninterrupted run's from the checkpoint on, bit for bit, and so must
 the final weights. Each config sets ``max_epochs`` (with ``max_steps`` ending the fit), the setting under which
-Lightning used to restart the epoch's data from its first batch.
+Lightning used to restart the epoch's data from its first batch. A last test chains two resumes as
+``configs/lra/listops.yaml`` trains: ``max_epochs`` alone, validation at each epoch's end, loader workers and a
+checkpoint at an epoch's last batch before a mid-epoch one.
 """
 
 from __future__ import annotations
@@ -23,9 +25,10 @@ ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ROOT / "configs"
 
 
-def overlay(tmp: Path, name: str, kill_after: int | None, save_every: int) -> Path:
+def overlay(tmp: Path, name: str, kill_after: int | None, save_every: int, validate: bool = False) -> Path:
     """A config layered over the task's: a checkpoint every ``save_every`` steps and the probe; no logger, no
-    validation (it changes no weight), no progress bar."""
+    progress bar. No validation (it changes no weight) unless ``validate``, which keeps the task's and adds a
+    second checkpoint callback, the best validation accuracy's."""
     callbacks = [
         {
             "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
@@ -51,13 +54,28 @@ def overlay(tmp: Path, name: str, kill_after: int | None, save_every: int) -> Pa
         "enable_model_summary": False, "limit_val_batches": 0, "num_sanity_val_steps": 0,
         "default_root_dir": str(tmp / name),
     }  # fmt: skip
+    if validate:
+        del trainer["limit_val_batches"], trainer["num_sanity_val_steps"]
+        best = dict(dirpath=str(tmp / name / "checkpoints"), monitor="val/acc", mode="max", filename="best-{step}")
+        callbacks.insert(1, {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": best})
     path = tmp / f"{name}.yaml"
     path.write_text(yaml.safe_dump({"trainer": trainer}))
     return path
 
 
-def fit(tmp: Path, name: str, args: list[str], save_every: int, kill_after: int | None = None, resume: str = ""):
-    command = [sys.executable, "-m", "hgrn2", "fit", *args, "--config", str(overlay(tmp, name, kill_after, save_every))]
+def fit(
+    tmp: Path,
+    name: str,
+    args: list[str],
+    save_every: int,
+    kill_after: int | None = None,
+    resume: str = "",
+    validate: bool = False,
+):
+    """The probe's records of an ``hgrn2 fit`` process: {"step", "loss"} for each training step and, with
+    ``validate``, {"validated": global step} for each validation."""
+    config = overlay(tmp, name, kill_after, save_every, validate)
+    command = [sys.executable, "-m", "hgrn2", "fit", *args, "--config", str(config)]
     if resume:
         command += ["--ckpt_path", str(tmp / resume / "checkpoints" / "last.ckpt")]
     # one thread: the three processes then reduce in the same order, so equal inputs give equal bits
@@ -129,3 +147,88 @@ def test_mqar_config_resumes_exactly_after_a_kill(tmp_path):
     args += ["--data.init_args.num_pairs", "4", "--data.init_args.num_train", "192", "--data.init_args.num_val", "16"]
     args += ["--data.init_args.batch_size", "16"]
     check_exact_resume(tmp_path, args, steps=16, save_every=14, kill_after=15)
+
+
+def after_checkpoint(records: list[dict], step: int) -> list[dict]:
+    """An uninterrupted run's records after the checkpoint written at ``step``: past that step and past the
+    validation right after it, if any (a checkpoint at an epoch's last batch is written before the epoch's
+    validation, which the interrupted run went on to run, and resumes with the next epoch)."""
+    index = records.index(next(r for r in records if r.get("step") == step)) + 1
+    return records[index + 1 :] if index < len(records) and "validated" in records[index] else records[index:]
+
+
+def outline(records: list[dict]) -> str:
+    """Where ``records`` validated and how many steps they trained, and their first loss."""
+    steps = [r for r in records if "step" in r]
+    validated = [r["validated"] for r in records if "validated" in r]
+    return f"steps {steps[0]['step']}-{steps[-1]['step']} (first loss {steps[0]['loss']}), validated at {validated}"
+
+
+def counts(ready: int, started: int, processed: int, completed: int) -> dict:
+    return {"ready": ready, "started": started, "processed": processed, "completed": completed}
+
+
+def test_resumes_chained_as_listops_trains_are_exact(tmp_path):
+    # configs/lra/text_tiny.yaml set up as configs/lra/listops.yaml: max_epochs and no max_steps, validation at each
+    # epoch's end, two persistent loader workers, last.ckpt every 5 steps and best-{step} on val/acc. 40 toy reviews
+    # in batches of 4: 10 batches an epoch. The first process is killed at step 11, after validating epoch 0, so its
+    # last.ckpt is step 10's, epoch 0's last batch; the second, resumed from it, is killed at step 16, its last.ckpt
+    # mid-epoch (step 15); the third resumes from that and ends with epoch 2. Lightning resumes a checkpoint at an
+    # epoch's last batch with the next epoch without counting that epoch as started (lightning_modules.resume counts
+    # it); uncounted, the second process's checkpoint at step 15 reads as one at an epoch's end, and without
+    # max_steps the third process starts epoch 1 again from its first batch and validates 5 steps late.
+    subprocess.run(
+        [sys.executable, "-m", "datamodules.lra.synthetic", "--task", "text", "--out", str(tmp_path / "text"),
+         "--size", "20"],
+        cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+    )  # fmt: skip
+    overrides = "{hidden_size: 16, num_layers: 2, expand_ratio: 8, dropout: 0.1}"
+    args = ["--config", str(CONFIGS / "lra" / "text_tiny.yaml"), "--data.init_args.data_dir", str(tmp_path / "text")]
+    args += ["--model.init_args.overrides", overrides, "--data.init_args.batch_size", "4"]
+    args += ["--data.init_args.num_workers", "2", "--trainer.max_epochs", "3"]
+    straight = fit(tmp_path, "straight", args, 5, validate=True)
+    first = fit(tmp_path, "first", args, 5, kill_after=11, validate=True)
+    second = fit(tmp_path, "second", args, 5, kill_after=16, resume="first", validate=True)
+    third = fit(tmp_path, "third", args, 5, resume="second", validate=True)
+    assert [r["validated"] for r in straight if "validated" in r] == [10, 20, 30]
+    assert [r["step"] for r in straight if "step" in r] == list(range(1, 31))
+    assert first == straight[: len(first)] and first[-1]["step"] == 11
+    expected = after_checkpoint(straight, 10)
+    assert second == expected[: len(second)] and second[-1]["step"] == 16, (
+        f"resumed at epoch 0's last batch: {outline(second)}, uninterrupted: {outline(expected[: len(second)])}"
+    )
+    # the second process counted epoch 1 as started, as an uninterrupted fit does
+    saved = torch.load(tmp_path / "second" / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["loops"]["fit_loop"]["epoch_progress"]["current"] == counts(2, 2, 1, 1)
+    expected = after_checkpoint(straight, 15)
+    assert third == expected, f"resumed mid-epoch after a resume: {outline(third)}, uninterrupted: {outline(expected)}"
+    final, final_resumed = torch.load(tmp_path / "straight.pt"), torch.load(tmp_path / "third.pt")
+    different = [name for name in final if not torch.equal(final[name], final_resumed[name])]
+    assert final.keys() == final_resumed.keys() and not different, f"final weights differ: {different[:5]}"
+
+
+def test_counters_that_earlier_resumes_left_in_a_checkpoint_are_put_right():
+    from lightning_modules.resume import repair_loop_progress
+
+    def state(epoch: dict, batch_total: dict, batch_current: dict) -> dict:
+        return {
+            "epoch_progress": {"total": dict(epoch), "current": dict(epoch)},
+            "epoch_loop.batch_progress": {"total": batch_total, "current": batch_current, "is_last_batch": False},
+        }
+
+    # written at step 25, batch 5 of epoch 2, by a fit resumed at an epoch's end: epoch 2 not counted as started
+    lagging = state(counts(2, 2, 2, 2), counts(25, 25, 25, 24), counts(5, 5, 5, 4))
+    repair_loop_progress(lagging)
+    assert lagging == state(counts(3, 3, 2, 2), counts(25, 25, 25, 24), counts(5, 5, 5, 4))
+    # written by a fit that resumed such a checkpoint: batches trained whose completion went uncounted
+    behind = state(counts(16, 16, 15, 15), counts(12250, 12250, 12250, 12247), counts(749, 749, 749, 748))
+    repair_loop_progress(behind)
+    assert behind == state(counts(16, 16, 15, 15), counts(12250, 12250, 12250, 12249), counts(749, 749, 749, 748))
+    # an uninterrupted fit's, at a batch's end and at an epoch's end (best-{step}, after validation): left alone
+    for right in (
+        state(counts(3, 3, 2, 2), counts(25, 25, 25, 24), counts(5, 5, 5, 4)),
+        state(counts(3, 3, 3, 2), counts(30, 30, 30, 30), counts(10, 10, 10, 10)),
+    ):
+        before = json.loads(json.dumps(right))
+        repair_loop_progress(right)
+        assert right == before
