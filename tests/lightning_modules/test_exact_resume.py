@@ -127,17 +127,22 @@ def test_digits_demo_resumes_exactly_after_a_kill(tmp_path):
     check_exact_resume(tmp_path, args, steps=26, save_every=24, kill_after=25)
 
 
-def test_lra_text_config_resumes_exactly_after_a_kill(tmp_path):
-    # configs/lra/text_tiny.yaml with dropout on: 200 toy reviews in batches of 20, 10 batches an epoch
+def lra_text_args(tmp: Path, size: int) -> list[str]:
+    """``hgrn2 fit`` arguments of configs/lra/text_tiny.yaml with dropout on, over toy reviews (``size`` of each
+    class) that ``datamodules.lra.synthetic`` writes under ``tmp``."""
     subprocess.run(
-        [sys.executable, "-m", "datamodules.lra.synthetic", "--task", "text", "--out", str(tmp_path / "text"),
-         "--size", "100"],
+        [sys.executable, "-m", "datamodules.lra.synthetic", "--task", "text", "--out", str(tmp / "text"),
+         "--size", str(size)],
         cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
     )  # fmt: skip
     overrides = "{hidden_size: 16, num_layers: 2, expand_ratio: 8, dropout: 0.1}"
-    args = ["--config", str(CONFIGS / "lra" / "text_tiny.yaml"), "--data.init_args.data_dir", str(tmp_path / "text")]
-    args += ["--model.init_args.overrides", overrides]
-    check_exact_resume(tmp_path, args, steps=14, save_every=12, kill_after=13)
+    args = ["--config", str(CONFIGS / "lra" / "text_tiny.yaml"), "--data.init_args.data_dir", str(tmp / "text")]
+    return [*args, "--model.init_args.overrides", overrides]
+
+
+def test_lra_text_config_resumes_exactly_after_a_kill(tmp_path):
+    # 200 toy reviews in batches of 20, 10 batches an epoch
+    check_exact_resume(tmp_path, lra_text_args(tmp_path, 100), steps=14, save_every=12, kill_after=13)
 
 
 def test_mqar_config_resumes_exactly_after_a_kill(tmp_path):
@@ -177,14 +182,7 @@ def test_resumes_chained_as_listops_trains_are_exact(tmp_path):
     # epoch's last batch with the next epoch without counting that epoch as started (lightning_modules.resume counts
     # it); uncounted, the second process's checkpoint at step 15 reads as one at an epoch's end, and without
     # max_steps the third process starts epoch 1 again from its first batch and validates 5 steps late.
-    subprocess.run(
-        [sys.executable, "-m", "datamodules.lra.synthetic", "--task", "text", "--out", str(tmp_path / "text"),
-         "--size", "20"],
-        cwd=ROOT, check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
-    )  # fmt: skip
-    overrides = "{hidden_size: 16, num_layers: 2, expand_ratio: 8, dropout: 0.1}"
-    args = ["--config", str(CONFIGS / "lra" / "text_tiny.yaml"), "--data.init_args.data_dir", str(tmp_path / "text")]
-    args += ["--model.init_args.overrides", overrides, "--data.init_args.batch_size", "4"]
+    args = [*lra_text_args(tmp_path, 20), "--data.init_args.batch_size", "4"]
     args += ["--data.init_args.num_workers", "2", "--trainer.max_epochs", "3"]
     straight = fit(tmp_path, "straight", args, 5, validate=True)
     first = fit(tmp_path, "first", args, 5, kill_after=11, validate=True)
