@@ -62,6 +62,7 @@ from datamodules.lra.generate_pathfinder import write_pathfinder
 from datamodules.lra.pathfinder_snakes import difficulty_folder
 from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig
+from lightning_modules.resume import LoopProgress, RNGStates
 from lightning_modules.sequence_classifier import SequenceClassifier
 
 PAPER_REFERENCE = {"listops": 60.52}  # HGRN2 paper, LRA ListOps test accuracy (%), official data, 50 epochs
@@ -308,7 +309,7 @@ def train_and_test(task: str, data: pl.LightningDataModule, overrides: dict, arg
     )
     schedule = WallClockCosine(args.peak_lrs[task], budget_s)
     curve = LearningCurve(label, schedule, args.print_every)
-    callbacks = [schedule, curve]
+    callbacks = [schedule, curve, RNGStates(), LoopProgress()]  # a resumed call goes on exactly, as `hgrn2 fit`'s
     if args.profile:
         callbacks.append(ProfileSteps(args.profile))
     initialised_from = None
