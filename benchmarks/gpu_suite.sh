@@ -6,9 +6,11 @@
 # lm374m (200 steps of configs/lm/374m.yaml through hgrn2 fit), vision, vision-chunked, small-state (training steps
 # of ListOps, Pathfinder-32 and HGRN2-Tiny against their target rates, ListOps' kernels profiled),
 # small-state-compile (SMALL_STATE_JOBS, default pathfinder,vision, with torch.compile), decode (the decoding step
-# and the public op at T = 1, fla's step beside them), ops (kernels against fla; FLA_BUDGET_S caps fla's autotuning), train-8192, scaling (scaling-ddp, scaling-fsdp and
-# scaling-fsdp-ckpt, each also a job alone) and, on two GPUs, scaling-2gpu (the 374m LM on one GPU, then on two
-# under DDP and under FSDP, at one global batch). The research studies have their own suite: experiments/gpu_suite.sh.
+# and the public op at T = 1, fla's step beside them), ops (kernels against fla; FLA_BUDGET_S caps fla's
+# autotuning), train-ratios (the 374M LM, ours with and without the precise path against fla's, T = 2048 x B = 8
+# and T = 8192 x B = 2), train-8192, scaling (scaling-ddp, scaling-fsdp and scaling-fsdp-ckpt, each also a job
+# alone) and, on two GPUs, scaling-2gpu (the 374m LM on one GPU, then on two under DDP and under FSDP, at one global
+# batch). The research studies have their own suite: experiments/gpu_suite.sh.
 # Each job writes its JSON or log to benchmarks/results/ and copies it to $OUT; all output goes to $OUT/suite.log.
 set -uo pipefail
 RESULTS=benchmarks/results
@@ -65,6 +67,10 @@ for ((i = 0; i < ${#jobs[@]}; i++)); do
     ops)  # kernels against fla: its first call autotunes for minutes
       run ops python benchmarks/ops.py --out "$RESULTS" --fla-budget-s "${FLA_BUDGET_S:-200}"
       cp "$RESULTS"/*-ops.json "$OUT/" ;;
+    train-ratios)  # the 374M LM against fla's at both of the kernel targets' shapes, the precise path beside
+      run train-ratios python benchmarks/train.py --models hgrn2,hgrn2-precise,fla --shapes 2048x8,8192x2 \
+        --out "$RESULTS/ratios"
+      cp "$RESULTS"/ratios/*-train.json "$OUT/" ;;
     train-8192)
       run train-8192 python benchmarks/train.py --models hgrn2,llama,fla --shapes 8192x2 --out "$RESULTS/T8192"
       cp "$RESULTS"/T8192/*-train.json "$OUT/" ;;
