@@ -150,12 +150,14 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
       archive=${AB_ARCHIVE:?set AB_ARCHIVE to a git archive of the earlier commit}
       old_tree=$(mktemp -d) && tar -xzf "$archive" -C "$old_tree"
       flags=${SMALL_STATE_FLAGS:---jobs pathfinder,vision}
+      out=$(realpath "$OUT")  # the earlier tree's runs write from inside it
       for ((round = 1; round <= ${AB_ROUNDS:-2}; round++)); do
-        (cd "$old_tree" && PYTHONPATH="${PYTHONPATH//$PWD/$old_tree}" run "small-state-old-$round" \
-          python benchmarks/small_state_throughput.py $flags --out "$OUT/small-state-ab-old-$round.json")
+        (cd "$old_tree" && OUT=$out PYTHONPATH="${PYTHONPATH//$PWD/$old_tree}" run "small-state-old-$round" \
+          python benchmarks/small_state_throughput.py $flags --out "$out/small-state-ab-old-$round.json")
         run "small-state-new-$round" python benchmarks/small_state_throughput.py $flags \
-          --out "$OUT/small-state-ab-new-$round.json"
-      done ;;
+          --out "$out/small-state-ab-new-$round.json"
+      done
+      rm -rf "$old_tree" ;;
     compile-parity)
       run compile-parity python experiments/compile_parity.py --out "$RESULTS/compile-parity.json" ${PARITY_FLAGS:-}
       cp "$RESULTS/compile-parity.json" "$OUT/" ;;
