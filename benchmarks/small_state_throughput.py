@@ -221,7 +221,7 @@ def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: tor
     compiled = compiles_blocks(args, model_section)
     if compiled:
         for block in module.model.blocks:
-            block.compile()
+            block.compile(mode=args.compile_mode)
     batch = random_lra_batch(config, batch_size, length, device)
     step = lra_training_step(module, batch, dtype, total_steps=args.warmup + args.steps)
     with warnings.catch_warnings():  # training_step's self.log is a no-op outside a Trainer, and says so
@@ -240,6 +240,7 @@ def lra_job(job: str, args: argparse.Namespace, device: torch.device, dtype: tor
         "recurrence_backend": scan_backend(config.backend, device, scan_length, config.expand_ratio),
         "fused": config.fused,
         "compiled_blocks": compiled,
+        "compile_mode": args.compile_mode if compiled else None,
         "params_m": round(sum(p.numel() for p in module.parameters()) / 1e6, 3),
         "steps_per_s": round(args.steps / elapsed, 2),
         "step_ms": round(1e3 * elapsed / args.steps, 2),
@@ -258,7 +259,14 @@ def vision_job(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     image_size, batch_size = args.image_size, args.batch_size or 128
     backend = args.backend or "auto"
     compiled = compiles_blocks(args, load_lra_config(VISION_CONFIG)[0])
-    common = dict(device=device, batch_size=batch_size, image_size=image_size, dtype=dtype, compile_blocks=compiled)
+    common = dict(
+        device=device,
+        batch_size=batch_size,
+        image_size=image_size,
+        dtype=dtype,
+        compile_blocks=compiled,
+        compile_mode=args.compile_mode,
+    )
     timing = dict(steps=args.steps, warmup=args.warmup)
     hgrn2_kwargs = dict(expand_ratio=VISION_EXPAND_RATIO, backend=backend)
     runs = [
@@ -335,6 +343,11 @@ def main(argv: list[str] | None = None) -> dict:
         default=None,
         help="torch.compile each block of every model (DeiT-Tiny's too), or with --no-compile none; default: as "
         "each config's compile_blocks says (configs/imagenet/hgrn2_tiny.yaml's for both vision models)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        default=None,
+        help="torch.compile's mode for the compiled blocks, e.g. reduce-overhead (CUDA graphs); default: its own",
     )
     parser.add_argument(
         "--backend", default=None, help="recurrence backend for every job (default: the configs' own, auto if unset)"

@@ -29,7 +29,7 @@ from hgrn2.ops import auto_backend, triton_available
 
 HGRN2 = "hgrn2_vit_tiny_patch16_224"
 BASELINE = "deit_tiny_patch16_224"
-MEASURE_ARGS = ("device", "batch_size", "image_size", "steps", "warmup", "dtype", "compile_blocks")
+MEASURE_ARGS = ("device", "batch_size", "image_size", "steps", "warmup", "dtype", "compile_blocks", "compile_mode")
 
 
 def _sync(device: torch.device) -> None:
@@ -44,16 +44,18 @@ def training_step(
     image_size: int,
     dtype: torch.dtype | None,
     compile_blocks: bool = False,
+    compile_mode: str | None = None,
     **model_kwargs,
 ) -> tuple[nn.Module, Callable[[], torch.Tensor]]:
     """The model ``name`` and a function that trains it one step (bf16 autocast unless ``dtype`` is None, AdamW,
     cross-entropy) on one fixed batch of random images and returns the loss. ``compile_blocks``: each of the
-    model's ``blocks`` through ``torch.compile`` (fewer, fused launches around the recurrence's kernels)."""
+    model's ``blocks`` through ``torch.compile`` (fewer, fused launches around the recurrence's kernels), in
+    ``compile_mode`` (torch.compile's ``mode``, e.g. ``reduce-overhead`` for CUDA graphs; None: its default)."""
     torch.manual_seed(0)
     model = timm.create_model(name, num_classes=1000, img_size=image_size, **model_kwargs).to(device).train()
     if compile_blocks:
         for block in model.blocks:
-            block.compile()
+            block.compile(mode=compile_mode)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device.type == "cuda")
     images = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, 1000, (batch_size,), device=device)
@@ -108,15 +110,19 @@ def measure(
     warmup: int,
     dtype: torch.dtype | None,
     compile_blocks: bool = False,
+    compile_mode: str | None = None,
     **model_kwargs,
 ) -> dict:
     """Train ``name`` for ``warmup + steps`` steps on random data and return its throughput and memory."""
-    model, step = training_step(name, device, batch_size, image_size, dtype, compile_blocks, **model_kwargs)
+    model, step = training_step(
+        name, device, batch_size, image_size, dtype, compile_blocks, compile_mode, **model_kwargs
+    )
     timing = time_steps(step, device, steps, warmup, name)
     return {
         "model": name,
         "model_kwargs": model_kwargs,
         "compiled_blocks": compile_blocks,
+        "compile_mode": compile_mode if compile_blocks else None,
         "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "images_per_s": round(batch_size * steps / timing["elapsed_s"], 1),
         "step_ms": round(1e3 * timing["elapsed_s"] / steps, 2),
