@@ -74,8 +74,10 @@ VARIANTS = {
     "half-deltas-walk-from-1": dict(half_deltas=True, walk_programs_per_sm=0.9),
     # the gated entry's backward reads the forward's float32 log λ instead of forming it again
     "keep-log-forget": dict(keep_log_forget=True),
-    # the gated entry's log λ stored in bfloat16 (half the bytes of its pass and of every kernel reading it)
-    "half-log-forget": dict(half_log_forget=True),
+    # the gated entry's log λ for half-precision inputs stored in bfloat16 (the inputs' dtype) or in float32
+    # instead of float16, the default since v15 (whose `half-log-forget` was the bfloat16 one)
+    "half-log-forget": dict(log_forget_dtype="inputs"),
+    "log-forget-f32": dict(log_forget_dtype="float32"),
     # 16 warps for the chunk-parallel kernels that run one 8-warp program per SM (registers or shared memory):
     # twice the warps to hide latency with. sm90 compile (Triton 3.6), plain op: output 128 registers, no spills
     # (249 at 8 warps); dq/d log λ 128 registers, 160 spilled bytes a thread (255 and 136 at 8 warps), gated 280

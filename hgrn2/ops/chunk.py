@@ -86,11 +86,14 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # precise) instead of float32; the walk still sums them in float32. With ``keep_log_forget`` (the default) the gated
 # entry keeps the log λ of its forward for the backward instead of forming it again: on an H100 the 374M LM
 # (T = 2048, B = 8), with float32 log λ, trained at 148,200 tokens/s in 21.6 GiB with it and at 139,126 in 20.1 GiB
-# without (benchmarks/results/ops-notes.md). With ``half_log_forget`` the gated entry stores that log λ in its
-# inputs' half precision instead of float32 (unless the lower bound's gradient is to be precise), as the plain op
-# takes it: half the bytes for the pass that writes it and for every kernel that reads it. On an H100 the gated
-# forward + backward at 64K tokens took 4.79 ms with it against 5.09, but the lower bound's gradient over 16 chunks
-# then misses its bound (2.8e-3 against 2.5e-3, test_bfloat16_lower_bound_gradient_over_many_chunks), so it is off.
+# without (benchmarks/results/ops-notes.md). ``log_forget_dtype`` is the dtype that log λ is stored in for
+# half-precision inputs (float32 inputs, and the precise path, always keep float32): "float16" (the default),
+# "float32", or "inputs" (the inputs' own half precision). Half the bytes of float32, for the pass that writes it
+# and for every kernel that reads it: on an H100 the gated forward + backward at 64K tokens took 4.79 ms with
+# bfloat16 log λ against 5.09 with float32. bfloat16's 8 bits of mantissa moved the lower bound's gradient over 16
+# chunks to 2.8e-3, past the 2.5e-3 of test_bfloat16_lower_bound_gradient_over_many_chunks; float16's 11 keep every
+# error of the gated entry within 5% of float32's (2.33e-3 against 2.24e-3 for d β), and the kernels' floor of
+# log λ = -30 lies well inside its range (benchmarks/results/ops-notes.md).
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
@@ -98,7 +101,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=32, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, half_log_forget=False, small_head_chunk=16,
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, log_forget_dtype="float16",
+    small_head_chunk=16,
     small_head_warps=1, small_head_walk_warps=1, output_stages=2, dqk_stages=0, dv_stages=0, output_maxnreg=128,
     dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
@@ -121,6 +125,18 @@ def launch_setting(text: str) -> tuple[str, object]:
         return key, kind(value)
     except ValueError:
         raise ValueError(f"{text!r}: {key} takes values of type {kind.__name__}, such as {LAUNCH[key]!r}") from None
+
+
+LOG_FORGET_DTYPES = {"float16": torch.float16, "float32": torch.float32, "inputs": None}
+
+
+def log_forget_storage(name: str, input_dtype: torch.dtype) -> torch.dtype:
+    """The dtype ``LAUNCH["log_forget_dtype"]`` names for half-precision inputs of ``input_dtype``."""
+    if name not in LOG_FORGET_DTYPES:
+        raise ValueError(
+            f"LAUNCH['log_forget_dtype'] = {name!r}: expected one of {', '.join(map(repr, LOG_FORGET_DTYPES))}"
+        )
+    return LOG_FORGET_DTYPES[name] or input_dtype
 
 
 def _pow2(n: int) -> int:
@@ -168,9 +184,10 @@ class _Launch:
         half_intra = INTRA_DOT | dict(IPRECISION=LAUNCH["intra_precision"])
         self.intra = half_intra if q.dtype != torch.float32 else dict(IDT=tl.float32, IPRECISION="ieee")
         self.scores_dtype = torch.float32 if q.dtype == torch.float32 else torch.bfloat16
-        # the gated entry's log λ: float32, or the inputs' half precision (LAUNCH["half_log_forget"])
-        half_gates = LAUNCH["half_log_forget"] and not precise and q.dtype != torch.float32
-        self.log_forget_dtype = q.dtype if half_gates else torch.float32
+        # the gated entry's log λ: float32 for float32 inputs and the precise path, else LAUNCH["log_forget_dtype"]
+        self.log_forget_dtype = torch.float32
+        if not precise and q.dtype != torch.float32:
+            self.log_forget_dtype = log_forget_storage(LAUNCH["log_forget_dtype"], q.dtype)
 
     def warps(self, kernel: str) -> int:
         """Warps of a kernel ('walk', or a chunk-parallel 'delta', 'output', 'dqk' or 'dv') for this call's head

@@ -2,11 +2,11 @@
 
 ``chunk_hgrn2_gated`` takes the raw forget projection f and the lower bound β. ``log_forget_kernel`` writes
 log λ = log(β + (1 - β) σ(f)) once, formed in float32 (:func:`hgrn2.ops.kernel_utils.gate_log_forget`, exact near
-λ = 1) and stored in float32 (or, with ``hgrn2.ops.chunk.LAUNCH["half_log_forget"]``, in the inputs' half
-precision), and the chunk kernels read it as the plain op reads its log gates (raised to the floor as they load
-it). The backward takes the log λ the forward kept (``LAUNCH["keep_log_forget"]``, the default) or forms it again,
-runs the chunk kernels, which give d log λ in float32, and ``gate_grad_kernel`` turns that into the gradients of f
-and of β.
+λ = 1) and stored for half-precision inputs in float16 (``hgrn2.ops.chunk.LAUNCH["log_forget_dtype"]``; float32
+for float32 inputs and the precise path), and the chunk kernels read it as the plain op reads its log gates
+(raised to the floor as they load it). The backward takes the log λ the forward kept
+(``LAUNCH["keep_log_forget"]``, the default) or forms it again, runs the chunk kernels, which give d log λ in
+float32, and ``gate_grad_kernel`` turns that into the gradients of f and of β.
 
 Forming the gate inside every chunk kernel instead was 13-20% slower on an H100: those kernels hold many
 [64, 64] float32 tiles at once and run at the register limit, so the gate's live values cost them more than this

@@ -262,10 +262,12 @@ def test_bfloat16_lower_bound_gradient_over_many_chunks(precise):
     assert error <= TOL[torch.bfloat16] / 8, f"dlower_bound: relative error {error:.3e}"
 
 
-def test_half_precision_log_forget_keeps_the_gated_errors_near_the_float32_ones(monkeypatch):
-    """``LAUNCH["half_log_forget"]`` stores the gated entry's log λ in bfloat16, as the plain op takes it, instead
-    of float32. Against the float64 loop over 16 chunks (these inputs: errors of 2.2-6.4e-3 with float32 log λ), o
-    and the gradients of q_proj, v and f grew by at most 22% and the lower bound's by 50% (2.2e-3 to 3.4e-3)."""
+@pytest.mark.parametrize("storage, growth", [("float16", 1.1), ("inputs", 1.7)])
+def test_half_precision_log_forget_keeps_the_gated_errors_near_the_float32_ones(monkeypatch, storage, growth):
+    """``LAUNCH["log_forget_dtype"]`` stores the gated entry's log λ in float16 (the default) or in the inputs'
+    bfloat16 instead of float32. Against the float64 loop over 16 chunks (these inputs: errors of 2.2-6.4e-3 with
+    float32 log λ), float16 moved no error by more than 4% (d β 2.24e-3 to 2.33e-3); bfloat16 moved o and the
+    gradients of q_proj, v and f by up to 22% and the lower bound's by 50% (2.2e-3 to 3.4e-3)."""
     from hgrn2.ops.reference import hgrn2_recurrence_chunked
 
     torch.manual_seed(1)
@@ -275,26 +277,37 @@ def test_half_precision_log_forget_keeps_the_gated_errors_near_the_float32_ones(
     do = torch.randn(o_ref.shape, dtype=torch.float64)
     want = [o_ref, *torch.autograd.grad((o_ref * do).sum(), exact)]
     errors = {}
-    for half in (False, True):
-        monkeypatch.setitem(chunk.LAUNCH, "half_log_forget", half)
+    for name in ("float32", storage):
+        monkeypatch.setitem(chunk.LAUNCH, "log_forget_dtype", name)
         o, _ = chunk.chunk_hgrn2_gated(*leaves, output_gate="silu")
         got = [o, *torch.autograd.grad((o.float() * do.to(o.device, torch.float32)).sum(), leaves)]
-        errors[half] = [relative_error(g, w) for g, w in zip(got, want)]
+        errors[name] = [relative_error(g, w) for g, w in zip(got, want)]
     names = ("o", "dq_proj", "dv", "dforget_proj", "dlower_bound")
-    for name, full, half, growth in zip(names, errors[False], errors[True], (1.3, 1.3, 1.3, 1.3, 1.7)):
-        assert half <= growth * full, f"{name}: {half:.3e} with bfloat16 log λ, {full:.3e} with float32"
+    bounds = (1.3, 1.3, 1.3, 1.3, growth) if storage == "inputs" else (growth,) * 5
+    for name, full, half, bound in zip(names, errors["float32"], errors[storage], bounds):
+        assert half <= bound * full, f"{name}: {half:.3e} with {storage} log λ, {full:.3e} with float32"
+
+
+def test_log_forget_dtype_names_its_choices(monkeypatch):
+    """An unknown ``LAUNCH["log_forget_dtype"]`` is an error naming the three choices, raised before any kernel."""
+    q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 8, 1, 16, 16, torch.bfloat16, forget_scale=1)
+    monkeypatch.setitem(chunk.LAUNCH, "log_forget_dtype", "bfloat8")
+    with pytest.raises(ValueError, match=r"'bfloat8'.*'float16', 'float32', 'inputs'"):
+        chunk.chunk_hgrn2_gated(q_proj, v, forget_proj, beta)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_gated_chunk_matches_naive_with_packed_sequences_and_gates_below_the_floor(dtype):
     """The gated entry's log λ comes from its own pass (hgrn2.ops.gate_pass): across packed sequences, with a β of
-    0.999 and gates far below the kernels' floor of log λ = -30 (there the float64 loop's state is reset to ~0,
-    which the floor's e^-30 matches), outputs, states and every gradient against the float64 loop."""
+    0.999 and gates far below the kernels' floor of log λ = -30, some beyond float16's range (there the float64
+    loop's state is reset to ~0, which the floor's e^-30 matches), outputs, states and every gradient against the
+    float64 loop."""
     torch.manual_seed(3)
     q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 150, 2, 20, 24, dtype, forget_scale=3)
     with torch.no_grad():
         beta[1, :3] = 0.999
         forget_proj[0, 60:64, 0, :5] = -200.0  # β = 0 in head 0: log λ ≈ -200
+        forget_proj[0, 64:66, 0, 5:8] = -1e5  # past float16's range: log λ stored as -inf for bfloat16 inputs
     h0 = kernel_leaf(torch.randn(2, 2, 20, 24), torch.float32)
     cu_seqlens = torch.tensor([0, 70, 150], device=DEVICE)
 
