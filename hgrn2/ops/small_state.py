@@ -455,7 +455,9 @@ class _Launch:
     """Sizes and launch settings shared by the forward and the backward."""
 
     def __init__(self, q, v, cu_seqlens, reverse: bool = False, columns: int | None = None):
-        self.heads, self.key_dim, self.value_dim = q.shape[2], q.shape[3], v.shape[3]
+        # plain ints: under torch.compile a size seen to change between calls becomes symbolic, and the launch
+        # settings made from these (num_warps, the compile-time tile sizes) must be constants
+        self.heads, self.key_dim, self.value_dim = int(q.shape[2]), int(q.shape[3]), int(v.shape[3])
         self.n_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         self.seq_len, self.width = q.shape[1], 1
         if columns is not None:  # each row of T = h·W steps is an h × W grid: B·W sequences of h steps
