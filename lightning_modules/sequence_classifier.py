@@ -30,7 +30,7 @@ from hgrn2.models.lra import LRAClassifier, LRAConfig
 from lightning_modules.image_classifier import check_data_classes
 from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
-from lightning_modules.sharding import clip_gradients, compile_units, log_compiled, shard_modules
+from lightning_modules.sharding import check_compile_mode, clip_gradients, compile_units, log_compiled, shard_modules
 
 STAGES = ("train", "val", "test")
 
@@ -49,6 +49,10 @@ class SequenceClassifier(pl.LightningModule):
             and a resumed fit restores its own weights over them (:mod:`lightning_modules.init_from`).
         compile_blocks: put each block of the encoder through ``torch.compile`` (fewer, fused kernel launches
             around the recurrence; the first steps of each stage compile). Checkpoints are the same either way.
+        compile_mode: ``torch.compile``'s mode for those blocks (None: its default). ``reduce-overhead`` replays
+            each block as CUDA graphs, one launch from the host per block; Pathfinder-32's step, bound by its
+            kernels on a fast host, trained at 50.1 steps/s with it against 49.7 without on an H100
+            (``benchmarks/results/ops-notes.md``).
     """
 
     def __init__(
@@ -59,8 +63,10 @@ class SequenceClassifier(pl.LightningModule):
         label_smoothing: float = 0.0,
         init_from: str | None = None,
         compile_blocks: bool = False,
+        compile_mode: str | None = None,
     ):
         super().__init__()
+        check_compile_mode(compile_mode)
         if not 0.0 <= label_smoothing < 1.0:
             raise ValueError(f"label_smoothing must be in [0, 1), got {label_smoothing}")
         self.save_hyperparameters()
@@ -69,7 +75,7 @@ class SequenceClassifier(pl.LightningModule):
         self.optim = optim if optim is not None else OptimizerConfig()
         self.label_smoothing = label_smoothing
         self.init_from = init_from
-        self.compile_blocks = compile_blocks
+        self.compile_blocks, self.compile_mode = compile_blocks, compile_mode
         self._init_pending = False  # set by setup("fit") while init_from is still to be loaded
         # keyed "<stage>_acc": a ModuleDict key may not shadow an nn.Module attribute such as `train`
         self.accuracy = nn.ModuleDict(
@@ -130,7 +136,8 @@ class SequenceClassifier(pl.LightningModule):
         # under FSDP: one unit per block plus the root (embedding, final norm, head); elsewhere a no-op
         self.model = shard_modules(self.model, lambda name, module: isinstance(module, Block))
         if self.compile_blocks:
-            log_compiled(compile_units(self.model, lambda name, module: isinstance(module, Block)))
+            is_block = lambda name, module: isinstance(module, Block)  # noqa: E731
+            log_compiled(compile_units(self.model, is_block, self.compile_mode), self.compile_mode)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

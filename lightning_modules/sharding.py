@@ -57,26 +57,39 @@ def shard_modules(backbone: nn.Module, is_unit: UnitFilter) -> nn.Module:
     return wrap(backbone)
 
 
-def compile_units(backbone: nn.Module, is_unit: UnitFilter) -> list[str]:
+def check_compile_mode(mode: str | None) -> None:
+    """A ``compile_mode`` that ``torch.compile`` knows (None: its default), else a ``ValueError`` naming them."""
+    from torch._inductor import list_mode_options
+
+    if mode is not None and mode not in list_mode_options():
+        raise ValueError(
+            f"compile_mode {mode!r} is not a mode of torch.compile; use one of {', '.join(list_mode_options())} "
+            "(reduce-overhead replays each compiled block as CUDA graphs) or null for its default"
+        )
+
+
+def compile_units(backbone: nn.Module, is_unit: UnitFilter, mode: str | None = None) -> list[str]:
     """Put each module ``is_unit`` selects (as in :func:`shard_modules`, by its name outside any FSDP wrapper)
-    through ``torch.compile`` in place (``nn.Module.compile``: the same parameters and state-dict keys, so
-    checkpoints load either way; compiled at its first call, and again for each new input shape). Returns the
-    names of the modules it compiled; those compiled already are left as they are, so calling it again is a
-    no-op."""
+    through ``torch.compile`` in place, in its ``mode`` (None: its default; see :func:`check_compile_mode`)
+    (``nn.Module.compile``: the same parameters and state-dict keys, so checkpoints load either way; compiled at its
+    first call, and again for each new input shape). Returns the names of the modules it compiled; those compiled
+    already are left as they are, so calling it again is a no-op."""
+    check_compile_mode(mode)
     compiled: list[str] = []
     for name, module in _selected(backbone, is_unit):
         if getattr(module, "_compiled_call_impl", None) is None:
-            module.compile()
+            module.compile(mode=mode)
             compiled.append(name)
     return compiled
 
 
-def log_compiled(names: list[str]) -> None:
+def log_compiled(names: list[str], mode: str | None = None) -> None:
     """One line on rank 0 saying which modules :func:`compile_units` put through ``torch.compile``."""
     if names:
         rank_zero_info(
-            f"compile_blocks: {len(names)} blocks ({names[0]} ... {names[-1]}) through torch.compile; each compiles "
-            "at its first call, so the first steps of each stage take longer"
+            f"compile_blocks: {len(names)} blocks ({names[0]} ... {names[-1]}) through torch.compile"
+            f"{f' in mode {mode}' if mode else ''}; each compiles at its first call, so the first steps of each "
+            "stage take longer"
         )
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 
+import pytest
 import torch
 
 from hgrn2.layers import Block
@@ -52,3 +53,28 @@ def test_image_classifier_compiles_the_blocks_only_when_asked():
     plain.configure_model()
     assert not any(_compiled(m) for m in plain.modules())
     assert list(module.state_dict()) == list(plain.state_dict())
+
+
+def test_compile_mode_reaches_every_block_and_an_unknown_one_is_refused(monkeypatch, caplog):
+    """``compile_mode`` is passed to ``torch.compile`` for each block (``reduce-overhead``: CUDA graphs); a mode
+    torch.compile does not know is refused when the module is built, naming the modes it knows."""
+    calls = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kwargs: calls.append((type(self), kwargs)))
+    overrides = {"hidden_size": 16, "num_layers": 2}
+    module = SequenceClassifier("listops", overrides=overrides, compile_blocks=True, compile_mode="reduce-overhead")
+    with caplog.at_level(logging.INFO):
+        module.configure_model()
+    assert calls == [(Block, {"mode": "reduce-overhead"})] * 2
+    assert "through torch.compile in mode reduce-overhead" in caplog.text
+    calls.clear()
+    kwargs = dict(model_name="hgrn2_vit_tiny_patch16_224", num_classes=3,
+                  model_kwargs={"img_size": 32, "patch_size": 16, "embed_dim": 16, "depth": 2})  # fmt: skip
+    ImageClassifier(**kwargs, compile_blocks=True, compile_mode="max-autotune").configure_model()
+    assert [kw for _, kw in calls] == [{"mode": "max-autotune"}] * 2
+    for build in (
+        lambda: SequenceClassifier("listops", overrides=overrides, compile_mode="fastest"),
+        lambda: ImageClassifier(**kwargs, compile_mode="fastest"),
+    ):
+        with pytest.raises(ValueError, match=r"compile_mode 'fastest' is not a mode of torch.compile; use one of .*"
+                           r"reduce-overhead"):  # fmt: skip
+            build()
