@@ -34,6 +34,8 @@
 #   kernel-ncu-source: Nsight Compute's per-instruction counters and warp-stall samples of the chunk kernels of one
 #   plain forward + backward (B = 16, T = 4096; NCU_KERNELS, default dqk_bwd|output_fwd|state_walk): the report
 #   (kernel-source.ncu-rep) and its source page as CSV, SASS and Python lines (kernel-source-*.csv).
+# - small-state-kernels: experiments/small_state_profile.py (each scan of a four-direction layer at Pathfinder-32's
+#   and HGRN2-Tiny's shapes, timed) and Nsight Compute's sections of Pathfinder's eight step-by-step launches.
 # LRA data drawn beforehand (experiments/lra_learning.py's runs/lra_learning/<name>/) can be brought packed as
 # runs/lra_learning/<name>.tar.gz, or Pathfinder-32 as runs/lra_learning/pathfinder-<N>-s<seed>.pfpack.xz (with
 # PF_IMAGES=N; pathfinder-c6-<N>-s<seed> for --pathfinder-contour-length 6): the LRA jobs unpack it and the script
@@ -173,6 +175,14 @@ print(c['global_step'], os.path.basename(best[0]) if best and best[0] else 'last
         --section WarpStateStats --section SourceCounters --section MemoryWorkloadAnalysis --csv --page details \
         --log-file "$RESULTS/kernel-ncu.csv" python experiments/kernel_versions.py --profile
       cp "$RESULTS/kernel-ncu.csv" "$OUT/" ;;
+    small-state-kernels)  # the step-by-step kernels at Pathfinder-32's and HGRN2-Tiny's shapes, each scan of a 2-D
+      # layer timed, then Nsight Compute on Pathfinder's four forward and four backward launches
+      run small-state-kernels python experiments/small_state_profile.py --out "$RESULTS/small-state-kernels.json"
+      run small-state-ncu ncu --clock-control none --kernel-name regex:small_state --launch-count 8 \
+        --section SpeedOfLight --section Occupancy --section LaunchStats --section WarpStateStats \
+        --section MemoryWorkloadAnalysis --csv --page details --log-file "$RESULTS/small-state-ncu.csv" \
+        python experiments/small_state_profile.py --ncu-once
+      cp "$RESULTS/small-state-kernels.json" "$RESULTS/small-state-ncu.csv" "$OUT/" ;;
     kernel-ncu-source)
       run kernel-ncu-source ncu --clock-control none --kernel-name "regex:${NCU_KERNELS:-dqk_bwd|output_fwd|state_walk}" \
         --launch-count "${NCU_LAUNCHES:-4}" --section SourceCounters --section WarpStateStats --section SpeedOfLight \
