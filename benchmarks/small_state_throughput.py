@@ -259,14 +259,8 @@ def vision_job(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
     image_size, batch_size = args.image_size, args.batch_size or 128
     backend = args.backend or "auto"
     compiled = compiles_blocks(args, load_lra_config(VISION_CONFIG)[0])
-    common = dict(
-        device=device,
-        batch_size=batch_size,
-        image_size=image_size,
-        dtype=dtype,
-        compile_blocks=compiled,
-        compile_mode=args.compile_mode,
-    )
+    common = dict(device=device, batch_size=batch_size, image_size=image_size, dtype=dtype)
+    common |= dict(compile_blocks=compiled, compile_mode=args.compile_mode)
     timing = dict(steps=args.steps, warmup=args.warmup)
     hgrn2_kwargs = dict(expand_ratio=VISION_EXPAND_RATIO, backend=backend)
     runs = [
