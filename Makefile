@@ -26,8 +26,12 @@ format: setup
 	$(BIN)/ruff format .
 	$(BIN)/ruff check --fix .
 
+# Two workers, one a core on CI's 2-core machine (pytest-xdist). --dist loadfile runs each file's tests, a notebook's
+# cells included, on one worker in their order, as a serial run does; PYTEST_WORKERS=0 runs them in this process.
+PYTEST_WORKERS ?= 2
+
 test: lint
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # On a GPU machine: the gpu-marked tests on the compiled kernels (the kernels at full size against float64, the LRA
 # encoder, the fused LM and CUDA-graph decoding); -rP prints every error each case measured.
