@@ -28,10 +28,12 @@ format: setup
 
 # Two workers, one a core on CI's 2-core machine (pytest-xdist). --dist loadfile runs each file's tests, a notebook's
 # cells included, on one worker in their order, as a serial run does; PYTEST_WORKERS=0 runs them in this process.
+# One intra-op thread in every process (workers, notebook kernels, the fits tests start): two threads in each of
+# two workers oversubscribe the two cores (the suite took 19:43 so, 15:31 with one thread).
 PYTEST_WORKERS ?= 2
 
 test: lint
-	$(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) --dist loadfile
 
 # On a GPU machine: the gpu-marked tests on the compiled kernels (the kernels at full size against float64, the LRA
 # encoder, the fused LM and CUDA-graph decoding); -rP prints every error each case measured.
