@@ -35,7 +35,6 @@ from lightning_modules.sharding import (
     clip_gradients,
     compile_units,
     fsdp_roots,
-    log_compiled,
     shard_modules,
 )
 
@@ -195,7 +194,7 @@ class ImageClassifier(pl.LightningModule):
         is_block = lambda name, module: re.fullmatch(r"blocks\.\d+", name) is not None  # noqa: E731
         self.model = shard_modules(self.model, is_block)
         if self.hparams.compile_blocks:
-            log_compiled(compile_units(self.model, is_block, self.hparams.compile_mode), self.hparams.compile_mode)
+            compile_units(self.model, is_block, self.hparams.compile_mode)
         if self.ema is not None and fsdp_roots(self.model):
             raise ValueError(
                 "ema_decay keeps a full copy of the weights, updated from the model's full parameters on every rank, "

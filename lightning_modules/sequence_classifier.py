@@ -30,7 +30,7 @@ from hgrn2.models.lra import LRAClassifier, LRAConfig
 from lightning_modules.image_classifier import check_data_classes
 from lightning_modules.init_from import load_model_weights
 from lightning_modules.optim import OptimizerConfig, build_optimizer, deferred_total_steps
-from lightning_modules.sharding import check_compile_mode, clip_gradients, compile_units, log_compiled, shard_modules
+from lightning_modules.sharding import check_compile_mode, clip_gradients, compile_units, shard_modules
 
 STAGES = ("train", "val", "test")
 
@@ -136,8 +136,7 @@ class SequenceClassifier(pl.LightningModule):
         # under FSDP: one unit per block plus the root (embedding, final norm, head); elsewhere a no-op
         self.model = shard_modules(self.model, lambda name, module: isinstance(module, Block))
         if self.compile_blocks:
-            is_block = lambda name, module: isinstance(module, Block)  # noqa: E731
-            log_compiled(compile_units(self.model, is_block, self.compile_mode), self.compile_mode)
+            compile_units(self.model, lambda name, module: isinstance(module, Block), self.compile_mode)
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(self, optimizer, gradient_clip_val, gradient_clip_algorithm)

@@ -72,25 +72,21 @@ def compile_units(backbone: nn.Module, is_unit: UnitFilter, mode: str | None = N
     """Put each module ``is_unit`` selects (as in :func:`shard_modules`, by its name outside any FSDP wrapper)
     through ``torch.compile`` in place, in its ``mode`` (None: its default; see :func:`check_compile_mode`)
     (``nn.Module.compile``: the same parameters and state-dict keys, so checkpoints load either way; compiled at its
-    first call, and again for each new input shape). Returns the names of the modules it compiled; those compiled
-    already are left as they are, so calling it again is a no-op."""
+    first call, and again for each new input shape), and say so in one line on rank 0. Returns the names of the
+    modules it compiled; those compiled already are left as they are, so calling it again is a no-op."""
     check_compile_mode(mode)
     compiled: list[str] = []
     for name, module in _selected(backbone, is_unit):
         if getattr(module, "_compiled_call_impl", None) is None:
             module.compile(mode=mode)
             compiled.append(name)
-    return compiled
-
-
-def log_compiled(names: list[str], mode: str | None = None) -> None:
-    """One line on rank 0 saying which modules :func:`compile_units` put through ``torch.compile``."""
-    if names:
+    if compiled:
         rank_zero_info(
-            f"compile_blocks: {len(names)} blocks ({names[0]} ... {names[-1]}) through torch.compile"
+            f"compile_blocks: {len(compiled)} blocks ({compiled[0]} ... {compiled[-1]}) through torch.compile"
             f"{f' in mode {mode}' if mode else ''}; each compiles at its first call, so the first steps of each "
             "stage take longer"
         )
+    return compiled
 
 
 def fsdp_roots(module: nn.Module) -> list[FSDP]:
