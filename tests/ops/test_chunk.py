@@ -167,6 +167,39 @@ def test_gated_backward_with_the_kept_log_forget_gives_the_same_gradients(monkey
         assert torch.equal(kept, formed), name
 
 
+@pytest.mark.parametrize("bound, reverse", [(True, False), (False, True)])
+def test_gated_forward_forms_log_forget_in_the_walk_bit_for_bit(monkeypatch, bound, reverse):
+    """``LAUNCH["walk_gates"]`` has the kernels that walk the chunks (the walk, or the deltas path's delta kernel)
+    form log λ from the raw projection and write it, instead of a pass of its own before them: the same function of
+    the same inputs in the same dtype, so outputs, final states and every gradient are equal bit for bit, across
+    packed sequences and with state tiles smaller than the head (two K and two V tiles: one of each pair writes)."""
+    torch.manual_seed(11)
+    q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 90, 2, 20, 24, torch.bfloat16, forget_scale=3)
+    lower_bound = beta if bound else None
+    with torch.no_grad():
+        forget_proj[0, 10:12, 1, :4] = -1e5  # log λ of -inf in float16, raised to the floor as it is read
+    leaves = [q_proj, v, forget_proj] + ([beta] if bound else [])
+    cu_seqlens = torch.tensor([0, 40, 90], device=DEVICE)
+    d_out = torch.randn(1, 90, 2, 24, device=DEVICE)
+    monkeypatch.setitem(chunk.LAUNCH, "walk_tile", 16)
+    monkeypatch.setitem(chunk.LAUNCH, "delta_bv", 16)
+    results, passes = {}, _spy(monkeypatch, chunk, "log_forget")
+    for in_walk in (False, True):
+        monkeypatch.setitem(chunk.LAUNCH, "walk_gates", in_walk)
+        passes.clear()
+        o, state = chunk.chunk_hgrn2_gated(
+            q_proj, v, forget_proj, lower_bound, output_gate="silu", output_final_state=True, cu_seqlens=cu_seqlens,
+            reverse=reverse,
+        )  # fmt: skip
+        grads = torch.autograd.grad((o.float() * d_out).sum(), leaves)
+        results[in_walk] = (o, state, *grads)
+        assert len(passes) == (0 if in_walk else 1)  # the log λ pass, kept for the backward
+    names = ("o", "final state", "dq_proj", "dv", "dforget_proj", "dlower_bound")
+    for name, formed, passed in zip(names, results[True], results[False]):
+        assert torch.isfinite(formed).all(), name
+        assert torch.equal(formed, passed), name
+
+
 def _extreme_gates(kind: str, shape) -> torch.Tensor:
     if kind == "uniform_log":  # log λ anywhere in [-30, 0]: forget gates from e^-30 to 1
         return -30 * torch.rand(shape)
