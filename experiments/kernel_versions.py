@@ -81,6 +81,8 @@ VARIANTS = {
     # the gated entry's log λ formed and written by the forward walk (or the deltas path's delta kernel) instead of
     # a pass of its own before it
     "walk-gates": dict(walk_gates=True),
+    # the gated entry's gradients of the forget projection and lower bound formed by the dv kernel, not a pass after it
+    "dv-gate-grads": dict(dv_gate_grads=True),
     # 16 warps for the chunk-parallel kernels that run one 8-warp program per SM (registers or shared memory):
     # twice the warps to hide latency with. sm90 compile (Triton 3.6), plain op: output 128 registers, no spills
     # (249 at 8 warps); dq/d log λ 128 registers, 160 spilled bytes a thread (255 and 136 at 8 warps), gated 280

@@ -9,7 +9,8 @@ has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta
 walk. The key 1 - λ is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and
 ``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from one elementwise pass over the raw forget projection
 before them, and the gradients of that projection and of the lower bound from one pass after them
-(``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside the kernels.
+(``hgrn2.ops.gate_pass``; with ``LAUNCH["dv_gate_grads"]`` from the dv kernel instead); the output gate
+q = act(q_proj) is applied inside the kernels.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
 magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
@@ -97,6 +98,9 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # With ``walk_gates`` the forward's walk over the chunks (or the deltas path's delta kernel) forms the gated
 # entry's log λ from the raw forget projection and writes it for the kernels after it, instead of
 # ``gate_pass.log_forget`` in a pass of its own: the same values, one read of log λ fewer.
+# With ``dv_gate_grads`` the gated entry's dv kernel (its first V tile) turns each chunk's d log λ into the gradients
+# of the raw forget projection and of the lower bound instead of ``gate_pass.gate_grads`` in a pass of its own after
+# it: d f the same bit for bit, d β summed in another order; a variant to be timed, off until then.
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
@@ -105,7 +109,7 @@ LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=32, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, log_forget_dtype="float16", walk_gates=False,
-    small_head_chunk=16,
+    dv_gate_grads=False, small_head_chunk=16,
     small_head_warps=1, small_head_walk_warps=1, output_stages=2, dqk_stages=0, dv_stages=0, output_maxnreg=128,
     dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
@@ -296,13 +300,18 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     return o, h, scores, (final_state if output_final_state else None)
 
 
-def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial):
+def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial, forget=None):
+    """dq, dv, d log λ (float32 for the gated entry), the initial state's gradient (None unless needed) and d β,
+    None unless ``forget`` is given. With ``forget``, the gated entry's raw forget projection
+    (``LAUNCH["dv_gate_grads"]``), the dv kernel turns d log λ into the gradients of that projection (returned in
+    place of d log λ, in its dtype) and of the lower bound (float32 [H, K], None without one), the work of
+    ``gate_pass.gate_grads``."""
     L = launch
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
-    # the gated entry's d log λ stays float32 whatever log λ's dtype: the gate pass sums it into d β
+    # the gated entry's d log λ stays float32 whatever log λ's dtype: the gate pass (or dv kernel) sums it into d β
     dq, dv = torch.empty_like(q), torch.empty_like(v)
     dg = torch.empty_like(g, dtype=torch.float32 if L.gated else g.dtype)
     bk = L.key_tile("dqk")
@@ -313,12 +322,25 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
         BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32,
         **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
+    gates = forget is not None
+    has_bound = gates and L.bound[0].numel() > 0
+    # the dv kernel's gate arguments: d f in f's dtype and each chunk's share of d β, or placeholders
+    if gates:
+        d_forget, bound = torch.empty_like(forget), L.bound
+    else:
+        forget, d_forget, bound = unused(q.device), unused(q.device), [unused(q.device) for _ in range(3)]
+    shape = (L.n_chunks, L.heads, L.key_dim)
+    d_beta = torch.empty(shape, dtype=torch.float32, device=q.device) if has_bound else unused(q.device)
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
-        g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
-        BK=L.key_tile("dv"), BV=bv, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
+        g, do, scores, d_states, dv, forget, dg if gates else unused(q.device), d_forget, d_beta, *bound,
+        L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=L.key_tile("dv"), BV=bv, GATE_GRADS=gates,
+        HAS_BOUND=has_bound, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
-    return dq, dv, dg, (d_initial if need_d_initial else None)
+    d_initial = d_initial if need_d_initial else None
+    if gates:
+        return dq, dv, d_forget, d_initial, (d_beta.sum(0).view(L.heads, L.key_dim) if has_bound else None)
+    return dq, dv, dg, d_initial, None
 
 
 _DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "FLIP", "DT", "PRECISION", "INTERPRET")
@@ -369,11 +391,12 @@ class ChunkHGRN2Function(torch.autograd.Function):
             log_lambda = kept
         else:
             log_lambda = log_forget(g, launch.bound, launch.log_forget_dtype) if launch.gated else g
-        dq, dv, dg, d_initial = _backward(
-            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
-        )
-        d_beta = None
-        if launch.gated:
+        in_dv = launch.gated and LAUNCH["dv_gate_grads"]  # the gradients of f and β from the dv kernel
+        dq, dv, dg, d_initial, d_beta = _backward(
+            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial,
+            forget=g if in_dv else None,
+        )  # fmt: skip
+        if launch.gated and not in_dv:
             dg, d_beta = gate_grads(g, dg, launch.bound)
         d_lower_bound = None
         if ctx.needs_input_grad[3] and d_beta is not None:

@@ -200,6 +200,41 @@ def test_gated_forward_forms_log_forget_in_the_walk_bit_for_bit(monkeypatch, bou
         assert torch.equal(formed, passed), name
 
 
+@pytest.mark.parametrize("bound, reverse", [(True, False), (False, True)])
+def test_gated_backward_forms_gate_grads_in_the_dv_kernel(monkeypatch, bound, reverse):
+    """``LAUNCH["dv_gate_grads"]`` has the dv kernel's first V tile turn each chunk's d log λ into the gradients of
+    the raw forget projection and of the lower bound, instead of ``gate_pass.gate_grads`` in a pass of its own after
+    it: d forget_proj is the same function of the same values, equal bit for bit; d lower_bound sums the same terms
+    in another order (per chunk, then over chunks), so it is close, not equal. Packed sequences, K tiles smaller
+    than the head (two, the second part padding) and two V tiles, of which only the first writes."""
+    torch.manual_seed(12)
+    q_proj, v, forget_proj, beta = gated_kernel_leaves(1, 90, 2, 20, 24, torch.bfloat16, forget_scale=3)
+    lower_bound = beta if bound else None
+    with torch.no_grad():
+        forget_proj[0, 10:12, 1, :4] = -1e5  # log λ below the floor: no gradient through those gates
+    leaves = [q_proj, v, forget_proj] + ([beta] if bound else [])
+    cu_seqlens = torch.tensor([0, 20, 90], device=DEVICE)  # a ragged chunk, then a full one and a ragged one
+    d_out = torch.randn(1, 90, 2, 24, device=DEVICE)
+    monkeypatch.setitem(chunk.LAUNCH, "dv_bk", 16)
+    monkeypatch.setitem(chunk.LAUNCH, "dv_bv", 16)
+    results, passes = {}, _spy(monkeypatch, chunk, "gate_grads")
+    for in_dv in (False, True):
+        monkeypatch.setitem(chunk.LAUNCH, "dv_gate_grads", in_dv)
+        passes.clear()
+        o, _ = chunk.chunk_hgrn2_gated(
+            q_proj, v, forget_proj, lower_bound, output_gate="silu", cu_seqlens=cu_seqlens, reverse=reverse
+        )
+        results[in_dv] = torch.autograd.grad((o.float() * d_out).sum(), leaves)
+        assert len(passes) == (0 if in_dv else 1)  # the gate gradients' pass
+    names = ("dq_proj", "dv", "dforget_proj", "dlower_bound")
+    for name, formed, passed in zip(names, results[True], results[False]):
+        assert torch.isfinite(formed).all(), name
+        if name == "dlower_bound":
+            assert relative_error(formed, passed) < 1e-5, name
+        else:
+            assert torch.equal(formed, passed), name
+
+
 def _extreme_gates(kind: str, shape) -> torch.Tensor:
     if kind == "uniform_log":  # log λ anywhere in [-30, 0]: forget gates from e^-30 to 1
         return -30 * torch.rand(shape)
