@@ -78,15 +78,6 @@ VARIANTS = {
     # instead of float16, the default since v15 (whose `half-log-forget` was the bfloat16 one)
     "half-log-forget": dict(log_forget_dtype="inputs"),
     "log-forget-f32": dict(log_forget_dtype="float32"),
-    # the gated entry's log λ formed and written by the forward walk (or the deltas path's delta kernel) instead of
-    # a pass of its own before it
-    "walk-gates": dict(walk_gates=True),
-    # the gated entry's gradients of the forget projection and lower bound formed by the dv kernel, not a pass after it
-    "dv-gate-grads": dict(dv_gate_grads=True),
-    # the same under dv's register cap of 128 (187 registers uncapped in the sm90 compile: one 8-warp program an SM
-    # instead of two)
-    "dv-gate-grads-cap128": dict(dv_gate_grads=True, dv_maxnreg=128),
-    "gates-in-kernels": dict(walk_gates=True, dv_gate_grads=True, dv_maxnreg=128),
     # 16 warps for the chunk-parallel kernels that run one 8-warp program per SM (registers or shared memory):
     # twice the warps to hide latency with. sm90 compile (Triton 3.6), plain op: output 128 registers, no spills
     # (249 at 8 warps); dq/d log λ 128 registers, 160 spilled bytes a thread (255 and 136 at 8 warps), gated 280

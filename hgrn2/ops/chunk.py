@@ -9,8 +9,7 @@ has enough (sequence, head) pairs to fill the GPU, else from every chunk's delta
 walk. The key 1 - λ is derived inside the kernels and never written. The kernels live in ``hgrn2.ops.chunk_fwd`` and
 ``hgrn2.ops.chunk_bwd``. The gated entry's log λ comes from one elementwise pass over the raw forget projection
 before them, and the gradients of that projection and of the lower bound from one pass after them
-(``hgrn2.ops.gate_pass``; with ``LAUNCH["dv_gate_grads"]`` from the dv kernel instead); the output gate
-q = act(q_proj) is applied inside the kernels.
+(``hgrn2.ops.gate_pass``); the output gate q = act(q_proj) is applied inside the kernels.
 
 The gradient of the gated entry's lower bound sums d log λ over every position of every sequence, so it
 magnifies whatever rounding d log λ carries. The backward sums each d log λ_t over the pairs of steps that span t,
@@ -95,12 +94,6 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # chunks to 2.8e-3, past the 2.5e-3 of test_bfloat16_lower_bound_gradient_over_many_chunks; float16's 11 keep every
 # error of the gated entry within 5% of float32's (2.33e-3 against 2.24e-3 for d β), and the kernels' floor of
 # log λ = -30 lies well inside its range (benchmarks/results/ops-notes.md).
-# With ``walk_gates`` the forward's walk over the chunks (or the deltas path's delta kernel) forms the gated
-# entry's log λ from the raw forget projection and writes it for the kernels after it, instead of
-# ``gate_pass.log_forget`` in a pass of its own: the same values, one read of log λ fewer.
-# With ``dv_gate_grads`` the gated entry's dv kernel (its first V tile) turns each chunk's d log λ into the gradients
-# of the raw forget projection and of the lower bound instead of ``gate_pass.gate_grads`` in a pass of its own after
-# it: d f the same bit for bit, d β summed in another order; a variant to be timed, off until then.
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
@@ -108,8 +101,8 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=32, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
-    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, log_forget_dtype="float16", walk_gates=False,
-    dv_gate_grads=False, small_head_chunk=16,
+    walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, log_forget_dtype="float16",
+    small_head_chunk=16,
     small_head_warps=1, small_head_walk_warps=1, output_stages=2, dqk_stages=0, dv_stages=0, output_maxnreg=128,
     dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
 )  # fmt: skip
@@ -219,17 +212,9 @@ class _Launch:
             | (dict(num_stages=stages) if stages else {})
         )
 
-    def gate_args(self, g, forget) -> dict:
-        """The walk's arguments for forming the gated entry's log λ into ``g`` from the raw forget projection
-        ``forget`` (None: ``g`` holds log λ already)."""
-        return dict(
-            f_ptr=forget if forget is not None else g, log_beta_ptr=self.bound[0], log1m_beta_ptr=self.bound[1],
-            GATES=forget is not None, HAS_BOUND=self.bound[0].numel() > 0,
-        )  # fmt: skip
-
-    def deltas(self, q, g, x, scale, backward: bool, forget=None):
+    def deltas(self, q, g, x, scale, backward: bool):
         """Every chunk's Δ ([chunks, H, K, V], float32 or with ``LAUNCH["half_deltas"]`` the states' dtype) and
-        decay exp(b_C) (float32 [chunks, H, K]); with ``forget``, log λ formed from it into ``g`` on the way."""
+        decay exp(b_C) (float32 [chunks, H, K])."""
         shape = (self.n_chunks, self.heads, self.key_dim, self.value_dim)
         dtype = self.state_dtype if LAUNCH["half_deltas"] else torch.float32
         delta = torch.empty(shape, dtype=dtype, device=g.device)
@@ -238,30 +223,28 @@ class _Launch:
         tiles = triton.cdiv(self.key_dim, self.bk) * triton.cdiv(self.value_dim, bv)
         flags = self.flags if backward else self.flags | self.precise_flags  # TF32 deltas: the forward's states
         chunk_delta_kernel[(self.n_chunks * tiles, self.heads)](
-            q, g, x, delta, decay, cu_seqlens=self.cu_seqlens, chunk_indices=self.chunk_indices, scale=scale,
-            T=self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=self.warps("delta"),
-            **self.gate_args(g, forget), **flags,
+            q, g, x, delta, decay, self.cu_seqlens, self.chunk_indices, scale,
+            self.seq_len, BK=self.bk, BV=bv, BACKWARD=backward, ACT=self.act, num_warps=self.warps("delta"), **flags,
         )  # fmt: skip
         return delta, decay
 
-    def states(self, q, g, x, scale, s0, out, out_last, backward: bool, store_last: bool, forget=None):
+    def states(self, q, g, x, scale, s0, out, out_last, backward: bool, store_last: bool):
         """The state entering every chunk and the final state (backwards: the state gradient leaving every chunk
-        and the initial state's gradient) into ``out`` and ``out_last``, by one of the two paths of ``LAUNCH``.
-        With ``forget`` (the gated entry's forward) the kernels form log λ from that raw projection and write it
-        into ``g``."""
+        and the initial state's gradient) into ``out`` and ``out_last``, by one of the two paths of ``LAUNCH``."""
         tile = LAUNCH["walk_tile"]
         bk, bv = min(tile, _pow2(self.key_dim)), min(tile, _pow2(self.value_dim))
         grid = (self.n_seqs * self.heads, triton.cdiv(self.key_dim, bk), triton.cdiv(self.value_dim, bv))
         if grid[0] * grid[1] * grid[2] < LAUNCH["walk_programs_per_sm"] * sm_count(q.device):
-            delta, decay = self.deltas(q, g, x, scale, backward, forget)
+            delta, decay = self.deltas(q, g, x, scale, backward)
             self.scan(delta, decay, s0, out, out_last, reverse=backward, store_last=store_last)
             return
         flags = self.flags if backward else self.flags | self.precise_flags
         state_walk_kernel[grid](
-            q, g, x, s0 if s0 is not None else unused(q.device), out, out_last, cu_seqlens=self.cu_seqlens,
-            chunk_offsets=self.chunk_offsets, scale=scale, T=self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
+            q, g, x, s0 if s0 is not None else unused(q.device), out, out_last, self.cu_seqlens, self.chunk_offsets,
+            scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
-            SUMS_BY_MATMUL=not self.small_head, num_warps=self.warps("walk"), **self.gate_args(g, forget), **flags,
+            SUMS_BY_MATMUL=not self.small_head,
+            num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 
     def scan(self, delta, decay, s0, out, out_last, reverse: bool, store_last: bool):
@@ -280,7 +263,7 @@ class _Launch:
         )  # fmt: skip
 
 
-def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state, keep_scores, forget=None):
+def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state, keep_scores):
     L = launch
     h = torch.empty(L.n_chunks + L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=L.state_dtype, device=q.device)
     final_state = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
@@ -289,7 +272,7 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     scores = torch.empty(
         q.shape[0] * q.shape[1] * L.heads * L.chunk if keep_scores else 1, dtype=L.scores_dtype, device=q.device
     )
-    L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state, forget=forget)
+    L.states(q, g, v, scale, h0, h, final_state, backward=False, store_last=output_final_state)
     bv = L.value_tile["output"]
     grid = (triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)
     output_fwd_kernel[grid](
@@ -300,18 +283,13 @@ def _forward(q, v, g, launch: _Launch, scale, initial_state, output_final_state,
     return o, h, scores, (final_state if output_final_state else None)
 
 
-def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial, forget=None):
-    """dq, dv, d log λ (float32 for the gated entry), the initial state's gradient (None unless needed) and d β,
-    None unless ``forget`` is given. With ``forget``, the gated entry's raw forget projection
-    (``LAUNCH["dv_gate_grads"]``), the dv kernel turns d log λ into the gradients of that projection (returned in
-    place of d log λ, in its dtype) and of the lower bound (float32 [H, K], None without one), the work of
-    ``gate_pass.gate_grads``."""
+def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_initial):
     L = launch
     d_states = torch.empty(L.n_chunks, L.heads, L.key_dim, L.value_dim, dtype=h.dtype, device=q.device)
     d_initial = torch.empty(L.n_seqs, L.heads, L.key_dim, L.value_dim, dtype=torch.float32, device=q.device)
     dht = d_final.contiguous() if d_final is not None else None
     L.states(q, g, do, scale, dht, d_states, d_initial, backward=True, store_last=need_d_initial)
-    # the gated entry's d log λ stays float32 whatever log λ's dtype: the gate pass (or dv kernel) sums it into d β
+    # the gated entry's d log λ stays float32 whatever log λ's dtype: the gate pass sums it into d β
     dq, dv = torch.empty_like(q), torch.empty_like(v)
     dg = torch.empty_like(g, dtype=torch.float32 if L.gated else g.dtype)
     bk = L.key_tile("dqk")
@@ -322,25 +300,12 @@ def _backward(q, v, g, h, scores, do, d_final, launch: _Launch, scale, need_d_in
         BV=L.value_tile["dqk"], ACT=L.act, PAIRS=q.dtype == torch.float32,
         **L.options("dqk"), **flags, **L.intra,
     )  # fmt: skip
-    gates = forget is not None
-    has_bound = gates and L.bound[0].numel() > 0
-    # the dv kernel's gate arguments: d f in f's dtype and each chunk's share of d β, or placeholders
-    if gates:
-        d_forget, bound = torch.empty_like(forget), L.bound
-    else:
-        forget, d_forget, bound = unused(q.device), unused(q.device), [unused(q.device) for _ in range(3)]
-    shape = (L.n_chunks, L.heads, L.key_dim)
-    d_beta = torch.empty(shape, dtype=torch.float32, device=q.device) if has_bound else unused(q.device)
     bv = L.value_tile["dv"]
     dv_bwd_kernel[(triton.cdiv(L.value_dim, bv) * L.n_chunks, L.heads)](
-        g, do, scores, d_states, dv, forget, dg if gates else unused(q.device), d_forget, d_beta, *bound,
-        L.cu_seqlens, L.chunk_indices, scale, L.seq_len, BK=L.key_tile("dv"), BV=bv, GATE_GRADS=gates,
-        HAS_BOUND=has_bound, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
+        g, do, scores, d_states, dv, L.cu_seqlens, L.chunk_indices, scale, L.seq_len,
+        BK=L.key_tile("dv"), BV=bv, **L.options("dv"), **_only(L.flags, *_DV_FLAGS),
     )  # fmt: skip
-    d_initial = d_initial if need_d_initial else None
-    if gates:
-        return dq, dv, d_forget, d_initial, (d_beta.sum(0).view(L.heads, L.key_dim) if has_bound else None)
-    return dq, dv, dg, d_initial, None
+    return dq, dv, dg, (d_initial if need_d_initial else None)
 
 
 _DV_FLAGS = ("H", "K", "V", "C", "IS_VARLEN", "FLIP", "DT", "PRECISION", "INTERPRET")
@@ -363,13 +328,9 @@ class ChunkHGRN2Function(torch.autograd.Function):
         precise = precise and lower_bound is not None and ctx.needs_input_grad[3]
         launch = _Launch(q, v, cu_seqlens, gated, act, lower_bound, precise, reverse)
         keep_scores = any(ctx.needs_input_grad[:5])
-        forget = None
-        if gated and LAUNCH["walk_gates"]:  # log λ formed by the kernels that walk the chunks
-            log_lambda, forget = torch.empty(g.shape, dtype=launch.log_forget_dtype, device=g.device), g
-        else:
-            log_lambda = log_forget(g, launch.bound, launch.log_forget_dtype) if gated else g
+        log_lambda = log_forget(g, launch.bound, launch.log_forget_dtype) if gated else g
         o, h, scores, final_state = _forward(
-            q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores, forget
+            q, v, log_lambda, launch, scale, initial_state, output_final_state, keep_scores
         )
         # the raw projection, and with LAUNCH["keep_log_forget"] log λ, which the backward otherwise forms again
         kept = log_lambda if gated and LAUNCH["keep_log_forget"] else None
@@ -391,12 +352,11 @@ class ChunkHGRN2Function(torch.autograd.Function):
             log_lambda = kept
         else:
             log_lambda = log_forget(g, launch.bound, launch.log_forget_dtype) if launch.gated else g
-        in_dv = launch.gated and LAUNCH["dv_gate_grads"]  # the gradients of f and β from the dv kernel
-        dq, dv, dg, d_initial, d_beta = _backward(
-            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial,
-            forget=g if in_dv else None,
-        )  # fmt: skip
-        if launch.gated and not in_dv:
+        dq, dv, dg, d_initial = _backward(
+            q, v, log_lambda, h, scores, do.contiguous(), d_final, launch, ctx.scale, need_d_initial
+        )
+        d_beta = None
+        if launch.gated:
             dg, d_beta = gate_grads(g, dg, launch.bound)
         d_lower_bound = None
         if ctx.needs_input_grad[3] and d_beta is not None:

@@ -6,9 +6,7 @@ Then, chunk-parallel:
 
 * ``dqk_bwd_kernel``: one program per (K tile, chunk, head) gives dq and d log λ of the chunk.
 * ``dv_bwd_kernel``: one program per (V tile, chunk, head) gives dv = A^T do + (k · exp(b_C - b)) dS_out, with
-  the scores A the forward kept; with GATE_GRADS (the gated entry, ``hgrn2.ops.chunk.LAUNCH["dv_gate_grads"]``)
-  its first V tile also turns the chunk's d log λ into the gradients of the raw forget projection and of the
-  lower bound (``gate_grad_tile``), the work of ``hgrn2.ops.gate_pass.gate_grad_kernel``.
+  the scores A the forward kept.
 
 The gradient of the log gates needs no extra pass. Write A_sr = q_s ⊙ k_r ⊙ exp(b_s - b_r) (do_s · v_r) for
 the contribution of step r's key to step s's output (r <= s; b the running sum of log λ). log λ_t sits in the
@@ -37,10 +35,7 @@ from hgrn2.ops.kernel_utils import (
     LOG_FORGET_FLOOR,
     chunk_bounds,
     chunk_rows,
-    gate_log_forget,
-    gate_log_forget_grads,
     key_to_chunk_end,
-    load_bound,
     load_log_forget,
     log_decay_to_end,
     matmul,
@@ -200,34 +195,12 @@ def dqk_bwd_kernel(
 
 
 @triton.jit
-def gate_grad_tile(
-    f_ptr, dg_ptr, df_ptr, log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, k_offs, m_tk, o_k, m_k, i_h, K: tl.constexpr,
-    BK: tl.constexpr, HAS_BOUND: tl.constexpr,
-):  # fmt: skip
-    """``hgrn2.ops.gate_pass.gate_grad_kernel`` on one [C, BK] tile of a chunk: d f = d log λ · d log λ / d f from
-    the raw forget projection f and the float32 d log λ, stored in f's dtype (the same function of the same values,
-    bit for bit), and the tile's share of d β, Σ_t d log λ_t · d log λ_t / d β [BK] (zeros without HAS_BOUND)."""
-    log_beta, log1m_beta = load_bound(log_beta_ptr, log1m_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-    inv_beta, _ = load_bound(inv_beta_ptr, inv_beta_ptr, i_h * K + o_k, m_k, BK, HAS_BOUND)
-    f = tl.load(f_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32)
-    _, sig, sig_neg, lam = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], HAS_BOUND)
-    dg = tl.load(dg_ptr + k_offs, mask=m_tk, other=0.0)
-    d_f, d_beta = gate_log_forget_grads(sig, sig_neg, lam, log1m_beta[None, :], inv_beta[None, :], HAS_BOUND)
-    tl.store(df_ptr + k_offs, (dg * d_f).to(df_ptr.dtype.element_ty), mask=m_tk)
-    return tl.sum(tl.where(m_tk, dg * d_beta, 0.0), 0)
-
-
-@triton.jit
 def dv_bwd_kernel(
-    g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, f_ptr, dg_ptr, df_ptr, dbeta_ptr, log_beta_ptr, log1m_beta_ptr,
-    inv_beta_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr, K: tl.constexpr,
-    V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
+    g_ptr, do_ptr, a_ptr, dh_ptr, dv_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, IS_VARLEN: tl.constexpr,
     FLIP: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    GATE_GRADS: tl.constexpr, HAS_BOUND: tl.constexpr,
 ):  # fmt: skip
-    # dv_s = Σ_{t >= s} A[t, s] scale · do_t + (k_s · exp(b_C - b_s)) dS_out. With GATE_GRADS the first V tile also
-    # writes d f of every K tile of the chunk (gate_grad_tile) and, with HAS_BOUND, the chunk's share of d β into
-    # row i_c of the float32 [chunks, H, K] at dbeta_ptr, which the caller sums over the chunks
+    # dv_s = Σ_{t >= s} A[t, s] scale · do_t + (k_s · exp(b_C - b_s)) dS_out
     NV: tl.constexpr = (V + BV - 1) // BV
     NK: tl.constexpr = (K + BK - 1) // BK
     i_v, i_c, i_h = tl.program_id(0) % NV, tl.program_id(0) // NV, tl.program_id(1)
@@ -254,13 +227,4 @@ def dv_bwd_kernel(
             mask=m_k[:, None] & m_v[None, :], other=0.0,
         ).to(tl.float32)  # fmt: skip
         dv += matmul(k_end, ds_out, DT, PRECISION, INTERPRET)
-        if GATE_GRADS:
-            if i_v == 0:  # the tokens of the log λ tile above
-                k_offs = row0 * (H * K) + i_h * K + o_r[:, None] * (H * K) + o_k[None, :]
-                share = gate_grad_tile(
-                    f_ptr, dg_ptr, df_ptr, log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, k_offs, m_tk, o_k, m_k, i_h, K,
-                    BK, HAS_BOUND,
-                )  # fmt: skip
-                if HAS_BOUND:
-                    tl.store(dbeta_ptr + (i_c.to(tl.int64) * H + i_h) * K + o_k, share, mask=m_k)
     tl.store(dv_ptr + v_offs, dv.to(dv_ptr.dtype.element_ty), mask=m_tv)

@@ -29,10 +29,8 @@ import triton
 import triton.language as tl
 
 from hgrn2.ops.kernel_utils import (
-    LOG_FORGET_FLOOR,
     chunk_bounds,
     chunk_rows,
-    gate_log_forget,
     key_to_chunk_end,
     load_log_forget,
     load_query,
@@ -93,45 +91,17 @@ def key_tile(
 
 
 @triton.jit
-def formed_log_forget(
-    f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, k_offs, m_tk, o_k, m_k, i_h, store, K: tl.constexpr,
-    HAS_BOUND: tl.constexpr,
-):  # fmt: skip
-    """The gated entry's log λ of one [C, BK] tile, formed from the raw forget projection f as
-    ``hgrn2.ops.gate_pass.log_forget_kernel`` forms it, stored in g's dtype where ``store`` (one program of those
-    that share the tile) and returned as ``load_log_forget`` would read it back: the same values, bit for bit."""
-    f = tl.load(f_ptr + k_offs, mask=m_tk, other=0.0).to(tl.float32)
-    if HAS_BOUND:
-        log_beta = tl.load(log_beta_ptr + i_h * K + o_k, mask=m_k, other=0.0)
-        log1m_beta = tl.load(log1m_beta_ptr + i_h * K + o_k, mask=m_k, other=0.0)
-        g, _, _, _ = gate_log_forget(f, log_beta[None, :], log1m_beta[None, :], True)
-    else:
-        g, _, _, _ = gate_log_forget(f, 0.0, 0.0, False)
-    g = g.to(g_ptr.dtype.element_ty)
-    tl.store(g_ptr + k_offs, g, mask=m_tk & store)
-    return tl.where(m_tk, tl.minimum(tl.maximum(g.to(tl.float32), LOG_FORGET_FLOOR), 0.0), 0.0)
-
-
-@triton.jit
 def chunk_delta(
     q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, scale, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, f_ptr, log_beta_ptr, log1m_beta_ptr, store_g, GATES: tl.constexpr,
-    HAS_BOUND: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
+    INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
 ):  # fmt: skip
     """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk of tokens row0 + o_t: forward x = v,
     Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do. SUMS_BY_MATMUL: the running sum
-    along the chunk as a matmul with a matrix of ones (``kernel_utils.ones_matmul``) instead of a scan. GATES
-    (the gated entry's forward): log λ formed from the raw forget projection at f_ptr and written to g_ptr where
-    store_g (``formed_log_forget``), so that no pass before the walk forms it."""
+    along the chunk as a matmul with a matrix of ones (``kernel_utils.ones_matmul``) instead of a scan."""
     m_tk = m_t[:, None] & m_k[None, :]
     k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
-    if GATES:
-        g = formed_log_forget(
-            f_ptr, g_ptr, log_beta_ptr, log1m_beta_ptr, k_offs, m_tk, o_k, m_k, i_h, store_g, K, HAS_BOUND
-        )
-    else:
-        g = load_log_forget(g_ptr + k_offs, m_tk)
+    g = load_log_forget(g_ptr + k_offs, m_tk)
     v_offs = row0 * (H * V) + i_h * V + o_t[:, None] * (H * V) + o_v[None, :]
     x = tl.load(x_ptr + v_offs, mask=m_t[:, None] & m_v[None, :], other=0.0)
     b_end = tl.sum(g, 0)  # [BK]
@@ -145,13 +115,13 @@ def chunk_delta(
 
 @triton.jit
 def chunk_delta_kernel(
-    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, f_ptr, log_beta_ptr, log1m_beta_ptr, cu_seqlens, chunk_indices,
-    scale: tl.constexpr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr,
-    DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, GATES: tl.constexpr, HAS_BOUND: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, delta_ptr, decay_ptr, cu_seqlens, chunk_indices, scale: tl.constexpr, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, BACKWARD: tl.constexpr,
+    IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):  # fmt: skip
     # Δ [chunks, H, K, V] (see chunk_delta; float32, or the states' dtype); the chunk's decay exp(b_C) float32
-    # [chunks, H, K] (written by the first V tile, as is the gated entry's log λ with GATES)
+    # [chunks, H, K] (written by the first V tile)
     NK: tl.constexpr = (K + BK - 1) // BK
     NV: tl.constexpr = (V + BV - 1) // BV
     i_v = tl.program_id(0) % NV
@@ -165,7 +135,7 @@ def chunk_delta_kernel(
     row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)
     delta, b_end = chunk_delta(
         q_ptr, g_ptr, x_ptr, row0, c * C + o_t < length, o_r, o_k, o_v, m_k, m_v, i_h, scale, H, K, V, BACKWARD, ACT,
-        DT, PRECISION, INTERPRET, f_ptr, log_beta_ptr, log1m_beta_ptr, i_v == 0, GATES, HAS_BOUND,
+        DT, PRECISION, INTERPRET,
     )  # fmt: skip
     base = i_c.to(tl.int64) * H + i_h
     d_offs = base * K * V + o_k[:, None] * V + o_v[None, :]
@@ -175,16 +145,15 @@ def chunk_delta_kernel(
 
 @triton.jit
 def state_walk_kernel(
-    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, f_ptr, log_beta_ptr, log1m_beta_ptr, cu_seqlens, chunk_offsets,
-    scale: tl.constexpr, T, H: tl.constexpr, K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr,
-    BV: tl.constexpr, HAS_S0: tl.constexpr, STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr,
-    FLIP: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr,
-    STAGES: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr, GATES: tl.constexpr, HAS_BOUND: tl.constexpr,
+    q_ptr, g_ptr, x_ptr, s0_ptr, h_ptr, ht_ptr, cu_seqlens, chunk_offsets, scale: tl.constexpr, T, H: tl.constexpr,
+    K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
+    STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
+    SUMS_BY_MATMUL: tl.constexpr,
 ):  # fmt: skip
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
-    # what state_scan_kernel stores (BACKWARD walks backwards, as its REVERSE). With GATES the first V tile also
-    # writes the gated entry's log λ, formed from the raw forget projection (``formed_log_forget``).
+    # what state_scan_kernel stores (BACKWARD walks backwards, as its REVERSE).
     i_nh, i_k, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     i_n, i_h = i_nh // H, i_nh % H
     bos, length, first_chunk = sequence_bounds(i_n, T, cu_seqlens, chunk_offsets, C, IS_VARLEN)
@@ -205,8 +174,7 @@ def state_walk_kernel(
         row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)
         delta, b_end = chunk_delta(
             q_ptr, g_ptr, x_ptr, row0, c * C + o_t < length, o_r, o_k, o_v, m_k, m_v, i_h, scale, H, K, V, BACKWARD,
-            ACT, DT, PRECISION, INTERPRET, f_ptr, log_beta_ptr, log1m_beta_ptr, i_v == 0, GATES, HAS_BOUND,
-            SUMS_BY_MATMUL,
+            ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
         )  # fmt: skip
         state = state * tl.exp(b_end)[:, None] + delta
     if not BACKWARD:
