@@ -451,18 +451,27 @@ def small_state_bwd_kernel(
         tl.store(d_beta_ptr + i_n.to(tl.int64) * H * K + hk, d_beta, mask=m_hk)
 
 
+def _pow2_at_least(n) -> int:
+    """The least power of two >= n, as a Python int found by comparisons. Under ``torch.compile`` a size seen to
+    change between calls becomes symbolic, and the launch settings made from it (num_warps, the tile sizes) must be
+    constants: each comparison guards on the size, so the compiled graph holds them for every size that gives the
+    same power of two, where a bit trick (``triton.next_power_of_2``) or ``int()`` would leave them symbolic."""
+    power = 1
+    while power < n:
+        power *= 2
+    return power
+
+
 class _Launch:
     """Sizes and launch settings shared by the forward and the backward."""
 
     def __init__(self, q, v, cu_seqlens, reverse: bool = False, columns: int | None = None):
-        # plain ints: under torch.compile a size seen to change between calls becomes symbolic, and the launch
-        # settings made from these (num_warps, the compile-time tile sizes) must be constants
-        self.heads, self.key_dim, self.value_dim = int(q.shape[2]), int(q.shape[3]), int(v.shape[3])
+        self.heads, self.key_dim, self.value_dim = q.shape[2], q.shape[3], v.shape[3]
         self.n_seqs = q.shape[0] if cu_seqlens is None else cu_seqlens.numel() - 1
         self.seq_len, self.width = q.shape[1], 1
         if columns is not None:  # each row of T = h·W steps is an h × W grid: B·W sequences of h steps
             self.n_seqs, self.seq_len, self.width = q.shape[0] * columns, q.shape[1] // columns, columns
-        self.bk, self.bv = triton.next_power_of_2(self.key_dim), triton.next_power_of_2(self.value_dim)
+        self.bk, self.bv = _pow2_at_least(self.key_dim), _pow2_at_least(self.value_dim)
         per_head = self.bk * self.bv
         if per_head > MAX_STATE:
             raise ValueError(
@@ -471,7 +480,7 @@ class _Launch:
             )
         # as many heads per program as fit, then fewer while that leaves fewer than 4 programs per SM: a long
         # sequence is walked one step at a time, and only other programs hide each step's load latency
-        self.bh = min(triton.next_power_of_2(self.heads), max(1, _PROGRAM_STATE // per_head))
+        self.bh = min(_pow2_at_least(self.heads), max(1, _PROGRAM_STATE // per_head))
         sms = sm_count(q.device)
         while self.bh > 1 and self.n_seqs * triton.cdiv(self.heads, self.bh) < 4 * sms:
             self.bh //= 2

@@ -115,3 +115,50 @@ def test_the_public_ops_trace_into_one_graph_without_warnings():
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
     dynamo_warnings = [str(w.message) for w in caught if "Dynamo" in str(w.message)]
     assert not dynamo_warnings, dynamo_warnings
+
+
+SYMBOLIC_SIZES_PROBE = r"""
+import json, torch
+import torch.utils._triton
+from hgrn2.ops import small_state
+
+# the step-by-step kernels traced as torch.compile traces them for a GPU, on CPU tensors that nothing runs on: Dynamo
+# wraps a Triton launch into its graph only where it believes Triton usable, and the launch's SM count is a GPU's
+torch.utils._triton.has_triton = lambda: True
+small_state.sm_count = lambda device: 132
+
+
+class Traced(Exception):
+    pass
+
+
+def capture(graph, inputs):
+    raise Traced  # the whole call traced into one graph, launches included; nothing is run
+
+
+def scan(q_proj, v, forget, beta):
+    o, _ = small_state.small_state_hgrn2_gated(q_proj * 1.0, v * 1.0, forget * 1.0, beta * 1.0, columns=6)
+    return o
+
+
+compiled = torch.compile(scan, backend=capture, fullgraph=True)
+report = {}
+for dim in (32, 2, 3):  # the second call makes the head size symbolic; the third shares the second's power of two
+    try:
+        compiled(*(torch.randn(2, 36, 3, dim) for _ in range(3)), torch.rand(3, dim))
+        report[dim] = "ran"
+    except Exception as error:
+        root = error  # Dynamo wraps the backend's exception
+        while not isinstance(root, Traced) and (root.__cause__ or getattr(root, "inner_exception", None)):
+            root = root.__cause__ or root.inner_exception
+        report[dim] = "traced" if isinstance(root, Traced) else f"{type(error).__name__}: {str(root)[:300]}"
+print(json.dumps(report))
+"""
+
+
+def test_step_kernel_launches_stay_constant_when_torch_compile_makes_the_head_size_symbolic():
+    """A function compiled once and called with another head size: torch.compile makes that size symbolic, and the
+    step-by-step kernels' launch settings made from it (num_warps, the tile sizes) must still come out as constants
+    (on an H100 such a call failed inside Dynamo: "'SymNodeVariable' object has no attribute 'value'")."""
+    report = run_compiler_probe(SYMBOLIC_SIZES_PROBE)
+    assert report == {"32": "traced", "2": "traced", "3": "traced"}, report
