@@ -192,18 +192,44 @@ def sequence_layout(batch: int, seq_len: int, cu_seqlens: torch.Tensor | None, c
     return len(counts), offsets[-1], chunk_offsets, chunk_indices
 
 
+TINY = tl.constexpr(1.1754943508222875e-38)  # the smallest normal float32, to which log β clamps β
+
+
+@triton.jit
+def bound_constants_kernel(
+    beta_ptr, log_beta_ptr, log1m_beta_ptr, inv_beta_ptr, stride_h, stride_k, H: tl.constexpr, K: tl.constexpr,
+    BLOCK: tl.constexpr,
+):  # fmt: skip
+    """``bound_constants`` of every (head, channel) into three float32 [H, K] tensors, from β read through its
+    strides (a broadcast β has stride 0) in its own dtype. log(1 - β) = log1p(-β) is formed as
+    log(u) · (-β) / (u - 1) with u = 1 - β rounded (u = 1: -β), which is as exact as log1p where β is tiny."""
+    o = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    mask = o < H * K
+    beta = tl.load(beta_ptr + (o // K) * stride_h + (o % K) * stride_k, mask=mask, other=0.0).to(tl.float32)
+    clamped = tl.maximum(beta, TINY)
+    u = 1.0 - beta
+    log1m = tl.where(u == 1.0, -beta, tl.log(u) * (-beta / tl.where(u == 1.0, -1.0, u - 1.0)))
+    tl.store(log_beta_ptr + o, tl.log(clamped), mask=mask)
+    tl.store(log1m_beta_ptr + o, log1m, mask=mask)
+    tl.store(inv_beta_ptr + o, tl.where(beta >= TINY, 1.0 / clamped, 0.0), mask=mask)
+
+
 def bound_constants(lower_bound: torch.Tensor | None, heads: int, key_dim: int, device: torch.device):
     """Per-(head, channel) constants of the lower-bounded gate: log β (β clamped to the smallest normal
-    float, as the torch gate does), log(1 - β) and 1/β (0 where β was clamped); float32 [H, K]."""
+    float, as the torch gate does), log(1 - β) and 1/β (0 where β was clamped); float32 [H, K] each, from one
+    kernel launch (the torch ops they were formed with before took eight, each a launch's host time on every
+    call of the gated ops)."""
     if lower_bound is None:
         empty = torch.empty(0, dtype=torch.float32, device=device)
         return empty, empty, empty
-    beta = lower_bound.detach().to(torch.float32).expand(heads, key_dim).contiguous()
-    tiny = torch.finfo(torch.float32).tiny
-    log_beta = torch.log(beta.clamp_min(tiny))
-    log1m_beta = torch.log1p(-beta)
-    inv_beta = torch.where(beta >= tiny, 1.0 / beta.clamp_min(tiny), torch.zeros_like(beta))
-    return log_beta, log1m_beta, inv_beta
+    beta = lower_bound.detach().expand(heads, key_dim)  # a view: broadcast dimensions have stride 0
+    # three tensors, not views of one: under torch.compile a launch may not pass one storage as two outputs
+    out = [torch.empty(heads, key_dim, dtype=torch.float32, device=device) for _ in range(3)]
+    block = min(1024, triton.next_power_of_2(heads * key_dim))
+    bound_constants_kernel[(triton.cdiv(heads * key_dim, block),)](
+        beta, *out, beta.stride(0), beta.stride(1), H=heads, K=key_dim, BLOCK=block
+    )
+    return tuple(out)
 
 
 # ------------------------------------------------------------------------------------ device-side addressing

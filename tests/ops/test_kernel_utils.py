@@ -49,3 +49,27 @@ def test_sums_by_matmul_keep_float32_precision():
         assert error(ours, want) <= max(2 * error(scan, want), 2.0**-21), (error(ours, want), error(scan, want))
     one_part = x.to(torch.bfloat16).double().cumsum(0)  # what one bfloat16 pass would give
     assert error(one_part, inclusive) > 2.0**-12
+
+
+@pytest.mark.parametrize(
+    "shape, dtype", [((3, 5), torch.float32), ((5,), torch.float32), ((3, 1), torch.float32), ((5,), torch.bfloat16)]
+)
+def test_bound_constants_match_float64_for_lower_bounds_from_zero_to_near_one(shape, dtype):
+    """``bound_constants`` forms log β (β clamped to the smallest normal float), log(1 - β) and 1/β (0 where β
+    was clamped) of every (head, channel) in one kernel, from a β broadcast to [H, K] = [3, 5] through its strides:
+    against float64, each within float32's rounding, also where log(1 - β) is tiny (β = 1e-30, 1e-9), near the
+    end of its range (β = 1 - 2^-20), and at β = 0 and a subnormal β, which clamp (log(1 - β) of a subnormal β may
+    come out 0)."""
+    values = [0.0, 1e-40, 1e-30, 1e-9, 0.1, 0.5, 0.75, 0.999, 1 - 2.0**-20, 0.3, 0.6, 1e-4, 0.2, 0.9, 0.05]
+    values = torch.tensor(values)
+    beta = values[: torch.Size(shape).numel()].reshape(shape).to(dtype)
+    got = [t.cpu().double() for t in kernel_utils.bound_constants(beta.to(DEVICE), 3, 5, torch.device(DEVICE))]
+    exact = beta.double().expand(3, 5)
+    tiny = torch.finfo(torch.float32).tiny
+    clamped = exact.clamp_min(tiny)
+    expected = [clamped.log(), torch.log1p(-exact), torch.where(exact >= tiny, 1 / clamped, torch.zeros_like(exact))]
+    for name, g, e in zip(("log β", "log(1 - β)", "1/β"), got, expected):
+        assert g.shape == (3, 5), name
+        torch.testing.assert_close(g, e, rtol=4e-7, atol=tiny, msg=name)  # a subnormal may flush to 0
+    empty = kernel_utils.bound_constants(None, 3, 5, torch.device(DEVICE))
+    assert all(t.numel() == 0 for t in empty)
