@@ -217,7 +217,7 @@ def bound_constants_kernel(
 def bound_constants(lower_bound: torch.Tensor | None, heads: int, key_dim: int, device: torch.device):
     """Per-(head, channel) constants of the lower-bounded gate: log β (β clamped to the smallest normal
     float, as the torch gate does), log(1 - β) and 1/β (0 where β was clamped); float32 [H, K] each, from one
-    kernel launch (the torch ops they were formed with before took eight, each a launch's host time on every
+    kernel launch (the torch ops they were formed with before took nine, each a launch's host time on every
     call of the gated ops)."""
     if lower_bound is None:
         empty = torch.empty(0, dtype=torch.float32, device=device)
