@@ -17,6 +17,26 @@ import triton.language as tl
 FUSED_ACTIVATIONS = {"identity": 0, "silu": 1, "swish": 1, "sigmoid": 2}
 
 
+# Whether the kernels are run by Triton's CPU interpreter, which cannot execute inline PTX (``fast_log``); a constexpr,
+# so that the JIT may read it, fixed when this module is imported (tests set TRITON_INTERPRET before that).
+_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
+
+
+@triton.jit
+def fast_log(x):
+    """Natural logarithm of float32 x > 0 from the GPU's hardware base-2 logarithm (PTX ``lg2.approx.f32``: one
+    special-function instruction, subnormal inputs included, absolute error of a few 1e-7 in log2) times ln 2.
+    ``tl.log`` compiles to libdevice's ``logf``, a range reduction and polynomial of about 20 instructions, which
+    made the gate pass's log λ, one per element, its largest part. Callers take it where |log x| is not small
+    (log λ below log(15/16), where the series of ``gate_log_forget`` does not apply), so that the absolute error is
+    a relative one of at most a few 1e-6. The interpreter takes ``tl.log``."""
+    if _INTERPRET:
+        return tl.log(x)
+    else:
+        log2 = tl.inline_asm_elementwise("lg2.approx.f32 $0, $1;", "=r,r", [x], dtype=tl.float32, is_pure=True, pack=1)
+        return log2 * 0.6931471805599453
+
+
 @triton.jit
 def one_minus_exp(g):
     """1 - exp(g) for g <= 0; a fifth-order series near 0, where 1 - exp(g) would lose every digit."""
@@ -41,11 +61,11 @@ def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
     backward needs. ``log_beta``/``log1m_beta`` (log β with β clamped to the smallest normal float, log(1 - β))
     broadcast against f; pass them per channel, since they are exponentiated where they are.
 
-    σ(±f) and λ are formed in linear space from one exponential, e^-|f|, and log λ with one logarithm: of λ where
-    λ <= 1/2, and of 1 - (1 - β) σ(-f) where λ > 1/2 (a series below 1 - λ = 1/16), which keeps λ's distance from 1
-    to float32's relative precision. A saturated gate beside a lower bound near 1 puts λ within 1e-9 of 1; the
-    log-space form logaddexp(log β, log1p(-β) + logsigmoid(f)) is off there by float32's absolute rounding, ~6e-8,
-    and so was the key 1 - λ (100% at 1 - λ = 6e-10)."""
+    σ(±f) and λ are formed in linear space from one exponential, e^-|f|, and log λ with one hardware logarithm
+    (``fast_log``): of λ where λ <= 1/2, and of 1 - (1 - β) σ(-f) where λ > 1/2 (a series below 1 - λ = 1/16),
+    which keeps λ's distance from 1 to float32's relative precision. A saturated gate beside a lower bound near 1
+    puts λ within 1e-9 of 1; the log-space form logaddexp(log β, log1p(-β) + logsigmoid(f)) is off there by
+    float32's absolute rounding, ~6e-8, and so was the key 1 - λ (100% at 1 - λ = 6e-10)."""
     e = tl.exp(-tl.abs(f))
     r = 1.0 / (1.0 + e)
     sig = tl.where(f >= 0.0, r, e * r)
@@ -58,7 +78,7 @@ def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
         key = sig_neg
         lam = sig
     series = -key * (1.0 + key * (0.5 + key * (1.0 / 3.0 + key * (0.25 + key * (0.2 + key * (1.0 / 6.0 + key / 7.0))))))
-    g = tl.where(key < 0.0625, series, tl.log(tl.where(key < 0.5, 1.0 - key, lam)))
+    g = tl.where(key < 0.0625, series, fast_log(tl.where(key < 0.5, 1.0 - key, lam)))
     return g, sig, sig_neg, lam
 
 
@@ -71,8 +91,9 @@ def gate_log_forget_grads(sig, sig_neg, lam, log1m_beta, inv_beta, HAS_BOUND: tl
     d log λ / d f = (1 - β) σ(f) σ(-f) / λ. d log λ / d β = (1 - σ(f)) / λ = σ(-f) / λ, taken in that form rather
     than as 1/λ - σ(f)/λ (the sum of the two paths), whose terms cancel for saturated gates."""
     if HAS_BOUND:
-        w_gate = tl.exp(log1m_beta) * sig / lam  # (1 - β) σ(f) / λ; λ >= the clamped β > 0
-        d_beta = tl.where(inv_beta > 0.0, sig_neg / lam, -w_gate)  # β = 0 where inv_beta is 0
+        inv_lam = 1.0 / lam  # λ >= the clamped β > 0
+        w_gate = tl.exp(log1m_beta) * sig * inv_lam  # (1 - β) σ(f) / λ
+        d_beta = tl.where(inv_beta > 0.0, sig_neg * inv_lam, -w_gate)  # β = 0 where inv_beta is 0
         return w_gate * sig_neg, d_beta
     return sig_neg, tl.zeros_like(sig_neg)
 
