@@ -77,7 +77,9 @@ def gate_log_forget(f, log_beta, log1m_beta, HAS_BOUND: tl.constexpr):
     else:
         key = sig_neg
         lam = sig
-    series = -key * (1.0 + key * (0.5 + key * (1.0 / 3.0 + key * (0.25 + key * (0.2 + key * (1.0 / 6.0 + key / 7.0))))))
+    series = -key * (
+        1.0 + key * (0.5 + key * (1.0 / 3.0 + key * (0.25 + key * (0.2 + key * (1.0 / 6.0 + key * (1.0 / 7.0))))))
+    )
     g = tl.where(key < 0.0625, series, fast_log(tl.where(key < 0.5, 1.0 - key, lam)))
     return g, sig, sig_neg, lam
 
