@@ -58,6 +58,9 @@ VARIANTS = {
     # and a walk twice as long; in the sm90 compile (Triton 3.6) dv needs no spill at 128 registers, the output
     # kernel 120 bytes a thread and dq/d log λ 672, so two programs of each can share an SM
     "c32": dict(chunk=32),
+    # the walks' running sums of log λ in three bfloat16 parts whatever its dtype, as before the parts followed it
+    # (bfloat16 log gates: one part; the gated entry's float16 log λ: two)
+    "walk-three-parts": dict(walk_sum_parts=3),
     "c32-cap128": dict(chunk=32, output_maxnreg=128, dv_maxnreg=128),
     "c32-cap128-all": dict(chunk=32, output_maxnreg=128, dqk_maxnreg=128, dv_maxnreg=128),
     # K tiles of 32 in the chunk-parallel kernels: half of each [C, BK] tile live at once, the score tiles [C, C]

@@ -43,6 +43,7 @@ from hgrn2.ops.kernel_utils import (
     sequence_layout,
     sm_count,
     state_dtype,
+    sum_parts,
     unused,
 )
 from hgrn2.ops.validation import check_lower_bound
@@ -97,14 +98,16 @@ INTRA_DOT = dict(IDT=tl.float32, IPRECISION="tf32")
 # The walk forms each chunk's running sums of log λ as matmuls with a matrix of ones (``kernel_utils.ones_matmul``)
 # for heads of more than SMALL_HEAD channels: each chunk of the walk waits on the one before, so the scans' passes
 # between warps were its latency (walks 24% faster on an H100 at 64K tokens, ops-notes.md); small heads, whose tiles
-# span few warps, keep the scans.
+# span few warps, keep the scans. Those matmuls take log λ in as many bfloat16 parts as its dtype needs
+# (``kernel_utils.sum_parts``: one for bfloat16, two for float16, three for float32); LAUNCH["walk_sum_parts"] = 3
+# takes three whatever the dtype, as the walk did before (the parts past the dtype's are zeros).
 LAUNCH = dict(
     chunk=64, delta_bv=128, delta_warps=8, scan_tile=32, scan_warps=2, output_bk=32, output_bv=128, output_warps=8,
     dqk_bk=64, dqk_bv=64, dqk_warps=8, dv_bk=64, dv_bv=128, dv_warps=8, walk_tile=64, walk_warps=4, walk_stages=2,
     walk_programs_per_sm=0.9, half_deltas=False, keep_log_forget=True, log_forget_dtype="float16",
     small_head_chunk=16,
     small_head_warps=1, small_head_walk_warps=1, output_stages=2, dqk_stages=0, dv_stages=0, output_maxnreg=128,
-    dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32",
+    dqk_maxnreg=0, dv_maxnreg=0, intra_precision="tf32", walk_sum_parts=0,
 )  # fmt: skip
 
 __all__ = ["chunk_hgrn2", "chunk_hgrn2_gated"]
@@ -243,7 +246,7 @@ class _Launch:
             q, g, x, s0 if s0 is not None else unused(q.device), out, out_last, self.cu_seqlens, self.chunk_offsets,
             scale, self.seq_len, BK=bk, BV=bv, HAS_S0=s0 is not None,
             STORE_HT=store_last, BACKWARD=backward, ACT=self.act, STAGES=LAUNCH["walk_stages"],
-            SUMS_BY_MATMUL=not self.small_head,
+            SUMS_BY_MATMUL=not self.small_head, SUM_PARTS=max(sum_parts(g.dtype), LAUNCH["walk_sum_parts"]),
             num_warps=self.warps("walk"), **flags,
         )  # fmt: skip
 

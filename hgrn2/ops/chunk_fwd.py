@@ -94,11 +94,12 @@ def key_tile(
 def chunk_delta(
     q_ptr, g_ptr, x_ptr, row0, m_t, o_t, o_k, o_v, m_k, m_v, i_h, scale, H: tl.constexpr, K: tl.constexpr,
     V: tl.constexpr, BACKWARD: tl.constexpr, ACT: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False,
+    INTERPRET: tl.constexpr, SUMS_BY_MATMUL: tl.constexpr = False, SUM_PARTS: tl.constexpr = 3,
 ):  # fmt: skip
     """One chunk's Δ [BK, BV] (float32) and log decay b_C [BK], the chunk of tokens row0 + o_t: forward x = v,
     Δ = (k · exp(b_C - b))^T v; BACKWARD x = do, Δ = scale · (q · exp(b))^T do. SUMS_BY_MATMUL: the running sum
-    along the chunk as a matmul with a matrix of ones (``kernel_utils.ones_matmul``) instead of a scan."""
+    along the chunk as a matmul with a matrix of ones (``kernel_utils.ones_matmul``, log λ in SUM_PARTS bfloat16 parts)
+    instead of a scan."""
     m_tk = m_t[:, None] & m_k[None, :]
     k_offs = row0 * (H * K) + i_h * K + o_t[:, None] * (H * K) + o_k[None, :]
     g = load_log_forget(g_ptr + k_offs, m_tk)
@@ -107,9 +108,9 @@ def chunk_delta(
     b_end = tl.sum(g, 0)  # [BK]
     if BACKWARD:
         q = load_query(q_ptr + k_offs, m_tk, ACT)
-        w = q * tl.exp(running_sum(g, SUMS_BY_MATMUL, INTERPRET)) * scale
+        w = q * tl.exp(running_sum(g, SUMS_BY_MATMUL, INTERPRET, SUM_PARTS)) * scale
     else:
-        w = key_to_chunk_end(g, SUMS_BY_MATMUL, INTERPRET)
+        w = key_to_chunk_end(g, SUMS_BY_MATMUL, INTERPRET, SUM_PARTS)
     return matmul(tl.trans(w), x, DT, PRECISION, INTERPRET), b_end
 
 
@@ -149,7 +150,7 @@ def state_walk_kernel(
     K: tl.constexpr, V: tl.constexpr, C: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_S0: tl.constexpr,
     STORE_HT: tl.constexpr, BACKWARD: tl.constexpr, IS_VARLEN: tl.constexpr, FLIP: tl.constexpr, ACT: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.constexpr, STAGES: tl.constexpr,
-    SUMS_BY_MATMUL: tl.constexpr,
+    SUMS_BY_MATMUL: tl.constexpr, SUM_PARTS: tl.constexpr,
 ):  # fmt: skip
     # chunk_delta_kernel and state_scan_kernel in one: each program walks the chunks of one (sequence, head,
     # K tile, V tile) and forms every chunk's Δ on the way, so the deltas never reach memory. What it stores is
@@ -174,7 +175,7 @@ def state_walk_kernel(
         row0, o_r = chunk_rows(bos, length, c * C, o_t, FLIP)
         delta, b_end = chunk_delta(
             q_ptr, g_ptr, x_ptr, row0, c * C + o_t < length, o_r, o_k, o_v, m_k, m_v, i_h, scale, H, K, V, BACKWARD,
-            ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL,
+            ACT, DT, PRECISION, INTERPRET, SUMS_BY_MATMUL, SUM_PARTS,
         )  # fmt: skip
         state = state * tl.exp(b_end)[:, None] + delta
     if not BACKWARD:

@@ -135,21 +135,34 @@ def matmul(a, b, DT: tl.constexpr, PRECISION: tl.constexpr, INTERPRET: tl.conste
 
 
 @triton.jit
-def ones_matmul(mask, x, INTERPRET: tl.constexpr):
+def ones_matmul(mask, x, INTERPRET: tl.constexpr, PARTS: tl.constexpr = 3):
     """Σ_s mask[t, s] x_s for a [C, C] mask and float32 x [C, N]: a running sum along the chunk's steps as a matmul
-    with a matrix of ones, which bfloat16 holds exactly. x enters as three bfloat16 parts: its leading 8 bits of
-    mantissa (the low 16 bits of its float32 pattern cleared), the next 8 bits of what is left, and the rest
+    with a matrix of ones, which bfloat16 holds exactly. x enters as up to three bfloat16 parts: its leading 8 bits
+    of mantissa (the low 16 bits of its float32 pattern cleared), the next 8 bits of what is left, and the rest
     rounded to bfloat16, each difference exact in float32, so that each term is off by at most 2^-24 of itself and
     the sums are as close as a float32 scan's (tests/ops/test_kernel_utils.py). A scan along the steps crosses
-    warps through shared memory for each column; the matmuls do not."""
+    warps through shared memory for each column; the matmuls do not. ``PARTS`` (``sum_parts``) is how many of the
+    parts x can have: 1 where x holds bfloat16 values (loaded from bfloat16), 2 for float16 values (an 11-bit
+    mantissa: the leading 8 bits and the other 3), 3 for any float32; the parts left out would be zeros."""
     ones = tl.where(mask, 1.0, 0.0)
-    high = (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    rest = x - high
-    middle = (rest.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
-    acc = matmul(ones, high, tl.bfloat16, "ieee", INTERPRET)
-    acc += matmul(ones, middle, tl.bfloat16, "ieee", INTERPRET)
-    acc += matmul(ones, rest - middle, tl.bfloat16, "ieee", INTERPRET)
+    if PARTS == 1:
+        acc = matmul(ones, x, tl.bfloat16, "ieee", INTERPRET)
+    else:
+        high = (x.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+        rest = x - high
+        acc = matmul(ones, high, tl.bfloat16, "ieee", INTERPRET)
+        if PARTS == 2:
+            acc += matmul(ones, rest, tl.bfloat16, "ieee", INTERPRET)
+        else:
+            middle = (rest.to(tl.uint32, bitcast=True) & 0xFFFF0000).to(tl.float32, bitcast=True)
+            acc += matmul(ones, middle, tl.bfloat16, "ieee", INTERPRET)
+            acc += matmul(ones, rest - middle, tl.bfloat16, "ieee", INTERPRET)
     return acc
+
+
+def sum_parts(dtype: torch.dtype) -> int:
+    """The bfloat16 parts (``ones_matmul``'s ``PARTS``) that values loaded from a tensor of ``dtype`` need."""
+    return {torch.bfloat16: 1, torch.float16: 2}.get(dtype, 3)
 
 
 def interpreting() -> bool:
@@ -329,32 +342,33 @@ def load_log_forget(ptrs, mask):
 
 
 @triton.jit
-def log_decay_to_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False):
+def log_decay_to_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False, PARTS: tl.constexpr = 3):
     """Σ_{s > t} g_s for each row t of a chunk's log gates g [C, BK]: the log decay from step t to the chunk's
     end. Formed as a suffix sum, it keeps float32's relative precision where b_C - b_t (a difference of running
     sums) would not: after strong gates |b| reaches hundreds and the difference loses ~|b| · 6e-8 in absolute
     terms, i.e. that much relative error in exp(b_C - b_t) (1e-4 at |b| = 2,000). BY_MATMUL: the same sum as a
-    matmul with a matrix of ones (``ones_matmul``) instead of a scan."""
+    matmul with a matrix of ones (``ones_matmul``, g in ``PARTS`` bfloat16 parts) instead of a scan."""
     if BY_MATMUL:
         o_t = tl.arange(0, g.shape[0])
-        return ones_matmul(o_t[:, None] < o_t[None, :], g, INTERPRET)
+        return ones_matmul(o_t[:, None] < o_t[None, :], g, INTERPRET, PARTS)
     return tl.cumsum(g, 0, reverse=True) - g
 
 
 @triton.jit
-def running_sum(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False):
-    """Σ_{s <= t} g_s for each row t of g [C, BK], by a scan or (BY_MATMUL) a matmul with a matrix of ones."""
+def running_sum(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False, PARTS: tl.constexpr = 3):
+    """Σ_{s <= t} g_s for each row t of g [C, BK], by a scan or (BY_MATMUL) a matmul with a matrix of ones (g in
+    ``PARTS`` bfloat16 parts)."""
     if BY_MATMUL:
         o_t = tl.arange(0, g.shape[0])
-        return ones_matmul(o_t[:, None] >= o_t[None, :], g, INTERPRET)
+        return ones_matmul(o_t[:, None] >= o_t[None, :], g, INTERPRET, PARTS)
     return tl.cumsum(g, 0)
 
 
 @triton.jit
-def key_to_chunk_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False):
+def key_to_chunk_end(g, BY_MATMUL: tl.constexpr = False, INTERPRET: tl.constexpr = False, PARTS: tl.constexpr = 3):
     """k_t · exp(b_C - b_t) for a chunk's log gates g [C, BK]: step t's key 1 - λ_t decayed to the chunk's end,
     the weight with which v_t enters the state leaving the chunk (and dS_out reaches dv_t)."""
-    return one_minus_exp(g) * tl.exp(log_decay_to_end(g, BY_MATMUL, INTERPRET))
+    return one_minus_exp(g) * tl.exp(log_decay_to_end(g, BY_MATMUL, INTERPRET, PARTS))
 
 
 @triton.jit

@@ -16,12 +16,14 @@ kernel_utils = pytest.importorskip("hgrn2.ops.kernel_utils")
 
 
 @triton.jit
-def _running_sums_kernel(x_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr, INTERPRET: tl.constexpr):
+def _running_sums_kernel(
+    x_ptr, out_ptr, C: tl.constexpr, N: tl.constexpr, INTERPRET: tl.constexpr, PARTS: tl.constexpr = 3
+):  # fmt: skip
     o_t = tl.arange(0, C)
     offs = o_t[:, None] * N + tl.arange(0, N)[None, :]
-    x = tl.load(x_ptr + offs)
-    tl.store(out_ptr + offs, kernel_utils.running_sum(x, True, INTERPRET))
-    tl.store(out_ptr + C * N + offs, kernel_utils.log_decay_to_end(x, True, INTERPRET))
+    x = tl.load(x_ptr + offs).to(tl.float32)
+    tl.store(out_ptr + offs, kernel_utils.running_sum(x, True, INTERPRET, PARTS))
+    tl.store(out_ptr + C * N + offs, kernel_utils.log_decay_to_end(x, True, INTERPRET, PARTS))
 
 
 def test_sums_by_matmul_keep_float32_precision():
@@ -49,6 +51,27 @@ def test_sums_by_matmul_keep_float32_precision():
         assert error(ours, want) <= max(2 * error(scan, want), 2.0**-21), (error(ours, want), error(scan, want))
     one_part = x.to(torch.bfloat16).double().cumsum(0)  # what one bfloat16 pass would give
     assert error(one_part, inclusive) > 2.0**-12
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_sums_by_matmul_of_half_precision_values_need_fewer_parts(dtype):
+    """Values loaded from bfloat16 are one bfloat16 part, values loaded from float16 (11-bit mantissa) two: the
+    running and suffix sums with ``sum_parts(dtype)`` parts equal the three-part sums of the same values bit for
+    bit, and one part too few for float16 values moves them."""
+    torch.manual_seed(1)
+    chunk, width = 64, 16
+    x = (-torch.exp(torch.empty(chunk, width).uniform_(-14.0, 3.4))).to(dtype)
+    x_dev = x.to(DEVICE)
+    sums = {}
+    for parts in (1, 2, 3):
+        out = torch.empty(2, chunk, width, device=DEVICE)
+        _running_sums_kernel[(1,)](x_dev, out, chunk, width, kernel_utils.interpreting(), parts)
+        sums[parts] = out.cpu()
+    need = kernel_utils.sum_parts(dtype)
+    assert need == (1 if dtype == torch.bfloat16 else 2)
+    assert torch.equal(sums[need], sums[3])
+    if dtype == torch.float16:
+        assert not torch.equal(sums[1], sums[3])
 
 
 @pytest.mark.parametrize(
