@@ -17,11 +17,6 @@ import triton.language as tl
 FUSED_ACTIVATIONS = {"identity": 0, "silu": 1, "swish": 1, "sigmoid": 2}
 
 
-# Whether the kernels are run by Triton's CPU interpreter, which cannot execute inline PTX (``fast_log``); a constexpr,
-# so that the JIT may read it, fixed when this module is imported (tests set TRITON_INTERPRET before that).
-_INTERPRET = tl.constexpr(os.environ.get("TRITON_INTERPRET") == "1")
-
-
 @triton.jit
 def fast_log(x):
     """Natural logarithm of float32 x > 0 from the GPU's hardware base-2 logarithm (PTX ``lg2.approx.f32``: one
@@ -168,6 +163,11 @@ def sum_parts(dtype: torch.dtype) -> int:
 def interpreting() -> bool:
     """Whether Triton runs through its CPU interpreter in this process."""
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ``interpreting()`` as a constexpr that JIT functions may read (``fast_log``: the interpreter cannot execute inline
+# PTX), fixed when this module is imported, as Triton fixes the interpreter when it wraps each kernel.
+_INTERPRET = tl.constexpr(interpreting())
 
 
 def dot_config(dtype: torch.dtype) -> tuple[tl.dtype, str]:
